@@ -1,0 +1,1 @@
+"""Pieces every worker shares: the engine interface and the worker runtime (registration, serving)."""

@@ -1,0 +1,210 @@
+"""``dynamo-rt up``: the whole stack on one machine, each role its own child process (as in a cluster).
+
+Starts etcd and nats-server from the pip-installed binaries unless ``DYN_ETCD_ENDPOINTS`` /
+``DYN_NATS_ENDPOINTS`` are set, builds the tiny model on first use, then starts the workers and the
+frontend, waits until ``/health`` says a model is served and prints one line::
+
+    ready: http://127.0.0.1:8000 (model dynamo-tiny)
+
+One Ctrl-C (SIGINT) or SIGTERM stops every child within 10 s. A child that dies on its own takes the stack
+down with a non-zero exit, so a broken role is never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from dynamo_rt.config import Parser, flag
+
+log = logging.getLogger("dynamo_rt.up")
+
+STOP_TIMEOUT = 10.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    flag(p, "--engine", env="DYN_UP_ENGINE", default="reference",
+         choices=["reference", "mocker", "vllm", "sglang", "trtllm"], help="engine of the workers")
+    flag(p, "--model", env="DYN_MODEL", default="tiny", help="model folder, or 'tiny' (built-in)")
+    flag(p, "--served-model-name", env="DYN_SERVED_MODEL_NAME", default=None, help="name clients use")
+    flag(p, "--disagg", env="DYN_UP_DISAGG", default=False, is_bool=True,
+         help="disaggregated: prefill and decode workers (default: aggregated)")
+    flag(p, "--workers", env="DYN_UP_WORKERS", type=int, default=1, help="aggregated workers")
+    flag(p, "--prefill-workers", env="DYN_UP_PREFILL_WORKERS", type=int, default=1,
+         help="prefill workers (with --disagg)")
+    flag(p, "--decode-workers", env="DYN_UP_DECODE_WORKERS", type=int, default=1,
+         help="decode workers (with --disagg)")
+    flag(p, "--http-host", env="DYN_HTTP_HOST", default="127.0.0.1", help="frontend address")
+    flag(p, "--http-port", env="DYN_HTTP_PORT", type=int, default=8000, help="frontend port")
+    flag(p, "--router-mode", env="DYN_ROUTER_MODE", default="round-robin",
+         choices=["round-robin", "random", "least-loaded", "kv"], help="frontend router mode")
+    flag(p, "--state-dir", env="DYN_STATE_DIR", default=".state", help="data and logs of the local services")
+    flag(p, "--namespace", env="DYN_NAMESPACE", default="dynamo", help="dynamo namespace")
+    flag(p, "--log-level", env="DYN_LOG", default="info", help="log level")
+    flag(p, "--ready-timeout", env="DYN_UP_READY_TIMEOUT", type=float, default=300.0,
+         help="seconds to wait for the stack to serve")
+    p.add_argument("worker_args", nargs=argparse.REMAINDER,
+                   help="after --: extra flags passed to every worker (e.g. -- --speedup 10)")
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    p = Parser(prog="dynamo-rt up", description="serve the whole stack locally", env=env)
+    add_arguments(p)
+    return p
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.argv = argv
+        # Children share our process group only for the terminal's Ctrl-C; each gets SIGTERM from us too.
+        self.proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+        log.info("started %s (pid %d): %s", name, self.proc.pid, " ".join(argv[2:]))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def worker_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    base = [sys.executable, "-m", "workers", "--engine", args.engine, "--model", args.model,
+            "--graceful-timeout", "5"]
+    if args.served_model_name:
+        base += ["--served-model-name", args.served_model_name]
+    extra = [a for a in args.worker_args if a != "--"]
+    out: list[tuple[str, list[str]]] = []
+    if args.disagg:
+        for i in range(args.prefill_workers):
+            out.append((f"prefill-{i}", [*base, "--mode", "prefill", *extra]))
+        for i in range(args.decode_workers):
+            out.append((f"decode-{i}", [*base, "--mode", "decode", *extra]))
+    else:
+        for i in range(args.workers):
+            out.append((f"worker-{i}", [*base, "--mode", "agg", *extra]))
+    return out
+
+
+def wait_ready(url: str, children: list[Child], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in children:
+            if not c.alive():
+                raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} before the stack was ready")
+        with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
+            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                data = json.loads(r.read())
+                if data.get("data"):
+                    return str(data["data"][0]["id"])
+        time.sleep(0.2)
+    raise TimeoutError(f"the stack did not become ready within {timeout:.0f}s")
+
+
+def stop_all(children: list[Child], timeout: float = STOP_TIMEOUT - 1) -> None:
+    for c in children:
+        if c.alive():
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for c in children:
+        left = max(0.1, deadline - time.monotonic())
+        try:
+            c.proc.wait(left)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", c.name)
+            c.proc.kill()
+            c.proc.wait()
+
+
+@contextlib.contextmanager
+def services(args: argparse.Namespace, env: dict[str, str]) -> Iterator[None]:
+    if env.get("DYN_ETCD_ENDPOINTS") and env.get("DYN_NATS_ENDPOINTS"):
+        log.info("using etcd %s and NATS %s", env["DYN_ETCD_ENDPOINTS"], env["DYN_NATS_ENDPOINTS"])
+        yield
+        return
+    from dynamo_rt.services import LocalServices
+
+    state = Path(args.state_dir).resolve()
+    log.info("starting embedded etcd and nats-server (state in %s)", state)
+    with LocalServices(state) as svc:
+        env.setdefault("DYN_ETCD_ENDPOINTS", svc.etcd.client_url)
+        env.setdefault("DYN_NATS_ENDPOINTS", svc.nats.url)
+        log.info("etcd %s, NATS %s", env["DYN_ETCD_ENDPOINTS"], env["DYN_NATS_ENDPOINTS"])
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynamo_rt.logs import setup_logging
+
+    setup_logging(args.log_level, "text", role="up")
+    t0 = time.monotonic()
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    env = dict(os.environ)
+    env["DYN_NAMESPACE"] = args.namespace
+    env["DYN_LOG"] = args.log_level
+    env["PYTHONUNBUFFERED"] = "1"
+    children: list[Child] = []
+    try:
+        if args.model == "tiny":
+            from dynamo_rt.tinymodel import ensure_tiny_model
+
+            log.info("preparing the built-in tiny model")
+            args.model = str(ensure_tiny_model())
+        with services(args, env):
+            try:
+                for name, argv in worker_commands(args):
+                    children.append(Child(name, argv, env))
+                children.append(Child("frontend", [
+                    sys.executable, "-m", "frontend", "--http-host", args.http_host, "--http-port",
+                    str(args.http_port), "--router-mode", args.router_mode], env))
+                host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::") else args.http_host
+                url = f"http://{host}:{args.http_port}"
+                model = wait_ready(url, children, args.ready_timeout)
+                log.info("stack ready in %.1fs", time.monotonic() - t0)
+                print(f"ready: {url} (model {model})", flush=True)
+                while True:
+                    for c in children:
+                        if not c.alive():
+                            log.error("%s exited with code %s; stopping the stack", c.name, c.proc.returncode)
+                            return 1
+                    time.sleep(0.5)
+            finally:
+                # Children leave discovery and drain while etcd and NATS are still up.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                stop_all(children)
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

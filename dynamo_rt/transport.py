@@ -1,0 +1,501 @@
+"""The NATS request plane: serve an endpoint on an instance subject, call one instance, stream responses.
+
+The ONLY module that imports ``nats``. Wire shapes live in :mod:`dynamo_rt.protocol`.
+
+Call flow (one request)::
+
+    caller                                   worker (serves ``{ns}.{component}.{endpoint}.{iid}``)
+    SUB inbox ─────────────────────────────▶
+    REQ subject  RequestEnvelope ───────────▶ ack (empty reply)      no subscriber -> 503 at once
+                                              handler task streams Data* Final | Error to ``inbox``,
+                                              a Heartbeat when it has been quiet for a while
+    PUB subject.cancel CancelRequest ───────▶ handler task cancelled (caller went away)
+
+A killed worker is noticed by the caller when neither frames nor heartbeats arrive for ``idle_timeout``
+seconds; a request past its deadline ends with :class:`~dynamo_rt.errors.DeadlineExceeded`. Frames carry a
+sequence number, so a gap (frames lost across a NATS reconnect) ends the stream with an error instead of
+silently dropping tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from dynamo_rt import errors
+from dynamo_rt.protocol import (
+    CancelRequest,
+    Data,
+    Error,
+    Final,
+    Heartbeat,
+    RequestEnvelope,
+    decode_cancel,
+    decode_envelope,
+    decode_frame,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0  # seconds of quiet after which a worker sends a Heartbeat
+IDLE_TIMEOUT = 5.0  # seconds without any frame after which the caller gives up on a worker
+ACK_TIMEOUT = 3.0  # seconds for a worker to acknowledge a request
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    deadline: float
+    subject: str
+
+
+Handler = Callable[[bytes, RequestContext], AsyncGenerator[Data | Final, None]]
+
+
+def _nats_error(exc: BaseException, what: str) -> errors.TransportError:
+    return errors.TransportError(f"{what}: NATS error {type(exc).__name__}: {exc}")
+
+
+@dataclass(slots=True)
+class _Active:
+    task: asyncio.Task[None]
+    reply_to: str
+    last_sent: float
+    seq: int = 0
+
+
+class Endpoint:
+    """A served endpoint (one subject). Tracks the handler task of every in-flight request."""
+
+    def __init__(self, transport: Transport, subject: str, handler: Handler) -> None:
+        self.transport = transport
+        self.subject = subject
+        self.handler = handler
+        self.active: dict[str, _Active] = {}
+        self._subs: list[Subscription] = []
+        self._hb_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        nc = self.transport.nc
+        self._subs.append(await nc.subscribe(self.subject, cb=self._on_request, pending_msgs_limit=-1,
+                                             pending_bytes_limit=-1))
+        self._subs.append(await nc.subscribe(self.subject + ".cancel", cb=self._on_cancel))
+        self._hb_task = asyncio.create_task(self._heartbeats(), name=f"heartbeats:{self.subject}")
+        await nc.flush()
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            env = decode_envelope(msg.data)
+        except Exception as exc:  # a malformed request must not kill the endpoint
+            log.warning("dropping malformed request on %s: %s", self.subject, exc)
+            return
+        if msg.reply:
+            await self.transport.nc.publish(msg.reply, b"")
+        ctx = RequestContext(request_id=env.request_id, deadline=env.deadline, subject=self.subject)
+        task = asyncio.create_task(self._run(env, ctx), name=f"req:{env.request_id}")
+        self.active[env.request_id] = _Active(task=task, reply_to=env.reply_to, last_sent=time.monotonic())
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            req: CancelRequest = decode_cancel(msg.data)
+        except Exception:
+            return
+        act = self.active.get(req.request_id)
+        if act is not None:
+            log.debug("cancel %s", req.request_id)
+            act.task.cancel()
+
+    async def _send(self, act: _Active, frame: Data | Final | Error | Heartbeat) -> None:
+        frame.seq = act.seq
+        act.seq += 1
+        act.last_sent = time.monotonic()
+        await self.transport.nc.publish(act.reply_to, encode(frame))
+
+    async def _run(self, env: RequestEnvelope, ctx: RequestContext) -> None:
+        act = self.active[env.request_id]  # stored by _on_request before this task first runs
+        try:
+            remaining = env.deadline - time.time()
+            if remaining <= 0:
+                raise errors.DeadlineExceeded("request deadline passed before it started")
+            async with asyncio.timeout(remaining):
+                agen = self.handler(env.payload, ctx)
+                try:
+                    async for frame in agen:
+                        await self._send(act, frame)
+                finally:
+                    await agen.aclose()
+        except asyncio.CancelledError:
+            # The caller cancelled (or we are shutting down): nothing more to say.
+            pass
+        except TimeoutError:
+            await self._send_error(act, errors.ErrorCode.TIMEOUT, "request deadline exceeded on the worker")
+        except errors.DynamoError as exc:
+            await self._send_error(act, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("handler failed for %s", env.request_id)
+            await self._send_error(act, errors.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.active.pop(env.request_id, None)
+
+    async def _send_error(self, act: _Active, code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._send(act, Error(seq=0, code=str(code), message=message))
+
+    async def _heartbeats(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
+            now = time.monotonic()
+            for act in list(self.active.values()):
+                if now - act.last_sent >= HEARTBEAT_INTERVAL:
+                    with contextlib.suppress(Exception):
+                        await self._send(act, Heartbeat(seq=0))
+
+    async def close(self, *, cancel_inflight: bool = True) -> None:
+        self._closed = True
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+        if cancel_inflight:
+            tasks = [a.task for a in self.active.values()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_END = object()
+
+
+class ResponseStream:
+    """The caller's side of one request: an async iterator of :class:`Data` then one :class:`Final`.
+
+    Raises a typed :class:`~dynamo_rt.errors.DynamoError` on an error frame, on a worker that went quiet
+    (``idle_timeout``), on a sequence gap, and past the deadline. ``cancel()`` tells the worker to stop.
+    """
+
+    def __init__(self, transport: Transport, subject: str, request_id: str, deadline: float,
+                 idle_timeout: float) -> None:
+        self.transport = transport
+        self.subject = subject
+        self.request_id = request_id
+        self.deadline = deadline
+        self.idle_timeout = idle_timeout
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._sub: Subscription | None = None
+        self._expected = 0
+        self._done = False
+        self._last_rx = time.monotonic()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    async def _open(self, payload: bytes, ack_timeout: float) -> None:
+        nc = self.transport.nc
+        inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        env = RequestEnvelope(request_id=self.request_id, reply_to=inbox, deadline=self.deadline,
+                              payload=payload)
+        try:
+            await nc.request(self.subject, encode(env), timeout=ack_timeout)
+        except nats.errors.NoRespondersError:
+            await self._close_sub()
+            raise errors.Unavailable(f"no worker is serving {self.subject}") from None
+        except nats.errors.TimeoutError:
+            await self._close_sub()
+            raise errors.Unavailable(f"worker on {self.subject} did not acknowledge within {ack_timeout}s") \
+                from None
+        except (nats.errors.Error, OSError) as exc:
+            await self._close_sub()
+            raise _nats_error(exc, f"sending request to {self.subject}") from None
+        self._last_rx = time.monotonic()
+        self._arm()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_rx = time.monotonic()
+        self._queue.put_nowait(msg.data)
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(min(self.idle_timeout / 2, 1.0), self._check)
+
+    def _check(self) -> None:
+        if self._done:
+            return
+        now = time.monotonic()
+        if now - self._last_rx > self.idle_timeout:
+            self._queue.put_nowait(errors.Unavailable(
+                f"worker on {self.subject} stopped responding (no frame for {self.idle_timeout:.1f}s)"))
+            return
+        if time.time() > self.deadline:
+            self._queue.put_nowait(errors.DeadlineExceeded("request deadline exceeded"))
+            return
+        self._arm()
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> Data | Final:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            item = await self._queue.get()
+            if isinstance(item, errors.DynamoError):
+                await self._finish(cancel=True)
+                raise item
+            frame = decode_frame(item)
+            if frame.seq != self._expected:
+                await self._finish(cancel=True)
+                raise errors.Unavailable(
+                    f"response stream from {self.subject} lost frames (expected #{self._expected}, "
+                    f"got #{frame.seq})")
+            self._expected += 1
+            if isinstance(frame, Data):
+                return frame
+            if isinstance(frame, Final):
+                await self._finish(cancel=False)
+                return frame
+            if isinstance(frame, Error):
+                await self._finish(cancel=False)
+                raise errors.from_wire(frame.code, frame.message)
+            # Heartbeat: keep waiting
+
+    def pending_frames(self) -> int:
+        return self._queue.qsize()
+
+    async def _close_sub(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _finish(self, *, cancel: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self._close_sub()
+        if cancel:
+            await self._send_cancel()
+
+    async def _send_cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.transport.nc.publish(self.subject + ".cancel",
+                                            encode(CancelRequest(request_id=self.request_id)))
+
+    async def cancel(self) -> None:
+        """Stop the request on the worker (client disconnect); idempotent."""
+        await self._finish(cancel=True)
+
+    async def aclose(self) -> None:
+        await self.cancel()
+
+
+@dataclass
+class NatsOptions:
+    servers: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    name: str = "dynamo-rt"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport:
+    """One NATS connection per process: serving, calling, events and the object store."""
+
+    def __init__(self, opts: NatsOptions | str) -> None:
+        self.opts = NatsOptions(servers=opts) if isinstance(opts, str) else opts
+        self._nc: NatsClient | None = None
+        self._endpoints: list[Endpoint] = []
+        self._event_subs: list[Subscription] = []
+        self.disconnects = 0
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise errors.TransportError("NATS is not connected")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self, *, timeout: float = 10.0) -> None:
+        o = self.opts
+        kwargs: dict[str, Any] = {
+            "servers": [s.strip() for s in o.servers.split(",") if s.strip()],
+            "name": o.name,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "connect_timeout": 2,
+            "allow_reconnect": True,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+            "disconnected_cb": self._on_disconnect,
+            "reconnected_cb": self._on_reconnect,
+            "error_cb": self._on_error,
+            "closed_cb": self._on_closed,
+            "pending_size": 64 * 1024 * 1024,
+        }
+        if o.user:
+            kwargs["user"] = o.user
+            kwargs["password"] = o.password or ""
+        if o.token:
+            kwargs["token"] = o.token
+        if o.creds:
+            kwargs["user_credentials"] = o.creds
+        if o.ca or o.cert:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=o.ca)
+            if o.cert:
+                ctx.load_cert_chain(o.cert, o.key)
+            kwargs["tls"] = ctx
+        kwargs.update(o.extra)
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                self._nc = await nats.connect(**kwargs)
+                log.info("connected to NATS %s", self._nc.connected_url.netloc if self._nc.connected_url
+                         else o.servers)
+                return
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                last = exc
+                await asyncio.sleep(0.25)
+        raise _nats_error(last or TimeoutError(), f"connecting to {o.servers}")
+
+    async def _on_disconnect(self) -> None:
+        self.disconnects += 1
+        log.warning("NATS disconnected; reconnecting")
+
+    async def _on_reconnect(self) -> None:
+        log.info("NATS reconnected")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS error: %s", exc)
+
+    async def _on_closed(self) -> None:
+        log.debug("NATS connection closed")
+
+    async def close(self) -> None:
+        for ep in self._endpoints:
+            await ep.close()
+        self._endpoints.clear()
+        if self._nc is not None:
+            nc, self._nc = self._nc, None
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    # ------------------------------------------------------------------ request plane
+
+    async def serve(self, subject: str, handler: Handler) -> Endpoint:
+        ep = Endpoint(self, subject, handler)
+        try:
+            await ep.start()
+        except (nats.errors.Error, OSError) as exc:
+            raise _nats_error(exc, f"serving {subject}") from None
+        self._endpoints.append(ep)
+        return ep
+
+    async def call(self, subject: str, request_id: str, payload: bytes, *, timeout: float = 600.0,
+                   ack_timeout: float = ACK_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> ResponseStream:
+        """Send ``payload`` to the instance serving ``subject``; returns the response stream.
+
+        Raises :class:`~dynamo_rt.errors.Unavailable` at once when NATS is down or nobody serves the subject.
+        """
+        if not self.connected:
+            raise errors.TransportError("NATS is not connected")
+        stream = ResponseStream(self, subject, request_id, time.time() + timeout, idle_timeout)
+        await stream._open(payload, ack_timeout)
+        return stream
+
+    # ------------------------------------------------------------------ events
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.nc.publish(subject, data)
+        except (nats.errors.Error, OSError) as exc:
+            raise _nats_error(exc, f"publishing to {subject}") from None
+
+    async def subscribe(self, subject: str, cb: Callable[[bytes, str], Awaitable[None] | None]) -> None:
+        async def _cb(msg: Msg) -> None:
+            r = cb(msg.data, msg.subject)
+            if r is not None:
+                await r
+
+        try:
+            self._event_subs.append(await self.nc.subscribe(subject, cb=_cb, pending_msgs_limit=-1,
+                                                            pending_bytes_limit=-1))
+        except (nats.errors.Error, OSError) as exc:
+            raise _nats_error(exc, f"subscribing to {subject}") from None
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        try:
+            await self.nc.flush(timeout=int(max(1, timeout)))
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise _nats_error(exc, "flush") from None
+
+    # ------------------------------------------------------------------ object store
+
+    async def put_object(self, bucket: str, name: str, data: bytes) -> None:
+        try:
+            js = self.nc.jetstream()
+            try:
+                obs = await js.object_store(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                obs = await js.create_object_store(bucket)
+            await obs.put(name, data)
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            raise _nats_error(exc, f"storing {bucket}/{name}") from None
+
+    async def get_object(self, bucket: str, name: str) -> bytes:
+        try:
+            js = self.nc.jetstream()
+            obs = await js.object_store(bucket)
+            res = await obs.get(name)
+        except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError,
+                nats.js.errors.ObjectNotFoundError):
+            raise errors.NotFound(f"object {bucket}/{name} not found") from None
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            raise _nats_error(exc, f"fetching {bucket}/{name}") from None
+        return bytes(res.data or b"")
+
+
+def instance_subject(namespace: str, component: str, endpoint: str, instance_id: str) -> str:
+    return f"{namespace}.{component}.{endpoint}.{instance_id}"
+
+
+def kv_events_subject(namespace: str, model: str) -> str:
+    return f"{namespace}.kv_events.{_token(model)}"
+
+
+def load_subject(namespace: str, model: str) -> str:
+    return f"{namespace}.load.{_token(model)}"
+
+
+def _token(name: str) -> str:
+    """A NATS subject token for a model name (dots and spaces would split or break the subject)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -1,0 +1,7 @@
+"""``python -m frontend``: the frontend process."""
+
+import sys
+
+from frontend.main import main
+
+sys.exit(main())

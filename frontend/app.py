@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP API (FastAPI for the surface, raw ASGI responses on the token path).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``.
+Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` produced by one
+mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from dynamo_rt import errors
+from frontend import openai_protocol as op
+from frontend.metrics import FrontendMetrics
+from frontend.models import ModelManager, ServedModel
+from frontend.serving import Engine, Prepared, complete, error_body, new_request_id, stream_response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontendConfig:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_concurrency: int = 0  # per model; 0 = unlimited
+    max_queue: int = 1024  # per model, requests waiting for a slot beyond max_concurrency
+    queue_timeout: float = 30.0
+    request_timeout: float = 600.0
+    api_key: str | None = None
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(exc: errors.DynamoError) -> Response:
+    headers = None
+    if isinstance(exc, errors.Overloaded):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+    return json_response(error_body(exc), exc.status, headers)
+
+
+class _Admission:
+    """Per-model concurrency limit with a bounded queue; past the queue -> 429 + Retry-After."""
+
+    def __init__(self, cfg: FrontendConfig) -> None:
+        self.cfg = cfg
+        self.sems: dict[str, asyncio.Semaphore] = {}
+        self.waiting: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        if self.cfg.max_concurrency <= 0:
+            yield
+            return
+        sem = self.sems.get(model)
+        if sem is None:
+            sem = self.sems[model] = asyncio.Semaphore(self.cfg.max_concurrency)
+        if sem.locked():
+            if self.waiting.get(model, 0) >= self.cfg.max_queue:
+                raise errors.Overloaded(f"model {model!r} is over capacity: {self.cfg.max_concurrency} running "
+                                        f"and {self.cfg.max_queue} queued; retry later", retry_after=1.0)
+            self.waiting[model] = self.waiting.get(model, 0) + 1
+            try:
+                await asyncio.wait_for(sem.acquire(), self.cfg.queue_timeout)
+            except TimeoutError:
+                raise errors.Overloaded(f"model {model!r}: no slot within {self.cfg.queue_timeout:.0f}s",
+                                        retry_after=2.0) from None
+            finally:
+                self.waiting[model] -= 1
+        else:
+            await sem.acquire()
+        try:
+            yield
+        finally:
+            sem.release()
+
+
+class OpenAIResponse(Response):
+    """Runs a request inside the ASGI call, so a client disconnect cancels it (and the worker's request).
+
+    Streaming: SSE body from an async iterator of bytes. Non-streaming: one JSON body from a coroutine.
+    """
+
+    def __init__(self, run: Callable[[], Awaitable[Any]] | None = None,
+                 stream: Callable[[], AsyncIterator[bytes]] | None = None,
+                 on_disconnect: Callable[[], None] | None = None,
+                 admission: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None) -> None:
+        super().__init__(status_code=200)
+        self._run = run
+        self._stream = stream
+        self._on_disconnect = on_disconnect
+        self._admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        disconnected = False
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    disconnected = True
+                    if task is not None:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            try:
+                adm = self._admission() if self._admission else contextlib.nullcontext()
+                async with adm:
+                    if self._stream is not None:
+                        await self._send_stream(send, self._stream())
+                    else:
+                        assert self._run is not None
+                        try:
+                            body = await self._run()
+                            resp = json_response(body)
+                        except errors.DynamoError as exc:
+                            resp = error_response(exc)
+                        await resp(scope, receive, send)
+            except errors.DynamoError as exc:  # admission refused before anything was sent
+                await error_response(exc)(scope, receive, send)
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            if self._on_disconnect:
+                self._on_disconnect()
+        finally:
+            watcher.cancel()
+
+    async def _send_stream(self, send: Send, body: AsyncIterator[bytes]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no")]})
+        try:
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            with contextlib.suppress(Exception):
+                await body.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class Frontend:
+    def __init__(self, manager: ModelManager, engine: Engine, metrics: FrontendMetrics,
+                 cfg: FrontendConfig) -> None:
+        self.manager = manager
+        self.engine = engine
+        self.metrics = metrics
+        self.cfg = cfg
+        self.admission = _Admission(cfg)
+
+    # ------------------------------------------------------------------ request preparation
+
+    def prepare(self, kind: str, body: bytes) -> Prepared:
+        if len(body) > self.cfg.max_body_bytes:
+            raise errors.DynamoError(f"request body of {len(body)} bytes is over the limit of "
+                                     f"{self.cfg.max_body_bytes}", code=errors.ErrorCode.TOO_LARGE)
+        req: Any = op.parse_chat(body) if kind == "chat" else op.parse_completion(body)
+        sm: ServedModel = self.manager.get(req.model)
+        pre = sm.pre
+        prompt_texts: list[str] = []
+        if kind == "chat":
+            prompts = [pre.encode_chat(op.messages_as_dicts(req))]
+        else:
+            prompts = []
+            for item in op.prompt_items(req):
+                if isinstance(item, str):
+                    prompt_texts.append(item)
+                    prompts.append(pre.encode_prompt(item))
+                else:
+                    bad = [t for t in item if t < 0 or t >= pre.vocab_size]
+                    if bad:
+                        raise errors.InvalidRequest(f"prompt token id {bad[0]} is out of the vocabulary "
+                                                    f"(size {pre.vocab_size})", param="prompt")
+                    prompt_texts.append(pre.decode(item))
+                    prompts.append(list(item))
+        ctx = sm.card.context_length
+        max_tokens = 0
+        for pr in prompts:
+            if not pr:
+                raise errors.InvalidRequest("the prompt is empty", param="prompt")
+            max_tokens = max(max_tokens, op.resolve_max_tokens(req, len(pr), ctx))
+        sampling, stop, stop_strings = op.to_sampling(req)
+        stop.max_tokens = max_tokens
+        n = req.n or 1
+        logprobs = op.logprobs_k(req)
+        sampling.logprobs = logprobs
+        nvext = getattr(req, "nvext", None)
+        pinned = getattr(nvext, "backend_instance_id", None) if nvext is not None else None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        for pr in prompts:
+            self.metrics.input_tokens.labels(sm.name).inc(len(pr))
+        return Prepared(kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
+                        stop_strings=stop_strings, n=n, stream=bool(req.stream), include_usage=include_usage,
+                        logprobs=logprobs, pinned=pinned, request_id=new_request_id(kind),
+                        created=int(time.time()), echo=bool(getattr(req, "echo", False)),
+                        prompt_texts=prompt_texts)
+
+    async def handle(self, kind: str, request: Request) -> Response:
+        endpoint = "chat" if kind == "chat" else "completions"
+        t0 = time.perf_counter()
+        try:
+            body = await request.body()
+            p = self.prepare(kind, body)
+        except errors.DynamoError as exc:
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return error_response(exc)
+        name = p.model.name
+        gauge = self.metrics.inflight.labels(name)
+
+        def disconnected() -> None:
+            self.metrics.disconnects.labels(name).inc()
+            self.metrics.requests.labels(endpoint, "499").inc()
+
+        if p.stream:
+            async def body_iter() -> AsyncIterator[bytes]:
+                gauge.inc()
+                try:
+                    async for chunk in stream_response(self.engine, p):
+                        yield chunk
+                    self.metrics.requests.labels(endpoint, "200").inc()
+                finally:
+                    gauge.dec()
+                    self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
+
+            return OpenAIResponse(stream=body_iter, on_disconnect=disconnected,
+                                  admission=lambda: self.admission.slot(name))
+
+        async def run() -> Any:
+            gauge.inc()
+            try:
+                out = await complete(self.engine, p)
+                self.metrics.requests.labels(endpoint, "200").inc()
+                return out
+            except errors.DynamoError as exc:
+                self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+                raise
+            finally:
+                gauge.dec()
+                self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
+
+        return OpenAIResponse(run=run, on_disconnect=disconnected, admission=lambda: self.admission.slot(name))
+
+    # ------------------------------------------------------------------ models / health
+
+    def model_obj(self, sm: ServedModel) -> dict[str, Any]:
+        return {"id": sm.name, "object": "model", "created": sm.created, "owned_by": "dynamo-rt",
+                "max_model_len": sm.card.context_length}
+
+
+def build_app(fe: Frontend) -> FastAPI:
+    app = FastAPI(title="dynamo-rt", version="0.1.0",
+                  description="OpenAI-compatible API of the dynamo-rt disaggregated serving runtime")
+    schemas = op.openapi_schemas()
+
+    def body_spec(name: str) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schemas[name]}}}}
+
+    @app.exception_handler(errors.DynamoError)
+    async def _dyn(_: Request, exc: errors.DynamoError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: errors.ErrorCode.NOT_FOUND, 413: errors.ErrorCode.TOO_LARGE}.get(
+            exc.status_code, errors.ErrorCode.INVALID_REQUEST)
+        e = errors.DynamoError(str(exc.detail), code=code)
+        r = json_response(error_body(e), exc.status_code)
+        return r
+
+    @app.exception_handler(RequestValidationError)
+    async def _val(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(errors.InvalidRequest(str(exc.errors())))
+
+    @app.exception_handler(Exception)
+    async def _any(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(errors.DynamoError(f"internal error: {type(exc).__name__}"))
+
+    if fe.cfg.api_key:
+        key = fe.cfg.api_key.encode()
+
+        @app.middleware("http")
+        async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            if request.url.path in ("/live", "/health", "/metrics"):
+                return await call_next(request)
+            auth = request.headers.get("authorization", "")
+            given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
+            if not hmac.compare_digest(given, key):
+                body = {"error": {"message": "invalid or missing API key", "type": "authentication_error",
+                                  "param": None, "code": "invalid_api_key"}}
+                return json_response(body, 401)
+            return await call_next(request)
+
+    @app.post("/v1/chat/completions", openapi_extra=body_spec("ChatCompletionRequest"))
+    async def chat(request: Request) -> Response:
+        return await fe.handle("chat", request)
+
+    @app.post("/v1/completions", openapi_extra=body_spec("CompletionRequest"))
+    async def completions(request: Request) -> Response:
+        return await fe.handle("completion", request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return json_response({"object": "list", "data": [fe.model_obj(m) for m in fe.manager.ready()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        for m in fe.manager.ready():
+            if m.name == model_id:
+                return json_response(fe.model_obj(m))
+        raise errors.NotFound(f"The model `{model_id}` does not exist.", param="model")
+
+    @app.get("/live")
+    async def live() -> Response:
+        return json_response({"status": "live"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        ready = fe.manager.ready()
+        if not ready:
+            return json_response({"status": "unhealthy", "reason": "no model has a ready worker"}, 503)
+        return json_response({"status": "healthy", "models": {m.name: {
+            "instances": len(m.instances),
+            "modes": sorted({r.mode.value for r in m.instances.values()})} for m in ready}})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(fe.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    return app

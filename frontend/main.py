@@ -1,0 +1,127 @@
+"""The frontend process: ``dynamo-rt frontend --http-port 8000`` (also ``python -m frontend``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from dynamo_rt.config import Parser, add_runtime_flags, flag
+
+log = logging.getLogger("frontend")
+
+ROUTER_MODES = ("round-robin", "random", "least-loaded", "kv")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_runtime_flags(p)
+    flag(p, "--http-host", env="DYN_HTTP_HOST", default="0.0.0.0", help="address to listen on")
+    flag(p, "--http-port", env="DYN_HTTP_PORT", type=int, default=8000, help="HTTP port (0: pick a free one)")
+    flag(p, "--router-mode", env="DYN_ROUTER_MODE", default="round-robin", choices=ROUTER_MODES,
+         help="how workers are picked")
+    flag(p, "--kv-overlap-weight", env="DYN_KV_OVERLAP_WEIGHT", type=float, default=1.0,
+         help="kv router: weight of uncached prompt blocks against active decode blocks")
+    flag(p, "--router-temperature", env="DYN_ROUTER_TEMPERATURE", type=float, default=0.0,
+         help="kv router: softmax sampling temperature (0: always the lowest cost)")
+    flag(p, "--max-concurrency", env="DYN_MAX_CONCURRENCY", type=int, default=0,
+         help="requests running at once per model (0: unlimited)")
+    flag(p, "--max-queue", env="DYN_MAX_QUEUE", type=int, default=1024,
+         help="requests waiting per model beyond --max-concurrency; more get 429")
+    flag(p, "--max-body-bytes", env="DYN_MAX_BODY_BYTES", type=int, default=8 * 1024 * 1024,
+         help="largest request body accepted (413 beyond)")
+    flag(p, "--request-timeout", env="DYN_REQUEST_TIMEOUT", type=float, default=600.0,
+         help="deadline of one request in seconds")
+    flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    p = Parser(prog="dynamo-rt frontend", description="OpenAI-compatible HTTP frontend", env=env)
+    add_arguments(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    return build_parser(env).parse_args(argv)
+
+
+@contextlib.asynccontextmanager
+async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
+    """Connect NATS and etcd and build the app's state; closes everything on exit."""
+    from dynamo_rt.discovery import DiscoveryView, Registry
+
+    from dynamo_rt.transport import NatsOptions, Transport
+    from frontend.app import Frontend, FrontendConfig
+    from frontend.metrics import FrontendMetrics
+    from frontend.models import ModelManager
+    from frontend.serving import Engine
+
+    transport = Transport(NatsOptions(
+        servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
+        creds=args.nats_creds, ca=args.nats_ca, name="frontend"))
+    await transport.connect()
+    registry = Registry(args.etcd_endpoints, args.namespace, user=args.etcd_user, password=args.etcd_password,
+                        ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key)
+    await registry.start()
+    view = DiscoveryView(registry)
+    await view.start()
+    kwargs = {}
+    if args.router_mode == "kv":
+        kwargs = {"overlap_weight": args.kv_overlap_weight, "temperature": args.router_temperature}
+    manager = ModelManager(view, transport, router_mode=args.router_mode, router_kwargs=kwargs)
+    await manager.start()
+    metrics = FrontendMetrics()
+    engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout)
+    cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                         max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key)
+    try:
+        yield Frontend(manager, engine, metrics, cfg)
+    finally:
+        await manager.close()
+        await view.close()
+        await registry.close()
+        await transport.close()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from frontend.app import build_app
+
+    async with frontend_services(args) as fe:
+        app = build_app(fe)  # type: ignore[arg-type]
+        sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.http_host, args.http_port))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, loop="none", http="httptools", log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=10, backlog=4096)
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        log.info("frontend listening on http://%s:%d (etcd %s, nats %s, namespace %s, router %s)",
+                 args.http_host, port, args.etcd_endpoints, args.nats_endpoints, args.namespace, args.router_mode)
+        await server.serve(sockets=[sock])
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynamo_rt.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format, role="frontend")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))

@@ -1,0 +1,31 @@
+"""Frontend Prometheus metrics (``dynamo_frontend_*``), in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dynamo_frontend_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.inflight = Gauge("dynamo_frontend_inflight_requests", "Requests in flight", ["model"], registry=r)
+        self.queued = Gauge("dynamo_frontend_queued_requests", "Requests waiting for a slot", ["model"],
+                            registry=r)
+        self.ttft = Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=_LAT, registry=r)
+        self.itl = Histogram("dynamo_frontend_inter_token_latency_seconds", "Inter-token latency",
+                             ["model"], buckets=_LAT, registry=r)
+        self.duration = Histogram("dynamo_frontend_request_duration_seconds", "Request duration",
+                                  ["model"], buckets=_LAT, registry=r)
+        self.input_tokens = Counter("dynamo_frontend_input_tokens", "Prompt tokens", ["model"], registry=r)
+        self.output_tokens = Counter("dynamo_frontend_output_tokens", "Generated tokens", ["model"],
+                                     registry=r)
+        self.router_overhead = Histogram("dynamo_frontend_router_overhead_seconds", "Time spent routing",
+                                         buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
+                                         registry=r)
+        self.disconnects = Counter("dynamo_frontend_client_disconnects", "Clients that left mid-request",
+                                   ["model"], registry=r)

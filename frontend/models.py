@@ -1,0 +1,176 @@
+"""The frontend's view of served models: discovery records -> ready models with tokenizers and routers.
+
+A model becomes servable when its first worker registers and its tokenizer files have been fetched from
+the NATS object store (so the frontend needs no model volume); it disappears when its last worker leaves.
+Workers of each mode (agg / prefill / decode) form separate pools, each routed on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynamo_rt.discovery import DiscoveryView
+from dynamo_rt.router import KvIndexer, Router
+
+from dynamo_rt import errors
+from dynamo_rt.protocol import InstanceRecord, LoadMetrics, Mode, ModelCard, decode_kv_events, decode_load
+from dynamo_rt.transport import Transport, kv_events_subject, load_subject
+from frontend.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    card: ModelCard
+    pre: Preprocessor
+    created: int
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    loads: dict[str, LoadMetrics] = field(default_factory=dict)
+    routers: dict[str, Router] = field(default_factory=dict)  # pool ("agg" / "prefill" / "decode") -> Router
+    indexer: KvIndexer | None = None
+    inflight: int = 0
+
+    def pool(self, mode: str) -> list[str]:
+        return [iid for iid, r in self.instances.items() if r.mode == mode]
+
+    @property
+    def has_decode_pool(self) -> bool:
+        """Requests go to agg workers, or to decode workers (which prefill locally without prefill workers)."""
+        return any(r.mode in (Mode.AGG, Mode.DECODE) for r in self.instances.values())
+
+
+class ModelManager:
+    def __init__(self, view: DiscoveryView, transport: Transport, *, router_mode: str = "round-robin",
+                 router_kwargs: dict[str, Any] | None = None) -> None:
+        self.view = view
+        self.transport = transport
+        self.router_mode = router_mode
+        self.router_kwargs = router_kwargs or {}
+        self.models: dict[str, ServedModel] = {}
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._pre_cache: dict[str, Preprocessor] = {}  # tokenizer digest -> preprocessor
+        self._subscribed: set[str] = set()
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self.view.add_listener(self._on_change)
+        self._sync()
+
+    async def close(self) -> None:
+        for t in self._loading.values():
+            t.cancel()
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------------ discovery -> models
+
+    def _on_change(self, kind: str, key: str, record: object | None) -> None:
+        self._sync()
+
+    def _sync(self) -> None:
+        instances = self.view.instances()
+        cards = self.view.models()
+        by_model: dict[str, dict[str, InstanceRecord]] = {}
+        for iid, rec in instances.items():
+            by_model.setdefault(rec.model, {})[iid] = rec
+        for name, insts in by_model.items():
+            sm = self.models.get(name)
+            if sm is not None:
+                sm.instances = insts
+                for iid in list(sm.loads):
+                    if iid not in insts:
+                        sm.loads.pop(iid, None)
+                        if sm.indexer is not None:
+                            sm.indexer.remove_worker(iid)
+                continue
+            model_cards = cards.get(name) or {}
+            if not model_cards or name in self._loading:
+                continue
+            card = next(iter(model_cards.values()))
+            self._loading[name] = asyncio.ensure_future(self._load(name, card))
+        for name in list(self.models):
+            if name not in by_model:
+                log.info("model %r has no workers left; removing it", name)
+                del self.models[name]
+        self._changed.set()
+
+    async def _load(self, name: str, card: ModelCard) -> None:
+        try:
+            pre = self._pre_cache.get(card.tokenizer_digest)
+            if pre is None:
+                files: dict[str, bytes] = {}
+                for fname, obj in card.tokenizer_files.items():
+                    files[fname] = await self.transport.get_object(card.tokenizer_bucket, obj)
+                pre = await asyncio.to_thread(Preprocessor.from_files, files, context_length=card.context_length)
+                self._pre_cache[card.tokenizer_digest] = pre
+            sm = ServedModel(name=name, card=card, pre=pre, created=card.created or int(time.time()))
+            sm.indexer = KvIndexer()
+            for pool in ("agg", "prefill", "decode"):
+                sm.routers[pool] = Router(self.router_mode, block_size=card.kv_block_size, **self.router_kwargs)
+            await self._subscribe_events(name)
+            self.models[name] = sm
+            log.info("model %r ready (context %d, block %d)", name, card.context_length, card.kv_block_size)
+        except Exception:
+            log.exception("could not load model %r; will retry on the next discovery change", name)
+            await asyncio.sleep(1.0)
+        finally:
+            self._loading.pop(name, None)
+            self._sync()
+
+    async def _subscribe_events(self, name: str) -> None:
+        if name in self._subscribed:
+            return
+        self._subscribed.add(name)
+        ns = self.view.registry.namespace
+
+        def on_load(data: bytes, subject: str) -> None:
+            sm = self.models.get(name)
+            if sm is None:
+                return
+            with contextlib.suppress(Exception):
+                lm = decode_load(data)
+                if lm.instance_id in sm.instances:
+                    sm.loads[lm.instance_id] = lm
+
+        def on_kv(data: bytes, subject: str) -> None:
+            sm = self.models.get(name)
+            if sm is None or sm.indexer is None:
+                return
+            with contextlib.suppress(Exception):
+                ev = decode_kv_events(data)
+                if ev.instance_id in sm.instances:
+                    sm.indexer.apply(ev)
+
+        await self.transport.subscribe(load_subject(ns, name), on_load)
+        await self.transport.subscribe(kv_events_subject(ns, name), on_kv)
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, name: str) -> ServedModel:
+        sm = self.models.get(name)
+        if sm is None:
+            if name in self._loading:
+                raise errors.Unavailable(f"model {name!r} is loading, retry shortly")
+            raise errors.NotFound(f"The model `{name}` does not exist.", param="model")
+        if not sm.has_decode_pool:
+            raise errors.Unavailable(f"model {name!r} has no ready worker")
+        return sm
+
+    def ready(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.has_decode_pool]
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            self._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no model became ready")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)

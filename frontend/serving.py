@@ -1,0 +1,356 @@
+"""Chat and text completions: preprocess -> route -> call the worker -> detokenize -> respond.
+
+The per-token path is kept lean: SSE chunks are built from per-request byte templates around one
+``orjson.dumps`` of the text delta, several ready frames are coalesced into one chunk when the client is
+behind, and no pydantic object is created per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from dynamo_rt import errors
+from dynamo_rt.protocol import Final, GenerateRequest, SamplingParams, StopConditions, TokenLogprob, encode
+from dynamo_rt.transport import ResponseStream, Transport
+from frontend.metrics import FrontendMetrics
+from frontend.models import ModelManager, ServedModel
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Prepared:
+    """A validated request ready to run: token ids, sampling and stop conditions, response shape."""
+
+    kind: str  # "chat" | "completion"
+    model: ServedModel
+    prompts: list[list[int]]  # one per prompt (completions accept a batch)
+    sampling: SamplingParams
+    stop: StopConditions
+    stop_strings: list[str]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    pinned: str | None
+    request_id: str
+    created: int
+    echo: bool = False
+    prompt_texts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Engine:
+    """Runs one prepared choice against the workers: route, call, stream frames, retry on failure."""
+
+    def __init__(self, manager: ModelManager, transport: Transport, metrics: FrontendMetrics, *,
+                 request_timeout: float = 600.0) -> None:
+        self.manager = manager
+        self.transport = transport
+        self.metrics = metrics
+        self.request_timeout = request_timeout
+
+    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int) -> ResponseStream:
+        sm = p.model
+        sampling = p.sampling
+        if seed_offset and sampling.seed is not None:
+            sampling = SamplingParams(**{**_struct_dict(sampling), "seed": sampling.seed + seed_offset})
+        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=p.stop, model=sm.name)
+        pool = "agg" if sm.pool("agg") else "decode"
+        workers = sm.pool(pool)
+        if not workers:
+            raise errors.Unavailable(f"model {sm.name!r} has no ready worker")
+        t0 = time.perf_counter()
+        decision = sm.routers[pool].select(workers, prompt, sm.loads, pinned=p.pinned, indexer=sm.indexer)
+        self.metrics.router_overhead.observe(time.perf_counter() - t0)
+        rec = sm.instances[decision.worker_id]
+        return await self.transport.call(rec.subject, sub_id, encode(req), timeout=self.request_timeout)
+
+
+def _struct_dict(s: Any) -> dict[str, Any]:
+    return {f: getattr(s, f) for f in s.__struct_fields__}
+
+
+def new_request_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+# ---------------------------------------------------------------------------------------------- SSE
+
+
+class ChunkTemplates:
+    """Byte templates of one request's SSE chunks: only the text delta is serialized per chunk."""
+
+    def __init__(self, p: Prepared) -> None:
+        head = (
+            b'data: {"id":"' + p.request_id.encode() + b'","object":"'
+            + (b"chat.completion.chunk" if p.kind == "chat" else b"text_completion")
+            + b'","created":' + str(p.created).encode() + b',"model":' + orjson.dumps(p.model.name)
+            + b',"choices":[{"index":'
+        )
+        self.head = head
+        self.usage_head = head.split(b',"choices":[')[0] + b',"choices":[],"usage":'
+        self.chat = p.kind == "chat"
+
+    def content(self, index: int, text: str, logprobs: bytes | None = None, role: bool = False) -> bytes:
+        lp = b"null" if logprobs is None else logprobs
+        if self.chat:
+            delta = b'{"role":"assistant","content":' if role else b'{"content":'
+            return (self.head + str(index).encode() + b',"delta":' + delta + orjson.dumps(text)
+                    + b'},"logprobs":' + lp + b',"finish_reason":null}]}\n\n')
+        return (self.head + str(index).encode() + b',"text":' + orjson.dumps(text) + b',"logprobs":' + lp
+                + b',"finish_reason":null}]}\n\n')
+
+    def finish(self, index: int, reason: str) -> bytes:
+        if self.chat:
+            return (self.head + str(index).encode() + b',"delta":{},"logprobs":null,"finish_reason":"'
+                    + reason.encode() + b'"}]}\n\n')
+        return (self.head + str(index).encode() + b',"text":"","logprobs":null,"finish_reason":"'
+                + reason.encode() + b'"}]}\n\n')
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return self.usage_head + orjson.dumps(usage) + b"}\n\n"
+
+
+def error_event(exc: errors.DynamoError) -> bytes:
+    return b"data: " + orjson.dumps({"error": error_body(exc)["error"]}) + b"\n\n"
+
+
+def error_body(exc: errors.DynamoError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": errors.error_type(exc.status), "param": exc.param,
+                      "code": str(exc.code)}}
+
+
+def usage_dict(results: list[ChoiceResult], prompt_tokens: int) -> dict[str, Any]:
+    completion = sum(r.completion_tokens for r in results)
+    cached = max((r.cached_tokens for r in results), default=0)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def logprobs_json(p: Prepared, pre: Any, lps: list[TokenLogprob]) -> Any:
+    if p.kind == "chat":
+        content = []
+        for lp in lps:
+            tok = pre.id_to_piece(lp.token_id)
+            content.append({
+                "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode("utf-8", "replace")),
+                "top_logprobs": [{"token": pre.id_to_piece(t), "logprob": v,
+                                  "bytes": list(pre.id_to_piece(t).encode("utf-8", "replace"))}
+                                 for t, v in lp.top],
+            })
+        return {"content": content}
+    return {
+        "tokens": [pre.id_to_piece(lp.token_id) for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{pre.id_to_piece(t): v for t, v in lp.top} for lp in lps],
+        "text_offset": [],
+    }
+
+
+Sink = asyncio.Queue[tuple[int, str, list[TokenLogprob] | None]]
+
+
+def _final_reason(frame: Final) -> str:
+    reason = frame.finish_reason or "length"
+    return reason if reason in ("stop", "length") else "stop"
+
+
+async def run_choice(engine: Engine, p: Prepared, prompt: list[int], index: int, sink: Sink | None) -> ChoiceResult:
+    """Run one choice to the end. With ``sink``, text deltas are pushed as they come (streaming)."""
+    res = ChoiceResult(index=index, prompt_tokens=len(prompt))
+    async for text, lps in choice_events(engine, p, prompt, res):
+        if sink is not None:
+            sink.put_nowait((index, text, lps))
+    return res
+
+
+async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: ChoiceResult,
+                        ) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
+    """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends."""
+    from frontend.detok import OutputProcessor
+
+    sm = p.model
+    index = res.index
+    proc = OutputProcessor(sm.pre, stop_strings=p.stop_strings, stop_token_ids=p.stop.stop_token_ids,
+                           eos_token_ids=[] if p.stop.ignore_eos else sm.card.eos_token_ids)
+    want_lp = p.logprobs is not None
+    stream = await engine.open(p, prompt, f"{p.request_id}-{index}", index)
+    sm.inflight += 1
+    m = engine.metrics
+    t_start = last = time.perf_counter()
+    try:
+        async for frame in stream:
+            final = frame if isinstance(frame, Final) else None
+            ids: list[int] = []
+            lps: list[TokenLogprob] | None = None
+            if final is None:
+                ids = frame.token_ids
+                lps = frame.logprobs
+                # The client is behind when frames pile up: send them as one chunk.
+                while stream.pending_frames():
+                    nxt = await stream.__anext__()
+                    if isinstance(nxt, Final):
+                        final = nxt
+                        break
+                    ids = ids + nxt.token_ids
+                    if nxt.logprobs:
+                        lps = (lps or []) + nxt.logprobs
+            if ids:
+                now = time.perf_counter()
+                if not res.token_ids:
+                    m.ttft.labels(sm.name).observe(now - t_start)
+                else:
+                    m.itl.labels(sm.name).observe((now - last) / len(ids))
+                last = now
+                res.token_ids.extend(ids)
+                if lps and want_lp:
+                    res.logprobs.extend(lps)
+                delta, reason = proc.process(ids)
+                if delta or (lps and want_lp):
+                    res.text += delta
+                    yield delta, lps if want_lp else None
+                if reason is not None:
+                    # A stop string matched: the worker keeps generating unless told to stop.
+                    res.finish_reason = reason
+                    res.completion_tokens = len(res.token_ids)
+                    break
+            if final is not None:
+                res.completion_tokens = final.completion_tokens or len(res.token_ids)
+                res.cached_tokens = final.cached_tokens
+                res.finish_reason = _final_reason(final)
+                tail = proc.finish(res.finish_reason)
+                if tail:
+                    res.text += tail
+                    yield tail, None
+                break
+        else:
+            raise errors.Unavailable("worker stream ended without a final frame")
+    finally:
+        sm.inflight -= 1
+        await stream.cancel()
+    m.output_tokens.labels(sm.name).inc(res.completion_tokens)
+
+
+async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
+    """The SSE body of a streaming request. Errors after the first byte become an error event."""
+    t = ChunkTemplates(p)
+    pre = p.model.pre
+    queue: Sink = asyncio.Queue()
+    done_q: asyncio.Queue[int] = asyncio.Queue()
+    tasks: list[asyncio.Task[ChoiceResult]] = []
+    try:
+        if len(p.prompts) * p.n == 1:  # the common case: no fan-in machinery on the token path
+            res = ChoiceResult(index=0, prompt_tokens=len(p.prompts[0]))
+            if p.kind == "chat":
+                yield t.content(0, "", role=True)
+            async for text, lps in choice_events(engine, p, p.prompts[0], res):
+                yield t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
+            yield t.finish(0, res.finish_reason or "stop")
+            if p.include_usage:
+                yield t.usage(usage_dict([res], len(p.prompts[0])))
+            yield DONE
+            return
+        for prompt in p.prompts:
+            for _ in range(p.n):
+                i = len(tasks)
+                tk = asyncio.ensure_future(run_choice(engine, p, prompt, i, queue))
+                tk.add_done_callback(lambda _t, i=i: done_q.put_nowait(i))
+                tasks.append(tk)
+        if p.kind == "chat":
+            for i in range(len(tasks)):
+                yield t.content(i, "", role=True)
+        results: list[ChoiceResult] = []
+        getter = asyncio.ensure_future(queue.get())
+        finisher = asyncio.ensure_future(done_q.get())
+        try:
+            while len(results) < len(tasks):
+                await asyncio.wait((getter, finisher), return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    i, text, lps = getter.result()
+                    getter = asyncio.ensure_future(queue.get())
+                    lp = orjson.dumps(logprobs_json(p, pre, lps)) if lps else None
+                    yield t.content(i, text, lp)
+                    continue
+                i = finisher.result()
+                finisher = asyncio.ensure_future(done_q.get())
+                while not queue.empty():  # deltas of this choice queued before it ended go first
+                    j, text, lps = queue.get_nowait()
+                    yield t.content(j, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
+                r = tasks[i].result()  # raises the choice's error
+                results.append(r)
+                yield t.finish(i, r.finish_reason or "stop")
+        finally:
+            getter.cancel()
+            finisher.cancel()
+        if p.include_usage:
+            yield t.usage(usage_dict(results, sum(len(pr) for pr in p.prompts)))
+        yield DONE
+    except errors.DynamoError as exc:
+        yield error_event(exc)
+        yield DONE
+    finally:
+        for tk in tasks:
+            if not tk.done():
+                tk.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def complete(engine: Engine, p: Prepared) -> dict[str, Any]:
+    tasks = []
+    idx = 0
+    for prompt in p.prompts:
+        for _ in range(p.n):
+            tasks.append(asyncio.ensure_future(run_choice(engine, p, prompt, idx, None)))
+            idx += 1
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for tk in tasks:
+            if not tk.done():
+                tk.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    pre = p.model.pre
+    choices: list[dict[str, Any]] = []
+    for r in results:
+        lp = logprobs_json(p, pre, r.logprobs) if p.logprobs is not None and r.logprobs else None
+        if p.kind == "chat":
+            choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
+                            "logprobs": lp, "finish_reason": r.finish_reason})
+        else:
+            text = (p.prompt_texts[r.index // p.n] + r.text) if p.echo and p.prompt_texts else r.text
+            choices.append({"index": r.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+    prompt_tokens = sum(len(pr) for pr in p.prompts)
+    return {
+        "id": p.request_id,
+        "object": "chat.completion" if p.kind == "chat" else "text_completion",
+        "created": p.created,
+        "model": p.model.name,
+        "choices": choices,
+        "usage": usage_dict(results, prompt_tokens),
+    }

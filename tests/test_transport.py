@@ -1,0 +1,266 @@
+"""The NATS request plane against a real nats-server: streams, cancellation, typed errors, dead workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from dynamo_rt import errors
+from dynamo_rt.protocol import Data, Final
+from dynamo_rt.transport import RequestContext, Transport
+from tests.conftest import arun
+
+
+async def _pair(url: str) -> tuple[Transport, Transport]:
+    a, b = Transport(url), Transport(url)
+    await a.connect()
+    await b.connect()
+    return a, b
+
+
+def test_long_stream_complete_and_in_order(nats_server: object) -> None:
+    n = 10_000
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        for i in range(n):
+            yield Data(seq=0, token_ids=[i])
+        yield Final(seq=0, finish_reason="length", completion_tokens=n)
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.stream.gen.1", handler)
+            stream = await client.call("t.stream.gen.1", "r1", b"", timeout=60)
+            got: list[int] = []
+            final = None
+            async for frame in stream:
+                if isinstance(frame, Data):
+                    got.extend(frame.token_ids)
+                else:
+                    final = frame
+            assert got == list(range(n))
+            assert final is not None and final.completion_tokens == n and final.finish_reason == "length"
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 60)
+
+
+def test_cancel_reaches_handler(nats_server: object) -> None:
+    async def main() -> None:
+        cancelled = asyncio.Event()
+        started = asyncio.Event()
+
+        async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+            started.set()
+            try:
+                i = 0
+                while True:
+                    yield Data(seq=0, token_ids=[i])
+                    i += 1
+                    await asyncio.sleep(0.01)
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled.set()
+                raise
+
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            ep = await server.serve("t.cancel.gen.1", handler)
+            stream = await client.call("t.cancel.gen.1", "r-cancel", b"")
+            first = await stream.__anext__()
+            assert isinstance(first, Data) and first.token_ids == [0]
+            await stream.cancel()
+            await asyncio.wait_for(cancelled.wait(), 5)
+            assert started.is_set()
+            for _ in range(100):
+                if not ep.active:
+                    break
+                await asyncio.sleep(0.01)
+            assert ep.active == {}
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 30)
+
+
+def test_handler_errors_arrive_typed(nats_server: object) -> None:
+    async def bad_input(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        yield Data(seq=0, token_ids=[1])
+        raise errors.InvalidRequest("prompt too long: 10 > 5")
+
+    async def crash(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        raise ValueError("boom")
+        yield Data(seq=0, token_ids=[])  # pragma: no cover
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.err.bad.1", bad_input)
+            await server.serve("t.err.crash.1", crash)
+            stream = await client.call("t.err.bad.1", "r2", b"")
+            assert (await stream.__anext__()).token_ids == [1]  # type: ignore[union-attr]
+            with pytest.raises(errors.InvalidRequest, match="prompt too long: 10 > 5") as ei:
+                await stream.__anext__()
+            assert ei.value.status == 400
+            stream = await client.call("t.err.crash.1", "r3", b"")
+            with pytest.raises(errors.RemoteError, match="ValueError: boom") as ei2:
+                await stream.__anext__()
+            assert ei2.value.status == 500
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 30)
+
+
+def test_no_worker_fails_fast(nats_server: object) -> None:
+    async def main() -> None:
+        client = Transport(nats_server.url)  # type: ignore[attr-defined]
+        await client.connect()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(errors.Unavailable, match="no worker is serving"):
+                await client.call("t.nobody.gen.1", "r4", b"")
+            assert time.monotonic() - t0 < 2.0  # no-responders answer, not the ack timeout
+        finally:
+            await client.close()
+
+    arun(main(), 30)
+
+
+def test_deadline_on_worker(nats_server: object) -> None:
+    async def slow(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        await asyncio.sleep(30)
+        yield Final(seq=0)
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.slow.gen.1", slow)
+            stream = await client.call("t.slow.gen.1", "r5", b"", timeout=1.0)
+            with pytest.raises(errors.DeadlineExceeded):
+                await stream.__anext__()
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 30)
+
+
+WORKER = textwrap.dedent("""
+    import asyncio, sys
+    from dynamo_rt.protocol import Data
+    from dynamo_rt.transport import Transport
+
+    async def handler(payload, ctx):
+        i = 0
+        while True:
+            yield Data(seq=0, token_ids=[i])
+            i += 1
+            await asyncio.sleep(0.02)
+
+    async def main():
+        t = Transport(sys.argv[1])
+        await t.connect()
+        await t.serve("t.kill.gen.1", handler)
+        print("serving", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+""")
+
+
+def test_worker_killed_mid_stream_ends_with_error(nats_server: object) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, nats_server.url],  # type: ignore[attr-defined]
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+
+        async def main() -> float:
+            client = Transport(nats_server.url)  # type: ignore[attr-defined]
+            await client.connect()
+            try:
+                stream = await client.call("t.kill.gen.1", "r6", b"", timeout=60, idle_timeout=2.0)
+                n = 0
+                async for frame in stream:
+                    n += 1
+                    if n == 5:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        t_kill = time.monotonic()
+                    if n > 5 and not isinstance(frame, Data):
+                        break
+                raise AssertionError("stream ended without an error")
+            except errors.Unavailable as exc:
+                assert "stopped responding" in str(exc)
+                return time.monotonic() - t_kill
+            finally:
+                await client.close()
+
+        took = arun(main(), 30)
+        assert took < 10  # the idle timeout (2 s) plus slack, far inside the request deadline
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_nats_restart_clear_error_then_recovers(fresh_nats: object) -> None:
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        yield Data(seq=0, token_ids=[7])
+        yield Final(seq=0, finish_reason="stop")
+
+    async def main() -> None:
+        server, client = await _pair(fresh_nats.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.restart.gen.1", handler)
+            s = await client.call("t.restart.gen.1", "a", b"")
+            assert [f.token_ids async for f in s if isinstance(f, Data)] == [[7]]
+            await asyncio.to_thread(fresh_nats.stop)  # type: ignore[attr-defined]
+            for _ in range(50):
+                if not client.connected:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(errors.Unavailable):
+                await client.call("t.restart.gen.1", "b", b"", ack_timeout=1.0)
+            await asyncio.to_thread(fresh_nats.start)  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    s = await client.call("t.restart.gen.1", "c", b"", ack_timeout=1.0)
+                    assert [f.token_ids async for f in s if isinstance(f, Data)] == [[7]]
+                    break
+                except errors.Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 60)
+
+
+def test_object_store_roundtrip(nats_server: object) -> None:
+    async def main() -> None:
+        t = Transport(nats_server.url)  # type: ignore[attr-defined]
+        await t.connect()
+        try:
+            blob = bytes(range(256)) * 4096  # 1 MiB, several chunks
+            await t.put_object("t-objs", "tok.json", blob)
+            assert await t.get_object("t-objs", "tok.json") == blob
+            with pytest.raises(errors.NotFound):
+                await t.get_object("t-objs", "missing")
+        finally:
+            await t.close()
+
+    arun(main(), 30)

@@ -1,0 +1,281 @@
+"""The worker runtime: what every engine worker does around its engine.
+
+* publishes the model's tokenizer files to the NATS object store and the model card to etcd, so the
+  frontend needs no model volume;
+* serves ``generate`` (and ``release`` / ``kv_blocks`` for disaggregation and router resync) on its
+  instance subjects;
+* publishes KV events and load metrics on the event plane;
+* exposes Prometheus metrics;
+* on SIGTERM leaves discovery first, lets in-flight requests finish (bounded), then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from dynamo_rt.discovery import Registry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from dynamo_rt import errors
+from dynamo_rt.protocol import (
+    Data,
+    Final,
+    InstanceRecord,
+    KvEvent,
+    KvEvents,
+    LoadMetrics,
+    Mode,
+    ModelCard,
+    decode_generate,
+    encode,
+)
+from dynamo_rt.transport import (
+    Endpoint,
+    RequestContext,
+    Transport,
+    instance_subject,
+    kv_events_subject,
+    load_subject,
+)
+from workers.common.engine import Engine
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+COMPONENT = "backend"
+LOAD_INTERVAL = 1.0
+
+
+def models_bucket(namespace: str) -> str:
+    return f"{namespace}-models"
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("dynamo_worker_requests", "Requests handled", ["model", "outcome"], registry=r)
+        self.active = Gauge("dynamo_worker_active_requests", "Requests in flight", ["model"], registry=r)
+        self.kv_used = Gauge("dynamo_worker_kv_blocks_used", "KV blocks in use", ["model"], registry=r)
+        self.kv_total = Gauge("dynamo_worker_kv_blocks_total", "KV blocks in the pool", ["model"], registry=r)
+        self.output_tokens = Counter("dynamo_worker_output_tokens", "Tokens generated", ["model"], registry=r)
+        self.cached_tokens = Counter("dynamo_worker_cached_prompt_tokens", "Prompt tokens served from cache",
+                                     ["model"], registry=r)
+        self.prompt_tokens = Counter("dynamo_worker_prompt_tokens", "Prompt tokens", ["model"], registry=r)
+        self.ttft = Histogram("dynamo_worker_time_to_first_token_seconds", "Worker-side TTFT", ["model"],
+                              registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        engine_name: str,
+        mode: Mode,
+        registry: Registry,
+        transport: Transport,
+        metrics: WorkerMetrics | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.engine_name = engine_name
+        self.mode = mode
+        self.registry = registry
+        self.transport = transport
+        self.ns = registry.namespace
+        self.instance_id = registry.instance_id
+        self.metrics = metrics or WorkerMetrics()
+        self.extra = extra or {}
+        self._endpoints: list[Endpoint] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._kv_seq = 0
+        self._kv_pending: list[KvEvent] = []
+        self._kv_flush_scheduled = False
+        self._draining = False
+        self.subject = instance_subject(self.ns, COMPONENT, "generate", self.instance_id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        info = self.engine.info
+        files = await self._publish_tokenizer()
+        digest = hashlib.sha256(b"".join(k.encode() + v.encode() for k, v in sorted(files.items()))).hexdigest()
+        self._endpoints.append(await self.transport.serve(self.subject, self._generate))
+        self._endpoints.append(await self.transport.serve(
+            instance_subject(self.ns, COMPONENT, "release", self.instance_id), self._release))
+        self._endpoints.append(await self.transport.serve(
+            instance_subject(self.ns, COMPONENT, "kv_blocks", self.instance_id), self._kv_blocks))
+        self.engine.set_kv_event_sink(self._on_kv_events)
+        rec = InstanceRecord(
+            instance_id=self.instance_id, namespace=self.ns, component=COMPONENT, endpoint="generate",
+            subject=self.subject, mode=self.mode, engine=self.engine_name, model=info.name,
+            kv_block_size=info.block_size, max_context=info.context_length, host=socket.gethostname(),
+            pid=os.getpid(), extra=self.extra,
+        )
+        card = ModelCard(
+            name=info.name, context_length=info.context_length, kv_block_size=info.block_size,
+            tokenizer_bucket=models_bucket(self.ns), tokenizer_files=files, tokenizer_digest=digest,
+            eos_token_ids=list(info.eos_token_ids), bos_token_id=info.bos_token_id, created=int(time.time()),
+        )
+        # Model card before the instance: a frontend that sees the instance can always find the tokenizer.
+        await self.registry.register_model(card)
+        await self.registry.register_instance(rec)
+        self._tasks.append(asyncio.create_task(self._publish_load_loop(), name="load-publisher"))
+        log.info("worker %s serving model %r (%s, mode %s) on %s", self.instance_id, info.name,
+                 self.engine_name, self.mode.value, self.subject)
+
+    async def stop(self, *, grace: float = 30.0) -> None:
+        """Leave discovery, let in-flight requests finish for up to ``grace`` seconds, then stop."""
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await self.registry.close(revoke=True)
+        deadline = time.monotonic() + grace
+        while self.inflight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for ep in self._endpoints:
+            await ep.close(cancel_inflight=True)
+        self._endpoints.clear()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.engine.set_kv_event_sink(None)
+        await self.engine.stop()
+
+    def inflight(self) -> int:
+        return sum(len(ep.active) for ep in self._endpoints[:1])
+
+    # ------------------------------------------------------------------ tokenizer files
+
+    async def _publish_tokenizer(self) -> dict[str, str]:
+        path = self.engine.info.path
+        out: dict[str, str] = {}
+        if not path:
+            return out
+        root = Path(path)
+        bucket = models_bucket(self.ns)
+        for fname in TOKENIZER_FILES:
+            f = root / fname
+            if not f.is_file():
+                continue
+            data = f.read_bytes()
+            name = f"{hashlib.sha256(data).hexdigest()[:24]}-{fname}"
+            await self.transport.put_object(bucket, name, data)
+            out[fname] = name
+        return out
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+        if self._draining:
+            raise errors.Unavailable("worker is shutting down")
+        req = decode_generate(payload)
+        model = self.engine.info.name
+        m = self.metrics
+        m.active.labels(model).inc()
+        t0 = time.monotonic()
+        first = True
+        prompt_tokens = len(req.token_ids)
+        cached = 0
+        produced = 0
+        outcome = "error"
+        outs = self.engine.generate(req)
+        try:
+            async for out in outs:
+                if first:
+                    first = False
+                    m.ttft.labels(model).observe(time.monotonic() - t0)
+                    if out.prompt_tokens:
+                        prompt_tokens = out.prompt_tokens
+                    cached = out.cached_tokens
+                produced += len(out.token_ids)
+                if out.token_ids:
+                    yield Data(seq=0, token_ids=out.token_ids, logprobs=out.logprobs)
+                if out.finish_reason is not None:
+                    outcome = "ok"
+                    yield Final(seq=0, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
+                                completion_tokens=produced, cached_tokens=cached, kv_transfer=out.kv_transfer)
+                    return
+            outcome = "ok"
+            yield Final(seq=0, finish_reason="length", prompt_tokens=prompt_tokens,
+                        completion_tokens=produced, cached_tokens=cached)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            await outs.aclose()
+            m.active.labels(model).dec()
+            m.requests.labels(model, outcome).inc()
+            m.output_tokens.labels(model).inc(produced)
+            m.prompt_tokens.labels(model).inc(prompt_tokens)
+            m.cached_tokens.labels(model).inc(cached)
+
+    async def _release(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+        pin_id = msgspec.msgpack.decode(payload, type=str)
+        ok = await self.engine.release_pin(pin_id)
+        yield Final(seq=0, finish_reason="stop" if ok else None)
+
+    async def _kv_blocks(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+        # Flush queued events first so the snapshot and the event sequence agree.
+        self._flush_kv_events()
+        hashes = self.engine.cached_block_hashes()
+        yield Data(seq=0, token_ids=[], payload=encode({"seq": self._kv_seq, "hashes": hashes}))
+        yield Final(seq=0, finish_reason="stop")
+
+    # ------------------------------------------------------------------ events
+
+    def _on_kv_events(self, events: list[KvEvent]) -> None:
+        # Coalesce every event of one loop iteration into one message.
+        self._kv_pending.extend(events)
+        if not self._kv_flush_scheduled:
+            self._kv_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_kv_events)
+
+    def _flush_kv_events(self) -> None:
+        self._kv_flush_scheduled = False
+        if not self._kv_pending or not self.transport.connected:
+            return
+        self._kv_seq += 1
+        msg = KvEvents(instance_id=self.instance_id, seq=self._kv_seq, events=self._kv_pending)
+        self._kv_pending = []
+        subject = kv_events_subject(self.ns, self.engine.info.name)
+        task = asyncio.ensure_future(self.transport.publish(subject, encode(msg)))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def load_metrics(self) -> LoadMetrics:
+        ld = self.engine.load()
+        return LoadMetrics(
+            instance_id=self.instance_id, mode=self.mode.value, active_requests=ld.active_requests,
+            waiting_requests=ld.waiting_requests, kv_blocks_used=ld.kv_blocks_used,
+            kv_blocks_total=ld.kv_blocks_total, active_decode_blocks=ld.active_decode_blocks, ts=time.time(),
+        )
+
+    async def _publish_load_loop(self) -> None:
+        subject = load_subject(self.ns, self.engine.info.name)
+        model = self.engine.info.name
+        while True:
+            lm = self.load_metrics()
+            self.metrics.kv_used.labels(model).set(lm.kv_blocks_used)
+            self.metrics.kv_total.labels(model).set(lm.kv_blocks_total)
+            if self.transport.connected:
+                with contextlib.suppress(errors.DynamoError):
+                    await self.transport.publish(subject, encode(lm))
+            await asyncio.sleep(LOAD_INTERVAL)

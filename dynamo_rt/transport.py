@@ -329,6 +329,7 @@ class Transport:
         self._endpoints: list[Endpoint] = []
         self._event_subs: list[Subscription] = []
         self.disconnects = 0
+        self._closing = False
 
     @property
     def nc(self) -> NatsClient:
@@ -386,6 +387,8 @@ class Transport:
         raise _nats_error(last or TimeoutError(), f"connecting to {o.servers}")
 
     async def _on_disconnect(self) -> None:
+        if self._closing:
+            return
         self.disconnects += 1
         log.warning("NATS disconnected; reconnecting")
 
@@ -399,6 +402,7 @@ class Transport:
         log.debug("NATS connection closed")
 
     async def close(self) -> None:
+        self._closing = True
         for ep in self._endpoints:
             await ep.close()
         self._endpoints.clear()

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -179,41 +180,36 @@ class Frontend:
         pre = sm.pre
         prompt_texts: list[str] = []
         if kind == "chat":
-            prompts = [pre.encode_chat(op.messages_as_dicts(req))]
+            prompts = [pre.encode_chat(op.template_messages(req), req.add_generation_prompt, req.tools,
+                                       req.chat_template_kwargs)]
         else:
             prompts = []
-            for item in op.prompt_items(req):
+            for item in op.prompts(req):
                 if isinstance(item, str):
                     prompt_texts.append(item)
                     prompts.append(pre.encode_prompt(item))
                 else:
-                    bad = [t for t in item if t < 0 or t >= pre.vocab_size]
-                    if bad:
-                        raise errors.InvalidRequest(f"prompt token id {bad[0]} is out of the vocabulary "
-                                                    f"(size {pre.vocab_size})", param="prompt")
-                    prompt_texts.append(pre.decode(item))
+                    pre.check_token_ids(item)
+                    prompt_texts.append(pre.decode(item, skip_special_tokens=False))
                     prompts.append(list(item))
         ctx = sm.card.context_length
-        max_tokens = 0
-        for pr in prompts:
-            if not pr:
-                raise errors.InvalidRequest("the prompt is empty", param="prompt")
-            max_tokens = max(max_tokens, op.resolve_max_tokens(req, len(pr), ctx))
+        max_tokens = max(op.resolve_max_tokens(req, len(pr), ctx) for pr in prompts)
         sampling, stop, stop_strings = op.to_sampling(req)
         stop.max_tokens = max_tokens
-        n = req.n or 1
-        logprobs = op.logprobs_k(req)
-        sampling.logprobs = logprobs
-        nvext = getattr(req, "nvext", None)
-        pinned = getattr(nvext, "backend_instance_id", None) if nvext is not None else None
+        nvext = req.nvext
+        pinned = None
+        if nvext is not None and nvext.backend_instance_id is not None:
+            b = nvext.backend_instance_id
+            pinned = f"{b:016x}" if isinstance(b, int) else str(b)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         for pr in prompts:
             self.metrics.input_tokens.labels(sm.name).inc(len(pr))
         return Prepared(kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
-                        stop_strings=stop_strings, n=n, stream=bool(req.stream), include_usage=include_usage,
-                        logprobs=logprobs, pinned=pinned, request_id=new_request_id(kind),
+                        stop_strings=stop_strings, n=req.n, stream=req.stream, include_usage=include_usage,
+                        logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
                         created=int(time.time()), echo=bool(getattr(req, "echo", False)),
-                        prompt_texts=prompt_texts)
+                        prompt_texts=prompt_texts, include_stop_str=req.include_stop_str_in_output,
+                        skip_special_tokens=req.skip_special_tokens)
 
     async def handle(self, kind: str, request: Request) -> Response:
         endpoint = "chat" if kind == "chat" else "completions"
@@ -273,7 +269,18 @@ def build_app(fe: Frontend) -> FastAPI:
     schemas = op.openapi_schemas()
 
     def body_spec(name: str) -> dict[str, Any]:
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schemas[name]}}}}
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(errors.DynamoError)
     async def _dyn(_: Request, exc: errors.DynamoError) -> Response:

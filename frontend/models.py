@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynamo_rt.discovery import DiscoveryView
 from dynamo_rt.router import KvIndexer, Router
 
 from dynamo_rt import errors
+from dynamo_rt.discovery import DiscoveryView
 from dynamo_rt.protocol import InstanceRecord, LoadMetrics, Mode, ModelCard, decode_kv_events, decode_load
 from dynamo_rt.transport import Transport, kv_events_subject, load_subject
 from frontend.preprocess import Preprocessor
@@ -107,7 +107,7 @@ class ModelManager:
                 files: dict[str, bytes] = {}
                 for fname, obj in card.tokenizer_files.items():
                     files[fname] = await self.transport.get_object(card.tokenizer_bucket, obj)
-                pre = await asyncio.to_thread(Preprocessor.from_files, files, context_length=card.context_length)
+                pre = await asyncio.to_thread(Preprocessor.from_files, files)
                 self._pre_cache[card.tokenizer_digest] = pre
             sm = ServedModel(name=name, card=card, pre=pre, created=card.created or int(time.time()))
             sm.indexer = KvIndexer()

@@ -48,6 +48,8 @@ class Prepared:
     created: int
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)
+    include_stop_str: bool = False
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -151,22 +153,27 @@ def usage_dict(results: list[ChoiceResult], prompt_tokens: int) -> dict[str, Any
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _piece(pre: Any, token_id: int) -> str:
+    text: str = pre.decode([token_id], skip_special_tokens=False)
+    return text
+
+
 def logprobs_json(p: Prepared, pre: Any, lps: list[TokenLogprob]) -> Any:
     if p.kind == "chat":
         content = []
         for lp in lps:
-            tok = pre.id_to_piece(lp.token_id)
+            tok = _piece(pre, lp.token_id)
             content.append({
                 "token": tok, "logprob": lp.logprob, "bytes": list(tok.encode("utf-8", "replace")),
-                "top_logprobs": [{"token": pre.id_to_piece(t), "logprob": v,
-                                  "bytes": list(pre.id_to_piece(t).encode("utf-8", "replace"))}
+                "top_logprobs": [{"token": _piece(pre, t), "logprob": v,
+                                  "bytes": list(_piece(pre, t).encode("utf-8", "replace"))}
                                  for t, v in lp.top],
             })
         return {"content": content}
     return {
-        "tokens": [pre.id_to_piece(lp.token_id) for lp in lps],
+        "tokens": [_piece(pre, lp.token_id) for lp in lps],
         "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{pre.id_to_piece(t): v for t, v in lp.top} for lp in lps],
+        "top_logprobs": [{_piece(pre, t): v for t, v in lp.top} for lp in lps],
         "text_offset": [],
     }
 
@@ -195,8 +202,10 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
 
     sm = p.model
     index = res.index
-    proc = OutputProcessor(sm.pre, stop_strings=p.stop_strings, stop_token_ids=p.stop.stop_token_ids,
-                           eos_token_ids=[] if p.stop.ignore_eos else sm.card.eos_token_ids)
+    proc = OutputProcessor(sm.pre, p.stop_strings, p.stop.stop_token_ids, ignore_eos=p.stop.ignore_eos,
+                           min_tokens=p.stop.min_tokens, max_tokens=p.stop.max_tokens, prompt_ids=prompt,
+                           skip_special_tokens=p.skip_special_tokens,
+                           include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
     stream = await engine.open(p, prompt, f"{p.request_id}-{index}", index)
     sm.inflight += 1
@@ -233,10 +242,10 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                 if delta or (lps and want_lp):
                     res.text += delta
                     yield delta, lps if want_lp else None
-                if reason is not None:
+                if reason is not None and isinstance(proc.stop_reason, str):
                     # A stop string matched: the worker keeps generating unless told to stop.
                     res.finish_reason = reason
-                    res.completion_tokens = len(res.token_ids)
+                    res.completion_tokens = proc.num_tokens
                     break
             if final is not None:
                 res.completion_tokens = final.completion_tokens or len(res.token_ids)

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,11 +48,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="JSON object of engine keyword arguments passed through as is")
     flag(p, "--graceful-timeout", env="DYN_GRACEFUL_TIMEOUT", type=float, default=30.0,
          help="seconds to let in-flight requests finish on SIGTERM")
+    flag(p, "--block-size", env="DYN_BLOCK_SIZE", type=int, default=16, help="tokens per KV block")
     for name in ENGINES:
         mod = _flags_module(name)
         if mod is not None and hasattr(mod, "add_flags"):
-            group = p.add_argument_group(f"{name} engine")
-            mod.add_flags(group)
+            mod.add_flags(_SharedFlags(p, p.add_argument_group(f"{name} engine")))
+
+
+class _SharedFlags:
+    """What an engine's ``add_flags`` sees: flags another engine already declared (--max-num-seqs...) are
+    shared, not declared twice."""
+
+    def __init__(self, parser: argparse.ArgumentParser, group: Any) -> None:
+        self._parser = parser
+        self._group = group
+        self.env = getattr(parser, "env", os.environ)
+
+    def add_argument(self, *names: str, **kwargs: Any) -> Any:
+        if any(n in self._parser._option_string_actions for n in names):
+            return None
+        return self._group.add_argument(*names, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
 
 
 def _flags_module(engine: str) -> Any:

@@ -1,0 +1,372 @@
+"""Prompt preprocessing: the model's chat template and tokenizer, without ``transformers``.
+
+The frontend builds one :class:`Preprocessor` per served model from the tokenizer files a worker publishes
+(``tokenizer.json``, ``tokenizer_config.json`` and, when present, ``chat_template.jinja``,
+``generation_config.json``, ``config.json``, ``special_tokens_map.json``). It renders chat messages with the
+template and tokenizes the result exactly as ``transformers``' ``apply_chat_template(tokenize=True)`` does
+(same Jinja environment and globals, template output encoded without adding special tokens again), and
+encodes completion prompts as ``tokenizer(text)`` does. Only ``tokenizers`` (Rust) and ``jinja2`` are used,
+so the frontend stays light; ``transformers`` is a test dependency that checks we match it token for token.
+
+The streaming side (detokenization, stop strings) lives in ``frontend/detok.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer
+
+from dynamo_rt.errors import InvalidRequest
+
+__all__ = ["TOKENIZER_FILES", "Preprocessor"]
+
+log = logging.getLogger(__name__)
+
+# The files a Preprocessor reads; a worker publishes those it has (tokenizer.json is required).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+    "special_tokens_map.json",
+)
+
+# The named special tokens transformers hands to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# transformers' "no limit" model_max_length is int(1e30); anything this large means "unknown".
+_HUGE = 10**9
+# Template variables a request may not override through chat_template_kwargs.
+_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+# --------------------------------------------------------------------------------------------- jinja
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in some
+    templates; for serving it only has to render its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes HTML characters and forces ASCII; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(template: str) -> jinja2.Template:
+    # Chat templates are untrusted code from model repositories: the immutable sandbox, as transformers uses.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+# A template that loops over a message's content or tests its type renders OpenAI content-part lists itself;
+# any other template gets list content joined into one string first (vLLM's "auto" content format).
+_PARTS_RE = re.compile(
+    r"""for\s+\w+\s+in\s+[\w.\[\]'"]*content\b"""
+    r"""|content['"]?\]?\s+is\s+(?:not\s+)?(?:string|iterable|sequence|mapping)\b"""
+    r"""|content['"]?\]?\s*\|\s*(?:map|selectattr|first|last)\b"""
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_format(template: str) -> str:
+    return "openai" if _PARTS_RE.search(template) else "string"
+
+
+def _join_parts(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    out: list[Mapping[str, Any]] = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, list):
+            # Newline-joined text parts: what vLLM's "string" content format renders, so a request
+            # gives the same prompt on both.
+            text = "\n".join(p.get("text") or "" for p in c if isinstance(p, dict) and p.get("type") == "text")
+            m = {**m, "content": text}
+        out.append(m)
+    return out
+
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _load_json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
+    raw = files.get(name)
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------- preprocessor
+
+
+class Preprocessor:
+    """Chat template + tokenizer of one model. Immutable after construction, so one instance serves every
+    request (``tokenizers`` encode/decode are thread-safe and release the GIL)."""
+
+    def __init__(self, files: Mapping[str, bytes]) -> None:
+        if "tokenizer.json" not in files:
+            raise InvalidRequest("tokenizer.json is required to build a preprocessor")
+        self.files = dict(files)
+        config = _load_json(files, "tokenizer_config.json")
+        model_config = _load_json(files, "config.json")
+        gen_config = _load_json(files, "generation_config.json")
+
+        self.tokenizer: Tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        # tokenizer.json may carry padding/truncation; transformers turns both off for a plain call.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+        special: dict[str, str] = {}
+        for name in _NAMED_TOKENS:
+            tok = _token_str(config.get(name))
+            if tok is not None:
+                special[name] = tok
+        extra = [t for t in map(_token_str, config.get("additional_special_tokens") or []) if t]
+        extra += [t for t in map(_token_str, config.get("extra_special_tokens") or []) if t]
+        if "added_tokens_decoder" not in config and "special_tokens_map.json" in files:
+            # transformers only reads the legacy special_tokens_map.json when the config has no
+            # added_tokens_decoder, and then lets it override the config.
+            for name, value in _load_json(files, "special_tokens_map.json").items():
+                tok = _token_str(value)
+                if name in _NAMED_TOKENS and tok is not None:
+                    special[name] = tok
+        # The strings the chat template sees as bos_token, eos_token, ...
+        self.special_tokens: dict[str, str] = special
+
+        # transformers adds named special tokens missing from the vocabulary (as special tokens).
+        missing = [t for t in [*special.values(), *extra] if self.tokenizer.token_to_id(t) is None]
+        if missing:
+            self.tokenizer.add_special_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
+            )
+
+        self.bos_token_id: int | None = self._id(special.get("bos_token"))
+        if self.bos_token_id is None:
+            self.bos_token_id = next(iter(_ids(model_config.get("bos_token_id"))), None)
+        eos = self._id(special.get("eos_token"))
+        eos_ids = ([] if eos is None else [eos]) + _ids(gen_config.get("eos_token_id"))
+        eos_ids += _ids(model_config.get("eos_token_id"))
+        # Every id that ends a generation when the client did not ask for ignore_eos.
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos_ids))
+
+        # Special tokens of completion prompts come from tokenizer.json's post-processor alone:
+        # transformers (v5) ignores add_bos_token/add_eos_token in the config when tokenizer.json exists.
+
+        self.vocab_size: int = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # Upper bound for token ids a client may send: the model's embedding size when known.
+        model_vocab = model_config.get("vocab_size")
+        self.max_token_id: int = (
+            max(model_vocab, self.vocab_size) if isinstance(model_vocab, int) else self.vocab_size
+        ) - 1
+        self.context_length: int = self._context_length(config, model_config)  # 0: unknown
+
+        self.chat_templates: dict[str, str] = self._templates(files, config)
+        for t in self.chat_templates.values():
+            try:
+                _compile(t)  # fail at load time, not on the first request
+            except jinja2.TemplateError as exc:
+                raise InvalidRequest(f"the model's chat template does not compile: {exc}") from None
+
+    # ------------------------------------------------------------------------------------------ build
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Preprocessor:
+        """Read the tokenizer files present in a model folder."""
+        root = Path(path)
+        files = {name: (root / name).read_bytes() for name in TOKENIZER_FILES if (root / name).is_file()}
+        return cls(files)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> Preprocessor:
+        """Build from file name -> content (what the NATS object store holds)."""
+        return cls(files)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @staticmethod
+    def _context_length(config: dict[str, Any], model_config: dict[str, Any]) -> int:
+        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+            v = model_config.get(key)
+            if isinstance(v, int) and v > 0:
+                return v
+        v = config.get("model_max_length")
+        if isinstance(v, (int, float)) and 0 < v < _HUGE:
+            return int(v)
+        return 0
+
+    @staticmethod
+    def _templates(files: Mapping[str, bytes], config: dict[str, Any]) -> dict[str, str]:
+        # chat_template.jinja wins over the config's entry, as in transformers.
+        if "chat_template.jinja" in files:
+            return {"default": files["chat_template.jinja"].decode("utf-8")}
+        ct = config.get("chat_template")
+        if isinstance(ct, str):
+            return {"default": ct}
+        if isinstance(ct, list):
+            return {
+                str(t["name"]): str(t["template"])
+                for t in ct
+                if isinstance(t, dict) and "name" in t and "template" in t
+            }
+        return {}
+
+    # ------------------------------------------------------------------------------------------ chat
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_templates)
+
+    def _template(self, tools: Sequence[Mapping[str, Any]] | None) -> str:
+        t = self.chat_templates
+        if tools is not None and "tool_use" in t:
+            return t["tool_use"]
+        if "default" in t:
+            return t["default"]
+        if not t:
+            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+        raise InvalidRequest(
+            f"this model has several chat templates and none is named 'default': {sorted(t)}",
+            param="messages",
+        )
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Render the chat template (``transformers``' ``apply_chat_template(tokenize=False)``).
+
+        ``messages`` are plain dicts (see ``openai_protocol.template_messages``). Template errors
+        (``raise_exception`` in the template, or a template that cannot handle the input) become
+        :class:`InvalidRequest`.
+        """
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message", param="messages")
+        template = self._template(tools)
+        compiled = _compile(template)
+        if _content_format(template) == "string" and any(isinstance(m.get("content"), list) for m in messages):
+            messages = _join_parts(messages)
+        variables: dict[str, Any] = dict(self.special_tokens)
+        if template_kwargs:
+            variables.update((k, v) for k, v in template_kwargs.items() if k not in _RESERVED)
+        try:
+            return compiled.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest(f"chat template error: {exc}", param="messages") from None
+        except Exception as exc:  # a template tripping over unusual input is still the input's problem
+            raise InvalidRequest(f"chat template failed on these messages: {exc!r}", param="messages") from None
+
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of the rendered chat: ``apply_chat_template(..., tokenize=True)``. The template writes
+        its own BOS when the model wants one, so no special tokens are added here."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a completion prompt: ``tokenizer(text)``, special tokens (BOS...) included as the
+        tokenizer's post-processor says."""
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if not ids:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        return ids
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode_prompt` for several prompts in one call (the Rust side runs them in parallel)."""
+        out = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        if any(not ids for ids in out):
+            raise InvalidRequest("prompt is empty", param="prompt")
+        return out
+
+    def check_token_ids(self, ids: Sequence[int], param: str = "prompt") -> None:
+        """Reject client-sent token ids the model cannot embed."""
+        if not ids:
+            raise InvalidRequest("prompt is empty", param=param)
+        hi = max(ids)
+        if hi > self.max_token_id or min(ids) < 0:
+            bad = hi if hi > self.max_token_id else min(ids)
+            raise InvalidRequest(f"token id {bad} is out of range [0, {self.max_token_id}]", param=param)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text

@@ -1,0 +1,245 @@
+"""The OpenAI API end to end: real etcd, NATS, mocker worker processes and a frontend process.
+
+The mocker emits deterministic token ids of the tiny model's tokenizer (a function of the prompt), so the
+same request gives the same text, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from dynamo_rt.protocol import decode_load
+from dynamo_rt.transport import Transport, load_subject
+from tests.conftest import arun
+from tests.stack import Stack
+
+MODEL = "dynamo-tiny"
+
+
+@pytest.fixture(scope="module")
+def stack(etcd_server: object, nats_server: object) -> Iterator[Stack]:
+    st = Stack(etcd_server.client_url, nats_server.url, "api")  # type: ignore[attr-defined]
+    st.add_worker("mocker", "agg", "--speedup", "5", "--num-workers", "2", "--served-model-name", MODEL)
+    st.start_frontend("--max-concurrency", "64", "--max-queue", "64")
+    try:
+        st.wait_ready(n_instances=2)
+        yield st
+    finally:
+        st.stop()
+
+
+def post(st: Stack, path: str, body: object, **kw: object) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(st.url + path, content=content, headers={"content-type": "application/json"},
+                      timeout=30, **kw)  # type: ignore[arg-type]
+
+
+def sse_events(text: str) -> list[object]:
+    out: list[object] = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 24}
+
+
+# ------------------------------------------------------------------------------------------ SDK
+
+
+def test_openai_sdk_sync_chat_and_completion(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="none")
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    assert r.object == "chat.completion" and r.model == MODEL
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.usage is not None and r.usage.completion_tokens == 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 10
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=7)
+    assert c.object == "text_completion" and c.choices[0].finish_reason == "length"
+    assert c.usage is not None and c.usage.completion_tokens == 7
+
+
+def test_openai_sdk_streaming_equals_non_streaming(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="none")
+    msgs = [{"role": "user", "content": "Tell me about 日本 and café ☕"}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, seed=3)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, seed=3,  # type: ignore[arg-type]
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 40 and usage.prompt_tokens == full.usage.prompt_tokens  # type: ignore[union-attr]
+    # No U+FFFD in the middle of a stream unless the full text has it too.
+    assert text.count("\ufffd") == full.choices[0].message.content.count("\ufffd")  # type: ignore[union-attr]
+
+
+def test_openai_sdk_async(stack: Stack) -> None:
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="none")
+        rs = await asyncio.gather(*[
+            client.completions.create(model=MODEL, prompt=f"prompt number {i}", max_tokens=5) for i in range(8)])
+        stream = await client.completions.create(model=MODEL, prompt="prompt number 0", max_tokens=5, stream=True)
+        streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+        assert streamed == rs[0].choices[0].text
+        await client.close()
+        return [r.choices[0].text for r in rs]
+
+    texts = arun(main(), 60)
+    assert len(texts) == 8 and len(set(texts)) > 1  # different prompts, different outputs
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+def test_n_greater_than_one(stack: Stack) -> None:
+    r = post(stack, "/v1/chat/completions", {**CHAT, "n": 3, "max_tokens": 6})
+    assert r.status_code == 200
+    body = r.json()
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == 18
+    r = post(stack, "/v1/chat/completions", {**CHAT, "n": 2, "max_tokens": 4, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    finishes = sorted(e["choices"][0]["index"] for e in events[:-1]  # type: ignore[index]
+                      if e["choices"] and e["choices"][0]["finish_reason"])  # type: ignore[index]
+    assert finishes == [0, 1]
+
+
+def test_stop_string_spanning_tokens(stack: Stack) -> None:
+    full = post(stack, "/v1/completions", {"model": MODEL, "prompt": "stop test", "max_tokens": 30}).json()
+    text = full["choices"][0]["text"]
+    assert len(text) > 12
+    stop = text[8:12]  # four characters: with a small vocab these span token boundaries
+    first = text.index(stop)
+    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": "stop test", "max_tokens": 30, "stop": stop})
+    out = r.json()["choices"][0]
+    assert out["text"] == text[:first]
+    assert out["finish_reason"] == "stop"
+    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": "stop test", "max_tokens": 30, "stop": [stop],
+                                        "stream": True})
+    events = sse_events(r.text)
+    streamed = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])  # type: ignore[index]
+    assert streamed == text[:first]
+
+
+def test_include_usage_chunk(stack: Stack) -> None:
+    r = post(stack, "/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    usage_ev = events[-2]
+    assert usage_ev["choices"] == [] and usage_ev["usage"]["completion_tokens"] == 24  # type: ignore[index]
+    assert "cached_tokens" in usage_ev["usage"]["prompt_tokens_details"]  # type: ignore[index]
+
+
+def test_models_endpoints_and_health(stack: Stack) -> None:
+    status, body = stack.get_json("/v1/models")
+    assert status == 200 and body["data"][0]["id"] == MODEL  # type: ignore[index]
+    status, body = stack.get_json(f"/v1/models/{MODEL}")
+    assert status == 200 and body["id"] == MODEL
+    status, body = stack.get_json("/v1/models/nope")
+    assert status == 404 and body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert stack.get_json("/live")[0] == 200
+    assert stack.get_json("/health")[0] == 200
+    r = httpx.get(stack.url + "/metrics")
+    assert r.status_code == 200 and "dynamo_frontend_requests_total" in r.text
+    assert "dynamo_frontend_time_to_first_token_seconds_bucket" in r.text
+    spec = httpx.get(stack.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"]
+    assert "ChatCompletionRequest" in spec["components"]["schemas"]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: str = "") -> dict[str, object]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    assert contains in err["message"]
+    return err  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    ({**CHAT, "max_tokens": -5}, "max_tokens"),
+    ({**CHAT, "temperature": 3.5}, "temperature"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL}, "messages"),
+    ({**CHAT, "n": 0}, "n"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+])
+def test_bad_requests_get_400(stack: Stack, body: object, param: str | None) -> None:
+    err = assert_error(post(stack, "/v1/chat/completions", body), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_unknown_model_404(stack: Stack) -> None:
+    err = assert_error(post(stack, "/v1/chat/completions", {**CHAT, "model": "nope"}), 404, "model", "nope")
+    assert err["type"] == "not_found_error"
+
+
+def test_prompt_longer_than_context_400(stack: Stack) -> None:
+    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": list(range(5000)), "max_tokens": 1})
+    assert_error(r, 400, contains="maximum context length is 4096 tokens")
+    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5000})
+    err = assert_error(r, 400, "max_tokens", "in the completion")
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_and_body_too_large(stack: Stack) -> None:
+    assert_error(httpx.get(stack.url + "/v1/nothing"), 404)
+    big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]})
+    assert_error(post(stack, "/v1/chat/completions", big), 413)
+
+
+def test_client_disconnect_cancels_worker_request(stack: Stack, nats_server: object) -> None:
+    async def main() -> None:
+        t = Transport(nats_server.url)  # type: ignore[attr-defined]
+        await t.connect()
+        active: dict[str, int] = {}
+
+        def on_load(data: bytes, subject: str) -> None:
+            lm = decode_load(data)
+            active[lm.instance_id] = lm.active_requests
+
+        await t.subscribe(load_subject("api", MODEL), on_load)
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                async with client.stream("POST", stack.url + "/v1/chat/completions",
+                                         json={**CHAT, "max_tokens": 3000, "stream": True}) as r:
+                    n = 0
+                    async for _line in r.aiter_lines():
+                        n += 1
+                        if n > 5:
+                            break
+                    # Wait until a load report shows the request running on a worker.
+                    deadline = time.monotonic() + 5
+                    while not any(active.values()) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    assert any(active.values()), "the request should be running on a worker"
+                # The response is closed here: the client went away mid-stream (3000 tokens take ~6 s).
+            deadline = time.monotonic() + 10
+            while any(active.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert not any(active.values()), f"worker still running the request: {active}"
+        finally:
+            await t.close()
+
+    arun(main(), 60)

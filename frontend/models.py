@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynamo_rt.router import KvIndexer, Router
-
 from dynamo_rt import errors
 from dynamo_rt.discovery import DiscoveryView
+from dynamo_rt.kvhash import block_hashes
 from dynamo_rt.protocol import InstanceRecord, LoadMetrics, Mode, ModelCard, decode_kv_events, decode_load
+from dynamo_rt.router import KvIndexer, Router, RouterMetrics
 from dynamo_rt.transport import Transport, kv_events_subject, load_subject
 from frontend.preprocess import Preprocessor
 
@@ -40,6 +40,9 @@ class ServedModel:
     def pool(self, mode: str) -> list[str]:
         return [iid for iid, r in self.instances.items() if r.mode == mode]
 
+    def hashes(self, prompt: list[int]) -> list[int]:
+        return block_hashes(prompt, self.card.kv_block_size)
+
     @property
     def has_decode_pool(self) -> bool:
         """Requests go to agg workers, or to decode workers (which prefill locally without prefill workers)."""
@@ -48,8 +51,9 @@ class ServedModel:
 
 class ModelManager:
     def __init__(self, view: DiscoveryView, transport: Transport, *, router_mode: str = "round-robin",
-                 router_kwargs: dict[str, Any] | None = None) -> None:
+                 router_kwargs: dict[str, Any] | None = None, router_metrics: RouterMetrics | None = None) -> None:
         self.view = view
+        self.router_metrics = router_metrics
         self.transport = transport
         self.router_mode = router_mode
         self.router_kwargs = router_kwargs or {}
@@ -58,16 +62,48 @@ class ModelManager:
         self._pre_cache: dict[str, Preprocessor] = {}  # tokenizer digest -> preprocessor
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
+        self.departed: set[str] = set()  # models whose last worker left: 503, not 404
+        self._resync_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.view.add_listener(self._on_change)
         self._sync()
+        self._resync_task = asyncio.create_task(self._resync_loop(), name="kv-resync")
 
     async def close(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
         for t in self._loading.values():
             t.cancel()
         await asyncio.gather(*self._loading.values(), return_exceptions=True)
 
+    async def _resync_loop(self) -> None:
+        """Workers whose KV event stream has a gap (or that we first heard mid-stream) are asked for their
+        whole block list, so the index is exact again."""
+        import msgspec
+
+        from dynamo_rt.transport import instance_subject
+
+        while True:
+            await asyncio.sleep(0.5)
+            for sm in list(self.models.values()):
+                if sm.indexer is None:
+                    continue
+                for iid in sm.indexer.pending_resyncs():
+                    if iid not in sm.instances:
+                        sm.indexer.remove_worker(iid)
+                        continue
+                    subject = instance_subject(self.view.registry.namespace, "backend", "kv_blocks", iid)
+                    try:
+                        stream = await self.transport.call(subject, f"resync-{iid}", b"", timeout=10)
+                        async for frame in stream:
+                            payload = getattr(frame, "payload", b"")
+                            if payload:
+                                snap = msgspec.msgpack.decode(payload)
+                                sm.indexer.resync(iid, snap["hashes"], seq=snap["seq"])
+                        log.info("resynced KV index of worker %s (model %r)", iid, sm.name)
+                    except errors.DynamoError as exc:
+                        log.warning("KV resync of %s failed: %s", iid, exc)
     # ------------------------------------------------------------------ discovery -> models
 
     def _on_change(self, kind: str, key: str, record: object | None) -> None:
@@ -98,6 +134,8 @@ class ModelManager:
             if name not in by_model:
                 log.info("model %r has no workers left; removing it", name)
                 del self.models[name]
+                self.departed.add(name)
+        self.departed -= set(by_model)
         self._changed.set()
 
     async def _load(self, name: str, card: ModelCard) -> None:
@@ -112,7 +150,8 @@ class ModelManager:
             sm = ServedModel(name=name, card=card, pre=pre, created=card.created or int(time.time()))
             sm.indexer = KvIndexer()
             for pool in ("agg", "prefill", "decode"):
-                sm.routers[pool] = Router(self.router_mode, block_size=card.kv_block_size, **self.router_kwargs)
+                sm.routers[pool] = Router(self.router_mode, indexer=sm.indexer, block_size=card.kv_block_size,  # type: ignore[arg-type]
+                                          metrics=self.router_metrics, pool=pool, **self.router_kwargs)
             await self._subscribe_events(name)
             self.models[name] = sm
             log.info("model %r ready (context %d, block %d)", name, card.context_length, card.kv_block_size)
@@ -157,6 +196,8 @@ class ModelManager:
         if sm is None:
             if name in self._loading:
                 raise errors.Unavailable(f"model {name!r} is loading, retry shortly")
+            if name in self.departed:
+                raise errors.Unavailable(f"model {name!r} has no ready worker")
             raise errors.NotFound(f"The model `{name}` does not exist.", param="model")
         if not sm.has_decode_pool:
             raise errors.Unavailable(f"model {name!r} has no ready worker")

@@ -40,6 +40,7 @@ __all__ = [
     "prompts",
     "requested_max_tokens",
     "resolve_max_tokens",
+    "stop_strings",
     "template_messages",
     "to_sampling",
 ]

@@ -29,7 +29,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
-from dynamo_rt.errors import InvalidRequest
+from dynamo_rt.errors import DynamoError, InvalidRequest
 
 __all__ = ["TOKENIZER_FILES", "Preprocessor"]
 
@@ -155,7 +155,7 @@ def _load_json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise InvalidRequest(f"{name} is not valid JSON: {exc}") from None
+        raise DynamoError(f"{name} is not valid JSON: {exc}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -164,17 +164,23 @@ def _load_json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
 
 class Preprocessor:
     """Chat template + tokenizer of one model. Immutable after construction, so one instance serves every
-    request (``tokenizers`` encode/decode are thread-safe and release the GIL)."""
+    request (``tokenizers`` encode/decode are thread-safe and release the GIL).
+
+    Unusable model files raise :class:`DynamoError` (a server-side problem, status 500); everything a
+    request can get wrong raises :class:`InvalidRequest`.
+    """
 
     def __init__(self, files: Mapping[str, bytes]) -> None:
         if "tokenizer.json" not in files:
-            raise InvalidRequest("tokenizer.json is required to build a preprocessor")
-        self.files = dict(files)
+            raise DynamoError("tokenizer.json is required to build a preprocessor")
         config = _load_json(files, "tokenizer_config.json")
         model_config = _load_json(files, "config.json")
         gen_config = _load_json(files, "generation_config.json")
 
-        self.tokenizer: Tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        try:
+            self.tokenizer: Tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as exc:  # tokenizers raises bare Exception for a file it cannot read
+            raise DynamoError(f"tokenizer.json cannot be loaded: {exc}") from None
         # tokenizer.json may carry padding/truncation; transformers turns both off for a plain call.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
@@ -228,7 +234,7 @@ class Preprocessor:
             try:
                 _compile(t)  # fail at load time, not on the first request
             except jinja2.TemplateError as exc:
-                raise InvalidRequest(f"the model's chat template does not compile: {exc}") from None
+                raise DynamoError(f"the model's chat template does not compile: {exc}") from None
 
     # ------------------------------------------------------------------------------------------ build
 

@@ -12,14 +12,22 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from dynamo_rt import errors
-from dynamo_rt.protocol import Final, GenerateRequest, SamplingParams, StopConditions, TokenLogprob, encode
+from dynamo_rt.protocol import (
+    Final,
+    GenerateRequest,
+    KvTransferParams,
+    SamplingParams,
+    StopConditions,
+    TokenLogprob,
+    encode,
+)
 from dynamo_rt.transport import ResponseStream, Transport
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
@@ -65,16 +73,25 @@ class ChoiceResult:
 
 
 class Engine:
-    """Runs one prepared choice against the workers: route, call, stream frames, retry on failure."""
+    """Runs one prepared choice against the workers: route, (maybe) prefill remotely, call, stream frames.
+
+    Disaggregation: with prefill workers up, the prompt is prefilled on a prefill worker and the decode
+    worker pulls its KV blocks -- unless the part of the prompt not already cached on the chosen decode
+    worker is shorter than ``disagg_threshold`` tokens (prefilling it locally is cheaper than a hand-off).
+    If the prefill worker fails, the decode worker prefills locally: the request still completes.
+    """
 
     def __init__(self, manager: ModelManager, transport: Transport, metrics: FrontendMetrics, *,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0, disagg_threshold: int = 64) -> None:
         self.manager = manager
         self.transport = transport
         self.metrics = metrics
         self.request_timeout = request_timeout
+        self.disagg_threshold = disagg_threshold
 
-    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int) -> ResponseStream:
+    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int,
+                   ) -> tuple[ResponseStream, Callable[[], None]]:
+        """Start one choice; returns its stream and a callback to run when it ends (router bookkeeping)."""
         sm = p.model
         sampling = p.sampling
         if seed_offset and sampling.seed is not None:
@@ -85,10 +102,56 @@ class Engine:
         if not workers:
             raise errors.Unavailable(f"model {sm.name!r} has no ready worker")
         t0 = time.perf_counter()
-        decision = sm.routers[pool].select(workers, prompt, sm.loads, pinned=p.pinned, indexer=sm.indexer)
+        hashes = sm.hashes(prompt) if sm.routers[pool].mode == "kv" else None
+        router = sm.routers[pool]
+        decision = router.select(workers, prompt, sm.loads, p.pinned, block_hashes=hashes)
         self.metrics.router_overhead.observe(time.perf_counter() - t0)
-        rec = sm.instances[decision.worker_id]
-        return await self.transport.call(rec.subject, sub_id, encode(req), timeout=self.request_timeout)
+
+        def done() -> None:
+            router.on_request_finished(decision.worker_id, decision.request_blocks)
+
+        try:
+            if pool == "decode" and sm.pool("prefill"):
+                uncached = len(prompt) - decision.overlap_blocks * sm.card.kv_block_size
+                if uncached >= self.disagg_threshold:
+                    req.kv_transfer = await self._remote_prefill(sm, req, hashes)
+            rec = sm.instances.get(decision.worker_id)
+            if rec is None:
+                raise errors.Unavailable(f"worker {decision.worker_id} left")
+            stream = await self.transport.call(rec.subject, sub_id, encode(req), timeout=self.request_timeout)
+        except BaseException:
+            done()
+            raise
+        return stream, done
+
+    async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest,
+                              hashes: list[int] | None) -> KvTransferParams | None:
+        prefill_workers = sm.pool("prefill")
+        router = sm.routers["prefill"]
+        d = router.select(prefill_workers, req.token_ids, sm.loads, block_hashes=hashes)
+        rec = sm.instances.get(d.worker_id)
+        preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
+                               stop=StopConditions(max_tokens=1, stop_token_ids=req.stop.stop_token_ids,
+                                                   ignore_eos=True),
+                               model=req.model, prefill_only=True)
+        try:
+            if rec is None:
+                raise errors.Unavailable(f"prefill worker {d.worker_id} left")
+            stream = await self.transport.call(rec.subject, preq.request_id, encode(preq),
+                                               timeout=self.request_timeout)
+            async for frame in stream:
+                if isinstance(frame, Final):
+                    if frame.kv_transfer is None:
+                        raise errors.Unavailable("prefill worker returned no KV transfer parameters")
+                    return frame.kv_transfer
+            raise errors.Unavailable("prefill stream ended without a final frame")
+        except errors.DynamoError as exc:
+            # The decode worker prefills locally; the request still completes.
+            log.warning("remote prefill on %s failed (%s); prefilling on the decode worker", d.worker_id, exc)
+            self.metrics.prefill_fallbacks.labels(sm.name).inc()
+            return None
+        finally:
+            router.on_request_finished(d.worker_id, d.request_blocks)
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:
@@ -207,7 +270,7 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                            skip_special_tokens=p.skip_special_tokens,
                            include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
-    stream = await engine.open(p, prompt, f"{p.request_id}-{index}", index)
+    stream, done = await engine.open(p, prompt, f"{p.request_id}-{index}", index)
     sm.inflight += 1
     m = engine.metrics
     t_start = last = time.perf_counter()
@@ -260,6 +323,7 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
             raise errors.Unavailable("worker stream ended without a final frame")
     finally:
         sm.inflight -= 1
+        done()
         await stream.cancel()
     m.output_tokens.labels(sm.name).inc(res.completion_tokens)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from dynamo_rt.discovery import Registry
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynamo_rt import errors
+from dynamo_rt.discovery import Registry
 from dynamo_rt.protocol import (
     Data,
     Final,
@@ -110,12 +110,15 @@ class WorkerRuntime:
         self._kv_pending: list[KvEvent] = []
         self._kv_flush_scheduled = False
         self._draining = False
+        self._bg: set[asyncio.Future[None]] = set()
         self.subject = instance_subject(self.ns, COMPONENT, "generate", self.instance_id)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         info = self.engine.info
+        if hasattr(self.engine, "instance_id"):
+            self.engine.instance_id = self.instance_id  # engines that fill KvTransferParams.instance_id
         files = await self._publish_tokenizer()
         digest = hashlib.sha256(b"".join(k.encode() + v.encode() for k, v in sorted(files.items()))).hexdigest()
         self._endpoints.append(await self.transport.serve(self.subject, self._generate))
@@ -198,10 +201,15 @@ class WorkerRuntime:
         produced = 0
         outcome = "error"
         outs = self.engine.generate(req)
+        kv = req.kv_transfer
         try:
             async for out in outs:
                 if first:
                     first = False
+                    if kv is not None and kv.pin_id:
+                        # The engine has pulled the blocks (it cannot produce a token before): free the pin.
+                        self._release_remote(kv.instance_id, kv.pin_id)
+                        kv = None
                     m.ttft.labels(model).observe(time.monotonic() - t0)
                     if out.prompt_tokens:
                         prompt_tokens = out.prompt_tokens
@@ -222,11 +230,28 @@ class WorkerRuntime:
             raise
         finally:
             await outs.aclose()
+            if kv is not None and kv.pin_id:
+                self._release_remote(kv.instance_id, kv.pin_id)
             m.active.labels(model).dec()
             m.requests.labels(model, outcome).inc()
             m.output_tokens.labels(model).inc(produced)
             m.prompt_tokens.labels(model).inc(prompt_tokens)
             m.cached_tokens.labels(model).inc(cached)
+
+    def _release_remote(self, instance_id: str, pin_id: str) -> None:
+        async def release() -> None:
+            subject = instance_subject(self.ns, COMPONENT, "release", instance_id)
+            try:
+                stream = await self.transport.call(subject, f"release-{pin_id}",
+                                                   msgspec.msgpack.encode(pin_id), timeout=10)
+                async for _ in stream:
+                    pass
+            except errors.DynamoError as exc:  # the prefill side frees it by timeout anyway
+                log.debug("releasing pin %s on %s failed: %s", pin_id, instance_id, exc)
+
+        task = asyncio.ensure_future(release())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _release(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
         pin_id = msgspec.msgpack.decode(payload, type=str)
@@ -237,7 +262,8 @@ class WorkerRuntime:
         # Flush queued events first so the snapshot and the event sequence agree.
         self._flush_kv_events()
         hashes = self.engine.cached_block_hashes()
-        yield Data(seq=0, token_ids=[], payload=encode({"seq": self._kv_seq, "hashes": hashes}))
+        # seq: the last batch this snapshot includes (-1: none yet)
+        yield Data(seq=0, token_ids=[], payload=encode({"seq": self._kv_seq - 1, "hashes": hashes}))
         yield Final(seq=0, finish_reason="stop")
 
     # ------------------------------------------------------------------ events
@@ -253,8 +279,8 @@ class WorkerRuntime:
         self._kv_flush_scheduled = False
         if not self._kv_pending or not self.transport.connected:
             return
-        self._kv_seq += 1
         msg = KvEvents(instance_id=self.instance_id, seq=self._kv_seq, events=self._kv_pending)
+        self._kv_seq += 1
         self._kv_pending = []
         subject = kv_events_subject(self.ns, self.engine.info.name)
         task = asyncio.ensure_future(self.transport.publish(subject, encode(msg)))

@@ -1,0 +1,262 @@
+"""Routing policies: which worker instance serves a request.
+
+A :class:`Router` routes one pool (the aggregated workers, or the prefill pool, or the decode pool: a
+disaggregated deployment has two routers). Modes:
+
+* ``round-robin`` / ``random``: ignore load and cache;
+* ``least-loaded``: fewest requests (running + waiting), then lowest KV usage;
+* ``kv``: cost = ``overlap_weight`` × (prompt blocks not cached on the worker) + the worker's active
+  decode blocks; lowest cost wins, ties broken at random, or with ``temperature`` > 0 a softmax sample
+  over ``-cost / temperature``.
+
+Load comes from the workers' :class:`~dynamo_rt.protocol.LoadMetrics` (about once a second), so the router
+also counts what it routed itself (:meth:`Router.on_request_started` / :meth:`Router.on_request_finished`)
+and takes the larger of the two: a burst between two load reports spreads instead of piling onto the
+worker that looked idlest. A request pinned to an instance (``nvext.backend_instance_id``) goes there.
+
+The transport (NATS subscriptions, discovery) is wired by the frontend; this module is pure logic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from dynamo_rt.errors import InvalidRequest, NotFound, Unavailable
+from dynamo_rt.kvhash import block_hashes as compute_block_hashes
+from dynamo_rt.protocol import LoadMetrics
+from dynamo_rt.router.indexer import KvIndexer, PrefixIndex
+
+RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
+ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
+
+_OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, float("inf"))
+_OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, float("inf"))
+
+
+class RouterMetrics:
+    """The router's Prometheus metrics, registered into ``registry`` (none: not exported).
+
+    One instance per registry, shared by the routers of all pools (the ``pool`` label tells them apart):
+    registering the same names twice into one registry is an error.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, prefix: str = "dynamo_router") -> None:
+        self.decisions = Counter(
+            f"{prefix}_decisions", "Routing decisions per worker", ("pool", "worker"), registry=registry
+        )
+        self.overlap_blocks = Histogram(
+            f"{prefix}_overlap_blocks", "Prompt blocks already cached on the chosen worker", ("pool",),
+            buckets=_OVERLAP_BUCKETS, registry=registry,
+        )
+        self.overhead = Histogram(
+            f"{prefix}_overhead_seconds", "Time spent choosing a worker (hashing included)", ("pool",),
+            buckets=_OVERHEAD_BUCKETS, registry=registry,
+        )
+
+    def forget_worker(self, pool: str, worker_id: str) -> None:
+        try:
+            self.decisions.remove(pool, worker_id)
+        except KeyError:
+            pass
+
+
+@dataclass(slots=True, frozen=True)
+class RouteDecision:
+    worker_id: str
+    overlap_blocks: int  # leading prompt blocks the worker already holds (kv mode; 0 otherwise)
+    cost: float  # kv: the cost formula; least-loaded: requests; others: 0
+    reason: str  # the mode, "pinned", or "kv-sampled" when temperature picked it
+    request_blocks: int = 0  # added to the worker's in-flight count; give it back to on_request_finished
+
+
+class Router:
+    """Chooses a worker for each request of one pool; see the module docstring."""
+
+    def __init__(
+        self,
+        mode: RouterMode,
+        *,
+        indexer: PrefixIndex | None = None,
+        overlap_weight: float = 1.0,
+        temperature: float = 0.0,
+        block_size: int = 16,
+        seed: int | None = None,
+        metrics: RouterMetrics | None = None,
+        pool: str = "agg",
+    ) -> None:
+        if mode not in ROUTER_MODES:
+            raise InvalidRequest(f"unknown router mode {mode!r}; one of {', '.join(ROUTER_MODES)}")
+        if block_size <= 0:
+            raise InvalidRequest("block_size must be > 0")
+        if temperature < 0 or overlap_weight < 0:
+            raise InvalidRequest("temperature and overlap_weight must be >= 0")
+        self.mode = mode
+        self.indexer: PrefixIndex = indexer if indexer is not None else KvIndexer()
+        self.overlap_weight = overlap_weight
+        self.temperature = temperature
+        self.block_size = block_size
+        self.metrics = metrics
+        self.pool = pool
+        self._rng = random.Random(seed)
+        self._rr = 0
+        self._inflight_reqs: dict[str, int] = {}
+        self._inflight_blocks: dict[str, int] = {}
+
+    # --------------------------------------------------------------------------------- in-flight
+
+    def on_request_started(self, worker_id: str, blocks: int) -> None:
+        self._inflight_reqs[worker_id] = self._inflight_reqs.get(worker_id, 0) + 1
+        self._inflight_blocks[worker_id] = self._inflight_blocks.get(worker_id, 0) + blocks
+
+    def on_request_finished(self, worker_id: str, blocks: int) -> None:
+        r = self._inflight_reqs.get(worker_id)
+        if r is None:
+            return  # the worker was removed meanwhile
+        self._inflight_reqs[worker_id] = max(0, r - 1)
+        self._inflight_blocks[worker_id] = max(0, self._inflight_blocks.get(worker_id, 0) - blocks)
+
+    def in_flight(self, worker_id: str) -> tuple[int, int]:
+        """(requests, blocks) this router has routed to ``worker_id`` and not yet seen finish."""
+        return self._inflight_reqs.get(worker_id, 0), self._inflight_blocks.get(worker_id, 0)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._inflight_reqs.pop(worker_id, None)
+        self._inflight_blocks.pop(worker_id, None)
+        self.indexer.remove_worker(worker_id)
+        if self.metrics is not None:
+            self.metrics.forget_worker(self.pool, worker_id)
+
+    # --------------------------------------------------------------------------------- selection
+
+    def select(
+        self,
+        workers: Sequence[str],
+        token_ids: Sequence[int],
+        loads: Mapping[str, LoadMetrics],
+        pinned: str | None = None,
+        *,
+        block_hashes: Sequence[int] | None = None,
+        track: bool = True,
+    ) -> RouteDecision:
+        """Pick a worker among ``workers`` for a prompt.
+
+        ``block_hashes`` may be passed when the caller already hashed the prompt with this block size
+        (hashing costs ~1 µs per block, more than the index walk). With ``track`` the request's blocks
+        are added to the chosen worker's in-flight count; call :meth:`on_request_finished` with
+        ``decision.request_blocks`` when it ends.
+        """
+        t0 = time.perf_counter()
+        if not workers:
+            raise Unavailable("no worker instance is available")
+        request_blocks = -(-len(token_ids) // self.block_size)
+        if pinned is not None:
+            if pinned not in workers:
+                raise NotFound(f"backend instance {pinned!r} is not serving this model",
+                               param="nvext.backend_instance_id")
+            overlap = 0
+            if self.mode == "kv":
+                hashes = self._hashes(token_ids, block_hashes)
+                overlap = self.indexer.find_matches(hashes).get(pinned, 0) if hashes else 0
+            d = RouteDecision(pinned, overlap, 0.0, "pinned", request_blocks)
+        elif self.mode == "kv":
+            d = self._select_kv(workers, token_ids, loads, block_hashes, request_blocks)
+        elif self.mode == "least-loaded":
+            d = self._select_least_loaded(workers, loads, request_blocks)
+        elif self.mode == "round-robin":
+            ordered = sorted(workers)
+            d = RouteDecision(ordered[self._rr % len(ordered)], 0, 0.0, "round-robin", request_blocks)
+            self._rr += 1
+        else:
+            d = RouteDecision(self._rng.choice(list(workers)), 0, 0.0, "random", request_blocks)
+        if track:
+            self.on_request_started(d.worker_id, request_blocks)
+        if self.metrics is not None:
+            self.metrics.decisions.labels(self.pool, d.worker_id).inc()
+            self.metrics.overlap_blocks.labels(self.pool).observe(d.overlap_blocks)
+            self.metrics.overhead.labels(self.pool).observe(time.perf_counter() - t0)
+        return d
+
+    def _hashes(self, token_ids: Sequence[int], given: Sequence[int] | None) -> Sequence[int]:
+        return given if given is not None else compute_block_hashes(token_ids, self.block_size)
+
+    def active_blocks(self, worker_id: str, loads: Mapping[str, LoadMetrics]) -> int:
+        """The worker's decode load: its last report, or what we routed since, whichever is larger."""
+        lm = loads.get(worker_id)
+        reported = lm.active_decode_blocks if lm is not None else 0
+        return max(reported, self._inflight_blocks.get(worker_id, 0))
+
+    def costs(
+        self,
+        workers: Sequence[str],
+        token_ids: Sequence[int],
+        loads: Mapping[str, LoadMetrics],
+        *,
+        block_hashes: Sequence[int] | None = None,
+    ) -> dict[str, tuple[float, int]]:
+        """Per worker: (kv cost, overlap blocks). What ``kv`` mode minimises."""
+        hashes = self._hashes(token_ids, block_hashes)
+        overlaps = self.indexer.find_matches(hashes) if hashes else {}
+        request_blocks = -(-len(token_ids) // self.block_size)
+        w = self.overlap_weight
+        out: dict[str, tuple[float, int]] = {}
+        for wid in workers:
+            ov = overlaps.get(wid, 0)
+            out[wid] = (w * (request_blocks - ov) + self.active_blocks(wid, loads), ov)
+        return out
+
+    def _select_kv(
+        self,
+        workers: Sequence[str],
+        token_ids: Sequence[int],
+        loads: Mapping[str, LoadMetrics],
+        block_hashes: Sequence[int] | None,
+        request_blocks: int,
+    ) -> RouteDecision:
+        hashes = self._hashes(token_ids, block_hashes)
+        costs = self.costs(workers, token_ids, loads, block_hashes=hashes)
+        if self.temperature > 0 and len(costs) > 1:
+            wid = self._sample(costs)
+            reason = "kv-sampled"
+        else:
+            best = min(c for c, _ in costs.values())
+            wid = self._rng.choice([k for k, (c, _) in costs.items() if c == best])
+            reason = "kv"
+        cost, overlap = costs[wid]
+        if hashes:
+            self.indexer.on_routed(wid, hashes)
+        return RouteDecision(wid, overlap, cost, reason, request_blocks)
+
+    def _sample(self, costs: Mapping[str, tuple[float, int]]) -> str:
+        best = min(c for c, _ in costs.values())
+        # Shifting by the best cost keeps exp() in range; the distribution is unchanged.
+        ids = list(costs)
+        weights = [math.exp(-(costs[k][0] - best) / self.temperature) for k in ids]
+        return self._rng.choices(ids, weights=weights, k=1)[0]
+
+    def _select_least_loaded(
+        self, workers: Sequence[str], loads: Mapping[str, LoadMetrics], request_blocks: int
+    ) -> RouteDecision:
+        best_key: tuple[int, float] | None = None
+        best: list[str] = []
+        for wid in workers:
+            lm = loads.get(wid)
+            reqs = self._inflight_reqs.get(wid, 0)
+            usage = 0.0
+            if lm is not None:
+                reqs = max(reqs, lm.active_requests + lm.waiting_requests)
+                if lm.kv_blocks_total > 0:
+                    usage = lm.kv_blocks_used / lm.kv_blocks_total
+            key = (reqs, usage)
+            if best_key is None or key < best_key:
+                best_key, best = key, [wid]
+            elif key == best_key:
+                best.append(wid)
+        assert best_key is not None  # workers is not empty
+        return RouteDecision(self._rng.choice(best), 0, float(best_key[0]), "least-loaded", request_blocks)

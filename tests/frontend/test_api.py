@@ -196,7 +196,8 @@ def test_unknown_model_404(stack: Stack) -> None:
 
 
 def test_prompt_longer_than_context_400(stack: Stack) -> None:
-    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": [100 + i % 1000 for i in range(5000)], "max_tokens": 1})
+    long_prompt = [100 + i % 1000 for i in range(5000)]
+    r = post(stack, "/v1/completions", {"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
     assert_error(r, 400, contains="maximum context length is 4096 tokens")
     r = post(stack, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5000})
     err = assert_error(r, 400, "max_tokens", "in the completion")

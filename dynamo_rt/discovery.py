@@ -768,6 +768,14 @@ class DiscoveryView:
     def nixl(self, instance_id: str) -> NixlRecord | None:
         return self._nixl.get(instance_id)
 
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    @property
+    def namespace(self) -> str:
+        return self._registry.namespace
+
     def add_listener(self, cb: Listener) -> None:
         self._listeners.append(cb)
 

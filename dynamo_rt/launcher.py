@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             from dynamo_rt.tinymodel import ensure_tiny_model
 
             log.info("preparing the built-in tiny model")
-            args.model = str(ensure_tiny_model())
+            ensure_tiny_model()  # built once here, not raced by every worker
         with services(args, env):
             try:
                 for name, argv in worker_commands(args):

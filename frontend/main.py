@@ -101,7 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, loop="none", http="httptools", log_level="warning", access_log=False,
+        config = uvicorn.Config(app, loop="none", http="httptools", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=10, backlog=4096)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -93,7 +93,7 @@ class ModelManager:
                     if iid not in sm.instances:
                         sm.indexer.remove_worker(iid)
                         continue
-                    subject = instance_subject(self.view.registry.namespace, "backend", "kv_blocks", iid)
+                    subject = instance_subject(self.view.namespace, "backend", "kv_blocks", iid)
                     try:
                         stream = await self.transport.call(subject, f"resync-{iid}", b"", timeout=10)
                         async for frame in stream:
@@ -165,8 +165,7 @@ class ModelManager:
     async def _subscribe_events(self, name: str) -> None:
         if name in self._subscribed:
             return
-        self._subscribed.add(name)
-        ns = self.view.registry.namespace
+        ns = self.view.namespace
 
         def on_load(data: bytes, subject: str) -> None:
             sm = self.models.get(name)
@@ -188,6 +187,7 @@ class ModelManager:
 
         await self.transport.subscribe(load_subject(ns, name), on_load)
         await self.transport.subscribe(kv_events_subject(ns, name), on_kv)
+        self._subscribed.add(name)
 
     # ------------------------------------------------------------------ queries
 

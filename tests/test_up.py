@@ -88,6 +88,4 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 def _tiny_name() -> str:
-    from dynamo_rt.tinymodel import ensure_tiny_model
-
-    return ensure_tiny_model().name
+    return "dynamo-tiny"

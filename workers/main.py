@@ -138,6 +138,8 @@ async def serve(args: argparse.Namespace) -> None:
     from dynamo_rt.transport import NatsOptions, Transport
     from workers.common.runtime import WorkerMetrics, WorkerRuntime
 
+    if args.model == "tiny" and not args.served_model_name:
+        args.served_model_name = "dynamo-tiny"
     model_path = resolve_model(args.model)
     engines = build_engines(args, model_path)
     transport = Transport(NatsOptions(

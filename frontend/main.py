@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="kv router: softmax sampling temperature (0: always the lowest cost)")
     flag(p, "--disagg-threshold", env="DYN_DISAGG_THRESHOLD", type=int, default=64,
          help="prefill on the decode worker when fewer prompt tokens than this are uncached there")
+    flag(p, "--migration-limit", env="DYN_MIGRATION_LIMIT", type=int, default=3,
+         help="times a request may move to another worker when its worker fails mid-stream (0: never)")
     flag(p, "--max-concurrency", env="DYN_MAX_CONCURRENCY", type=int, default=0,
          help="requests running at once per model (0: unlimited)")
     flag(p, "--max-queue", env="DYN_MAX_QUEUE", type=int, default=1024,
@@ -78,7 +80,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                            router_metrics=RouterMetrics(metrics.registry))
     await manager.start()
     engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout,
-                    disagg_threshold=args.disagg_threshold)
+                    disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key)
     try:

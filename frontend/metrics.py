@@ -30,5 +30,7 @@ class FrontendMetrics:
         self.prefill_fallbacks = Counter("dynamo_frontend_prefill_fallbacks",
                                          "Disaggregated requests prefilled on the decode worker after a failure",
                                          ["model"], registry=r)
+        self.migrations = Counter("dynamo_frontend_migrations", "Requests moved to another worker mid-stream",
+                                  ["model"], registry=r)
         self.disconnects = Counter("dynamo_frontend_client_disconnects", "Clients that left mid-request",
                                    ["model"], registry=r)

@@ -59,6 +59,20 @@ class Prepared:
     include_stop_str: bool = False
     skip_special_tokens: bool = True
 
+    def not_replayable(self) -> str:
+        """Why a migration could not continue this request faithfully ("" when it can).
+
+        Greedy and unseeded sampling continue correctly from prompt + generated tokens. A seeded sampler's
+        random stream cannot be resumed on another worker, and presence / frequency penalties count only
+        the output, which the new worker would see as prompt.
+        """
+        s = self.sampling
+        if s.seed is not None and s.temperature > 0:
+            return "it samples with a seed (its random stream cannot be resumed elsewhere)"
+        if s.presence_penalty or s.frequency_penalty:
+            return "presence/frequency penalties count output tokens only"
+        return ""
+
 
 @dataclass
 class ChoiceResult:
@@ -82,29 +96,38 @@ class Engine:
     """
 
     def __init__(self, manager: ModelManager, transport: Transport, metrics: FrontendMetrics, *,
-                 request_timeout: float = 600.0, disagg_threshold: int = 64) -> None:
+                 request_timeout: float = 600.0, disagg_threshold: int = 64, migration_limit: int = 3) -> None:
         self.manager = manager
         self.transport = transport
         self.metrics = metrics
         self.request_timeout = request_timeout
         self.disagg_threshold = disagg_threshold
+        self.migration_limit = migration_limit
 
-    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int,
-                   ) -> tuple[ResponseStream, Callable[[], None]]:
-        """Start one choice; returns its stream and a callback to run when it ends (router bookkeeping)."""
+    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int, *, generated: int = 0,
+                   exclude: set[str] | None = None) -> tuple[ResponseStream, Callable[[], None], str]:
+        """Start one choice; returns its stream, a callback to run when it ends (router bookkeeping) and the
+        worker's id. ``generated`` tokens were produced before (a migration): they are part of ``prompt``
+        and count against max_tokens / min_tokens; ``exclude`` lists workers that failed this request."""
         sm = p.model
         sampling = p.sampling
         if seed_offset and sampling.seed is not None:
             sampling = SamplingParams(**{**_struct_dict(sampling), "seed": sampling.seed + seed_offset})
-        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=p.stop, model=sm.name)
+        stop = p.stop
+        if generated:
+            stop = StopConditions(max_tokens=stop.max_tokens - generated,
+                                  min_tokens=max(0, stop.min_tokens - generated),
+                                  stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
+        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name)
         pool = "agg" if sm.pool("agg") else "decode"
-        workers = sm.pool(pool)
+        workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers:
             raise errors.Unavailable(f"model {sm.name!r} has no ready worker")
         t0 = time.perf_counter()
         hashes = sm.hashes(prompt) if sm.routers[pool].mode == "kv" else None
         router = sm.routers[pool]
-        decision = router.select(workers, prompt, sm.loads, p.pinned, block_hashes=hashes)
+        pinned = p.pinned if not exclude or p.pinned not in exclude else None  # a failed pin is not kept
+        decision = router.select(workers, prompt, sm.loads, pinned, block_hashes=hashes)
         self.metrics.router_overhead.observe(time.perf_counter() - t0)
 
         def done() -> None:
@@ -122,7 +145,7 @@ class Engine:
         except BaseException:
             done()
             raise
-        return stream, done
+        return stream, done, decision.worker_id
 
     async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest,
                               hashes: list[int] | None) -> KvTransferParams | None:
@@ -270,62 +293,96 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                            skip_special_tokens=p.skip_special_tokens,
                            include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
-    stream, done = await engine.open(p, prompt, f"{p.request_id}-{index}", index)
-    sm.inflight += 1
     m = engine.metrics
     t_start = last = time.perf_counter()
+    attempt = 0
+    excluded: set[str] = set()
+    sm.inflight += 1
     try:
-        async for frame in stream:
-            final = frame if isinstance(frame, Final) else None
-            ids: list[int] = []
-            lps: list[TokenLogprob] | None = None
-            if final is None:
-                ids = frame.token_ids
-                lps = frame.logprobs
-                # The client is behind when frames pile up: send them as one chunk.
-                while stream.pending_frames():
-                    nxt = await stream.__anext__()
-                    if isinstance(nxt, Final):
-                        final = nxt
+        while True:
+            base = len(res.token_ids)  # tokens produced by earlier attempts (migration)
+            sub_id = f"{p.request_id}-{index}" + (f"-m{attempt}" if attempt else "")
+            worker = ""
+            stream: ResponseStream | None = None
+            done: Callable[[], None] | None = None
+            try:
+                stream, done, worker = await engine.open(p, prompt + res.token_ids if base else prompt, sub_id,
+                                                         index, generated=base, exclude=excluded)
+                async for frame in stream:
+                    final = frame if isinstance(frame, Final) else None
+                    ids: list[int] = []
+                    lps: list[TokenLogprob] | None = None
+                    if final is None:
+                        ids = frame.token_ids
+                        lps = frame.logprobs
+                        # The client is behind when frames pile up: send them as one chunk.
+                        while stream.pending_frames():
+                            nxt = await stream.__anext__()
+                            if isinstance(nxt, Final):
+                                final = nxt
+                                break
+                            ids = ids + nxt.token_ids
+                            if nxt.logprobs:
+                                lps = (lps or []) + nxt.logprobs
+                    if ids:
+                        now = time.perf_counter()
+                        if not res.token_ids:
+                            m.ttft.labels(sm.name).observe(now - t_start)
+                        else:
+                            m.itl.labels(sm.name).observe((now - last) / len(ids))
+                        last = now
+                        res.token_ids.extend(ids)
+                        if lps and want_lp:
+                            res.logprobs.extend(lps)
+                        delta, reason = proc.process(ids)
+                        if delta or (lps and want_lp):
+                            res.text += delta
+                            yield delta, lps if want_lp else None
+                        if reason is not None and isinstance(proc.stop_reason, str):
+                            # A stop string matched: the worker keeps generating unless told to stop.
+                            res.finish_reason = reason
+                            res.completion_tokens = proc.num_tokens
+                            break
+                    if final is not None:
+                        res.completion_tokens = base + (final.completion_tokens or len(res.token_ids) - base)
+                        if attempt == 0:
+                            res.cached_tokens = final.cached_tokens
+                        res.finish_reason = _final_reason(final)
+                        tail = proc.finish(res.finish_reason)
+                        if tail:
+                            res.text += tail
+                            yield tail, None
                         break
-                    ids = ids + nxt.token_ids
-                    if nxt.logprobs:
-                        lps = (lps or []) + nxt.logprobs
-            if ids:
-                now = time.perf_counter()
-                if not res.token_ids:
-                    m.ttft.labels(sm.name).observe(now - t_start)
                 else:
-                    m.itl.labels(sm.name).observe((now - last) / len(ids))
-                last = now
-                res.token_ids.extend(ids)
-                if lps and want_lp:
-                    res.logprobs.extend(lps)
-                delta, reason = proc.process(ids)
-                if delta or (lps and want_lp):
-                    res.text += delta
-                    yield delta, lps if want_lp else None
-                if reason is not None and isinstance(proc.stop_reason, str):
-                    # A stop string matched: the worker keeps generating unless told to stop.
-                    res.finish_reason = reason
-                    res.completion_tokens = proc.num_tokens
-                    break
-            if final is not None:
-                res.completion_tokens = final.completion_tokens or len(res.token_ids)
-                res.cached_tokens = final.cached_tokens
-                res.finish_reason = _final_reason(final)
-                tail = proc.finish(res.finish_reason)
-                if tail:
-                    res.text += tail
-                    yield tail, None
+                    raise errors.Unavailable("worker stream ended without a final frame")
                 break
-        else:
-            raise errors.Unavailable("worker stream ended without a final frame")
+            except errors.DynamoError as exc:
+                if not _migratable(exc) or attempt >= engine.migration_limit:
+                    raise
+                why = p.not_replayable()
+                if why:
+                    raise errors.Unavailable(f"{exc.message}; the request cannot be moved to another worker "
+                                             f"because {why}") from None
+                attempt += 1
+                if worker:
+                    excluded.add(worker)
+                m.migrations.labels(sm.name).inc()
+                log.warning("request %s: worker %s failed after %d tokens (%s); migrating (attempt %d/%d)",
+                            sub_id, worker or "?", len(res.token_ids), exc.message, attempt, engine.migration_limit)
+            finally:
+                if done is not None:
+                    done()
+                if stream is not None:
+                    await stream.cancel()
     finally:
         sm.inflight -= 1
-        done()
-        await stream.cancel()
     m.output_tokens.labels(sm.name).inc(res.completion_tokens)
+
+
+def _migratable(exc: errors.DynamoError) -> bool:
+    """Worker-side failures (gone, crashed, transport lost) are retried elsewhere; bad input and deadlines
+    are not."""
+    return exc.code in (errors.ErrorCode.UNAVAILABLE, errors.ErrorCode.INTERNAL)
 
 
 async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:

@@ -29,7 +29,7 @@ install: $(STAMP)
 install-test: $(TEST_STAMP)
 
 up: $(STAMP)
-	$(VENV)/bin/dynamo-rt up $(ARGS)
+	$(VENV)/bin/dynamo-rt up --disagg $(ARGS)
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check dynamo_rt frontend workers tests bench

@@ -153,10 +153,10 @@ class Engine:
         router = sm.routers["prefill"]
         d = router.select(prefill_workers, req.token_ids, sm.loads, block_hashes=hashes)
         rec = sm.instances.get(d.worker_id)
+        # The real stop conditions: the prefill worker produces one token either way, and skips the hand-off
+        # when that token already ends the request.
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
-                               stop=StopConditions(max_tokens=1, stop_token_ids=req.stop.stop_token_ids,
-                                                   ignore_eos=True),
-                               model=req.model, prefill_only=True)
+                               stop=req.stop, model=req.model, prefill_only=True)
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")

@@ -48,6 +48,7 @@ from dynamo_rt.transport import (
     load_subject,
 )
 from workers.common.engine import Engine
+from workers.common.kv_handoff import KvHandoff
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class WorkerRuntime:
         self._kv_flush_scheduled = False
         self._draining = False
         self._bg: set[asyncio.Future[None]] = set()
+        self.kv: KvHandoff | None = None
         self.subject = instance_subject(self.ns, COMPONENT, "generate", self.instance_id)
 
     # ------------------------------------------------------------------ lifecycle
@@ -127,6 +129,13 @@ class WorkerRuntime:
         self._endpoints.append(await self.transport.serve(
             instance_subject(self.ns, COMPONENT, "kv_blocks", self.instance_id), self._kv_blocks))
         self.engine.set_kv_event_sink(self._on_kv_events)
+        if self.mode in (Mode.PREFILL, Mode.DECODE) and KvHandoff.supported(self.engine):
+            try:
+                self.kv = KvHandoff(self.engine, self.registry)
+                await self.kv.start()
+            except errors.DynamoError as exc:
+                log.warning("NIXL KV hand-off unavailable (%s): decode requests will prefill locally", exc)
+                self.kv = None
         rec = InstanceRecord(
             instance_id=self.instance_id, namespace=self.ns, component=COMPONENT, endpoint="generate",
             subject=self.subject, mode=self.mode, engine=self.engine_name, model=info.name,
@@ -161,6 +170,8 @@ class WorkerRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.engine.set_kv_event_sink(None)
+        if self.kv is not None:
+            self.kv.close()
         await self.engine.stop()
 
     def inflight(self) -> int:
@@ -219,6 +230,8 @@ class WorkerRuntime:
                     yield Data(seq=0, token_ids=out.token_ids, logprobs=out.logprobs)
                 if out.finish_reason is not None:
                     outcome = "ok"
+                    if out.kv_transfer is not None and not out.kv_transfer.instance_id:
+                        out.kv_transfer.instance_id = self.instance_id  # where decode pulls from
                     yield Final(seq=0, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
                                 completion_tokens=produced, cached_tokens=cached, kv_transfer=out.kv_transfer)
                     return

@@ -1,0 +1,80 @@
+"""Wires an engine's KV pool to NIXL: publish it (prefill side), pull from peers (decode side).
+
+An engine takes part when it exposes ``pool`` (``data_ptr()``, ``block_bytes``, ``num_blocks``, ``device``)
+and a ``kv_loader`` attribute (the reference engine does; vLLM / SGLang / TRT-LLM use their own hand-off and
+the mocker simulates it). The pool is registered once; its :class:`~dynamo_rt.protocol.NixlRecord` goes to
+``/{ns}/nixl/{instance_id}``. A decode request carrying ``KvTransferParams`` makes the engine call the loader
+with its freshly allocated local blocks: the loader looks the prefill worker's record up in etcd (once per
+peer), READs the blocks (one descriptor per contiguous run) and returns; a failure makes the engine prefill
+locally, so the request still completes. The prefill pin is released by the runtime after the first token.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+
+from dynamo_rt import errors
+from dynamo_rt.discovery import Registry, nixl_key
+from dynamo_rt.protocol import KvTransferParams, NixlRecord
+
+log = logging.getLogger(__name__)
+
+PULL_TIMEOUT = 10.0
+
+
+class KvHandoff:
+    def __init__(self, engine: Any, registry: Registry) -> None:
+        from dynamo_rt.kv import KvTransfer
+
+        self.engine = engine
+        self.registry = registry
+        pool = engine.pool
+        memory = "VRAM" if getattr(pool.device, "type", "cpu") == "cuda" else "DRAM"
+        self.kt = KvTransfer(f"{registry.namespace}-{registry.instance_id}", memory=memory,
+                             device_id=getattr(pool.device, "index", None) or 0)
+        self.record = self.kt.register_pool(pool.data_ptr(), pool.block_bytes, pool.num_blocks)
+        self.pulls = 0
+        self.failures = 0
+
+    @staticmethod
+    def supported(engine: Any) -> bool:
+        pool = getattr(engine, "pool", None)
+        return pool is not None and hasattr(pool, "data_ptr") and hasattr(engine, "kv_loader")
+
+    async def start(self) -> None:
+        await self.registry.register_nixl(self.record)
+        self.engine.kv_loader = self.load
+        log.info("KV pool registered with NIXL: %d blocks of %d bytes (%s)", self.record.num_blocks,
+                 self.record.block_bytes, self.record.memory)
+
+    async def _remote(self, instance_id: str) -> None:
+        if self.kt.has_remote(instance_id):
+            return
+        values, _rev = await self.registry.get_prefix(nixl_key(self.registry.namespace, instance_id))
+        raw = next(iter(values.values()), None)
+        if raw is None:
+            raise errors.KvTransferError(f"prefill worker {instance_id} has no NIXL record (it left)")
+        rec = msgspec.json.decode(raw, type=NixlRecord)
+        self.kt.add_remote(instance_id, rec)
+
+    async def load(self, params: KvTransferParams, local_block_ids: list[int]) -> None:
+        """The engine's ``kv_loader``: fill ``local_block_ids`` with the prefill worker's blocks."""
+        try:
+            await self._remote(params.instance_id)
+            n = min(len(params.block_ids), len(local_block_ids))
+            stats = await self.kt.read_blocks(params.instance_id, params.block_ids[:n], local_block_ids[:n],
+                                              timeout=PULL_TIMEOUT)
+            self.pulls += 1
+            log.debug("pulled %d blocks (%d bytes, %d descriptors) from %s in %.2f ms", n, stats.bytes,
+                      stats.descriptors, params.instance_id, stats.seconds * 1e3)
+        except errors.DynamoError:
+            self.failures += 1
+            self.kt.remove_remote(params.instance_id)  # a restarted peer gets a fresh look-up
+            raise
+
+    def close(self) -> None:
+        self.engine.kv_loader = None
+        self.kt.close()

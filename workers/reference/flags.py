@@ -1,0 +1,58 @@
+"""Command-line flags of the reference engine and the factory the worker CLI calls.
+
+Place: ``workers.main`` calls :func:`add_flags` on its parser (flags another engine already declared, such
+as ``--max-num-seqs`` or the runtime's ``--block-size``, are shared) and :func:`build_engine` with the
+parsed namespace (``args.model`` is the resolved model folder, ``args.served_model_name`` the public name).
+Every flag has an environment twin (:func:`dynamo_rt.config.flag`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dynamo_rt.config import flag
+from workers.reference.engine import ReferenceEngine
+
+
+def add_flags(parser: Any) -> None:
+    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
+    flag(parser, "--device", env="DYN_REF_DEVICE", default="cpu",
+         help="torch device of the reference engine (cpu, cuda, cuda:1)")
+    flag(parser, "--dtype", env="DYN_REF_DTYPE", default="float32",
+         choices=["float32", "bfloat16", "float16"], help="weights / activations / KV dtype")
+    flag(parser, "--block-size", env="DYN_BLOCK_SIZE", type=int, default=16, help="tokens per KV block")
+    flag(parser, "--kv-cache-blocks", env="DYN_KV_CACHE_BLOCKS", type=int, default=None,
+         help="KV pool size in blocks (default: from --kv-cache-memory, or 0.8 of free GPU memory)")
+    flag(parser, "--num-gpu-blocks", env="DYN_NUM_GPU_BLOCKS", type=int, default=None,
+         help="alias of --kv-cache-blocks (vLLM's name)")
+    flag(parser, "--kv-cache-memory", env="DYN_KV_CACHE_MEMORY", type=float, default=None,
+         help="KV pool size in GiB when no block count is given (CPU default 0.5)")
+    flag(parser, "--max-num-seqs", env="DYN_MAX_NUM_SEQS", type=int, default=128,
+         help="most sequences running at once")
+    flag(parser, "--max-batch-tokens", env="DYN_MAX_BATCH_TOKENS", type=int, default=512,
+         help="token budget of one step (decode tokens + prefill chunks)")
+    flag(parser, "--threads", env="DYN_TORCH_THREADS", type=int, default=None,
+         help="torch intra-op threads (default on CPU: the usable cores minus one, left to the event loop)")
+    flag(parser, "--pin-timeout", env="DYN_PIN_TIMEOUT", type=float, default=60.0,
+         help="seconds a prefill worker keeps blocks pinned for a decode worker that never releases them")
+
+
+def build_engine(args: argparse.Namespace) -> ReferenceEngine:
+    blocks = getattr(args, "kv_cache_blocks", None)
+    if blocks is None:
+        blocks = getattr(args, "num_gpu_blocks", None)
+    model = getattr(args, "model_path", None) or args.model
+    return ReferenceEngine(
+        model,
+        served_model_name=getattr(args, "served_model_name", None),
+        device=getattr(args, "device", "cpu") or "cpu",
+        dtype=getattr(args, "dtype", "float32") or "float32",
+        block_size=getattr(args, "block_size", 16) or 16,
+        num_blocks=blocks,
+        kv_cache_memory=getattr(args, "kv_cache_memory", None),
+        max_batch_tokens=getattr(args, "max_batch_tokens", 512) or 512,
+        max_num_seqs=getattr(args, "max_num_seqs", 128) or 128,
+        threads=getattr(args, "threads", None),
+        pin_timeout=getattr(args, "pin_timeout", 60.0),
+    )

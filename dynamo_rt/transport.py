@@ -330,6 +330,8 @@ class Transport:
         self._event_subs: list[Subscription] = []
         self.disconnects = 0
         self._closing = False
+        self._obj_lock = asyncio.Lock()
+        self._connect_error: Exception | None = None
 
     @property
     def nc(self) -> NatsClient:
@@ -373,21 +375,22 @@ class Transport:
                 ctx.load_cert_chain(o.cert, o.key)
             kwargs["tls"] = ctx
         kwargs.update(o.extra)
-        deadline = time.monotonic() + timeout
-        last: BaseException | None = None
-        while time.monotonic() < deadline:
-            try:
-                self._nc = await nats.connect(**kwargs)
-                log.info("connected to NATS %s", self._nc.connected_url.netloc if self._nc.connected_url
-                         else o.servers)
-                return
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                last = exc
-                await asyncio.sleep(0.25)
-        raise _nats_error(last or TimeoutError(), f"connecting to {o.servers}")
+        # nats-py retries a failed first connect forever when reconnects are unlimited (server down, bad
+        # credentials, TLS refused), so the bound is ours; the last failure it reported names the cause.
+        self._connect_error = None
+        nc = NatsClient()
+        try:
+            await asyncio.wait_for(nc.connect(**kwargs), timeout)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise _nats_error(self._connect_error or exc, f"connecting to {redact_servers(o.servers)}") from None
+        self._nc = nc
+        url = nc.connected_url
+        log.info("connected to NATS %s", f"{url.hostname}:{url.port}" if url else redact_servers(o.servers))
 
     async def _on_disconnect(self) -> None:
-        if self._closing:
+        if self._closing or self._nc is None:  # closing, or a first connect that failed
             return
         self.disconnects += 1
         log.warning("NATS disconnected; reconnecting")
@@ -396,6 +399,10 @@ class Transport:
         log.info("NATS reconnected")
 
     async def _on_error(self, exc: Exception) -> None:
+        # During a first connect keep the server's own words ("Authorization Violation") over the socket
+        # error that follows them when it hangs up.
+        if self._nc is None and not (isinstance(exc, OSError) and self._connect_error is not None):
+            self._connect_error = exc
         log.debug("NATS error: %s", exc)
 
     async def _on_closed(self) -> None:
@@ -465,27 +472,48 @@ class Transport:
     # ------------------------------------------------------------------ object store
 
     async def put_object(self, bucket: str, name: str, data: bytes) -> None:
-        try:
-            js = self.nc.jetstream()
-            try:
-                obs = await js.object_store(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                obs = await js.create_object_store(bucket)
-            await obs.put(name, data)
-        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-            raise _nats_error(exc, f"storing {bucket}/{name}") from None
+        """Store ``data`` unless an object of that name and size is there already.
 
-    async def get_object(self, bucket: str, name: str) -> bytes:
+        Names are content-addressed by the callers, so an existing object is the same bytes; not rewriting
+        it matters: a rewrite purges the old chunks while another process may be reading them.
+        """
+        async with self._obj_lock:
+            try:
+                js = self.nc.jetstream()
+                try:
+                    obs = await js.object_store(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    obs = await js.create_object_store(bucket)
+                try:
+                    info = await obs.get_info(name)
+                    if info.size == len(data) and not info.deleted:
+                        return
+                except (nats.js.errors.NotFoundError, nats.js.errors.ObjectNotFoundError):
+                    pass
+                await obs.put(name, data)
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                raise _nats_error(exc, f"storing {bucket}/{name}") from None
+
+    async def get_object(self, bucket: str, name: str, *, timeout: float = 10.0) -> bytes:
         try:
             js = self.nc.jetstream()
             obs = await js.object_store(bucket)
-            res = await obs.get(name)
+            res = await asyncio.wait_for(obs.get(name), timeout)
         except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError,
                 nats.js.errors.ObjectNotFoundError):
             raise errors.NotFound(f"object {bucket}/{name} not found") from None
+        except TimeoutError:
+            raise errors.TransportError(f"fetching {bucket}/{name} timed out after {timeout:.0f}s") from None
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             raise _nats_error(exc, f"fetching {bucket}/{name}") from None
         return bytes(res.data or b"")
+
+
+def redact_servers(servers: str) -> str:
+    """NATS server URLs with any ``user:password@`` / ``token@`` part replaced, for logs and errors."""
+    import re
+
+    return re.sub(r"(\w+://)[^@/,]+@", r"\1***@", servers)
 
 
 def instance_subject(namespace: str, component: str, endpoint: str, instance_id: str) -> str:

@@ -139,28 +139,40 @@ class ModelManager:
         self._changed.set()
 
     async def _load(self, name: str, card: ModelCard) -> None:
+        delay = 0.5
         try:
-            pre = self._pre_cache.get(card.tokenizer_digest)
-            if pre is None:
-                files: dict[str, bytes] = {}
-                for fname, obj in card.tokenizer_files.items():
-                    files[fname] = await self.transport.get_object(card.tokenizer_bucket, obj)
-                pre = await asyncio.to_thread(Preprocessor.from_files, files)
-                self._pre_cache[card.tokenizer_digest] = pre
-            sm = ServedModel(name=name, card=card, pre=pre, created=card.created or int(time.time()))
-            sm.indexer = KvIndexer()
-            for pool in ("agg", "prefill", "decode"):
-                sm.routers[pool] = Router(self.router_mode, indexer=sm.indexer, block_size=card.kv_block_size,  # type: ignore[arg-type]
-                                          metrics=self.router_metrics, pool=pool, **self.router_kwargs)
-            await self._subscribe_events(name)
-            self.models[name] = sm
-            log.info("model %r ready (context %d, block %d)", name, card.context_length, card.kv_block_size)
-        except Exception:
-            log.exception("could not load model %r; will retry on the next discovery change", name)
-            await asyncio.sleep(1.0)
+            while True:
+                try:
+                    await self._load_once(name, card)
+                    return
+                except Exception as exc:
+                    log.warning("could not load model %r (%s); retrying in %.1fs", name, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    cards = self.view.models().get(name)
+                    if not cards:
+                        return  # its workers left meanwhile
+                    card = next(iter(cards.values()))
         finally:
             self._loading.pop(name, None)
             self._sync()
+
+    async def _load_once(self, name: str, card: ModelCard) -> None:
+        pre = self._pre_cache.get(card.tokenizer_digest)
+        if pre is None:
+            files: dict[str, bytes] = {}
+            for fname, obj in card.tokenizer_files.items():
+                files[fname] = await self.transport.get_object(card.tokenizer_bucket, obj)
+            pre = await asyncio.to_thread(Preprocessor.from_files, files)
+            self._pre_cache[card.tokenizer_digest] = pre
+        sm = ServedModel(name=name, card=card, pre=pre, created=card.created or int(time.time()))
+        sm.indexer = KvIndexer()
+        for pool in ("agg", "prefill", "decode"):
+            sm.routers[pool] = Router(self.router_mode, indexer=sm.indexer, block_size=card.kv_block_size,  # type: ignore[arg-type]
+                                      metrics=self.router_metrics, pool=pool, **self.router_kwargs)
+        await self._subscribe_events(name)
+        self.models[name] = sm
+        log.info("model %r ready (context %d, block %d)", name, card.context_length, card.kv_block_size)
 
     async def _subscribe_events(self, name: str) -> None:
         if name in self._subscribed:

@@ -145,9 +145,16 @@ def _load_nixl() -> Any:
 class KvTransfer:
     """One NIXL agent per worker process: registers the local pool and READs remote blocks into it.
 
-    Thread model: every call into the agent holds ``_lock``; reads post on a single worker thread. The
-    owner of a pool never has to call anything for reads to proceed (see the module docstring), but it
-    should poll :meth:`get_notifs` to learn when readers are done.
+    ``name`` is the NIXL agent name (unique per process; owners see it as the key of
+    :meth:`get_notifs`). ``memory``/``device_id``: the local pool's memory ("VRAM" and the CUDA ordinal
+    on GPUs). ``ucx_error_handling``: "none" (see the module docstring; pass "peer", NIXL's default,
+    for transports that should detect dead peers themselves, e.g. RDMA between hosts). ``ucx_config``:
+    extra UCX settings, merged over :data:`DEFAULT_UCX_CONFIG`. ``max_post_bytes``/``inline_bytes``: see
+    the module docstring.
+
+    Thread model: every call into the agent holds ``_lock``; reads above ``inline_bytes`` post on one
+    worker thread, smaller ones on the caller's. The owner of a pool never has to call anything for
+    reads to proceed, but it should poll :meth:`get_notifs` (every few ms) to learn when readers are done.
     """
 
     def __init__(
@@ -493,7 +500,7 @@ class KvTransfer:
             if time.perf_counter() >= deadline:
                 raise self._timeout(instance_id, timeout)
             await asyncio.sleep(delay)
-            delay = min(max(delay * 2, 50e-6), 1e-3)  # short sleeps: a few µs early, then at most 1 ms
+            delay = min(max(delay * 2, 50e-6), 1e-3)  # sleep(0) first, then 50 µs doubling up to 1 ms
             state = await self._run(self._check, handle)
         if state != "DONE":
             raise KvTransferError(f"KV read from {instance_id} failed: NIXL state {state}")

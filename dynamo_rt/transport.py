@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,8 +198,11 @@ class ResponseStream:
         self.request_id = request_id
         self.deadline = deadline
         self.idle_timeout = idle_timeout
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._sub: Subscription | None = None
+        # Frames (bytes) or an error: a deque and one waiter future rather than an asyncio.Queue, so a frame
+        # costs an append and, only when the reader sleeps, one set_result.
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._inbox: str | None = None
         self._expected = 0
         self._done = False
         self._last_rx = time.monotonic()
@@ -206,8 +210,7 @@ class ResponseStream:
 
     async def _open(self, payload: bytes, ack_timeout: float) -> None:
         nc = self.transport.nc
-        inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        inbox = self._inbox = await self.transport._register_stream(self)
         env = RequestEnvelope(request_id=self.request_id, reply_to=inbox, deadline=self.deadline,
                               payload=payload)
         try:
@@ -225,9 +228,21 @@ class ResponseStream:
         self._last_rx = time.monotonic()
         self._arm()
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _push(self, item: Any) -> None:
         self._last_rx = time.monotonic()
-        self._queue.put_nowait(msg.data)
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,11 +253,11 @@ class ResponseStream:
             return
         now = time.monotonic()
         if now - self._last_rx > self.idle_timeout:
-            self._queue.put_nowait(errors.Unavailable(
+            self._push(errors.Unavailable(
                 f"worker on {self.subject} stopped responding (no frame for {self.idle_timeout:.1f}s)"))
             return
         if time.time() > self.deadline:
-            self._queue.put_nowait(errors.DeadlineExceeded("request deadline exceeded"))
+            self._push(errors.DeadlineExceeded("request deadline exceeded"))
             return
         self._arm()
 
@@ -253,7 +268,7 @@ class ResponseStream:
         while True:
             if self._done:
                 raise StopAsyncIteration
-            item = await self._queue.get()
+            item = self._items.popleft() if self._items else await self._get()
             if isinstance(item, errors.DynamoError):
                 await self._finish(cancel=True)
                 raise item
@@ -275,13 +290,12 @@ class ResponseStream:
             # Heartbeat: keep waiting
 
     def pending_frames(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
     async def _close_sub(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        if self._inbox is not None:
+            self.transport._streams.pop(self._inbox, None)
+            self._inbox = None
 
     async def _finish(self, *, cancel: bool) -> None:
         if self._done:
@@ -328,6 +342,12 @@ class Transport:
         self._nc: NatsClient | None = None
         self._endpoints: list[Endpoint] = []
         self._event_subs: list[Subscription] = []
+        # Response streams share one wildcard inbox subscription: no SUB/UNSUB and no subscription task per
+        # request, and one task wake-up hands out every frame that one socket read brought in.
+        self._streams: dict[str, ResponseStream] = {}
+        self._mux_prefix: str | None = None
+        self._mux_sub: Subscription | None = None
+        self._mux_seq = 0
         self.disconnects = 0
         self._closing = False
         self._obj_lock = asyncio.Lock()
@@ -430,6 +450,22 @@ class Transport:
             raise _nats_error(exc, f"serving {subject}") from None
         self._endpoints.append(ep)
         return ep
+
+    async def _register_stream(self, stream: ResponseStream) -> str:
+        if self._mux_sub is None:
+            prefix = self.nc.new_inbox() + "."
+            self._mux_sub = await self.nc.subscribe(prefix + "*", cb=self._on_mux_msg, pending_msgs_limit=-1,
+                                                    pending_bytes_limit=-1)
+            self._mux_prefix = prefix
+        self._mux_seq += 1
+        inbox = f"{self._mux_prefix}{self._mux_seq:x}"
+        self._streams[inbox] = stream
+        return inbox
+
+    async def _on_mux_msg(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject)
+        if stream is not None:
+            stream._push(msg.data)
 
     async def call(self, subject: str, request_id: str, payload: bytes, *, timeout: float = 600.0,
                    ack_timeout: float = ACK_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> ResponseStream:

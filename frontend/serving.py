@@ -294,6 +294,7 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                            include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
     m = engine.metrics
+    itl = m.itl.labels(sm.name)  # looked up once, observed per frame
     t_start = last = time.perf_counter()
     attempt = 0
     excluded: set[str] = set()
@@ -329,7 +330,7 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                         if not res.token_ids:
                             m.ttft.labels(sm.name).observe(now - t_start)
                         else:
-                            m.itl.labels(sm.name).observe((now - last) / len(ids))
+                            itl.observe((now - last) / len(ids))
                         last = now
                         res.token_ids.extend(ids)
                         if lps and want_lp:
@@ -399,10 +400,11 @@ async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
                 yield t.content(0, "", role=True)
             async for text, lps in choice_events(engine, p, p.prompts[0], res):
                 yield t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
-            yield t.finish(0, res.finish_reason or "stop")
+            # finish + usage + [DONE] leave in one write (the response sender sees the DONE suffix).
+            tail = t.finish(0, res.finish_reason or "stop")
             if p.include_usage:
-                yield t.usage(usage_dict([res], len(p.prompts[0])))
-            yield DONE
+                tail += t.usage(usage_dict([res], len(p.prompts[0])))
+            yield tail + DONE
             return
         for prompt in p.prompts:
             for _ in range(p.n):
@@ -437,11 +439,11 @@ async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
             getter.cancel()
             finisher.cancel()
         if p.include_usage:
-            yield t.usage(usage_dict(results, sum(len(pr) for pr in p.prompts)))
-        yield DONE
+            yield t.usage(usage_dict(results, sum(len(pr) for pr in p.prompts))) + DONE
+        else:
+            yield DONE
     except errors.DynamoError as exc:
-        yield error_event(exc)
-        yield DONE
+        yield error_event(exc) + DONE
     finally:
         for tk in tasks:
             if not tk.done():

@@ -1,0 +1,357 @@
+"""KV-aware routing versus round-robin on a prefix-heavy multi-turn chat workload (8 mocker workers).
+
+Workload (seeded, identical for every run): ``--systems`` shared system prompts of 1-2k tokens and
+``--sessions`` chat sessions; each session picks a system prompt and runs ``--turns`` turns one after the
+other, each turn appending a user message of 100-300 tokens to the conversation, so every prompt extends
+the session's previous one. The assistant messages kept in the history are fixed synthetic replies of
+``--max-tokens`` tokens (the mockers' outputs are random ids, and a fixed history keeps the prompts the
+same for every router and both stacks). ``--concurrency`` sessions run at once (closed loop, no think
+time); every request streams ``--max-tokens`` tokens (``ignore_eos``).
+
+Stacks, each on a fresh etcd + NATS and fresh workers (caches start cold): 8 mocker engines at realistic
+speed (``--speedup 1``: ~0.07 ms simulated prefill per *uncached* prompt token, ~10 ms per decode step) in
+one worker process (``--num-workers 8``), behind our frontend with ``--router-mode round-robin`` and then
+``--router-mode kv``; then NVIDIA Dynamo 1.6.1's mocker (``--num-workers 8 --speedup-ratio 1
+--block-size 16``, its own timing model) behind its frontend with ``--router-mode kv`` (etcd discovery,
+NATS request and event planes), for its cache hit rate beside ours (its TTFT is on a different timing
+model, so only the hit rate is compared).
+
+Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, and the cache
+hit rate = sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens). The measured phase
+runs ``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON:
+``{"bench": "kv_routing", "ours": TTFT p50 with kv, "baseline": TTFT p50 round-robin, "ratio": ...,
+"unit": "ms"}`` (means over rounds). Run: ``.venv/bin/python bench/kv_routing.py [--quick] [--ours-only]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import (
+    OUT_DIR,
+    PY,
+    Proc,
+    Services,
+    cpu_seconds,
+    dynamo_env,
+    ensure_dynamo_venv,
+    exit_on_sigterm,
+    free_port,
+    host_busy,
+    host_cpu,
+    http_json,
+    ours_env,
+    run_load,
+    say,
+    stop_all,
+    table,
+    wait_model,
+)
+
+MODEL = "tiny"
+WORKERS = 8
+
+
+# --------------------------------------------------------------------------------------------- workload
+
+
+class TextGen:
+    """Deterministic filler text of about N tokens of the tiny model's tokenizer (words of its corpus)."""
+
+    def __init__(self, model_dir: str) -> None:
+        from tokenizers import Tokenizer
+
+        root = Path(__file__).resolve().parent.parent
+        self.words = (root / "dynamo_rt" / "data" / "tiny_corpus.txt").read_text().split()
+        self.tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        rng = random.Random(0)
+        sample = " ".join(rng.choice(self.words) for _ in range(4000))
+        self.tokens_per_word = len(self.tok.encode(sample).ids) / 4000
+
+    def text(self, rng: random.Random, tokens: int) -> str:
+        n = max(1, round(tokens / self.tokens_per_word))
+        return " ".join(rng.choice(self.words) for _ in range(n))
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text).ids)
+
+
+def build_workload(gen: TextGen, args: argparse.Namespace) -> list[list[bytes]]:
+    rng = random.Random(args.seed)
+    systems = [
+        f"You are assistant #{i}. " + gen.text(rng, rng.randint(args.system_tokens[0], args.system_tokens[1]))
+        for i in range(args.systems)
+    ]
+    sessions: list[list[bytes]] = []
+    for s in range(args.sessions):
+        msgs: list[dict[str, str]] = [{"role": "system", "content": systems[rng.randrange(args.systems)]}]
+        reqs = []
+        for t in range(args.turns):
+            n = rng.randint(args.turn_tokens[0], args.turn_tokens[1])
+            msgs.append({"role": "user", "content": f"[session {s}, turn {t}] " + gen.text(rng, n)})
+            body = {
+                "model": MODEL,
+                "messages": list(msgs),
+                "max_tokens": args.max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,
+            }
+            reqs.append(json.dumps(body).encode())
+            msgs.append({"role": "assistant", "content": gen.text(rng, args.max_tokens)})
+        sessions.append(reqs)
+    return sessions
+
+
+# --------------------------------------------------------------------------------------------- stacks
+
+
+def ready_instances(url: str, dynamo: bool) -> int:
+    status, body = http_json(url + "/health")
+    if status != 200 or not isinstance(body, dict):
+        return 0
+    if dynamo:
+        return sum(1 for i in body.get("instances", []) if i.get("endpoint") == "generate")
+    return sum(int(m.get("instances", 0)) for m in (body.get("models") or {}).values())
+
+
+def wait_instances(url: str, n: int, dynamo: bool, procs: list[Proc], timeout: float = 180.0) -> None:
+    wait_model(url, MODEL, procs, timeout)
+    deadline = time.monotonic() + timeout
+    while ready_instances(url, dynamo) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {ready_instances(url, dynamo)} of {n} workers registered at {url}")
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
+        time.sleep(0.3)
+
+
+def frontend_ttft_mean(url: str) -> float:
+    """Mean TTFT our frontend measured itself (worker call to first token, ms): the part of the client's
+    TTFT spent behind the frontend, as opposed to in it (HTTP, tokenizing, routing)."""
+    import urllib.request
+
+    sums: dict[str, float] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("dynamo_frontend_time_to_first_token_seconds_"):
+                name, _, value = line.rpartition(" ")
+                kind = name.split("{")[0].rsplit("_", 1)[1]
+                sums[kind] = sums.get(kind, 0.0) + float(value)
+    return 1000 * sums.get("sum", 0.0) / sums["count"] if sums.get("count") else float("nan")
+
+
+def run_stack(
+    kind: str,
+    router: str,
+    model_dir: str,
+    sessions: list[list[bytes]],
+    args: argparse.Namespace,
+    tag: str,
+    weight: float | None = None,
+) -> dict[str, Any]:
+    """Fresh services + workers + frontend, the whole workload once, then everything stopped."""
+    dyn = kind == "dynamo"
+    with Services() as s:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        if dyn:
+            py = ensure_dynamo_venv()
+            env = dynamo_env(s.etcd_url, s.nats_url)
+            planes = ["--discovery-backend", "etcd", "--request-plane", "nats", "--event-plane", "nats"]
+            worker = [py, "-m", "dynamo.mocker", "--model-path", model_dir, "--model-name", MODEL,
+                      "--num-workers", str(WORKERS), "--speedup-ratio", str(args.speedup), "--block-size", "16",
+                      "--num-gpu-blocks-override", str(args.num_blocks), *planes]  # fmt: skip
+            front = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+                     "--router-mode", router, *planes]  # fmt: skip
+        else:
+            env = ours_env(s.etcd_url, s.nats_url, "kvbench")
+            worker = [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model", model_dir,
+                      "--served-model-name", MODEL, "--num-workers", str(WORKERS), "--speedup", str(args.speedup),
+                      "--num-blocks", str(args.num_blocks), "--block-size", "16"]  # fmt: skip
+            front = [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+                     "--router-mode", router, "--kv-overlap-weight",
+                     str(args.kv_overlap_weight if weight is None else weight)]  # fmt: skip
+        procs = [Proc(f"kv-{tag}-worker", worker, env), Proc(f"kv-{tag}-frontend", front, env)]
+        try:
+            wait_instances(url, WORKERS, dyn, procs)
+            time.sleep(1.0)  # KV event subscriptions settle
+            t0 = time.monotonic()
+            cpu0 = [cpu_seconds(p.pid) for p in procs]
+            h0 = host_cpu()
+            res = run_load(url, sessions, args.concurrency, timeout=300.0)
+            h1 = host_cpu()
+            cpu1 = [cpu_seconds(p.pid) for p in procs]
+            out = res.summary(args.max_tokens)
+            out["wall_s"] = wall = time.monotonic() - t0
+            # CPU share of the worker process and the frontend (1.0 = one core), and of the whole machine:
+            # a worker process near 1.0 means simulated time is stretched by real CPU, not by the model.
+            out["worker_util"] = (cpu1[0] - cpu0[0]) / wall
+            out["frontend_util"] = (cpu1[1] - cpu0[1]) / wall
+            out["host_busy"] = host_busy(h0, h1)
+            out["fe_ttft_mean"] = float("nan") if dyn else frontend_ttft_mean(url)
+            if out["errors"]:
+                say(f"  {tag}: {out['errors']} bad responses, e.g. {res.error_samples(3, args.max_tokens)}")
+            # Per turn: how the hit rate builds up along a session.
+            turns: dict[int, list[int]] = {}
+            for r in res.ok(args.max_tokens):
+                agg = turns.setdefault(r["turn"], [0, 0])
+                agg[0] += r["cached_tokens"]
+                agg[1] += r["prompt_tokens"]
+            out["turn_hit"] = {t: c / p if p else 0.0 for t, (c, p) in sorted(turns.items())}
+            return out
+        finally:
+            stop_all(procs)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def plot(results: dict[str, list[dict[str, Any]]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, title in zip(
+        axes, ("ttft_p50", "ttft_p99", "hit_rate"), ("TTFT p50 ms", "TTFT p99 ms", "cache hit rate"), strict=True
+    ):
+        vals = [statistics.mean(r[key] for r in results[n]) for n in names]
+        ax.bar(names, vals, color=["tab:gray", "tab:blue", "tab:cyan", "tab:green"][: len(names)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("KV-aware routing vs round-robin: prefix-heavy multi-turn chat, 8 mocker workers")
+    fig.tight_layout()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT_DIR / "kv_routing.png", dpi=110)
+    say(f"plot: {OUT_DIR / 'kv_routing.png'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=200)
+    ap.add_argument("--systems", type=int, default=20, help="shared system prompts")
+    ap.add_argument("--turns", type=int, default=6, help="turns per session (6 keeps prompts under 4k tokens)")
+    ap.add_argument("--system-tokens", type=int, nargs=2, default=[1000, 2000], metavar=("MIN", "MAX"))
+    ap.add_argument("--turn-tokens", type=int, nargs=2, default=[100, 300], metavar=("MIN", "MAX"))
+    ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    ap.add_argument("--concurrency", type=int, default=32, help="sessions in flight (4 per worker)")
+    ap.add_argument("--speedup", type=float, default=1.0, help="mocker speedup (1: realistic timing)")
+    ap.add_argument("--num-blocks", type=int, default=16384, help="KV blocks per mocker engine")
+    ap.add_argument(
+        "--kv-overlap-weight",
+        type=float,
+        default=1.0,
+        help="our frontend's --kv-overlap-weight in the main kv run (1.0: the frontend's default)",
+    )
+    ap.add_argument(
+        "--tuned-weight",
+        type=float,
+        default=4.0,
+        help="also run ours kv with this --kv-overlap-weight (0: skip); reported, not in the JSON line",
+    )
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 40 sessions, 3 turns, 1 round")
+    ap.add_argument("--ours-only", action="store_true", help="skip NVIDIA Dynamo")
+    args = ap.parse_args()
+    exit_on_sigterm()
+    if args.quick:
+        args.sessions, args.turns, args.rounds, args.concurrency = 40, 3, 1, 16
+
+    from dynamo_rt.tinymodel import ensure_tiny_model
+
+    model_dir = str(ensure_tiny_model())
+    gen = TextGen(model_dir)
+    sessions = build_workload(gen, args)
+    n_req = sum(len(s) for s in sessions)
+    say(
+        f"workload: {args.sessions} sessions x {args.turns} turns = {n_req} requests, {args.systems} system "
+        f"prompts of {args.system_tokens[0]}-{args.system_tokens[1]} tokens, turns of "
+        f"{args.turn_tokens[0]}-{args.turn_tokens[1]} tokens, {args.max_tokens} output tokens, "
+        f"{args.concurrency} sessions at once"
+    )
+    if not args.ours_only:
+        ensure_dynamo_venv()
+    runs: list[tuple[str, str, str, float | None]] = [
+        ("ours", "round-robin", "ours round-robin", None),
+        ("ours", "kv", "ours kv", None),
+    ]
+    if args.tuned_weight > 0:
+        runs.append(("ours", "kv", f"ours kv w={args.tuned_weight:g}", args.tuned_weight))
+    if not args.ours_only:
+        runs.append(("dynamo", "kv", "Dynamo 1.6.1 kv", None))
+    results: dict[str, list[dict[str, Any]]] = {name: [] for _, _, name, _ in runs}
+    for r in range(args.rounds):
+        for kind, router, name, weight in runs:
+            say(f"round {r + 1}/{args.rounds}: {name} ({WORKERS} workers, fresh caches)")
+            tag = name.split()[0].lower() + "-" + router + ("" if weight is None else f"-w{weight:g}")
+            s = run_stack(kind, router, model_dir, sessions, args, tag, weight)
+            results[name].append(s)
+            say(
+                f"  TTFT p50 {s['ttft_p50']:.1f} ms, p99 {s['ttft_p99']:.1f} ms, {s['req_s']:.1f} req/s, "
+                f"hit rate {s['hit_rate']:.3f}, mean prompt {s['prompt_tokens'] / max(1, s['ok']):.0f} tokens, "
+                f"{s['wall_s']:.0f} s, errors {s['errors']}; CPU: worker {s['worker_util']:.2f}, frontend "
+                f"{s['frontend_util']:.2f}, host {100 * s['host_busy']:.0f}% busy"
+            )
+
+    headers = ["run", "TTFT p50 ms", "TTFT p99 ms", "req/s", "out tok/s", "hit rate", "prompt tok", "errors",
+               "worker CPU", "fe CPU", "host busy"]  # fmt: skip
+    rows = []
+    for name, rs in results.items():
+        for i, s in enumerate(rs, 1):
+            rows.append([f"{name} #{i}", s["ttft_p50"], s["ttft_p99"], s["req_s"], s["tok_s"], s["hit_rate"],
+                         round(s["prompt_tokens"] / max(1, s["ok"])), s["errors"], s["worker_util"],
+                         s["frontend_util"], s["host_busy"]])  # fmt: skip
+    print()
+    print(table(headers, rows, 24))
+
+    def mean(name: str, key: str) -> float:
+        return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
+
+    print()
+    print("hit rate by turn (mean of rounds):")
+    for name, rs in results.items():
+        turns = sorted(rs[0]["turn_hit"])
+        cells = "  ".join(f"t{t}: {statistics.mean(x['turn_hit'][t] for x in rs):.2f}" for t in turns)
+        print(f"  {name:<22}{cells}")
+    rr, kv = mean("ours round-robin", "ttft_p50"), mean("ours kv", "ttft_p50")
+    print()
+    tuned = f"ours kv w={args.tuned_weight:g}"
+    sh = ["metric (mean of rounds)", "kv", "round-robin", "kv / rr", f"kv w={args.tuned_weight:g}", "w / rr",
+          "Dynamo kv"]  # fmt: skip
+    srows = []
+    for key, label in (("ttft_p50", "TTFT p50 ms"), ("ttft_p99", "TTFT p99 ms"), ("req_s", "req/s"),
+                       ("hit_rate", "cache hit rate"), ("fe_ttft_mean", "frontend-side TTFT ms"),
+                       ("host_busy", "host CPU busy"), ("errors", "errors")):  # fmt: skip
+        a, b, c = mean("ours kv", key), mean("ours round-robin", key), mean(tuned, key)
+        srows.append([label, a, b, a / b if b else float("nan"), c, c / b if b else float("nan"),
+                      mean("Dynamo 1.6.1 kv", key)])  # fmt: skip
+    print(table(sh, srows, 26))
+    total_err = sum(s["errors"] for rs in results.values() for s in rs)
+    if total_err:
+        print(f"WARNING: {total_err} incomplete or failed responses")
+    plot(results)
+    print(json.dumps({"bench": "kv_routing", "ours": round(kv, 3), "baseline": round(rr, 3),
+                      "ratio": round(kv / rr, 4), "unit": "ms"}))  # fmt: skip
+    return 1 if total_err else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

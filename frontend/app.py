@@ -21,7 +21,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from prometheus_client import generate_latest
+from prometheus_client import Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -30,7 +30,7 @@ from dynamo_rt import errors
 from frontend import openai_protocol as op
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
-from frontend.serving import Engine, Prepared, complete, error_body, new_request_id, stream_response
+from frontend.serving import DONE, Engine, Prepared, complete, error_body, new_request_id, stream_response
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ def error_response(exc: errors.DynamoError) -> Response:
 class _Admission:
     """Per-model concurrency limit with a bounded queue; past the queue -> 429 + Retry-After."""
 
-    def __init__(self, cfg: FrontendConfig) -> None:
+    def __init__(self, cfg: FrontendConfig, queued: Gauge | None = None) -> None:
         self.cfg = cfg
         self.sems: dict[str, asyncio.Semaphore] = {}
         self.waiting: dict[str, int] = {}
+        self.queued = queued  # the dynamo_frontend_queued_requests gauge, per model
 
     @contextlib.asynccontextmanager
     async def slot(self, model: str) -> AsyncIterator[None]:
@@ -77,6 +78,8 @@ class _Admission:
                 raise errors.Overloaded(f"model {model!r} is over capacity: {self.cfg.max_concurrency} running "
                                         f"and {self.cfg.max_queue} queued; retry later", retry_after=1.0)
             self.waiting[model] = self.waiting.get(model, 0) + 1
+            if self.queued is not None:
+                self.queued.labels(model).inc()
             try:
                 await asyncio.wait_for(sem.acquire(), self.cfg.queue_timeout)
             except TimeoutError:
@@ -84,6 +87,8 @@ class _Admission:
                                         retry_after=2.0) from None
             finally:
                 self.waiting[model] -= 1
+                if self.queued is not None:
+                    self.queued.labels(model).dec()
         else:
             await sem.acquire()
         try:
@@ -101,8 +106,12 @@ class OpenAIResponse(Response):
     def __init__(self, run: Callable[[], Awaitable[Any]] | None = None,
                  stream: Callable[[], AsyncIterator[bytes]] | None = None,
                  on_disconnect: Callable[[], None] | None = None,
-                 admission: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None) -> None:
+                 admission: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
+                 on_stream_start: Callable[[], None] | None = None,
+                 on_stream_end: Callable[[bool], None] | None = None) -> None:
         super().__init__(status_code=200)
+        self._on_stream_start = on_stream_start
+        self._on_stream_end = on_stream_end
         self._run = run
         self._stream = stream
         self._on_disconnect = on_disconnect
@@ -151,13 +160,24 @@ class OpenAIResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})
+        if self._on_stream_start is not None:
+            self._on_stream_start()
+        ended = ok = False
         try:
             async for chunk in body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # The chunk ending in [DONE] is the last one: it goes out with the end of the body, one write.
+                ended = chunk.endswith(DONE)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if ended:
+                    break
+            ok = True
         finally:
             with contextlib.suppress(Exception):
                 await body.aclose()  # type: ignore[attr-defined]
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if self._on_stream_end is not None:
+                self._on_stream_end(ok)
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class Frontend:
@@ -167,7 +187,7 @@ class Frontend:
         self.engine = engine
         self.metrics = metrics
         self.cfg = cfg
-        self.admission = _Admission(cfg)
+        self.admission = _Admission(cfg, metrics.queued)
 
     # ------------------------------------------------------------------ request preparation
 
@@ -211,11 +231,27 @@ class Frontend:
                         prompt_texts=prompt_texts, include_stop_str=req.include_stop_str_in_output,
                         skip_special_tokens=req.skip_special_tokens)
 
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to be over the limit: by its Content-Length
+        before a byte is read, else while reading, so an oversized body is never buffered whole."""
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise errors.DynamoError(f"request body of {int(declared)} bytes is over the limit of {limit}",
+                                     code=errors.ErrorCode.TOO_LARGE)
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise errors.DynamoError(f"request body of more than {limit} bytes is over the limit of {limit}",
+                                         code=errors.ErrorCode.TOO_LARGE)
+        return bytes(buf)
+
     async def handle(self, kind: str, request: Request) -> Response:
         endpoint = "chat" if kind == "chat" else "completions"
         t0 = time.perf_counter()
         try:
-            body = await request.body()
+            body = await self.read_body(request)
             p = self.prepare(kind, body)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
@@ -228,18 +264,16 @@ class Frontend:
             self.metrics.requests.labels(endpoint, "499").inc()
 
         if p.stream:
-            async def body_iter() -> AsyncIterator[bytes]:
-                gauge.inc()
-                try:
-                    async for chunk in stream_response(self.engine, p):
-                        yield chunk
+            def stream_end(ok: bool) -> None:
+                if ok:
                     self.metrics.requests.labels(endpoint, "200").inc()
-                finally:
-                    gauge.dec()
-                    self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
+                gauge.dec()
+                self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
 
-            return OpenAIResponse(stream=body_iter, on_disconnect=disconnected,
-                                  admission=lambda: self.admission.slot(name))
+            # No wrapping generator: each SSE chunk crosses one async-generator frame less.
+            return OpenAIResponse(stream=lambda: stream_response(self.engine, p), on_disconnect=disconnected,
+                                  admission=lambda: self.admission.slot(name), on_stream_start=gauge.inc,
+                                  on_stream_end=stream_end)
 
         async def run() -> Any:
             gauge.inc()
@@ -261,6 +295,36 @@ class Frontend:
     def model_obj(self, sm: ServedModel) -> dict[str, Any]:
         return {"id": sm.name, "object": "model", "created": sm.created, "owned_by": "dynamo-rt",
                 "max_model_len": sm.card.context_length}
+
+
+_FAST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+class FastPath:
+    """The ASGI entry point: the two completion routes go straight to :meth:`Frontend.handle`, skipping
+    FastAPI's routing and middleware stack, which otherwise wraps every ``send`` (every SSE chunk) in three
+    closures; every other route, and every request when an API key is set, is FastAPI's."""
+
+    def __init__(self, fe: Frontend, app: FastAPI) -> None:
+        self.fe = fe
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _FAST_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None or scope["method"] != "POST" or self.fe.cfg.api_key:
+            await self.app(scope, receive, send)
+            return
+        try:
+            resp = await self.fe.handle(kind, Request(scope, receive))
+        except Exception as exc:  # the same mapping as the app's catch-all handler
+            log.exception("unhandled error")
+            resp = error_response(errors.DynamoError(f"internal error: {type(exc).__name__}"))
+        await resp(scope, receive, send)
+
+
+def build_asgi(fe: Frontend) -> FastPath:
+    """What uvicorn serves: :class:`FastPath` in front of :func:`build_app`."""
+    return FastPath(fe, build_app(fe))
 
 
 def build_app(fe: Frontend) -> FastAPI:

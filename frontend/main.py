@@ -25,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="how workers are picked")
     flag(p, "--kv-overlap-weight", env="DYN_KV_OVERLAP_WEIGHT", type=float, default=1.0,
          help="kv router: weight of uncached prompt blocks against active decode blocks")
+    flag(p, "--kv-host-hit-weight", env="DYN_KV_HOST_HIT_WEIGHT", type=float, default=0.5,
+         help="kv router: a prompt block a worker holds in its host-memory KV tier counts as this fraction "
+              "of a device-memory hit (0..1; it then costs 1 - weight of an uncached block)")
+    flag(p, "--kv-disk-hit-weight", env="DYN_KV_DISK_HIT_WEIGHT", type=float, default=0.25,
+         help="kv router: the same for a block held in the worker's disk KV tier")
     flag(p, "--router-temperature", env="DYN_ROUTER_TEMPERATURE", type=float, default=0.0,
          help="kv router: softmax sampling temperature (0: always the lowest cost)")
     flag(p, "--disagg-threshold", env="DYN_DISAGG_THRESHOLD", type=int, default=64,
@@ -74,7 +79,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     await view.start()
     kwargs = {}
     if args.router_mode == "kv":
-        kwargs = {"overlap_weight": args.kv_overlap_weight, "temperature": args.router_temperature}
+        kwargs = {"overlap_weight": args.kv_overlap_weight, "temperature": args.router_temperature,
+                  "host_hit_weight": args.kv_host_hit_weight, "disk_hit_weight": args.kv_disk_hit_weight}
     metrics = FrontendMetrics()
     manager = ModelManager(view, transport, router_mode=args.router_mode, router_kwargs=kwargs,
                            router_metrics=RouterMetrics(metrics.registry))
@@ -95,16 +101,17 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
 async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from frontend.app import build_app
+    from frontend.app import build_asgi
 
     async with frontend_services(args) as fe:
-        app = build_app(fe)  # type: ignore[arg-type]
+        app = build_asgi(fe)  # type: ignore[arg-type]
         sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))
         port = sock.getsockname()[1]
         config = uvicorn.Config(app, loop="none", http="httptools", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10, backlog=4096)
+                                timeout_graceful_shutdown=10, backlog=4096,
+                                proxy_headers=False, server_header=False)
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()

@@ -266,14 +266,22 @@ class KvIndexer:
                 out[w] = n
             mask ^= low
 
+    def has_lower_tiers(self) -> bool:
+        """Does any worker hold a block outside ``primary``? (If not, tier weights change nothing.)"""
+        return any(self._masks.get(t) for t in TIERS[1:])
+
     def find_matches_by_tier(self, block_hashes: Sequence[int]) -> dict[str, dict[str, int]]:
         """Per worker, the prefix held in ``primary``, in ``primary``+``host``, and in all tiers.
 
         For a cost model that weights offloaded blocks: the blocks only a lower tier adds are the
-        difference between two cumulative counts.
+        difference between two cumulative counts. A tier nobody holds anything in costs no walk.
         """
         out: dict[str, dict[str, int]] = {}
         for k in range(len(TIERS)):
+            if k > 0 and not self._masks.get(TIERS[k]):
+                for counts in out.values():  # the union is the previous one: so are the counts
+                    counts[TIERS[k]] = counts[TIERS[k - 1]]
+                continue
             for w, n in self.find_matches(block_hashes, TIERS[: k + 1]).items():
                 out.setdefault(w, {t: 0 for t in TIERS})[TIERS[k]] = n
         return out

@@ -9,6 +9,19 @@ disaggregated deployment has two routers). Modes:
   decode blocks; lowest cost wins, ties broken at random, or with ``temperature`` > 0 a softmax sample
   over ``-cost / temperature``.
 
+KV tiers: a worker may hold prompt blocks in a lower tier (host memory, disk; ``KvEvent.tier``), which it
+loads instead of recomputing. Such a block counts as partly cached: a *hit weight* ``w`` (``host_hit_weight``,
+``disk_hit_weight``, in [0, 1]) says what fraction of a primary hit's saving it is worth, so a host-cached
+block costs ``1 - w`` of an uncached block. With the prompt's leading blocks held ``p`` in primary, ``ph``
+in primary or host and ``pd`` in any tier (prefix counts, :meth:`KvIndexer.find_matches_by_tier`):
+
+    cached = p + host_hit_weight × (ph - p) + disk_hit_weight × (pd - ph)
+    cost   = overlap_weight × (prompt blocks - cached) + active decode blocks
+
+With the defaults 0.5 / 0.25 a host-cached block costs half an uncached one and a disk-cached block three
+quarters: a worker holding the prefix in a lower tier still beats one that must recompute it, and loses to
+one holding it in primary. Weights of 0 ignore the lower tiers (one index walk instead of three).
+
 Load comes from the workers' :class:`~dynamo_rt.protocol.LoadMetrics` (about once a second), so the router
 also counts what it routed itself (:meth:`Router.on_request_started` / :meth:`Router.on_request_finished`)
 and takes the larger of the two: a burst between two load reports spreads instead of piling onto the
@@ -31,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from dynamo_rt.errors import InvalidRequest, NotFound, Unavailable
 from dynamo_rt.kvhash import block_hashes as compute_block_hashes
 from dynamo_rt.protocol import LoadMetrics
-from dynamo_rt.router.indexer import KvIndexer, PrefixIndex
+from dynamo_rt.router.indexer import PRIMARY, KvIndexer, PrefixIndex
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
 ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
@@ -70,7 +83,7 @@ class RouterMetrics:
 @dataclass(slots=True, frozen=True)
 class RouteDecision:
     worker_id: str
-    overlap_blocks: int  # leading prompt blocks the worker already holds (kv mode; 0 otherwise)
+    overlap_blocks: int  # leading prompt blocks the worker holds, in any KV tier (kv mode; 0 otherwise)
     cost: float  # kv: the cost formula; least-loaded: requests; others: 0
     reason: str  # the mode, "pinned", or "kv-sampled" when temperature picked it
     request_blocks: int = 0  # added to the worker's in-flight count; give it back to on_request_finished
@@ -90,6 +103,8 @@ class Router:
         seed: int | None = None,
         metrics: RouterMetrics | None = None,
         pool: str = "agg",
+        host_hit_weight: float = 0.5,
+        disk_hit_weight: float = 0.25,
     ) -> None:
         if mode not in ROUTER_MODES:
             raise InvalidRequest(f"unknown router mode {mode!r}; one of {', '.join(ROUTER_MODES)}")
@@ -97,9 +112,14 @@ class Router:
             raise InvalidRequest("block_size must be > 0")
         if temperature < 0 or overlap_weight < 0:
             raise InvalidRequest("temperature and overlap_weight must be >= 0")
+        for name, w in (("host_hit_weight", host_hit_weight), ("disk_hit_weight", disk_hit_weight)):
+            if not 0.0 <= w <= 1.0:
+                raise InvalidRequest(f"{name} must be in [0, 1] (the fraction of a primary hit it is worth)")
         self.mode = mode
         self.indexer: PrefixIndex = indexer if indexer is not None else KvIndexer()
         self.overlap_weight = overlap_weight
+        self.host_hit_weight = host_hit_weight
+        self.disk_hit_weight = disk_hit_weight
         self.temperature = temperature
         self.block_size = block_size
         self.metrics = metrics
@@ -163,7 +183,7 @@ class Router:
             overlap = 0
             if self.mode == "kv":
                 hashes = self._hashes(token_ids, block_hashes)
-                overlap = self.indexer.find_matches(hashes).get(pinned, 0) if hashes else 0
+                overlap = self.overlaps(hashes).get(pinned, (0.0, 0))[1] if hashes else 0
             d = RouteDecision(pinned, overlap, 0.0, "pinned", request_blocks)
         elif self.mode == "kv":
             d = self._select_kv(workers, token_ids, loads, block_hashes, request_blocks)
@@ -200,15 +220,29 @@ class Router:
         *,
         block_hashes: Sequence[int] | None = None,
     ) -> dict[str, tuple[float, int]]:
-        """Per worker: (kv cost, overlap blocks). What ``kv`` mode minimises."""
+        """Per worker: (kv cost, overlap blocks in any tier). What ``kv`` mode minimises."""
         hashes = self._hashes(token_ids, block_hashes)
-        overlaps = self.indexer.find_matches(hashes) if hashes else {}
+        overlaps = self.overlaps(hashes) if hashes else {}
         request_blocks = -(-len(token_ids) // self.block_size)
         w = self.overlap_weight
         out: dict[str, tuple[float, int]] = {}
         for wid in workers:
-            ov = overlaps.get(wid, 0)
-            out[wid] = (w * (request_blocks - ov) + self.active_blocks(wid, loads), ov)
+            cached, ov = overlaps.get(wid, (0.0, 0))
+            out[wid] = (w * (request_blocks - cached) + self.active_blocks(wid, loads), ov)
+        return out
+
+    def overlaps(self, hashes: Sequence[int]) -> dict[str, tuple[float, int]]:
+        """Per worker with any overlap: (weighted cached blocks, leading blocks held in any tier); see the
+        module docstring. Indexes without tiers (:class:`ApproxIndexer`) count primary hits only."""
+        ix = self.indexer
+        if not isinstance(ix, KvIndexer) or not ix.has_lower_tiers() or \
+                (self.host_hit_weight == 0 and self.disk_hit_weight == 0):
+            return {wid: (float(n), n) for wid, n in ix.find_matches(hashes).items()}
+        wh, wd = self.host_hit_weight, self.disk_hit_weight
+        out: dict[str, tuple[float, int]] = {}
+        for wid, c in ix.find_matches_by_tier(hashes).items():
+            p, ph, pd = c[PRIMARY], c["host"], c["disk"]
+            out[wid] = (p + wh * (ph - p) + wd * (pd - ph), pd)
         return out
 
     def _select_kv(

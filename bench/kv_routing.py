@@ -257,13 +257,13 @@ def main() -> int:
     ap.add_argument(
         "--kv-overlap-weight",
         type=float,
-        default=1.0,
-        help="our frontend's --kv-overlap-weight in the main kv run (1.0: the frontend's default)",
+        default=4.0,
+        help="our frontend's --kv-overlap-weight in the main kv run (4.0: the frontend's default)",
     )
     ap.add_argument(
         "--tuned-weight",
         type=float,
-        default=4.0,
+        default=1.0,
         help="also run ours kv with this --kv-overlap-weight (0: skip); reported, not in the JSON line",
     )
     ap.add_argument("--rounds", type=int, default=2)

@@ -80,6 +80,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--nats-token", env="DYN_NATS_TOKEN", default=None, help="NATS token")
     flag(parser, "--nats-creds", env="DYN_NATS_CREDS", default=None, help="NATS credentials file")
     flag(parser, "--nats-ca", env="DYN_NATS_CA", default=None, help="CA file for NATS TLS")
+    flag(parser, "--nats-cert", env="DYN_NATS_CERT", default=None, help="client certificate for NATS TLS")
+    flag(parser, "--nats-key", env="DYN_NATS_KEY", default=None, help="client key for NATS TLS")
     flag(parser, "--etcd-user", env="DYN_ETCD_USER", default=None, help="etcd user")
     flag(parser, "--etcd-password", env="DYN_ETCD_PASSWORD", default=None, help="etcd password")
     flag(parser, "--etcd-ca", env="DYN_ETCD_CA", default=None, help="CA file for etcd TLS")

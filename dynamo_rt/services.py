@@ -6,6 +6,10 @@ group, dies with its parent (``PR_SET_PDEATHSIG``), logs to a file in its state 
 only once it answers its health endpoint. Ports chosen at the first start are kept across ``restart()``,
 so clients reconnect to the same address (the chaos tests rely on that).
 
+Both servers can run with TLS (:class:`TlsFiles`: a server certificate, and optionally client certificates
+required) and with authentication (etcd: a ``root`` user and password; nats-server: a user and password,
+or a token). Secrets go to the servers through a 0600 config file or stdin, never on a command line.
+
 This module only manages processes; clients live in :mod:`dynamo_rt.discovery` (etcd) and the transport
 module (NATS).
 """
@@ -23,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -50,6 +56,44 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files of a server's TLS set-up.
+
+    ``ca`` is the CA clients verify the server with (this module's own health checks use it too). With
+    ``verify_clients`` the server also demands a client certificate issued by ``ca`` (mutual TLS); etcd then
+    wants one on its health endpoint as well, so ``client_cert`` / ``client_key`` give this module a client
+    identity for health checks and set-up calls.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    verify_clients: bool = False
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        """An SSL context that trusts ``ca`` and presents the client identity when there is one."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if self.client_cert is not None:
+            ctx.load_cert_chain(str(self.client_cert), str(self.client_key) if self.client_key else None)
+        return ctx
+
+
+def _conf_string(value: str) -> str:
+    """A double-quoted string for a nats-server config file."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (it may hold secrets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 # --------------------------------------------------------------------------------------------- binaries
@@ -135,8 +179,8 @@ def _popen(cmd: Sequence[str], log_file: IO[bytes], cwd: Path) -> subprocess.Pop
     return _spawner.submit(spawn).result()
 
 
-def _http_get_json(url: str, timeout: float = 1.0) -> object:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def _http_get_json(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> object:
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
         return json.loads(resp.read())
 
 
@@ -313,15 +357,25 @@ class EtcdServer(ManagedProcess):
         peer_port: int = 0,
         extra_args: Sequence[str] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        tls: TlsFiles | None = None,
+        root_password: str | None = None,
     ) -> None:
+        """``tls``: serve clients over HTTPS (peers stay plain: a single member has none). ``root_password``:
+        on the first start of a data directory, create user ``root`` with this password and enable etcd
+        auth (it is kept in the data directory, so restarts keep it)."""
         super().__init__(state_dir, start_timeout=start_timeout)
+        if tls is not None and tls.verify_clients and tls.client_cert is None:
+            raise ServiceError("etcd with verify_clients needs TlsFiles.client_cert for its health checks")
         self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
         self.extra_args = tuple(extra_args)
+        self.tls = tls
+        self.root_password = root_password
         self._binary = etcd_binary()
         self._requested = (client_port, peer_port)
         self._ports_fixed = client_port != 0 and peer_port != 0
+        self._ssl = tls.client_context() if tls is not None else None
 
     def _pick_ports(self) -> None:
         self.client_port = self._requested[0] or free_port(self.host)
@@ -329,7 +383,7 @@ class EtcdServer(ManagedProcess):
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -360,18 +414,64 @@ class EtcdServer(ManagedProcess):
             "--auto-compaction-retention", "10m",
             "--snapshot-count", "10000",
             "--log-level", "warn",
+            *self._tls_args(),
             *self.extra_args,
         ]  # fmt: skip
 
+    def _tls_args(self) -> list[str]:
+        t = self.tls
+        if t is None:
+            return []
+        args = ["--cert-file", str(t.cert), "--key-file", str(t.key)]
+        if t.verify_clients:
+            args += ["--trusted-ca-file", str(t.ca), "--client-cert-auth"]
+        return args
+
+    @property
+    def _auth_marker(self) -> Path:
+        return self.state_dir / "auth-enabled"
+
+    def start(self, timeout: float | None = None) -> Self:
+        super().start(timeout)
+        if self.root_password is not None and not self._auth_marker.exists():
+            self._enable_auth(self.root_password)
+        return self
+
+    def wipe_data(self) -> None:
+        super().wipe_data()
+        self._auth_marker.unlink(missing_ok=True)  # a wiped etcd has no users: set them up again
+
+    def etcdctl(self, *args: str, stdin: str | None = None, timeout: float = 30.0) -> str:
+        """Run etcdctl (shipped next to etcd) against this server with its TLS client settings."""
+        ctl = self._binary.parent / "etcdctl"
+        cmd = [str(ctl if ctl.exists() else "etcdctl"), f"--endpoints={self.client_url}"]
+        if self.tls is not None:
+            cmd.append(f"--cacert={self.tls.ca}")
+            if self.tls.client_cert is not None:
+                cmd += [f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
+        try:
+            r = subprocess.run([*cmd, *args], input=stdin, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ServiceError(f"etcdctl {args[0] if args else ''} failed: {exc}") from exc
+        if r.returncode != 0:
+            raise ServiceError(f"etcdctl {args[0] if args else ''} failed: {r.stderr.strip()}")
+        return r.stdout
+
+    def _enable_auth(self, password: str) -> None:
+        # The password goes through stdin: a command line is visible to every user of the machine.
+        self.etcdctl("user", "add", "root", "--interactive=false", stdin=password + "\n")
+        self.etcdctl("auth", "enable")
+        self._auth_marker.touch()
+
     def _healthy(self) -> bool:
         try:
-            body = _http_get_json(f"{self.client_url}/health", timeout=1.0)
+            body = _http_get_json(f"{self.client_url}/health", timeout=1.0, context=self._ssl)
         except (OSError, ValueError, urllib.error.URLError):
             return False
         return isinstance(body, dict) and body.get("health") == "true"
 
     def __repr__(self) -> str:
-        return f"EtcdServer({self.client_url}, data={self.data_dir})"
+        return f"EtcdServer({self.client_url}, data={self.data_dir}, auth={self.root_password is not None})"
 
 
 class NatsServer(ManagedProcess):
@@ -389,13 +489,25 @@ class NatsServer(ManagedProcess):
         jetstream: bool = True,
         extra_args: Sequence[str] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        tls: TlsFiles | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """``tls``: clients must speak TLS (the monitoring port stays plain HTTP on loopback). ``user`` +
+        ``password`` or ``token``: clients must authenticate."""
         super().__init__(state_dir, start_timeout=start_timeout)
+        if (user is None) != (password is None):
+            raise ServiceError("nats-server auth needs both a user and a password")
+        if user is not None and token is not None:
+            raise ServiceError("nats-server takes a user/password or a token, not both")
         self.host = host
         self.port = port
         self.monitor_port = monitor_port
         self.jetstream = jetstream
         self.extra_args = tuple(extra_args)
+        self.tls = tls
+        self.user, self.password, self.token = user, password, token
         self._binary = nats_server_binary()
         self._requested = (port, monitor_port)
         self._ports_fixed = port != 0 and monitor_port != 0
@@ -406,7 +518,7 @@ class NatsServer(ManagedProcess):
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -416,7 +528,27 @@ class NatsServer(ManagedProcess):
         cmd = [str(self._binary), "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port)]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.data_dir)]
+        conf = self._config_text()
+        if conf:
+            path = self.state_dir / "nats.conf"
+            _write_private(path, conf)
+            cmd += ["-c", str(path)]
         return [*cmd, *self.extra_args]
+
+    def _config_text(self) -> str:
+        """The TLS and auth blocks of a config file (secrets stay off the command line)."""
+        lines: list[str] = []
+        if self.user is not None and self.password is not None:
+            lines += ["authorization {", f"  user: {_conf_string(self.user)}",
+                      f"  password: {_conf_string(self.password)}", "}"]
+        elif self.token is not None:
+            lines += ["authorization {", f"  token: {_conf_string(self.token)}", "}"]
+        t = self.tls
+        if t is not None:
+            lines += ["tls {", f"  cert_file: {_conf_string(str(t.cert))}",
+                      f"  key_file: {_conf_string(str(t.key))}", f"  ca_file: {_conf_string(str(t.ca))}",
+                      f"  verify: {'true' if t.verify_clients else 'false'}", "  timeout: 2", "}"]
+        return "\n".join(lines) + "\n" if lines else ""
 
     def _healthy(self) -> bool:
         # /healthz reports ok only once JetStream (when enabled) is ready too.

@@ -66,7 +66,7 @@ class _Admission:
         self.queued = queued  # the dynamo_frontend_queued_requests gauge, per model
 
     @contextlib.asynccontextmanager
-    async def slot(self, model: str) -> AsyncIterator[None]:
+    async def slot(self, model: str, deadline: float = float("inf")) -> AsyncIterator[None]:
         if self.cfg.max_concurrency <= 0:
             yield
             return
@@ -80,9 +80,12 @@ class _Admission:
             self.waiting[model] = self.waiting.get(model, 0) + 1
             if self.queued is not None:
                 self.queued.labels(model).inc()
+            wait = min(self.cfg.queue_timeout, deadline - time.time())
             try:
-                await asyncio.wait_for(sem.acquire(), self.cfg.queue_timeout)
+                await asyncio.wait_for(sem.acquire(), max(0.0, wait))
             except TimeoutError:
+                if time.time() >= deadline:
+                    raise errors.DeadlineExceeded("request deadline exceeded while queued") from None
                 raise errors.Overloaded(f"model {model!r}: no slot within {self.cfg.queue_timeout:.0f}s",
                                         retry_after=2.0) from None
             finally:
@@ -229,7 +232,8 @@ class Frontend:
                         logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
                         created=int(time.time()), echo=bool(getattr(req, "echo", False)),
                         prompt_texts=prompt_texts, include_stop_str=req.include_stop_str_in_output,
-                        skip_special_tokens=req.skip_special_tokens)
+                        skip_special_tokens=req.skip_special_tokens,
+                        deadline=time.time() + self.cfg.request_timeout)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is known to be over the limit: by its Content-Length
@@ -272,7 +276,7 @@ class Frontend:
 
             # No wrapping generator: each SSE chunk crosses one async-generator frame less.
             return OpenAIResponse(stream=lambda: stream_response(self.engine, p), on_disconnect=disconnected,
-                                  admission=lambda: self.admission.slot(name), on_stream_start=gauge.inc,
+                                  admission=lambda: self.admission.slot(name, p.deadline), on_stream_start=gauge.inc,
                                   on_stream_end=stream_end)
 
         async def run() -> Any:
@@ -288,7 +292,8 @@ class Frontend:
                 gauge.dec()
                 self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
 
-        return OpenAIResponse(run=run, on_disconnect=disconnected, admission=lambda: self.admission.slot(name))
+        return OpenAIResponse(run=run, on_disconnect=disconnected,
+                              admission=lambda: self.admission.slot(name, p.deadline))
 
     # ------------------------------------------------------------------ models / health
 

@@ -72,7 +72,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
 
     transport = Transport(NatsOptions(
         servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
-        creds=args.nats_creds, ca=args.nats_ca, name="frontend"))
+        creds=args.nats_creds, ca=args.nats_ca, cert=args.nats_cert, key=args.nats_key, name="frontend"))
     await transport.connect()
     registry = Registry(args.etcd_endpoints, args.namespace, user=args.etcd_user, password=args.etcd_password,
                         ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key)
@@ -119,8 +119,11 @@ async def serve(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        from dynamo_rt.transport import redact_servers
+
         log.info("frontend listening on http://%s:%d (etcd %s, nats %s, namespace %s, router %s)",
-                 args.http_host, port, args.etcd_endpoints, args.nats_endpoints, args.namespace, args.router_mode)
+                 args.http_host, port, redact_servers(args.etcd_endpoints), redact_servers(args.nats_endpoints),
+                 args.namespace, args.router_mode)
         await server.serve(sockets=[sock])
 
 

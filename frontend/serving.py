@@ -58,6 +58,14 @@ class Prepared:
     prompt_texts: list[str] = field(default_factory=list)
     include_stop_str: bool = False
     skip_special_tokens: bool = True
+    deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline; DeadlineExceeded once it has passed."""
+        left = self.deadline - time.time()
+        if left <= 0:
+            raise errors.DeadlineExceeded("request deadline exceeded")
+        return left
 
     def not_replayable(self) -> str:
         """Why a migration could not continue this request faithfully ("" when it can).
@@ -137,18 +145,19 @@ class Engine:
             if pool == "decode" and sm.pool("prefill"):
                 uncached = len(prompt) - decision.overlap_blocks * sm.card.kv_block_size
                 if uncached >= self.disagg_threshold:
-                    req.kv_transfer = await self._remote_prefill(sm, req, hashes)
+                    req.kv_transfer = await self._remote_prefill(sm, req, hashes, p.remaining())
             rec = sm.instances.get(decision.worker_id)
             if rec is None:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
-            stream = await self.transport.call(rec.subject, sub_id, encode(req), timeout=self.request_timeout)
+            stream = await self.transport.call(rec.subject, sub_id, encode(req),
+                                               timeout=min(self.request_timeout, p.remaining()))
         except BaseException:
             done()
             raise
         return stream, done, decision.worker_id
 
     async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest,
-                              hashes: list[int] | None) -> KvTransferParams | None:
+                              hashes: list[int] | None, timeout: float) -> KvTransferParams | None:
         prefill_workers = sm.pool("prefill")
         router = sm.routers["prefill"]
         d = router.select(prefill_workers, req.token_ids, sm.loads, block_hashes=hashes)
@@ -160,8 +169,7 @@ class Engine:
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
-            stream = await self.transport.call(rec.subject, preq.request_id, encode(preq),
-                                               timeout=self.request_timeout)
+            stream = await self.transport.call(rec.subject, preq.request_id, encode(preq), timeout=timeout)
             async for frame in stream:
                 if isinstance(frame, Final):
                     if frame.kv_transfer is None:
@@ -188,6 +196,16 @@ def new_request_id(kind: str) -> str:
 # ---------------------------------------------------------------------------------------------- SSE
 
 
+def _js(text: str) -> bytes:
+    """JSON string of ``text`` safe for line-splitting SSE clients: U+0085, U+2028 and U+2029 are escaped
+    (valid raw in JSON, but some clients split lines on them)."""
+    out = orjson.dumps(text)
+    if b"\xc2\x85" in out or b"\xe2\x80" in out:
+        out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
+            b"\xe2\x80\xa9", b"\\u2029")
+    return out
+
+
 class ChunkTemplates:
     """Byte templates of one request's SSE chunks: only the text delta is serialized per chunk."""
 
@@ -206,9 +224,9 @@ class ChunkTemplates:
         lp = b"null" if logprobs is None else logprobs
         if self.chat:
             delta = b'{"role":"assistant","content":' if role else b'{"content":'
-            return (self.head + str(index).encode() + b',"delta":' + delta + orjson.dumps(text)
+            return (self.head + str(index).encode() + b',"delta":' + delta + _js(text)
                     + b'},"logprobs":' + lp + b',"finish_reason":null}]}\n\n')
-        return (self.head + str(index).encode() + b',"text":' + orjson.dumps(text) + b',"logprobs":' + lp
+        return (self.head + str(index).encode() + b',"text":' + _js(text) + b',"logprobs":' + lp
                 + b',"finish_reason":null}]}\n\n')
 
     def finish(self, index: int, reason: str) -> bytes:

@@ -135,7 +135,7 @@ def build_engines(args: argparse.Namespace, model_path: Path) -> list[Engine]:
 async def serve(args: argparse.Namespace) -> None:
     from dynamo_rt.discovery import Registry
     from dynamo_rt.metrics_server import start_metrics_server
-    from dynamo_rt.transport import NatsOptions, Transport
+    from dynamo_rt.transport import NatsOptions, Transport, redact_servers
     from workers.common.runtime import WorkerMetrics, WorkerRuntime
 
     if args.model == "tiny" and not args.served_model_name:
@@ -144,7 +144,8 @@ async def serve(args: argparse.Namespace) -> None:
     engines = build_engines(args, model_path)
     transport = Transport(NatsOptions(
         servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
-        creds=args.nats_creds, ca=args.nats_ca, name=f"worker-{args.engine}-{args.mode}"))
+        creds=args.nats_creds, ca=args.nats_ca, cert=args.nats_cert, key=args.nats_key,
+        name=f"worker-{args.engine}-{args.mode}"))
     await transport.connect()
     metrics = WorkerMetrics()
     runtimes: list[WorkerRuntime] = []
@@ -165,8 +166,8 @@ async def serve(args: argparse.Namespace) -> None:
             runtimes.append(rt)
         port = start_metrics_server(metrics.registry, args.metrics_port)
         log.info("worker ready: %d instance(s) of %s (%s) for model %r; etcd %s, nats %s, metrics port %s",
-                 len(runtimes), args.engine, args.mode, engines[0].info.name, args.etcd_endpoints,
-                 args.nats_endpoints, port)
+                 len(runtimes), args.engine, args.mode, engines[0].info.name, redact_servers(args.etcd_endpoints),
+                 redact_servers(args.nats_endpoints), port)
         await stop.wait()
         log.info("stopping: leaving discovery, draining in-flight requests (up to %.0fs)", args.graceful_timeout)
     finally:

@@ -1,0 +1,205 @@
+"""Soak: many concurrent streams for minutes on mocker workers; no error, and the frontend's memory flat.
+
+Our etcd + nats-server (embedded), ``--workers`` mocker worker processes (aggregated, ``--speedup``) and one
+frontend. ``--streams`` client loops (default 256) each send streamed chat requests back to back, every one
+with a distinct prompt (so the KV router state, detokenizers and per-request structures churn), for
+``--minutes`` (default 10). Every response must be whole: 200, ``finish_reason: length``, ``--max-tokens``
+completion tokens in ``usage``, ``[DONE]``; anything else is an error. The client is bench/_common's raw
+asyncio HTTP/1.1 client (one connection per request), in this process.
+
+The frontend's resident memory (``VmRSS``) is sampled every 10 s; the start value is taken after a warm-up
+(10 % of the run, 15-60 s: allocator pools, tokenizer caches and connection buffers grow to their working
+size first), the end value at the end. The run passes with zero errors and RSS end / start under 1.10.
+
+Prints a table; the LAST line is JSON: ``{"bench": "soak", "ours": <errors>, "baseline": 0,
+"ratio": <RSS end / start>, "unit": "errors"}``. Plot of RSS and throughput over time: bench/out/soak.png.
+Run: ``.venv/bin/python bench/soak.py [--minutes 10] [--streams 256]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import itertools
+
+from bench._common import (
+    OUT_DIR,
+    PY,
+    Proc,
+    Services,
+    _request,
+    cleanup,
+    exit_on_sigterm,
+    free_port,
+    http_json,
+    ours_env,
+    say,
+    table,
+    wait_model,
+)
+
+MODEL = "dynamo-tiny"
+NS = "soak"
+
+
+def wait_instances(url: str, n: int, procs: list[Proc], timeout: float = 180.0) -> None:
+    """Until the frontend's /health counts ``n`` worker instances of the model."""
+    wait_model(url, MODEL, procs, timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = http_json(url + "/health")
+        if status == 200 and body["models"][MODEL]["instances"] >= n:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{n} workers not registered after {timeout:.0f}s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Soak:
+    def __init__(self, port: int, streams: int, max_tokens: int, seconds: float, frontend_pid: int) -> None:
+        self.port = port
+        self.streams = streams
+        self.max_tokens = max_tokens
+        self.seconds = seconds
+        self.pid = frontend_pid
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.samples: list[tuple[float, float, int]] = []  # (t, rss MB, completed requests so far)
+        self.t0 = 0.0
+
+    def _body(self, client: int, n: int) -> bytes:
+        return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"stream {client} turn {n}: "
+                                                          "tell me something new"}],
+                           "max_tokens": self.max_tokens, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+
+    async def _client(self, i: int, stop_at: float) -> None:
+        n = 0
+        while time.monotonic() < stop_at:
+            rec = await _request("127.0.0.1", self.port, "/v1/chat/completions", self._body(i, n), 120.0)
+            n += 1
+            if (rec["status"] == 200 and rec["done"] and rec["error"] is None
+                    and rec["finish_reason"] == "length" and rec["completion_tokens"] == self.max_tokens):
+                self.ok += 1
+            else:
+                why = rec["error"] or f"status {rec['status']} done={rec['done']} tokens={rec['completion_tokens']}"
+                self.errors[why[:160]] += 1
+                await asyncio.sleep(0.1)
+
+    async def _sampler(self, stop_at: float) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self.t0, rss_mb(self.pid), self.ok))
+            if time.monotonic() >= stop_at:
+                return
+            await asyncio.sleep(min(10.0, max(0.0, stop_at - time.monotonic())))
+
+    async def run(self) -> None:
+        self.t0 = time.monotonic()
+        stop_at = self.t0 + self.seconds
+        sampler = asyncio.create_task(self._sampler(stop_at))
+        last = 0.0
+        clients = [asyncio.create_task(self._client(i, stop_at)) for i in range(self.streams)]
+        while not all(c.done() for c in clients):
+            await asyncio.sleep(1)
+            now = time.monotonic() - self.t0
+            if now - last >= 30:
+                last = now
+                say(f"  {now:5.0f}s: {self.ok} ok, {sum(self.errors.values())} errors, "
+                    f"frontend RSS {rss_mb(self.pid):.1f} MB")
+        await asyncio.gather(*clients)
+        await sampler
+
+
+def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return
+    ts = [s[0] for s in samples]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    a.plot(ts, [s[1] for s in samples], marker=".")
+    a.axvline(warmup, color="gray", linestyle="--", label="end of warm-up")
+    a.set_ylabel("frontend RSS (MB)")
+    a.legend()
+    rates = [(s2[2] - s1[2]) / max(1e-9, s2[0] - s1[0]) for s1, s2 in itertools.pairwise(samples)]
+    b.plot(ts[1:], rates, marker=".")
+    b.set_ylabel("completed req/s")
+    b.set_xlabel("seconds")
+    fig.suptitle("soak: concurrent streams on mocker workers")
+    fig.tight_layout()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT_DIR / "soak.png", dpi=110)
+    say(f"plot: {OUT_DIR / 'soak.png'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="length of the run")
+    ap.add_argument("--streams", type=int, default=256, help="concurrent client streams")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per response")
+    ap.add_argument("--workers", type=int, default=2, help="mocker worker processes")
+    ap.add_argument("--speedup", type=float, default=1.0, help="mocker --speedup")
+    args = ap.parse_args()
+    exit_on_sigterm()
+    seconds = args.minutes * 60
+    warmup = min(60.0, max(15.0, seconds * 0.1))
+    port = free_port()
+    with Services() as s, cleanup([]) as procs:
+        env = ours_env(s.etcd_url, s.nats_url, NS)
+        worker = [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model", "tiny",
+                  "--speedup", str(args.speedup)]
+        for i in range(args.workers):
+            procs.append(Proc(f"soak-worker-{i}", worker, env))
+        procs.append(Proc("soak-frontend", [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port",
+                                            str(port)], env))
+        frontend = procs[-1]
+        wait_instances(f"http://127.0.0.1:{port}", args.workers, procs)
+        say(f"soak: {args.streams} streams x {args.max_tokens} tokens for {args.minutes:g} min on {args.workers} "
+            f"mocker workers (speedup {args.speedup:g}); warm-up {warmup:.0f}s")
+        soak = Soak(port, args.streams, args.max_tokens, seconds, frontend.pid)
+        asyncio.run(soak.run())
+        alive = {p.name: p.alive() for p in procs}
+    after = [smp for smp in soak.samples if smp[0] >= warmup]
+    start = after[0] if after else soak.samples[0]
+    end = soak.samples[-1]
+    peak = max(smp[1] for smp in soak.samples)
+    errors = sum(soak.errors.values())
+    ratio = end[1] / start[1] if start[1] else float("nan")
+    duration = end[0]
+    rows: list[list[Any]] = [
+        ["requests completed", soak.ok], ["errors", errors], ["requests/s", soak.ok / max(1e-9, duration)],
+        ["frontend RSS at warm-up end (MB)", start[1]], ["frontend RSS at end (MB)", end[1]],
+        ["frontend RSS peak (MB)", peak], ["RSS end / start", ratio],
+        ["processes alive at end", f"{sum(alive.values())}/{len(alive)}"],
+    ]
+    print(table(["soak", "value"], rows, first_width=36))
+    for why, n in soak.errors.most_common(5):
+        print(f"  error x{n}: {why}")
+    plot(soak.samples, warmup)
+    passed = errors == 0 and ratio < 1.10 and all(alive.values())
+    say("PASS" if passed else "FAIL")
+    print(json.dumps({"bench": "soak", "ours": errors, "baseline": 0, "ratio": round(ratio, 4), "unit": "errors"}))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

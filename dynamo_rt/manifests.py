@@ -17,6 +17,11 @@ RBG facts this module relies on (RBG v0.8.0-alpha.5 sources):
   ``LeaderWorkerSet`` kinds, so those would each need a copy of the shared template).
 - A CoordinatedPolicy applies to the RoleBasedGroup of the same name and namespace.
 - Pods carry ``rbg.workloads.x-k8s.io/group-name`` and ``rbg.workloads.x-k8s.io/role-name`` labels.
+
+KV host tier: prefill workers get a memory-backed emptyDir (``KV_HOST_TIER_VOLUME``) and worker flags pointing
+the KV block manager's host tier (``workers.reference.kvbm``) at a file in it. An emptyDir lives as long as
+the pod, and an in-place update (``InPlaceIfPossible``, image-only change) restarts the container inside the
+same pod, so the new process finds the file and serves the prefixes the old one cached.
 """
 
 from __future__ import annotations
@@ -70,6 +75,11 @@ DEFAULT_DYN_NAMESPACE = "dynamo"
 DEFAULT_RDMA_RESOURCE = "rdma/hca"
 GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_SHM_SIZE = "32Gi"
+KV_HOST_TIER_VOLUME = "kv-host-tier"
+KV_HOST_TIER_MOUNT = "/kv-host-tier"
+KV_HOST_TIER_FILE = f"{KV_HOST_TIER_MOUNT}/host.kv"
+DEFAULT_KV_HOST_TIER_GIB = 64
+KV_HOST_TIER_ROLES = ("prefill",)
 DEFAULT_NODES = 2
 
 ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.17"
@@ -119,6 +129,7 @@ class ManifestSpec:
     dyn_namespace: str = DEFAULT_DYN_NAMESPACE
     rdma_resource: str = DEFAULT_RDMA_RESOURCE
     shm_size: str = DEFAULT_SHM_SIZE
+    kv_host_tier_gib: int = DEFAULT_KV_HOST_TIER_GIB  # prefill workers' host KV tier volume; 0: none
     partition: int = 0
     coordination: str = "policy"
 
@@ -179,6 +190,8 @@ def validate_spec(spec: ManifestSpec) -> None:
         raise InvalidRequest("inline coordination exists only in v1alpha1", param="coordination")
     if spec.partition < 0:
         raise InvalidRequest("partition must be >= 0", param="partition")
+    if spec.kv_host_tier_gib < 0:
+        raise InvalidRequest("kv host tier size must be >= 0 GiB", param="kv_host_tier_gib")
     for role, shape in spec.roles:
         if shape.replicas < 1:
             raise InvalidRequest(f"{role}: replicas must be >= 1", param=f"{role}_replicas")
@@ -266,6 +279,16 @@ def _frontend_patch(spec: ManifestSpec) -> dict[str, Any]:
     }
 
 
+def kv_host_tier_file_gib(volume_gib: int) -> int:
+    """The tier file's size for a volume of ``volume_gib``: a memory emptyDir that outgrows its sizeLimit
+    gets the pod evicted, so the file (index included) leaves 1/32 of the volume, at least 1 GiB, free."""
+    return volume_gib - max(1, -(-volume_gib // 32))
+
+
+def _has_kv_host_tier(spec: ManifestSpec, role: str) -> bool:
+    return role in KV_HOST_TIER_ROLES and kv_host_tier_file_gib(spec.kv_host_tier_gib) > 0
+
+
 def worker_args(spec: ManifestSpec, role: str, shape: RoleShape) -> list[str]:
     args = [
         "worker", "--engine", spec.backend, "--mode", ROLE_MODE[role],
@@ -282,6 +305,9 @@ def worker_args(spec: ManifestSpec, role: str, shape: RoleShape) -> list[str]:
             "--node-rank", "$(RBG_LWP_WORKER_INDEX)",
             "--dist-init-addr", f"$(RBG_LWP_LEADER_ADDRESS):{DIST_INIT_PORT}",
         ]
+    if _has_kv_host_tier(spec, role):
+        args += ["--kv-host-tier-path", KV_HOST_TIER_FILE,
+                 "--kv-host-tier-gib", str(kv_host_tier_file_gib(spec.kv_host_tier_gib))]
     return args
 
 
@@ -298,13 +324,14 @@ def _worker_patch(spec: ManifestSpec, role: str, shape: RoleShape) -> dict[str, 
     }
     if shape.nodes > 1:
         container["ports"] = [{"name": "dist-init", "containerPort": DIST_INIT_PORT, "protocol": "TCP"}]
-    return {
-        "spec": {
-            # NCCL and the engines' worker processes exchange tensors through /dev/shm.
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
-            "containers": [container],
-        },
-    }
+    # NCCL and the engines' worker processes exchange tensors through /dev/shm.
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
+    if _has_kv_host_tier(spec, role):
+        # Outlives the container (not the pod): an in-place update keeps the KV blocks it holds.
+        volumes.append({"name": KV_HOST_TIER_VOLUME,
+                        "emptyDir": {"medium": "Memory", "sizeLimit": f"{spec.kv_host_tier_gib}Gi"}})
+        container["volumeMounts"].append({"name": KV_HOST_TIER_VOLUME, "mountPath": KV_HOST_TIER_MOUNT})
+    return {"spec": {"volumes": volumes, "containers": [container]}}
 
 
 def _rollout(spec: ManifestSpec) -> dict[str, Any]:
@@ -793,6 +820,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="RDMA extended resource for disagg / multi-node pods ('' for none)")
     flag(p, "--partition", env="DYN_MANIFEST_PARTITION", type=int, default=0,
          help="initial rollingUpdate.partition of worker roles")
+    flag(p, "--kv-host-tier-gib", env="DYN_MANIFEST_KV_HOST_TIER_GIB", type=int, default=DEFAULT_KV_HOST_TIER_GIB,
+         help="GiB of the memory-backed volume holding the prefill workers' host KV tier (0: none)")
     for role in ("worker", "prefill", "decode"):
         flag(p, f"--{role}-tp", env=f"DYN_MANIFEST_{role.upper()}_TP", type=int, default=None,
              help=f"{role} tensor-parallel size (default: the preset's)")
@@ -870,7 +899,7 @@ def spec_from_args(args: argparse.Namespace) -> ManifestSpec:
         model_path=args.model_path, served_model_name=args.served_model_name, model_pvc=args.model_pvc,
         router_mode=args.router_mode, etcd_url=args.etcd_url, nats_url=args.nats_url,
         dyn_namespace=args.dyn_namespace, rdma_resource=args.rdma_resource, partition=args.partition,
-        coordination=args.coordination,
+        coordination=args.coordination, kv_host_tier_gib=args.kv_host_tier_gib,
     )
 
 

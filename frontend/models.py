@@ -100,7 +100,8 @@ class ModelManager:
                             payload = getattr(frame, "payload", b"")
                             if payload:
                                 snap = msgspec.msgpack.decode(payload)
-                                sm.indexer.resync(iid, snap["hashes"], seq=snap["seq"])
+                                sm.indexer.resync(iid, snap["hashes"], seq=snap["seq"],
+                                                  other_tiers=snap.get("tiers"))
                         log.info("resynced KV index of worker %s (model %r)", iid, sm.name)
                     except errors.DynamoError as exc:
                         log.warning("KV resync of %s failed: %s", iid, exc)
@@ -118,6 +119,9 @@ class ModelManager:
         for name, insts in by_model.items():
             sm = self.models.get(name)
             if sm is not None:
+                if sm.indexer is not None:
+                    for iid in insts.keys() - sm.instances.keys():
+                        sm.indexer.mark_resync(iid)  # events it sent before we knew it were dropped
                 sm.instances = insts
                 for iid in list(sm.loads):
                     if iid not in insts:

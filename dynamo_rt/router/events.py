@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -74,8 +74,9 @@ class RouterEvents:
     def pending_resyncs(self) -> list[str]:
         return self.indexer.pending_resyncs()
 
-    def resync(self, worker_id: str, hashes: Iterable[int], *, seq: int | None = None) -> None:
-        self.indexer.resync(worker_id, hashes, seq=seq)
+    def resync(self, worker_id: str, hashes: Iterable[int], *, seq: int | None = None,
+               other_tiers: Mapping[str, Iterable[int]] | None = None) -> None:
+        self.indexer.resync(worker_id, hashes, seq=seq, other_tiers=other_tiers)
 
     def remove_worker(self, worker_id: str) -> None:
         self.indexer.remove_worker(worker_id)

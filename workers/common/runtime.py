@@ -276,7 +276,11 @@ class WorkerRuntime:
         self._flush_kv_events()
         hashes = self.engine.cached_block_hashes()
         # seq: the last batch this snapshot includes (-1: none yet)
-        yield Data(seq=0, token_ids=[], payload=encode({"seq": self._kv_seq - 1, "hashes": hashes}))
+        snap: dict[str, Any] = {"seq": self._kv_seq - 1, "hashes": hashes}
+        by_tier = getattr(self.engine, "cached_block_hashes_by_tier", None)
+        if by_tier is not None:
+            snap["tiers"] = by_tier()  # lower tiers (host / disk) of engines that have them
+        yield Data(seq=0, token_ids=[], payload=encode(snap))
         yield Final(seq=0, finish_reason="stop")
 
     # ------------------------------------------------------------------ events

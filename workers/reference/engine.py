@@ -31,6 +31,18 @@ Disaggregation
     then ``generate`` awaits ``kv_loader(params, local_block_ids)`` (see :data:`KvLoader`) on the loop;
     on success the sequence continues from ``first_token`` without recomputing the prompt; if the loader
     is unset or raises, the prompt is prefilled locally and the request still completes.
+
+Lower KV tiers (:mod:`workers.reference.kvbm`, optional: ``host_tier_path`` / ``disk_tier_path``)
+  * Every block registered in the prefix cache is queued for a copy into the host tier (or the disk tier
+    without one); the copy holds a reference on the block until it is done, and queued copies are dropped
+    when the scheduler is short of blocks (:meth:`ReferenceEngine._reclaim_locked`).
+  * Admission looks past the primary prefix hit into the tiers: a hit there is pinned, primary blocks are
+    allocated and the sequence waits in ``ONBOARDING`` while a tier thread fills them; the step thread keeps
+    stepping the others. Then it is an ordinary prefix hit (``cached_tokens`` counts the onboarded tokens).
+    A small host-only run (``onboard_sync_bytes``) is copied at once by the step thread instead: the blocks
+    join the primary prefix cache and the sequence is admitted in the same step.
+  * Tier events (``KvEvent.tier`` = host / disk) go out like primary ones; the blocks a restarted worker
+    found in its host tier are announced when the event sink is set.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from dynamo_rt.errors import DynamoError, ErrorCode, InvalidRequest, Unavailable
 from dynamo_rt.protocol import FinishReason, GenerateRequest, KvEvent, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
 from workers.reference.kv_cache import BlockManager, KvPool
+from workers.reference.kvbm import KvTiers, OnboardJob, TierConfig, model_fingerprint, open_tiers
 from workers.reference.model import (
     DecoderModel,
     ModelConfig,
@@ -86,6 +99,7 @@ MAX_LOGPROBS = 20
 class _State(Enum):
     WAITING = "waiting"  # in the waiting queue, no blocks (or needs local blocks for a KV load)
     LOADING = "loading"  # blocks allocated, the kv_loader is filling them (not scheduled)
+    ONBOARDING = "onboarding"  # blocks allocated, a KV tier thread is filling them from host / disk
     RUNNING = "running"  # admitted: prefilling or decoding
     FINISHED = "finished"  # done or cancelled: its blocks are released (or pinned)
 
@@ -108,7 +122,8 @@ class _Seq:
     state: _State = _State.WAITING
     wants_load: bool = False  # decode request whose prompt KV a kv_loader provides
     load_future: asyncio.Future[list[int]] | None = None
-    cancelled: bool = False  # cancelled while part of an in-flight step: free after it
+    cancelled: bool = False  # cancelled while part of an in-flight step or an onboard: free after it
+    no_onboard: bool = False  # an onboard failed: recompute instead
     sent_first: bool = False
 
     @property
@@ -147,6 +162,15 @@ class ReferenceEngine:
         max_num_seqs: int = 128,
         threads: int | None = None,
         pin_timeout: float = 60.0,
+        host_tier_path: str | None = None,
+        host_tier_bytes: int | None = None,
+        host_tier_blocks: int | None = None,
+        disk_tier_path: str | None = None,
+        disk_tier_bytes: int | None = None,
+        disk_tier_blocks: int | None = None,
+        onboard_min_blocks: int = 1,
+        onboard_sync_bytes: int = 8 * 2**20,
+        tier_drain_s: float = 5.0,
     ) -> None:
         self.model_path = Path(model_path)
         self.cfg = ModelConfig.load(self.model_path)
@@ -167,6 +191,12 @@ class ReferenceEngine:
         # wide as the machine stalls whenever the loop thread takes one of its cores.
         self.torch_threads = threads or (max(1, _cpu_count() - 1) if self.device.type == "cpu" else None)
         self.pin_timeout = pin_timeout
+        self.tier_config = TierConfig(host_path=host_tier_path, host_bytes=host_tier_bytes,
+                                      host_blocks=host_tier_blocks, disk_path=disk_tier_path,
+                                      disk_bytes=disk_tier_bytes, disk_blocks=disk_tier_blocks)
+        self.onboard_min_blocks = max(1, onboard_min_blocks)
+        self.onboard_sync_bytes = onboard_sync_bytes
+        self.tier_drain_s = tier_drain_s
         self.info = ModelInfo(
             name=served_model_name or self.model_path.name,
             path=str(self.model_path),
@@ -182,6 +212,8 @@ class ReferenceEngine:
         self.model: DecoderModel | None = None
         self.pool: KvPool | None = None
         self._bm: BlockManager | None = None
+        self._tiers: KvTiers | None = None
+        self._announce = False  # blocks found in the tiers at start, not yet told to an event sink
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,6 +223,7 @@ class ReferenceEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._loading: set[_Seq] = set()
+        self._onboarding: set[_Seq] = set()
         self._inflight: set[_Seq] = set()
         self._pins: dict[str, _Pin] = {}
         self._order = itertools.count()
@@ -240,6 +273,22 @@ class ReferenceEngine:
         log.info("reference engine: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), loaded in %.1fs",
                  self.model_path, self.device, self.dtype, n, self.block_size, self.pool.total_bytes / 2**20,
                  time.monotonic() - t0)
+        if self.tier_config.enabled:
+            self._open_tiers()
+
+    def _open_tiers(self) -> None:
+        assert self.pool is not None
+        cfg = self.cfg
+        dtype = str(self.dtype).removeprefix("torch.")
+        fp = model_fingerprint(self.model_path, dtype=dtype, block_size=self.block_size,
+                               num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                               block_bytes=self.pool.block_bytes)
+        host, disk = open_tiers(self.tier_config, fp, self.pool.block_bytes)
+        if host is None and disk is None:
+            return
+        blocks = self.pool.tensor.view(torch.uint8).reshape(self.pool.num_blocks, self.pool.block_bytes)
+        self._tiers = KvTiers(blocks, host, disk, emit=self._tier_emit, release=self._tier_release)
+        self._announce = True
 
     async def stop(self) -> None:
         th = self._thread
@@ -249,12 +298,18 @@ class ReferenceEngine:
         self._wake.set()
         await asyncio.to_thread(th.join)
         self._thread = None
+        tiers = self._tiers
+        if tiers is not None:
+            # Lets queued offloads land (a restarted worker finds them) and fails queued onboards, whose
+            # sequences go back to the waiting queue and are failed below.
+            await asyncio.to_thread(tiers.shutdown, self.tier_drain_s)
         err = Unavailable("engine stopped")
         with self._lock:
-            seqs = list(self._waiting) + self._running + list(self._loading)
+            seqs = list(self._waiting) + self._running + list(self._loading) + list(self._onboarding)
             self._waiting.clear()
             self._running.clear()
             self._loading.clear()
+            self._onboarding.clear()
             for s in seqs:
                 self._finish_locked(s)
                 s.queue.put_nowait(err)
@@ -267,6 +322,9 @@ class ReferenceEngine:
             self._inflight.clear()
             self._bm.clear()
             events = self._bm.take_events()
+            self._tiers = None
+        if tiers is not None:
+            tiers.close()
         if events:
             # After any event batch the step thread already queued, to keep the router's order.
             asyncio.get_running_loop().call_soon(self._emit, events)
@@ -277,7 +335,7 @@ class ReferenceEngine:
         with self._lock:
             bm = self._bm
             return EngineLoad(
-                active_requests=len(self._running) + len(self._loading),
+                active_requests=len(self._running) + len(self._loading) + len(self._onboarding),
                 waiting_requests=len(self._waiting),
                 kv_blocks_used=bm.num_used if bm else 0,
                 kv_blocks_total=self.num_blocks,
@@ -286,11 +344,26 @@ class ReferenceEngine:
             )
 
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        """Called on the event loop. The first sink after start also hears which blocks the lower tiers
+        already hold (a worker restarted on its host tier serves those prefixes at once)."""
         self._sink = sink
+        tiers = self._tiers
+        if sink is None or tiers is None or not self._announce:
+            return
+        self._announce = False
+        events = [KvEvent(kind="stored", block_hashes=hs, tier=tier)
+                  for tier, hs in tiers.inventory().items() if hs]
+        if events:
+            self._emit(events)
 
     def cached_block_hashes(self) -> list[int]:
         with self._lock:
             return list(self._bm.cache) if self._bm else []
+
+    def cached_block_hashes_by_tier(self) -> dict[str, list[int]]:
+        """Hashes held by each lower KV tier (``host`` / ``disk``), for a router resync's ``other_tiers``."""
+        tiers = self._tiers
+        return tiers.inventory() if tiers is not None else {}
 
     async def release_pin(self, pin_id: str) -> bool:
         with self._lock:
@@ -454,7 +527,7 @@ class ReferenceEngine:
         with self._lock:
             if seq.state is _State.FINISHED:
                 return
-            if seq in self._inflight:
+            if seq in self._inflight or seq.state is _State.ONBOARDING:
                 seq.cancelled = True  # the step thread frees it after the step that uses its blocks
                 return
             self._remove_locked(seq)
@@ -574,6 +647,8 @@ class ReferenceEngine:
             n = min(len(seq.tokens) - seq.num_computed, budget)
             need = self._blocks_for(seq.num_computed + n) - len(seq.blocks)
             while need > bm.num_available:
+                if self._reclaim_locked(need - bm.num_available):
+                    continue
                 victim = next((s for s in reversed(self._running) if s not in scheduled), None)
                 if victim is None:
                     break
@@ -588,7 +663,8 @@ class ReferenceEngine:
             scheduled.add(seq)
             budget -= n
         # 2. admissions.
-        while self._waiting and budget > 0 and len(self._running) + len(self._loading) < self.max_num_seqs:
+        while self._waiting and budget > 0 and \
+                len(self._running) + len(self._loading) + len(self._onboarding) < self.max_num_seqs:
             seq = self._waiting[0]
             if seq.wants_load:
                 need = self._blocks_for(seq.prompt_len)
@@ -605,10 +681,20 @@ class ReferenceEngine:
             n_full = (len(seq.tokens) - 1) // self.block_size
             self._ensure_hashes(seq, n_full)
             hit = bm.match(seq.hashes[:n_full])
+            if self._tiers is not None and len(hit) < n_full and not seq.no_onboard:
+                started = self._start_onboard_locked(seq, hit, n_full, budget)
+                if started is None:
+                    break
+                if started:
+                    continue
+                hit = bm.match(seq.hashes[:n_full])  # a synchronous onboard grew the primary prefix
             start = len(hit) * self.block_size
             n = min(len(seq.tokens) - start, budget)
             need = self._blocks_for(start + n) - len(hit)
-            if need > bm.num_available - bm.num_evictable_in(hit):
+            room = bm.num_available - bm.num_evictable_in(hit)
+            if need > room and self._reclaim_locked(need - room):
+                room = bm.num_available - bm.num_evictable_in(hit)
+            if need > room:
                 break
             self._waiting.popleft()
             bm.acquire(hit)
@@ -625,6 +711,105 @@ class ReferenceEngine:
         if not chosen:
             return None
         return self._build_plan(chosen)
+
+    # ----------------------------------------------------------------------------------------- KV tiers
+
+    def _reclaim_locked(self, need: int) -> bool:
+        """Short of ``need`` blocks: drop queued tier offloads that alone hold blocks. True if any freed."""
+        tiers, bm = self._tiers, self._bm
+        if tiers is None or bm is None:
+            return False
+        blocks = tiers.reclaim(need, lambda b: bm.ref[b] == 1)
+        if blocks:
+            bm.release(blocks)
+        return bool(blocks)
+
+    def _start_onboard_locked(self, seq: _Seq, hit: list[int], n_full: int, budget: int) -> bool | None:
+        """Onboard the blocks past ``seq``'s primary ``hit`` that the lower tiers hold.
+        True: ``seq`` is admitted into ONBOARDING (popped from the waiting queue); False: admit it normally
+        (no tier hit, or a small host run was just copied into the primary prefix cache); None: not enough
+        free blocks now."""
+        tiers, bm, bs = self._tiers, self._bm, self.block_size
+        assert tiers is not None and bm is not None and self.pool is not None
+        job = tiers.pin_prefix(seq.hashes[len(hit):n_full])
+        if job is None:
+            return False
+        if len(job) < self.onboard_min_blocks:
+            tiers.unpin(job)
+            return False
+        sync = not job.touches_disk and len(job) * self.pool.block_bytes <= self.onboard_sync_bytes
+        if sync:
+            # Room for the whole admission that follows, not just the copy: else the copied blocks would
+            # sit evictable while the sequence waits, and be copied again at the next attempt.
+            start = (len(hit) + len(job)) * bs
+            need = self._blocks_for(start + min(len(seq.tokens) - start, budget)) - len(hit)
+        else:
+            need = len(job)
+        room = bm.num_available - bm.num_evictable_in(hit)
+        if need > room and self._reclaim_locked(need - room):
+            room = bm.num_available - bm.num_evictable_in(hit)
+        if need > room:
+            tiers.unpin(job)
+            return None
+        if sync:
+            bm.acquire(hit)
+            new = bm.allocate(len(job))
+            try:
+                tiers.copy_now(job, new)
+                hashes = seq.hashes[len(hit):len(hit) + len(new)]
+                bm.register(list(zip(new, hashes, strict=True)), seq.hashes[len(hit) - 1] if hit else None)
+            finally:
+                bm.release(hit + new)  # cached and unreferenced: the normal admission takes them next
+            return False
+        self._waiting.popleft()
+        bm.acquire(hit)
+        new = bm.allocate(len(job))
+        seq.blocks = hit + new
+        seq.num_computed = len(hit) * self.block_size
+        seq.num_registered = len(hit)
+        seq.state = _State.ONBOARDING
+        self._onboarding.add(seq)
+        tiers.onboard(job, new, lambda ok: self._on_onboarded(seq, job, ok))
+        return True
+
+    def _on_onboarded(self, seq: _Seq, job: OnboardJob, ok: bool) -> None:
+        """From a tier thread: the onboard of ``seq`` finished (``ok``) or failed / was abandoned."""
+        with self._lock:
+            self._onboarding.discard(seq)
+            if seq.state is not _State.ONBOARDING:
+                return  # the engine stopped and already failed it
+            if seq.cancelled:
+                self._finish_locked(seq)
+            elif ok:
+                seq.num_computed = len(seq.blocks) * self.block_size
+                if not seq.sent_first:
+                    seq.cached_tokens = seq.num_computed
+                seq.state = _State.RUNNING
+                self._running.append(seq)
+                self._register_locked(seq)
+            else:
+                assert self._bm is not None
+                self._bm.release(seq.blocks)
+                seq.blocks = []
+                seq.num_computed = 0
+                seq.num_registered = 0
+                seq.no_onboard = True
+                seq.state = _State.WAITING
+                self._waiting.appendleft(seq)
+            self._flush_events_locked()
+        self._wake.set()
+
+    def _tier_emit(self, events: list[KvEvent]) -> None:
+        if self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._emit, events)
+
+    def _tier_release(self, blocks: list[int]) -> None:
+        with self._lock:
+            if self._bm is not None:
+                self._bm.release(blocks)
+        self._wake.set()
 
     def _build_plan(self, chosen: list[tuple[_Seq, int]]) -> _Plan:
         bs = self.block_size
@@ -708,8 +893,10 @@ class ReferenceEngine:
         self._ensure_hashes(seq, full)
         first = seq.num_registered
         pairs = [(seq.blocks[i], seq.hashes[i]) for i in range(first, full)]
-        self._bm.register(pairs, seq.hashes[first - 1] if first > 0 else None)
+        new = self._bm.register(pairs, seq.hashes[first - 1] if first > 0 else None)
         seq.num_registered = full
+        if new and self._tiers is not None:
+            self._tiers.offload(new, self._bm.acquire)
 
     def _postprocess_locked(self, plan: _Plan, tokens: list[int], lps: list[TokenLogprob | None]
                             ) -> list[tuple[_Seq, EngineOutput | BaseException]]:
@@ -821,13 +1008,22 @@ class ReferenceEngine:
     # ----------------------------------------------------------------------------------------- test hooks
 
     def block_stats(self) -> dict[str, int]:
-        """Used / free / cached-unreferenced block counts (tests and debugging)."""
+        """Used / free / cached-unreferenced block counts, and with KV tiers their slots, pins, queues and
+        counters (:meth:`workers.reference.kvbm.KvTiers.snapshot`) (tests, bench and debugging)."""
         with self._lock:
             bm = self._bm
             if bm is None:
                 return {"used": 0, "free": 0, "evictable": 0, "cached": 0, "pins": 0}
-            return {"used": bm.num_used, "free": len(bm.free), "evictable": len(bm.evictable),
-                    "cached": len(bm.cache), "pins": len(self._pins)}
+            out = {"used": bm.num_used, "free": len(bm.free), "evictable": len(bm.evictable),
+                   "cached": len(bm.cache), "pins": len(self._pins), "onboarding": len(self._onboarding)}
+            if self._tiers is not None:
+                out.update(self._tiers.snapshot())
+            return out
+
+    def tiers_idle(self) -> bool:
+        """No KV tier copy queued or running (tests wait for this before checking block accounting)."""
+        tiers = self._tiers
+        return tiers is None or tiers.idle()
 
 
 def _cpu_count() -> int:

@@ -36,6 +36,26 @@ def add_flags(parser: Any) -> None:
          help="torch intra-op threads (default on CPU: the usable cores minus one, left to the event loop)")
     flag(parser, "--pin-timeout", env="DYN_PIN_TIMEOUT", type=float, default=60.0,
          help="seconds a prefill worker keeps blocks pinned for a decode worker that never releases them")
+    # KV block manager tiers (workers.reference.kvbm): below the primary pool, keyed by block hash.
+    flag(parser, "--kv-host-tier-path", env="DYN_KV_HOST_TIER_PATH", default=None,
+         help="host KV tier: a file in shared memory (e.g. /dev/shm/dynamo-kv-host) that outlives the "
+              "process; a worker restarted on it serves its prefixes again (unset: no host tier)")
+    flag(parser, "--kv-host-tier-gib", env="DYN_KV_HOST_TIER_GIB", type=float, default=4.0,
+         help="host KV tier file size in GiB, index included (keep it below the volume's size)")
+    flag(parser, "--kv-host-tier-blocks", env="DYN_KV_HOST_TIER_BLOCKS", type=int, default=None,
+         help="host KV tier size in blocks (overrides --kv-host-tier-gib)")
+    flag(parser, "--kv-disk-tier-path", env="DYN_KV_DISK_TIER_PATH", default=None,
+         help="disk KV tier: a folder for its file (host-tier blocks evicted are spilled there; unset: none)")
+    flag(parser, "--kv-disk-tier-gib", env="DYN_KV_DISK_TIER_GIB", type=float, default=32.0,
+         help="disk KV tier file size in GiB, index included")
+    flag(parser, "--kv-disk-tier-blocks", env="DYN_KV_DISK_TIER_BLOCKS", type=int, default=None,
+         help="disk KV tier size in blocks (overrides --kv-disk-tier-gib)")
+    flag(parser, "--kv-onboard-min-blocks", env="DYN_KV_ONBOARD_MIN_BLOCKS", type=int, default=1,
+         help="fewest blocks a prompt must find in the host / disk tiers to load them instead of recomputing")
+    flag(parser, "--kv-onboard-sync-mib", env="DYN_KV_ONBOARD_SYNC_MIB", type=float, default=8.0,
+         help="host-tier runs up to this size are copied in by the step thread at admission (a memcpy beats "
+              "the hand-off to the copy thread, which delays the request one step); larger runs and disk reads "
+              "go through the copy / disk threads (0: always)")
 
 
 def build_engine(args: argparse.Namespace) -> ReferenceEngine:
@@ -55,4 +75,16 @@ def build_engine(args: argparse.Namespace) -> ReferenceEngine:
         max_num_seqs=getattr(args, "max_num_seqs", 128) or 128,
         threads=getattr(args, "threads", None),
         pin_timeout=getattr(args, "pin_timeout", 60.0),
+        host_tier_path=getattr(args, "kv_host_tier_path", None) or None,
+        host_tier_bytes=_gib(getattr(args, "kv_host_tier_gib", None)),
+        host_tier_blocks=getattr(args, "kv_host_tier_blocks", None),
+        disk_tier_path=getattr(args, "kv_disk_tier_path", None) or None,
+        disk_tier_bytes=_gib(getattr(args, "kv_disk_tier_gib", None)),
+        disk_tier_blocks=getattr(args, "kv_disk_tier_blocks", None),
+        onboard_min_blocks=getattr(args, "kv_onboard_min_blocks", 1) or 1,
+        onboard_sync_bytes=int(getattr(args, "kv_onboard_sync_mib", 8.0) * 2**20),
     )
+
+
+def _gib(v: float | None) -> int | None:
+    return None if v is None else int(v * 2**30)

@@ -14,7 +14,8 @@ and gathers both with one index op. K is stored in the model's RoPE pair order, 
 Prefix caching: a full block whose KV is computed is registered under its chained hash
 (:mod:`dynamo_rt.kvhash`, the hash the router computes from prompts). Blocks are reference counted; an
 unreferenced registered block stays cached (and matchable) on an LRU list until an allocation needs it,
-which is when a ``removed`` event is emitted. Each registration emits a ``stored`` event.
+which is when a ``removed`` event is emitted. Each registration emits a ``stored`` event. (With lower KV
+tiers, :mod:`workers.reference.kvbm`, a registered block is also copied down before it can be evicted.)
 """
 
 from __future__ import annotations
@@ -150,10 +151,12 @@ class BlockManager:
                 else:
                     self.free.append(b)
 
-    def register(self, pairs: list[tuple[int, int]], parent: int | None) -> None:
+    def register(self, pairs: list[tuple[int, int]], parent: int | None) -> list[tuple[int, int]]:
         """Cache full computed blocks ``[(block, hash), ...]`` (consecutive in one sequence, the first one's
         parent hash is ``parent``). A hash already cached in another block keeps that block; this one stays
-        private and is freed on release."""
+        private and is freed on release. Returns the pairs newly cached (what the lower KV tiers of
+        :mod:`workers.reference.kvbm` offload)."""
+        new: list[tuple[int, int]] = []
         run: list[int] = []
         run_parent = parent
         prev = parent
@@ -168,9 +171,11 @@ class BlockManager:
                 if not run:
                     run_parent = prev
                 run.append(h)
+                new.append((b, h))
             prev = h
         if run:
             self.events.append(KvEvent(kind="stored", block_hashes=run, parent_hash=run_parent))
+        return new
 
     def take_events(self) -> list[KvEvent]:
         ev, self.events = self.events, []

@@ -1,0 +1,130 @@
+"""Command-line flags of the SGLang engine (each with an environment twin) and the factory the worker CLI calls.
+
+Place: ``workers.main`` adds these to its parser and calls :func:`build_engine`. This module must stay cheap to
+import (every worker CLI imports it; SGLang is not installed on CPU hosts): SGLang is imported only when the
+engine starts.
+
+The common flags map to SGLang's ``ServerArgs`` fields (names of SGLang 0.5.23,
+``sglang/srt/arg_groups/fields/*.py``; the same names since 0.4): ``--tp`` -> ``tp_size``, ``--ep-size`` ->
+``ep_size``, ``--dp-size`` -> ``dp_size``, ``--nnodes`` / ``--node-rank`` / ``--dist-init-addr`` -> ``nnodes``
+/ ``node_rank`` / ``dist_init_addr``, ``--block-size`` -> ``page_size`` (so SGLang's KV events hash the
+blocks our router hashes), ``--max-model-len`` -> ``context_length``, ``--gpu-memory-utilization`` ->
+``mem_fraction_static``, ``--enforce-eager`` -> ``disable_cuda_graph``, ``--model-dtype`` -> ``dtype``. The
+reference engine's host KV tier flags (``--kv-host-tier-path`` / ``--kv-host-tier-gib``, which the manifests
+pass to every engine) parse but are not used: SGLang's own host tier is ``--extra-engine-args
+'{"enable_hierarchical_cache": true, "hicache_size": GB}'`` (pinned host memory, sized against the pod's memory
+limit). ``--mode prefill|decode`` ->
+``disaggregation_mode``; SGLang's own ``--disaggregation-mode`` (the seed's flag) is accepted too and sets
+``--mode``. ``--extra-engine-args`` (JSON) is applied last, as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from dynamo_rt.config import flag
+
+if TYPE_CHECKING:
+    from workers.sglang.engine import SglangEngine
+
+_MODES = {"null": "agg", "prefill": "prefill", "decode": "decode"}
+
+
+def add_flags(parser: Any) -> None:
+    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
+    # Shared with the vLLM and TensorRT-LLM adapters (same names, same env twins; the first one declares).
+    flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
+         help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
+    flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
+         help="vLLM / SGLang / TRT-LLM context length (default: the model's)")
+    flag(parser, "--enforce-eager", env="DYN_ENFORCE_EAGER", is_bool=True, default=False,
+         help="vLLM / SGLang / TRT-LLM: no CUDA graphs (faster start, slower steps)")
+    flag(parser, "--gpu-memory-utilization", env="DYN_GPU_MEMORY_UTILIZATION", type=float, default=None,
+         help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
+    flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
+         help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    flag(parser, "--disaggregation-mode", env="DYN_SGLANG_DISAGGREGATION_MODE", default=None,
+         choices=sorted(_MODES), help="SGLang's name for --mode (null = agg); must agree with --mode if both given")
+    flag(parser, "--disaggregation-transfer-backend", env="DYN_SGLANG_TRANSFER_BACKEND", default="nixl",
+         help="SGLang KV transfer backend of prefill / decode workers (nixl, mooncake, ...)")
+    flag(parser, "--disaggregation-bootstrap-port", env="DYN_SGLANG_BOOTSTRAP_PORT", type=int, default=8998,
+         help="SGLang prefill worker: port of its bootstrap server (decode workers connect to it)")
+    flag(parser, "--disaggregation-ib-device", env="DYN_SGLANG_IB_DEVICE", default=None,
+         help="SGLang: InfiniBand device(s) for the KV transfer (default: the backend's choice)")
+    flag(parser, "--bootstrap-host", env="DYN_SGLANG_BOOTSTRAP_HOST", default=None,
+         help="SGLang prefill worker: the address decode workers reach its bootstrap server at "
+              "(default: this host's address; in Kubernetes pass the pod IP)")
+
+
+def resolve_mode(args: argparse.Namespace) -> str:
+    """Our mode from ``--mode`` and SGLang's ``--disaggregation-mode`` (which sets ``--mode`` when it is agg)."""
+    dm = getattr(args, "disaggregation_mode", None)
+    if dm is None:
+        return str(args.mode)
+    mode = _MODES[dm]
+    if args.mode not in ("agg", mode):
+        raise SystemExit(f"--disaggregation-mode {dm} contradicts --mode {args.mode}")
+    return mode
+
+
+def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """``sglang.Engine`` keyword arguments from parsed flags (pure: no SGLang import, so tests can check it).
+
+    The KV events config and the bootstrap bind host are added by the engine (they need a socket bound at
+    start and the mode).
+    """
+    kw: dict[str, Any] = {
+        "model_path": args.model,
+        "tp_size": args.tp,
+        "ep_size": args.ep_size,
+        "dp_size": args.dp_size,
+        "page_size": args.block_size,
+        "dtype": getattr(args, "model_dtype", "auto") or "auto",
+        # Token ids in, token ids out: the frontend tokenizes and detokenizes.
+        "skip_tokenizer_init": True,
+        "log_level": "warning",
+    }
+    if args.served_model_name:
+        kw["served_model_name"] = args.served_model_name
+    if getattr(args, "max_model_len", None):
+        kw["context_length"] = args.max_model_len
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        kw["mem_fraction_static"] = args.gpu_memory_utilization
+    if getattr(args, "enforce_eager", False):
+        kw["disable_cuda_graph"] = True
+    if args.nnodes > 1:
+        if not args.dist_init_addr:
+            raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        kw.update(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
+    if mode != "agg":
+        kw["disaggregation_mode"] = mode
+        kw["disaggregation_transfer_backend"] = args.disaggregation_transfer_backend
+        kw["disaggregation_bootstrap_port"] = args.disaggregation_bootstrap_port
+        if args.disaggregation_ib_device:
+            kw["disaggregation_ib_device"] = args.disaggregation_ib_device
+    if args.extra_engine_args:
+        try:
+            extra = json.loads(args.extra_engine_args)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
+        if not isinstance(extra, dict):
+            raise SystemExit("--extra-engine-args: a JSON object is expected")
+        kw.update(extra)
+    return kw
+
+
+def build_engine(args: argparse.Namespace) -> SglangEngine:
+    from workers.sglang.engine import SglangEngine
+
+    # The runtime registers the instance with args.mode: SGLang's --disaggregation-mode must reach it.
+    args.mode = resolve_mode(args)
+    return SglangEngine(
+        model_path=args.model,
+        served_model_name=args.served_model_name,
+        mode=args.mode,
+        engine_kwargs=engine_kwargs(args, args.mode),
+        bootstrap_host=args.bootstrap_host,
+        kv_events=bool(args.kv_events),
+    )

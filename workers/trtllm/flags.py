@@ -1,0 +1,92 @@
+"""Command-line flags of the TensorRT-LLM engine (each with an environment twin) and the factory the CLI calls.
+
+Place: ``workers.main`` adds these to its parser and calls :func:`build_engine`. This module must stay cheap to
+import (every worker CLI imports it; TensorRT-LLM is not installable on CPU hosts): TensorRT-LLM is imported only
+when the engine starts.
+
+The common flags map to the LLM API's arguments (``tensorrt_llm.LLM(**kwargs)``, PyTorch backend, names of
+TensorRT-LLM 1.x ``tensorrt_llm/llmapi/llm_args.py``): ``--tp`` -> ``tensor_parallel_size``, ``--ep-size`` ->
+``moe_expert_parallel_size``, ``--max-model-len`` -> ``max_seq_len``, ``--gpu-memory-utilization`` ->
+``kv_cache_config.free_gpu_memory_fraction``, ``--block-size`` -> ``kv_cache_config.tokens_per_block`` (where
+this TensorRT-LLM has it), ``--enforce-eager`` -> ``cuda_graph_config=None``, ``--model-dtype`` -> ``dtype``.
+Prefill / decode workers get ``cache_transceiver_config.backend`` (``--cache-transceiver-backend``, NIXL by
+default); prefill workers run without the overlap scheduler, as TensorRT-LLM's disaggregated examples do.
+Multi-node instances are launched by MPI (``mpirun ... trtllm-llmapi-launch python -m workers --engine
+trtllm``): ``--nnodes`` / ``--node-rank`` are not used by this engine. ``--extra-engine-args`` (JSON) is
+applied last, as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from dynamo_rt.config import flag
+
+if TYPE_CHECKING:
+    from workers.trtllm.engine import TrtllmEngine
+
+
+def add_flags(parser: Any) -> None:
+    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
+    # Shared with the vLLM and SGLang adapters (same names, same env twins; the first one declares).
+    flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
+         help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
+    flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
+         help="vLLM / SGLang / TRT-LLM context length (default: the model's)")
+    flag(parser, "--enforce-eager", env="DYN_ENFORCE_EAGER", is_bool=True, default=False,
+         help="vLLM / SGLang / TRT-LLM: no CUDA graphs (faster start, slower steps)")
+    flag(parser, "--gpu-memory-utilization", env="DYN_GPU_MEMORY_UTILIZATION", type=float, default=None,
+         help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
+    flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
+         help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    flag(parser, "--cache-transceiver-backend", env="DYN_TRTLLM_CACHE_TRANSCEIVER_BACKEND", default="NIXL",
+         choices=["DEFAULT", "NIXL", "UCX", "MPI"],
+         help="TRT-LLM prefill / decode workers: the KV cache transceiver's backend")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``tensorrt_llm.LLM`` keyword arguments from parsed flags (pure: no TensorRT-LLM import).
+
+    ``kv_cache_config`` is a plain dict here; the engine drops ``tokens_per_block`` where this TensorRT-LLM's
+    ``KvCacheConfig`` does not have it, and turns on what KV events need.
+    """
+    kv_cache: dict[str, Any] = {"enable_block_reuse": True, "tokens_per_block": args.block_size}
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        kv_cache["free_gpu_memory_fraction"] = args.gpu_memory_utilization
+    kw: dict[str, Any] = {
+        "model": args.model,
+        "tokenizer": args.model,
+        "tensor_parallel_size": args.tp,
+        "dtype": getattr(args, "model_dtype", "auto") or "auto",
+        "kv_cache_config": kv_cache,
+        # Iteration stats feed our load metrics (get_stats_async).
+        "enable_iter_perf_stats": True,
+    }
+    if args.ep_size > 1:
+        kw["moe_expert_parallel_size"] = args.ep_size
+    if getattr(args, "max_model_len", None):
+        kw["max_seq_len"] = args.max_model_len
+    if getattr(args, "enforce_eager", False):
+        kw["cuda_graph_config"] = None
+    if args.mode != "agg":
+        kw["cache_transceiver_config"] = {"backend": args.cache_transceiver_backend}
+        if args.mode == "prefill":
+            kw["disable_overlap_scheduler"] = True
+    if args.extra_engine_args:
+        try:
+            extra = json.loads(args.extra_engine_args)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
+        if not isinstance(extra, dict):
+            raise SystemExit("--extra-engine-args: a JSON object is expected")
+        kw.update(extra)
+    return kw
+
+
+def build_engine(args: argparse.Namespace) -> TrtllmEngine:
+    from workers.trtllm.engine import TrtllmEngine
+
+    return TrtllmEngine(model_path=args.model, served_model_name=args.served_model_name, mode=args.mode,
+                        engine_kwargs=engine_kwargs(args), kv_events=bool(args.kv_events))

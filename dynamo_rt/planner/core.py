@@ -1,0 +1,720 @@
+"""The planner's arithmetic: load predictors, the per-replica performance profile, the replica formulas,
+clamping, scale-down stabilization and scale-to-zero. Pure logic, no I/O.
+
+Its place: :mod:`dynamo_rt.planner.metrics` turns the frontend's Prometheus counters into one
+:class:`Observation` per adjustment interval, :class:`Planner` turns observations into target replica
+counts (:class:`Decision`), and a connector (:mod:`dynamo_rt.planner.connectors`) applies them.
+:mod:`dynamo_rt.planner.runner` is the loop that ties the three together.
+
+The model behind the formulas (times in seconds, rates in requests per second):
+
+- Prefill is compute-bound: a prompt of ``isl`` tokens occupies a prefill replica for ``s = ttft(isl)``
+  (the profile's TTFT of a lone request). With ``n`` replicas each one is busy ``rho = rate * s / n`` of
+  the time, and a request waits on average ``k * rho * s / (1 - rho)`` before its turn, with
+  ``k = (1 + cv2) / 2`` (Pollaczek-Khinchine, M/G/1; ``cv2`` is the squared coefficient of variation of
+  service times: 0 for identical prompts, 1 (the default) covers spread prompt lengths and scheduling
+  noise). The smallest ``n`` whose expected TTFT ``s + wait`` meets the target is::
+
+      rho_max = (target - s) / (k * s + target - s)      n = ceil(rate * s / min(rho_max, u))
+
+- Decode is bandwidth-bound: a replica running ``c`` sequences emits one token per sequence every
+  ``itl(c)`` seconds. The ITL target caps ``c`` at ``c_max`` (``itl(c_max) == target``), which caps a
+  replica's throughput at ``c_max / itl(c_max)`` tokens per second; the pool must emit ``rate * osl``::
+
+      n = ceil(rate * osl / (u * c_max / itl(c_max)))
+
+  ``u`` (``max_utilization``) keeps headroom for the bursts a mean does not show.
+
+- Aggregated workers do both jobs on one pool, so they need the sum of both pools.
+
+Observed TTFT and ITL feed back as correction factors on the profile (the stack adds hand-off, network and
+scheduling time that a profile of the engine alone does not see).
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import itertools
+import json
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from dynamo_rt.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+PROFILE_FORMAT = "dynamo-rt-profile/1"
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles"
+
+# Pools a planner sizes. Disaggregated deployments have prefill + decode, aggregated ones agg.
+PREFILL = "prefill"
+DECODE = "decode"
+AGG = "agg"
+
+Replicas = dict[str, int]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Observations
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the frontend saw during one interval (counter deltas) plus gauges read at its end."""
+
+    duration_s: float
+    requests: float = 0.0  # requests that got their first token (arrivals, shifted by their TTFT)
+    completed: float = 0.0  # requests that finished
+    input_tokens: float = 0.0
+    output_tokens: float = 0.0
+    ttft_sum: float = 0.0
+    ttft_count: float = 0.0
+    itl_sum: float = 0.0
+    itl_count: float = 0.0
+    inflight: float = 0.0  # requests in flight at the end of the interval
+    demand: float = 0.0  # requests turned away or parked for want of a worker (the scale-from-zero signal)
+    arrivals: float | None = None  # requests counted as they came in, when the frontend exports that count
+
+    @property
+    def rate(self) -> float:
+        n = self.requests if self.arrivals is None else self.arrivals
+        return n / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def isl(self) -> float | None:
+        n = self.requests if self.arrivals is None else self.arrivals
+        return self.input_tokens / n if n > 0 else None
+
+    @property
+    def osl(self) -> float | None:
+        return self.output_tokens / self.completed if self.completed > 0 else None
+
+    @property
+    def mean_ttft(self) -> float | None:
+        return self.ttft_sum / self.ttft_count if self.ttft_count > 0 else None
+
+    @property
+    def mean_itl(self) -> float | None:
+        return self.itl_sum / self.itl_count if self.itl_count > 0 else None
+
+    @property
+    def idle(self) -> bool:
+        return (self.requests <= 0 and self.completed <= 0 and self.inflight <= 0 and self.demand <= 0
+                and not self.arrivals)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Predictors
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Predicts the next value of a series from the values seen so far. Plug-ins implement this."""
+
+    def add(self, value: float) -> None: ...
+
+    def predict(self) -> float | None: ...
+
+
+class ConstantPredictor:
+    """The next value is the last one."""
+
+    def __init__(self, window: int = 1) -> None:
+        self._last: float | None = None
+
+    def add(self, value: float) -> None:
+        self._last = value
+
+    def predict(self) -> float | None:
+        return self._last
+
+
+class MovingAveragePredictor:
+    """The next value is the mean of the last ``window`` values."""
+
+    def __init__(self, window: int = 5) -> None:
+        if window < 1:
+            raise InvalidRequest("predictor window must be at least 1", param="predictor_window")
+        self._values: deque[float] = deque(maxlen=window)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def predict(self) -> float | None:
+        return sum(self._values) / len(self._values) if self._values else None
+
+
+class LinearTrendPredictor:
+    """Least-squares line through the last ``window`` values, extended one step; never below zero.
+
+    A ramp is met where it will be, not where it was; with fewer than two values it is a constant.
+    """
+
+    def __init__(self, window: int = 5) -> None:
+        if window < 2:
+            raise InvalidRequest("the linear predictor needs a window of at least 2", param="predictor_window")
+        self._values: deque[float] = deque(maxlen=window)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def predict(self) -> float | None:
+        n = len(self._values)
+        if n == 0:
+            return None
+        if n == 1:
+            return self._values[0]
+        xm = (n - 1) / 2
+        ym = sum(self._values) / n
+        sxx = sum((x - xm) ** 2 for x in range(n))
+        sxy = sum((x - xm) * (y - ym) for x, y in enumerate(self._values))
+        slope = sxy / sxx
+        return max(0.0, ym + slope * (n - xm))
+
+
+PREDICTORS: dict[str, Callable[[int], Predictor]] = {
+    "constant": ConstantPredictor,
+    "moving-average": MovingAveragePredictor,
+    "linear": LinearTrendPredictor,
+}
+
+
+def make_predictor(spec: str, window: int) -> Predictor:
+    """A predictor by name (``constant``, ``moving-average``, ``linear``) or plug-in ``module:factory``;
+    the factory is called with the window and must return an object with ``add`` and ``predict``."""
+    factory = PREDICTORS.get(spec)
+    if factory is None:
+        if ":" not in spec:
+            raise InvalidRequest(f"unknown predictor {spec!r}: one of {sorted(PREDICTORS)} or module:factory",
+                                 param="predictor")
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidRequest(f"cannot load predictor {spec!r}: {exc}", param="predictor") from None
+    pred = factory(window)
+    if not isinstance(pred, Predictor):
+        raise InvalidRequest(f"predictor {spec!r} has no add()/predict()", param="predictor")
+    return pred
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profile
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended linearly past both ends (never below 0)."""
+    if len(xs) == 1:
+        return ys[0]
+    i = bisect.bisect_left(xs, x)
+    i = min(max(i, 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return max(y, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeCurve:
+    context_length: float  # tokens of context per sequence the curve was measured at
+    concurrency: tuple[float, ...]
+    itl_s: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Per-replica performance of one engine configuration: prefill TTFT versus input length, decode ITL
+    versus concurrency (one curve per context length). Times are seconds of the profiled engine."""
+
+    prefill_isl: tuple[float, ...]
+    prefill_ttft_s: tuple[float, ...]
+    decode: tuple[DecodeCurve, ...]
+    max_concurrency: int | None = None  # the engine's running-sequence limit (max_num_seqs)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_curve("prefill", self.prefill_isl, self.prefill_ttft_s)
+        if not self.decode:
+            raise InvalidRequest("profile has no decode curve")
+        for c in self.decode:
+            _check_curve("decode", c.concurrency, c.itl_s)
+        ctx = [c.context_length for c in self.decode]
+        if ctx != sorted(set(ctx)):
+            raise InvalidRequest("profile decode curves must have increasing context lengths")
+
+    # -- queries
+
+    def ttft(self, isl: float) -> float:
+        """TTFT of a lone request of ``isl`` prompt tokens."""
+        return _interp(self.prefill_isl, self.prefill_ttft_s, isl)
+
+    def itl(self, concurrency: float, context_length: float | None = None) -> float:
+        """Inter-token latency of one replica running ``concurrency`` sequences."""
+        curves = self.decode
+        if context_length is None or len(curves) == 1:
+            c = curves[0]
+            return _interp(c.concurrency, c.itl_s, concurrency)
+        ctxs = [c.context_length for c in curves]
+        vals = [_interp(c.concurrency, c.itl_s, concurrency) for c in curves]
+        return _interp(ctxs, vals, context_length)
+
+    def concurrency_for_itl(self, target: float, context_length: float | None = None,
+                            correction: float = 1.0) -> float:
+        """Most sequences one replica can run with ``itl * correction <= target``; 0 if not even one."""
+        def f(c: float) -> float:
+            return self.itl(c, context_length) * correction
+
+        if f(1.0) > target:
+            return 0.0
+        hi_cap = float(self.max_concurrency) if self.max_concurrency else 1e6
+        lo, hi = 1.0, 2.0
+        while hi < hi_cap and f(hi) <= target:
+            lo, hi = hi, hi * 2
+        hi = min(hi, hi_cap)
+        if f(hi) <= target:
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if f(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def scaled(self, speedup: float) -> Profile:
+        """The same engine running ``speedup`` times faster (the mocker's ``--speedup``)."""
+        if speedup <= 0:
+            raise InvalidRequest("engine speedup must be > 0", param="engine_speedup")
+        return Profile(
+            prefill_isl=self.prefill_isl,
+            prefill_ttft_s=tuple(t / speedup for t in self.prefill_ttft_s),
+            decode=tuple(DecodeCurve(c.context_length, c.concurrency, tuple(t / speedup for t in c.itl_s))
+                         for c in self.decode),
+            max_concurrency=self.max_concurrency,
+            meta={**self.meta, "scaled_by_speedup": speedup},
+        )
+
+    # -- JSON
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        if data.get("format") != PROFILE_FORMAT:
+            raise InvalidRequest(f"not a {PROFILE_FORMAT} profile (format {data.get('format')!r})")
+        try:
+            pre = data["prefill"]
+            curves = tuple(
+                DecodeCurve(float(d["context_length"]), tuple(float(x) for x in d["concurrency"]),
+                            tuple(float(x) for x in d["itl_s"]))
+                for d in data["decode"]
+            )
+            mc = data.get("max_concurrency")
+            return cls(
+                prefill_isl=tuple(float(x) for x in pre["isl"]),
+                prefill_ttft_s=tuple(float(x) for x in pre["ttft_s"]),
+                decode=curves,
+                max_concurrency=int(mc) if mc else None,
+                meta={k: v for k, v in data.items() if k not in ("prefill", "decode")},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"malformed profile: {exc!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.meta, "format": PROFILE_FORMAT}
+        out["prefill"] = {"isl": list(self.prefill_isl), "ttft_s": list(self.prefill_ttft_s)}
+        out["decode"] = [{"context_length": c.context_length, "concurrency": list(c.concurrency),
+                          "itl_s": list(c.itl_s)} for c in self.decode]
+        if self.max_concurrency:
+            out["max_concurrency"] = self.max_concurrency
+        return out
+
+    @classmethod
+    def load(cls, ref: str | Path) -> Profile:
+        """A profile file, or the name of a shipped one (``mocker`` -> data/profiles/mocker.json)."""
+        path = Path(ref)
+        if not path.is_file():
+            shipped = PROFILES_DIR / f"{ref}.json"
+            if not shipped.is_file():
+                names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+                raise InvalidRequest(f"no profile file {ref!r} and no shipped profile of that name "
+                                     f"(shipped: {names})", param="profile")
+            path = shipped
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"cannot read profile {path}: {exc}", param="profile") from None
+        return cls.from_dict(data)
+
+
+def _check_curve(name: str, xs: Sequence[float], ys: Sequence[float]) -> None:
+    if not xs or len(xs) != len(ys):
+        raise InvalidRequest(f"profile {name} curve needs equally many x and y values (got {len(xs)}, {len(ys)})")
+    if any(b <= a for a, b in itertools.pairwise(xs)):
+        raise InvalidRequest(f"profile {name} curve x values must increase")
+    if any(y <= 0 or not math.isfinite(y) for y in ys):
+        raise InvalidRequest(f"profile {name} curve times must be positive")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replica formulas
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """One pool's sizing: replicas and what the model expects of them."""
+
+    replicas: int
+    feasible: bool  # False: the target is below what one replica does unloaded; sized for low queueing
+    utilization: float  # busy share of each replica at this size
+    expected_latency: float  # expected TTFT (prefill) or ITL (decode) in seconds at this size
+    detail: str = ""
+
+
+def prefill_wait(rho: float, service: float, cv2: float = 1.0) -> float:
+    """Mean wait before service of an M/G/1 queue at utilization ``rho`` whose service times have squared
+    coefficient of variation ``cv2`` (inf at or past saturation)."""
+    if rho >= 1.0:
+        return math.inf
+    return (1.0 + cv2) / 2.0 * rho * service / (1.0 - rho)
+
+
+def prefill_replicas(rate: float, isl: float, profile: Profile, ttft_target: float, *,
+                     correction: float = 1.0, max_utilization: float = 0.9, cv2: float = 1.0) -> PoolPlan:
+    """Prefill replicas so the expected TTFT of ``rate`` requests/s of ``isl`` tokens meets the target."""
+    s = profile.ttft(isl) * correction
+    if rate <= 0:
+        return PoolPlan(0, s <= ttft_target, 0.0, s, "no load")
+    slack = ttft_target - s
+    feasible = slack > 0
+    k = (1.0 + cv2) / 2.0
+    # Past the target even unloaded: keep queueing small instead (half-busy replicas).
+    rho_max = slack / (k * s + slack) if feasible else 0.5
+    rho_max = min(rho_max, max_utilization)
+    n = max(1, math.ceil(rate * s / rho_max - 1e-9))
+    rho = rate * s / n
+    detail = f"service {s * 1e3:.1f} ms, rho_max {rho_max:.3f}"
+    return PoolPlan(n, feasible, rho, s + prefill_wait(rho, s, cv2), detail)
+
+
+def decode_replicas(rate: float, osl: float, profile: Profile, itl_target: float, *, isl: float = 0.0,
+                    correction: float = 1.0, max_utilization: float = 0.9) -> PoolPlan:
+    """Decode replicas so ``rate`` requests/s of ``osl`` output tokens run at or under the ITL target."""
+    ctx = isl + osl / 2  # mean context of a sequence over its decode
+    c_max = profile.concurrency_for_itl(itl_target, ctx, correction)
+    feasible = c_max >= 1.0
+    if not feasible:
+        c_max = 1.0  # one sequence per replica is the best the engine does
+    thpt = c_max / (profile.itl(c_max, ctx) * correction)  # tokens/s of one replica at the cap
+    if rate <= 0 or osl <= 0:
+        return PoolPlan(0, feasible, 0.0, profile.itl(1.0, ctx) * correction, "no load")
+    n = max(1, math.ceil(rate * osl / (thpt * max_utilization) - 1e-9))
+    c = _decode_concurrency(rate * osl, n, profile, ctx, correction)
+    itl = profile.itl(max(c, 1.0), ctx) * correction
+    detail = f"c_max {c_max:.1f}/replica, {thpt:.0f} tok/s/replica"
+    return PoolPlan(n, feasible, c / c_max, itl, detail)
+
+
+def _decode_concurrency(token_rate: float, n: int, profile: Profile, ctx: float, correction: float) -> float:
+    """Sequences per replica in steady state: Little's law c = (token_rate / n) * itl(c), by iteration."""
+    c = 1.0
+    for _ in range(100):
+        nxt = token_rate / n * profile.itl(max(c, 1.0), ctx) * correction
+        if profile.max_concurrency:
+            nxt = min(nxt, float(profile.max_concurrency))
+        if abs(nxt - c) < 1e-6:
+            return nxt
+        c = nxt
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clamping and stabilization
+
+
+def clamp(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, value))
+
+
+class Stabilizer:
+    """Scale-down stabilization (as Kubernetes' HPA does it): a pool shrinks only to the largest
+    recommendation of the last ``down_window_s`` seconds, so a short lull does not tear down replicas the
+    next burst needs. Scaling up is immediate unless ``up_window_s`` asks for the same for growth."""
+
+    def __init__(self, down_window_s: float, up_window_s: float = 0.0) -> None:
+        self.down_window_s = down_window_s
+        self.up_window_s = up_window_s
+        self._recs: dict[str, deque[tuple[float, int]]] = {}
+
+    def apply(self, pool: str, recommended: int, current: int, now: float) -> int:
+        recs = self._recs.setdefault(pool, deque())
+        recs.append((now, recommended))
+        keep = max(self.down_window_s, self.up_window_s)
+        while recs and recs[0][0] < now - keep - 1e-9:
+            recs.popleft()
+        down = [r for t, r in recs if t >= now - self.down_window_s - 1e-9]
+        up = [r for t, r in recs if t >= now - self.up_window_s - 1e-9]
+        up_limit = min(up)
+        down_limit = max(down)
+        if current < up_limit:
+            return up_limit
+        if current > down_limit:
+            return down_limit
+        return current
+
+    def reset(self) -> None:
+        self._recs.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The planner
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    min: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if self.min < 0 or self.max < self.min:
+            raise InvalidRequest(f"replica limits need 0 <= min <= max (got min {self.min}, max {self.max})")
+
+
+@dataclass(slots=True)
+class PlannerConfig:
+    ttft_target: float = 0.5
+    itl_target: float = 0.05
+    mode: str = "disagg"  # "disagg": prefill + decode pools; "agg": one agg pool
+    limits: dict[str, PoolLimits] = field(default_factory=lambda: {
+        PREFILL: PoolLimits(1, 8), DECODE: PoolLimits(1, 8), AGG: PoolLimits(1, 8)})
+    predictor: str = "moving-average"
+    predictor_window: int = 3
+    max_utilization: float = 0.9
+    prefill_cv2: float = 1.0  # service-time variability in the prefill queueing model
+    scale_down_window_s: float = 180.0
+    scale_up_window_s: float = 0.0
+    scale_to_zero_after_s: float = 0.0  # 0: never
+    correction: bool = True
+    correction_bounds: tuple[float, float] = (0.5, 3.0)
+    correction_window: int = 10  # intervals the correction factors average over
+    correction_min_samples: int = 20  # requests (TTFT; x10 tokens for ITL) before a factor moves
+    correction_settle_s: float = 180.0  # a pool feeds its factor only this long after its size last changed
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disagg", "agg"):
+            raise InvalidRequest(f"planner mode must be disagg or agg (got {self.mode!r})", param="mode")
+        if self.ttft_target <= 0 or self.itl_target <= 0:
+            raise InvalidRequest("TTFT and ITL targets must be > 0")
+        if not 0 < self.max_utilization <= 1:
+            raise InvalidRequest("max utilization must be in (0, 1]", param="max_utilization")
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return (PREFILL, DECODE) if self.mode == "disagg" else (AGG,)
+
+    def wake_replicas(self) -> Replicas:
+        """What a pool at zero comes back with: its minimum, at least one decode-capable replica."""
+        out = {p: self.limits[p].min for p in self.pools}
+        if self.mode == "disagg":
+            out[DECODE] = max(1, out[DECODE])
+            out[PREFILL] = max(out[PREFILL], 0)
+        else:
+            out[AGG] = max(1, out[AGG])
+        return out
+
+
+@dataclass(slots=True)
+class Decision:
+    """One adjustment: what the planner saw, predicted and decided, and why."""
+
+    time: float
+    current: Replicas
+    target: Replicas
+    reason: str
+    predicted_rate: float | None = None
+    predicted_isl: float | None = None
+    predicted_osl: float | None = None
+    recommended: Replicas = field(default_factory=dict)
+    plans: dict[str, PoolPlan] = field(default_factory=dict)
+    ttft_correction: float = 1.0
+    itl_correction: float = 1.0
+    observation: Observation | None = None
+
+    @property
+    def changed(self) -> bool:
+        return any(self.target.get(p, 0) != self.current.get(p, 0) for p in self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        obs = self.observation
+        return {
+            "time": round(self.time, 3), "current": self.current, "target": self.target, "reason": self.reason,
+            "predicted": {"rate": self.predicted_rate, "isl": self.predicted_isl, "osl": self.predicted_osl},
+            "recommended": self.recommended,
+            "plans": {p: {"replicas": v.replicas, "feasible": v.feasible, "utilization": round(v.utilization, 4),
+                          "expected_latency_s": v.expected_latency, "detail": v.detail}
+                      for p, v in self.plans.items()},
+            "correction": {"ttft": round(self.ttft_correction, 4), "itl": round(self.itl_correction, 4)},
+            "observed": None if obs is None else {
+                "duration_s": obs.duration_s, "rate": obs.rate, "isl": obs.isl, "osl": obs.osl,
+                "ttft_s": obs.mean_ttft, "itl_s": obs.mean_itl, "inflight": obs.inflight, "demand": obs.demand},
+        }
+
+
+class Planner:
+    """Observations in, target replica counts out (see the module docstring for the model)."""
+
+    def __init__(self, cfg: PlannerConfig, profile: Profile) -> None:
+        self.cfg = cfg
+        self.profile = profile
+        self._rate = make_predictor(cfg.predictor, cfg.predictor_window)
+        # Lengths are means of a few requests per interval: a trend through them extrapolates noise, so
+        # they are smoothed whatever predicts the rate.
+        self._isl: Predictor = MovingAveragePredictor(max(3, cfg.predictor_window))
+        self._osl: Predictor = MovingAveragePredictor(max(3, cfg.predictor_window))
+        self.stabilizer = Stabilizer(cfg.scale_down_window_s, cfg.scale_up_window_s)
+        self.ttft_correction = 1.0
+        self.itl_correction = 1.0
+        self._ttft_window: deque[tuple[float, float, float]] = deque(maxlen=cfg.correction_window)
+        self._itl_window: deque[tuple[float, float, float]] = deque(maxlen=cfg.correction_window)
+        self.idle_s = 0.0
+        self._last_cur: Replicas = {}
+        self._changed_at: dict[str, float] = {}
+        self.zeroed = False  # this planner took the pools to zero (after an idle spell)
+
+    def clamp(self, replicas: Mapping[str, int], keep_zero: bool = True) -> Replicas:
+        """Replica counts within each pool's [min, max]; pools at zero stay there unless ``keep_zero`` is
+        False (a planner that starts finds no idle history that would justify zero)."""
+        if keep_zero and self.at_zero(replicas):
+            return {p: 0 for p in self.cfg.pools}
+        return {p: clamp(replicas.get(p, 0), self.cfg.limits[p].min, self.cfg.limits[p].max)
+                for p in self.cfg.pools}
+
+    def at_zero(self, replicas: Mapping[str, int]) -> bool:
+        return all(replicas.get(p, 0) == 0 for p in self.cfg.pools)
+
+    # -- feedback
+
+    def _update_corrections(self, obs: Observation, current: Mapping[str, int], now: float) -> None:
+        """Observed / expected latency over the last ``correction_window`` intervals, once they hold
+        ``correction_min_samples`` samples: a few requests that happened to collide say nothing."""
+        cfg = self.cfg
+        prof = self.profile
+        pre_pool, dec_pool = (PREFILL, DECODE) if cfg.mode == "disagg" else (AGG, AGG)
+        # Replicas that are still starting (or a queue built before they came) are not the engine's speed.
+        settled = {p: now - self._changed_at.get(p, now) >= cfg.correction_settle_s for p in cfg.pools}
+        isl, ttft = obs.isl, obs.mean_ttft
+        n_pre = current.get(pre_pool, 0)
+        if isl is not None and ttft is not None and n_pre > 0 and settled[pre_pool]:
+            s = prof.ttft(isl)
+            rho = obs.rate * s / n_pre
+            # Only a lightly loaded pool tells the engine's speed apart from queueing the model may misjudge.
+            if rho < 0.5:
+                expected = s + prefill_wait(rho, s, cfg.prefill_cv2)
+                self._ttft_window.append((obs.ttft_sum, expected * obs.ttft_count, obs.ttft_count))
+                self.ttft_correction = self._window_ratio(self._ttft_window, self.ttft_correction)
+        itl = obs.mean_itl
+        n_dec = current.get(dec_pool, 0)
+        if itl is not None and n_dec > 0 and obs.duration_s > 0 and settled[dec_pool]:
+            c = obs.output_tokens / obs.duration_s * itl / n_dec  # Little's law per replica
+            ctx = (obs.isl or 0.0) + (obs.osl or 0.0) / 2
+            expected = prof.itl(max(c, 1.0), ctx)
+            self._itl_window.append((obs.itl_sum, expected * obs.itl_count, obs.itl_count))
+            self.itl_correction = self._window_ratio(self._itl_window, self.itl_correction,
+                                                     self.cfg.correction_min_samples * 10)
+
+    def _window_ratio(self, window: deque[tuple[float, float, float]], current: float,
+                      min_samples: int | None = None) -> float:
+        observed = sum(o for o, _, _ in window)
+        expected = sum(e for _, e, _ in window)
+        samples = sum(n for _, _, n in window)
+        if samples < (min_samples or self.cfg.correction_min_samples) or expected <= 0:
+            return current
+        lo, hi = self.cfg.correction_bounds
+        return clamp_f(observed / expected, lo, hi)
+
+    # -- one interval
+
+    def step(self, obs: Observation | None, current: Mapping[str, int], now: float) -> Decision:
+        """Feed one interval's observation (None: the metrics could not be read) and decide."""
+        cfg = self.cfg
+        cur = {p: int(current.get(p, 0)) for p in cfg.pools}
+        for p in cfg.pools:
+            if self._last_cur.get(p) != cur[p]:
+                self._changed_at[p] = now
+        self._last_cur = dict(cur)
+        if obs is None:
+            return Decision(now, cur, dict(cur), "no metrics this interval: holding")
+        if obs.idle:
+            self.idle_s += obs.duration_s
+        else:
+            self.idle_s = 0.0
+        at_zero = self.at_zero(cur)
+        demand = obs.demand > 0 or obs.requests > 0 or obs.inflight > 0
+        if at_zero and demand:
+            # Put there by us after an idle spell, or minimums of 0: either way a request is waiting.
+            self.zeroed = False
+            self.stabilizer.reset()
+            return Decision(now, cur, cfg.wake_replicas(), f"demand at zero ({obs.demand:g} waiting or "
+                            f"refused): waking", observation=obs)
+        if self.zeroed:
+            if at_zero:
+                return Decision(now, cur, dict(cur), "at zero, no demand", observation=obs)
+            self.zeroed = False  # someone else started workers meanwhile: plan from here
+
+        if obs.arrivals is not None:
+            self._rate.add(obs.rate)
+        else:
+            # No arrival count: the prompt tokens, counted as requests come in, over the prompt length seen
+            # so far (the first-token count lags behind a queue, the very thing to catch).
+            isl_ref = self._isl.predict() or obs.isl
+            self._rate.add(obs.input_tokens / isl_ref / obs.duration_s if isl_ref and obs.duration_s > 0
+                           else obs.rate)
+        if obs.isl is not None:
+            self._isl.add(obs.isl)
+        if obs.osl is not None:
+            self._osl.add(obs.osl)
+        if cfg.correction:
+            self._update_corrections(obs, cur, now)
+
+        if cfg.scale_to_zero_after_s > 0 and self.idle_s >= cfg.scale_to_zero_after_s and not at_zero:
+            self.zeroed = True
+            self.stabilizer.reset()
+            return Decision(now, cur, {p: 0 for p in cfg.pools},
+                            f"idle for {self.idle_s:.1f}s: scaling to zero", observation=obs,
+                            ttft_correction=self.ttft_correction, itl_correction=self.itl_correction)
+
+        rate = self._rate.predict() or 0.0
+        isl = self._isl.predict()
+        osl = self._osl.predict()
+        plans: dict[str, PoolPlan] = {}
+        raw = {p: 0 for p in cfg.pools}  # no load seen yet: the minimum
+        if isl is not None and rate > 0:
+            plans[PREFILL] = prefill_replicas(rate, isl, self.profile, cfg.ttft_target,
+                                              correction=self.ttft_correction,
+                                              max_utilization=cfg.max_utilization, cv2=cfg.prefill_cv2)
+            if osl is not None:
+                plans[DECODE] = decode_replicas(rate, osl, self.profile, cfg.itl_target, isl=isl,
+                                                correction=self.itl_correction,
+                                                max_utilization=cfg.max_utilization)
+            # No request has finished yet (a first burst): output lengths are unknown, decode holds.
+            n_dec = plans[DECODE].replicas if DECODE in plans else cur.get(DECODE, cur.get(AGG, 0))
+            if cfg.mode == "disagg":
+                raw = {PREFILL: plans[PREFILL].replicas, DECODE: n_dec}
+            else:
+                raw = {AGG: plans[PREFILL].replicas + (plans[DECODE].replicas if DECODE in plans else 0)}
+                if DECODE not in plans:
+                    raw[AGG] = max(raw[AGG], cur[AGG])
+        recommended = {p: clamp(raw[p], cfg.limits[p].min, cfg.limits[p].max) for p in cfg.pools}
+        target = {p: clamp(self.stabilizer.apply(p, recommended[p], cur[p], now),
+                           cfg.limits[p].min, cfg.limits[p].max) for p in cfg.pools}
+        held = [p for p in cfg.pools if target[p] > recommended[p]]
+        reason = "load" if not held else f"load; scale-down held by the stabilization window for {held}"
+        return Decision(now, cur, target, reason, rate, isl, osl, recommended, plans,
+                        self.ttft_correction, self.itl_correction, obs)
+
+
+def clamp_f(value: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, value))

@@ -4,9 +4,11 @@
   logprobs of the top tokens; prompt blocks come from vLLM's prefix cache the second time;
 * vLLM's KV events reach the router's subject as our chained block hashes (and the ``kv_blocks`` resync
   endpoint agrees); load metrics carry vLLM's KV pool size;
-* prefill + decode workers (vLLM's NixlConnector, ``kv_buffer_device=cpu``) through our frontend give what the
-  agg worker gives, with the KV really moved (a failed load fails the request here, and no fallback happened);
-* a vLLM worker appears in discovery and leaves it on SIGTERM.
+* prefill + decode workers (vLLM's NixlConnector; its KV buffer device defaults to ``cpu`` on a CPU platform)
+  through our frontend give what the agg worker gives, with the KV really moved (a failed load fails the request
+  here, and no fallback happened);
+* a vLLM worker appears in discovery and leaves it on SIGTERM;
+* our vLLM plugin sets NIXL up for a CPU host (``workers.vllm.plugin``).
 
 Startup is 20-60 s per instance, so each stack is started once per module. Skipped without ``.venv-vllm``
 (``scripts/setup-vllm-cpu.sh``).
@@ -368,26 +370,29 @@ def test_vllm_prefill_decode_matches_agg(pd: VllmStack, agg_completions: list[di
 
 
 def test_vllm_nixl_plugin_sets_up_agents_for_cpu() -> None:
-    """``workers.vllm.plugin`` is registered in .venv-vllm and gives vLLM's NIXL agents no progress thread (an idle
-    one keeps a core busy) and UCX error handling ``none`` (one-sided same-host reads); off, NIXL's defaults."""
+    """``workers.vllm.plugin`` is registered in .venv-vllm; on CPU the NIXL agent's own threads (its busy progress
+    thread among them) run under SCHED_IDLE and UCX gets error handling ``none``; off, NIXL's defaults."""
     code = (
-        "import json, sys\n"
+        "import json, os\n"
         "import importlib.metadata as md\n"
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
         "import nixl._api as api\n"
-        "cfg = api.nixl_agent_config(num_threads=2, capture_telemetry=True)\n"
-        "agent = api.nixl_agent('t', cfg)\n"
+        "before = set(os.listdir('/proc/self/task'))\n"
+        "agent = api.nixl_agent('t', api.nixl_agent_config(num_threads=2, capture_telemetry=True))\n"
+        "new = set(os.listdir('/proc/self/task')) - before\n"
+        "idle = sorted({os.sched_getscheduler(int(t)) == os.SCHED_IDLE for t in new})\n"
         "eps = sorted(e.value for e in md.entry_points(group='vllm.general_plugins')\n"
         "             if e.value.startswith('workers'))\n"
-        "print(json.dumps([eps, cfg.enable_pthread, agent.backend_options['UCX']]))\n"
+        "print(json.dumps([eps, bool(new), idle, agent.backend_options['UCX']]))\n"
     )
+
     def run(mode: str) -> Any:
         env = {"HF_HUB_OFFLINE": "1", "DYN_VLLM_NIXL_CPU_MODE": mode, "PATH": "/usr/bin:/bin"}
         out = subprocess.run([str(VLLM_PY), "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    assert run("auto") == [["workers.vllm.plugin:register"], False,
+    assert run("auto") == [["workers.vllm.plugin:register"], True, [True],
                            {"ucx_error_handling_mode": "none", "num_threads": "2"}]
-    assert run("0") == [["workers.vllm.plugin:register"], True, {"num_threads": "2"}]
+    assert run("0") == [["workers.vllm.plugin:register"], True, [False], {"num_threads": "2"}]

@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +243,7 @@ class SglangEngine:
                         handoff["bootstrap_room"], exc)
 
     async def _stream(self, request: GenerateRequest, bootstrap: dict[str, Any] | None
-                      ) -> AsyncIterator[EngineOutput]:
+                      ) -> AsyncGenerator[EngineOutput, None]:
         rid = request.request_id
         self._active[rid] = len(request.token_ids)
         seen = lp_seen = 0

@@ -36,7 +36,7 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/mypy
 
 test: $(TEST_STAMP) lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not long" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "==> $$b"; $(VPY) $$b || exit 1; done

@@ -9,10 +9,12 @@ Every flag has an environment twin (:func:`dynamo_rt.config.flag`).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
-from workers.reference.engine import ReferenceEngine
+
+if TYPE_CHECKING:  # the engine imports torch: only `--engine reference` pays for that
+    from workers.reference.engine import ReferenceEngine
 
 
 def add_flags(parser: Any) -> None:
@@ -59,6 +61,8 @@ def add_flags(parser: Any) -> None:
 
 
 def build_engine(args: argparse.Namespace) -> ReferenceEngine:
+    from workers.reference.engine import ReferenceEngine
+
     blocks = getattr(args, "kv_cache_blocks", None)
     if blocks is None:
         blocks = getattr(args, "num_gpu_blocks", None)

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,20 +187,39 @@ def _http_get_json(url: str, timeout: float = 1.0, context: ssl.SSLContext | Non
 
 
 class ManagedProcess:
-    """One server process: start (wait for health), stop, kill, restart on the same ports and data."""
+    """One server process on ``host``: start (wait for health), stop, kill, restart on the same ports and
+    data. ``ports`` are the ones the caller asked for, 0 meaning "pick a free one at the first start"."""
 
     name = "process"
 
-    def __init__(self, state_dir: Path, *, start_timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    def __init__(self, state_dir: Path, *, host: str, ports: tuple[int, ...], extra_args: Sequence[str] = (),
+                 start_timeout: float = DEFAULT_START_TIMEOUT) -> None:
         self.state_dir = Path(state_dir)
+        self.host = host
+        self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
         self.start_seconds: float = 0.0  # how long the last start took (spawn to healthy)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
-        self._ports_fixed = False  # ports were given by the caller or survived a successful start
+        self._requested = ports
+        self._ports_fixed = all(ports)  # ports were given by the caller or survived a successful start
+
+    def _ports(self) -> tuple[int, ...]:
+        """The requested ports, a free one in place of each 0 (picked again before each start attempt until a
+        start succeeds, since a picked port can be taken before the server binds it)."""
+        return tuple(p or free_port(self.host) for p in self._requested)
+
+    def _health_json(self, url: str, context: ssl.SSLContext | None = None) -> object:
+        """The JSON body of a health endpoint, or None while the server does not answer it (not listening
+        yet, an HTTP error such as nats-server's 503 while JetStream starts, or a body that is not JSON)."""
+        try:
+            return _http_get_json(url, timeout=1.0, context=context)
+        except (OSError, ValueError):  # urllib's URLError and HTTPError are OSErrors
+            return None
 
     # -- subclass hooks
     def _pick_ports(self) -> None:
+        """Set the server's port attributes from :meth:`_ports`."""
         raise NotImplementedError
 
     def _command(self) -> list[str]:
@@ -363,23 +381,19 @@ class EtcdServer(ManagedProcess):
         """``tls``: serve clients over HTTPS (peers stay plain: a single member has none). ``root_password``:
         on the first start of a data directory, create user ``root`` with this password and enable etcd
         auth (it is kept in the data directory, so restarts keep it)."""
-        super().__init__(state_dir, start_timeout=start_timeout)
+        super().__init__(state_dir, host=host, ports=(client_port, peer_port), extra_args=extra_args,
+                         start_timeout=start_timeout)
         if tls is not None and tls.verify_clients and tls.client_cert is None:
             raise ServiceError("etcd with verify_clients needs TlsFiles.client_cert for its health checks")
-        self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
-        self.extra_args = tuple(extra_args)
         self.tls = tls
         self.root_password = root_password
         self._binary = etcd_binary()
-        self._requested = (client_port, peer_port)
-        self._ports_fixed = client_port != 0 and peer_port != 0
         self._ssl = tls.client_context() if tls is not None else None
 
     def _pick_ports(self) -> None:
-        self.client_port = self._requested[0] or free_port(self.host)
-        self.peer_port = self._requested[1] or free_port(self.host)
+        self.client_port, self.peer_port = self._ports()
 
     @property
     def client_url(self) -> str:
@@ -464,10 +478,7 @@ class EtcdServer(ManagedProcess):
         self._auth_marker.touch()
 
     def _healthy(self) -> bool:
-        try:
-            body = _http_get_json(f"{self.client_url}/health", timeout=1.0, context=self._ssl)
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
+        body = self._health_json(f"{self.client_url}/health", self._ssl)
         return isinstance(body, dict) and body.get("health") == "true"
 
     def __repr__(self) -> str:
@@ -493,28 +504,28 @@ class NatsServer(ManagedProcess):
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        config: str = "",
     ) -> None:
         """``tls``: clients must speak TLS (the monitoring port stays plain HTTP on loopback). ``user`` +
-        ``password`` or ``token``: clients must authenticate."""
-        super().__init__(state_dir, start_timeout=start_timeout)
+        ``password`` or ``token``: clients must authenticate. ``config``: more nats-server config text (say an
+        ``operator`` / ``resolver`` block for JWT auth, where clients bring a ``.creds`` file), kept in the
+        same private config file."""
+        super().__init__(state_dir, host=host, ports=(port, monitor_port), extra_args=extra_args,
+                         start_timeout=start_timeout)
         if (user is None) != (password is None):
             raise ServiceError("nats-server auth needs both a user and a password")
         if user is not None and token is not None:
             raise ServiceError("nats-server takes a user/password or a token, not both")
-        self.host = host
         self.port = port
         self.monitor_port = monitor_port
         self.jetstream = jetstream
-        self.extra_args = tuple(extra_args)
         self.tls = tls
         self.user, self.password, self.token = user, password, token
+        self.config = config
         self._binary = nats_server_binary()
-        self._requested = (port, monitor_port)
-        self._ports_fixed = port != 0 and monitor_port != 0
 
     def _pick_ports(self) -> None:
-        self.port = self._requested[0] or free_port(self.host)
-        self.monitor_port = self._requested[1] or free_port(self.host)
+        self.port, self.monitor_port = self._ports()
 
     @property
     def url(self) -> str:
@@ -536,7 +547,7 @@ class NatsServer(ManagedProcess):
         return [*cmd, *self.extra_args]
 
     def _config_text(self) -> str:
-        """The TLS and auth blocks of a config file (secrets stay off the command line)."""
+        """The TLS, auth and extra blocks of a config file (secrets stay off the command line)."""
         lines: list[str] = []
         if self.user is not None and self.password is not None:
             lines += ["authorization {", f"  user: {_conf_string(self.user)}",
@@ -548,16 +559,13 @@ class NatsServer(ManagedProcess):
             lines += ["tls {", f"  cert_file: {_conf_string(str(t.cert))}",
                       f"  key_file: {_conf_string(str(t.key))}", f"  ca_file: {_conf_string(str(t.ca))}",
                       f"  verify: {'true' if t.verify_clients else 'false'}", "  timeout: 2", "}"]
+        if self.config:
+            lines.append(self.config.rstrip("\n"))
         return "\n".join(lines) + "\n" if lines else ""
 
     def _healthy(self) -> bool:
-        # /healthz reports ok only once JetStream (when enabled) is ready too.
-        try:
-            body = _http_get_json(f"{self.monitor_url}/healthz", timeout=1.0)
-        except urllib.error.HTTPError:
-            return False  # 503 while JetStream is still starting
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
+        # /healthz reports ok only once JetStream (when enabled) is ready too (a 503 until then).
+        body = self._health_json(f"{self.monitor_url}/healthz")
         return isinstance(body, dict) and body.get("status") == "ok"
 
     def __repr__(self) -> str:

@@ -20,7 +20,10 @@ silently dropping tokens.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -386,6 +389,10 @@ class Transport:
         if o.token:
             kwargs["token"] = o.token
         if o.creds:
+            try:
+                check_creds_file(o.creds)
+            except errors.TransportError as exc:
+                raise errors.TransportError(f"connecting to {redact_servers(o.servers)}: {exc}") from None
             kwargs["user_credentials"] = o.creds
         if o.ca or o.cert:
             import ssl
@@ -543,6 +550,61 @@ class Transport:
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             raise _nats_error(exc, f"fetching {bucket}/{name}") from None
         return bytes(res.data or b"")
+
+
+def check_creds_file(path: str) -> None:
+    """Check a NATS ``.creds`` file (user JWT + user nkey seed) before it is used; raise
+    :class:`~dynamo_rt.errors.TransportError` naming the problem, never the file's contents.
+
+    nats-py reads the file lazily at every (re)connect: a missing file or a missing ``nkeys`` package then
+    surfaces only as a connect failure retried until the timeout, and a file without a JWT block makes its
+    reader loop forever on the event loop. So the file is read once here, with the reader's own rules (the
+    line after each BEGIN marker), and the seed is checked to be the key of the JWT's user.
+    """
+    what = f"NATS credentials file {path}"
+    try:
+        import nkeys
+    except ImportError:
+        raise errors.TransportError(f"{what}: the 'nkeys' package is needed to use it (pip install nkeys)") from None
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise errors.TransportError(f"{what}: not found") from None
+    except IsADirectoryError:
+        raise errors.TransportError(f"{what}: is a directory") from None
+    except OSError as exc:
+        raise errors.TransportError(f"{what}: cannot be read ({exc.strerror})") from None
+
+    def block(marker: bytes) -> bytes:
+        for i, line in enumerate(lines[:-1]):
+            if marker in line:
+                return lines[i + 1].strip()
+        return b""
+
+    jwt = block(b"BEGIN NATS USER JWT")
+    if jwt.count(b".") != 2:
+        raise errors.TransportError(f"{what}: no user JWT (a -----BEGIN NATS USER JWT----- block)")
+    seed = block(b"BEGIN USER NKEY SEED")
+    if not seed:
+        raise errors.TransportError(f"{what}: no user nkey seed (a -----BEGIN USER NKEY SEED----- block)")
+    if not seed.startswith(b"SU"):
+        raise errors.TransportError(f"{what}: its nkey seed is not a user seed")
+    try:
+        public_key = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    except Exception:  # nkeys raises its own errors and binascii / ValueError for bad base32
+        raise errors.TransportError(f"{what}: its nkey seed is malformed") from None
+    try:
+        part = jwt.split(b".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
+        subject, expires = claims["sub"], int(claims.get("exp") or 0)
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):  # not base64 / JSON / an object
+        raise errors.TransportError(f"{what}: its user JWT is malformed") from None
+    if subject != public_key:
+        raise errors.TransportError(f"{what}: its nkey seed is not the key of its JWT's user {subject}")
+    if expires and expires <= time.time():
+        raise errors.TransportError(f"{what}: its user JWT expired at "
+                                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expires))}")
 
 
 def redact_servers(servers: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
+from dynamo_rt.errors import DynamoError
 from dynamo_rt.protocol import Mode
 from workers.common.engine import Engine, ModelInfo
 
@@ -186,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except DynamoError as exc:  # a start-up failure (bad credentials, server down): one line, no traceback
+        log.error("%s", exc)
+        return 1
     return 0
 
 

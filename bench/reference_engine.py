@@ -3,9 +3,11 @@
 Same prompts, same greedy generation length, same process. Ours: ``batch`` concurrent requests through
 :class:`workers.reference.engine.ReferenceEngine` (continuous batching, paged KV) with its default thread
 setting (usable cores minus one; the event loop keeps a core); baseline: one batched ``model.generate``
-(left padding, static batch), run with every torch thread count from 1 to the usable cores and the best
-kept, so the ratio is against transformers at its best here. Tokens/s = generated tokens over wall time
-from submit to last token (prefill included). Prints a table and a last JSON line
+(left padding, static batch, ``inference_mode``, fp32, its default cache), run with every torch thread count
+from 1 to the usable cores and the best kept, so the ratio is against transformers at its best here. The
+runs are interleaved (ours, then transformers at each thread count, repeated), so a change of machine
+load between them biases neither side; each point keeps its best repeat. Tokens/s = generated tokens over
+wall time from submit to last token (prefill included). Prints a table and a last JSON line
 ``{"bench": "reference_engine", "ours": tok/s at batch 8, "baseline": transformers tok/s at batch 8,
 "ratio": ..., "unit": "tok_per_s"}``.
 
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,40 +44,11 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return [torch.randint(10, 2000, (length,), generator=g).tolist() for _ in range(n)]
 
 
-async def ours(path: Path, ps: list[list[int]], new: int, repeat: int, threads: int | None) -> dict[int, float]:
-    eng = ReferenceEngine(
-        path, num_blocks=max(BATCHES) * 16, max_num_seqs=max(BATCHES), max_batch_tokens=2048, threads=threads
-    )
-    await eng.start()
-
-    async def one(i: int, p: list[int]) -> int:
-        req = GenerateRequest(
-            request_id=str(i),
-            token_ids=p,
-            sampling=SamplingParams(temperature=0.0),
-            stop=StopConditions(max_tokens=new, ignore_eos=True),
-        )
-        return sum([len(o.token_ids) async for o in eng.generate(req)])
-
-    out: dict[int, float] = {0: float(eng.torch_threads or 0)}
-    try:
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:8])))  # warm-up
-        for b in BATCHES:
-            best = 0.0
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                n = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:b]))))
-                best = max(best, n / (time.perf_counter() - t0))
-            out[b] = best
-    finally:
-        await eng.stop()
-    return out
-
-
-def baseline(path: Path, ps: list[list[int]], new: int, repeat: int, threads: int) -> dict[int, float]:
+def load_baseline(path: Path, new: int) -> Callable[[list[list[int]]], int]:
+    """transformers' generate on a static left-padded batch; returns a function running one batch."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
 
@@ -86,17 +60,54 @@ def baseline(path: Path, ps: list[list[int]], new: int, repeat: int, threads: in
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         return int(out[:, width:].numel())
 
-    torch.set_num_threads(threads)
-    run(ps[:8])  # warm-up
-    res: dict[int, float] = {}
-    for b in BATCHES:
-        best = 0.0
+    return run
+
+
+async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, threads: int | None, cores: int
+                  ) -> tuple[int, dict[int, float], dict[int, dict[int, float]]]:
+    """(our torch threads, ours[batch], transformers[threads][batch]): best tok/s of ``repeat`` interleaved
+    runs. transformers runs on the event loop thread while our engine is idle (no requests in flight)."""
+    eng = ReferenceEngine(
+        path, num_blocks=max(BATCHES) * 16, max_num_seqs=max(BATCHES), max_batch_tokens=2048, threads=threads
+    )
+    await eng.start()
+    our_threads = eng.torch_threads or torch.get_num_threads()
+    hf = load_baseline(path, new)
+
+    async def one(i: int, p: list[int]) -> int:
+        req = GenerateRequest(
+            request_id=str(i),
+            token_ids=p,
+            sampling=SamplingParams(temperature=0.0),
+            stop=StopConditions(max_tokens=new, ignore_eos=True),
+        )
+        return sum([len(o.token_ids) async for o in eng.generate(req)])
+
+    def hf_run(batch: list[list[int]], t: int) -> float:
+        torch.set_num_threads(t)
+        t0 = time.perf_counter()
+        n = hf(batch)
+        return n / (time.perf_counter() - t0)
+
+    mine = dict.fromkeys(BATCHES, 0.0)
+    base = {t: dict.fromkeys(BATCHES, 0.0) for t in range(1, cores + 1)}
+    try:
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:8])))  # warm-up
+        for t in base:
+            hf_run(ps[:8], t)
+        torch.set_num_threads(our_threads)
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            n = run(ps[:b])
-            best = max(best, n / (time.perf_counter() - t0))
-        res[b] = best
-    return res
+            for b in BATCHES:
+                t0 = time.perf_counter()
+                n = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(ps[:b]))))
+                mine[b] = max(mine[b], n / (time.perf_counter() - t0))
+                for t in base:
+                    base[t][b] = max(base[t][b], hf_run(ps[:b], t))
+                # MKL's thread count is process-wide: give our engine back its own setting.
+                torch.set_num_threads(our_threads)
+    finally:
+        await eng.stop()
+    return int(eng.torch_threads or 0), mine, base
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -111,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     path = ensure_tiny_model()
     ps = prompts(max(BATCHES), args.prompt_len)
-    mine = asyncio.run(ours(path, ps, args.new, args.repeat, args.threads))
-    our_threads = int(mine.pop(0))
-    per_threads = {t: baseline(path, ps, args.new, args.repeat, t) for t in range(1, cores + 1)}
+    our_threads, mine, per_threads = asyncio.run(measure(path, ps, args.new, args.repeat, args.threads, cores))
     base = {b: max(r[b] for r in per_threads.values()) for b in BATCHES}
     print(
         f"tiny model (fp32, CPU), prompt {args.prompt_len} tokens, {args.new} new tokens, greedy; "

@@ -228,6 +228,9 @@ class ReferenceEngine:
         self._pins: dict[str, _Pin] = {}
         self._order = itertools.count()
         self._arange_bs = torch.arange(block_size)
+        self._layer_rows = torch.zeros(0, dtype=torch.long)
+        self._dec_const = torch.zeros(0, dtype=torch.long)
+        self._arange_ctx = torch.zeros(0, dtype=torch.long)
         self.steps = 0  # forwards run (tests / bench)
         self.preemptions = 0
 
@@ -269,7 +272,7 @@ class ReferenceEngine:
         self.pool = KvPool(n, cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
                            self.device)
         self._bm = BlockManager(n)
-        self._arange_bs = torch.arange(self.block_size, device=self.device)
+        self._make_index_tables()
         log.info("reference engine: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), loaded in %.1fs",
                  self.model_path, self.device, self.dtype, n, self.block_size, self.pool.total_bytes / 2**20,
                  time.monotonic() - t0)
@@ -811,7 +814,25 @@ class ReferenceEngine:
                 self._bm.release(blocks)
         self._wake.set()
 
+    def _make_index_tables(self) -> None:
+        """Constant index pieces of every step's gathers (see :class:`workers.reference.model.StepBatch`),
+        on the device, so building a step's indices is a couple of broadcast ops."""
+        bs, dev = self.block_size, self.device
+        nl, kv = self.cfg.num_layers, self.cfg.num_kv_heads
+        self._arange_bs = torch.arange(bs, device=dev)
+        self._layer_rows = (torch.arange(nl, device=dev) * bs)[:, None]  # token row offset of layer l
+        # Head row of (layer l, K/V half, head h, slot t) inside a block: ((l*bs + t) * 2 + half) * KV + h,
+        # shaped [L, 2, 1(seq), KV, 1(block), bs] to broadcast against a [seq, block] table.
+        lt = (torch.arange(nl, device=dev)[:, None] * bs + self._arange_bs[None, :]).view(nl, 1, 1, 1, 1, bs)
+        half = torch.arange(2, device=dev).view(1, 2, 1, 1, 1, 1)
+        head = torch.arange(kv, device=dev).view(1, 1, 1, kv, 1, 1)
+        self._dec_const = (lt * 2 + half) * kv + head
+        self._arange_ctx = torch.arange(self._blocks_for(self.info.context_length) * bs, device=dev)
+
     def _build_plan(self, chosen: list[tuple[_Seq, int]]) -> _Plan:
+        """The step's flat token batch and every index tensor its forward needs, for all layers at once.
+        Per step: a few small host lists, one host-to-device tensor for the token rows, and O(1) tensor
+        ops for the decode gathers (no per-sequence or per-layer tensor work)."""
         bs = self.block_size
         per_block = self.cfg.num_layers * bs  # token rows per block (see StepBatch)
         dev = self.device
@@ -822,57 +843,65 @@ class ReferenceEngine:
         sample_rows: list[int] = []
         samplers: list[_Seq] = []
         dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
         prefill_meta: list[tuple[int, int, int, list[int]]] = []
         for seq, n in chosen:
             row = len(ids)
             start = seq.num_computed
-            ids.extend(seq.tokens[start:start + n])
-            for p in range(start, start + n):
-                pos.append(p)
-                widx.append(seq.blocks[p // bs] * per_block + p % bs)
+            blocks = seq.blocks
             if n == 1:
-                dec_tables.append(seq.blocks[: start // bs + 1])
-                dec_lens.append(start + 1)
+                ids.append(seq.tokens[start])
+                pos.append(start)
+                widx.append(blocks[start // bs] * per_block + start % bs)
+                dec_tables.append(blocks[: start // bs + 1])
             else:
-                prefill_meta.append((row, n, start, seq.blocks[: (start + n - 1) // bs + 1]))
+                ids.extend(seq.tokens[start:start + n])
+                pos.extend(range(start, start + n))
+                widx.extend([blocks[p // bs] * per_block + p % bs for p in range(start, start + n)])
+                prefill_meta.append((row, n, start, blocks[: (start + n - 1) // bs + 1]))
             if start + n == len(seq.tokens):
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
-            self._inflight.add(seq)
+        self._inflight.update(seq for seq, _ in chosen)
+        n_tok = len(ids)
+        rows = torch.tensor([ids, pos, widx], dtype=torch.long, device=dev)
+        input_ids, positions, wrow = rows.unbind(0)
+        write_idx = (wrow[None, :] + self._layer_rows).unbind(0)
         nd = len(dec_tables)
         dec_gather = dec_bias = None
+        T = 0
         if nd:
             kv = self.cfg.num_kv_heads
             g = self.cfg.num_heads // kv
             nb = max(len(t) for t in dec_tables)
+            T = nb * bs
             tbl = torch.tensor([t + [0] * (nb - len(t)) for t in dec_tables], dtype=torch.long, device=dev)
-            # Head row of (block, layer 0, slot t, K/V half, head h) in the pool viewed as [-1, head_dim].
-            slot_rows = ((tbl * per_block)[:, :, None] + self._arange_bs).view(1, nd, 1, nb * bs) * (2 * kv)
-            half_head = (torch.arange(2, device=dev)[:, None] * kv + torch.arange(kv, device=dev)[None, :])
-            dec_gather = slot_rows + half_head.view(2, 1, kv, 1)
-            lens = torch.tensor(dec_lens, device=dev)
-            pad = torch.arange(nb * bs, device=dev)[None, :] >= lens[:, None]
-            bias = torch.zeros(pad.shape, dtype=self.dtype, device=dev).masked_fill_(pad, float("-inf"))
-            dec_bias = bias[:, None, None, :].expand(nd, kv, g, nb * bs).reshape(nd * kv, g, nb * bs)
+            # [L, 2, seq, KV, block, slot] head rows, one flat index per layer.
+            gat = (tbl * (per_block * 2 * kv)).view(1, 1, nd, 1, nb, 1) + self._dec_const
+            dec_gather = gat.view(self.cfg.num_layers, -1).unbind(0)
+            pad = self._arange_ctx[:T] > positions[:nd, None]  # slots past each sequence's new token
+            dec_bias = torch.zeros((nd, kv, g, T), dtype=self.dtype, device=dev).masked_fill_(
+                pad.view(nd, 1, 1, T), float("-inf")).view(nd * kv, g, T)
         prefills: list[PrefillChunk] = []
         for row, n, start, blocks in prefill_meta:
             gather = None
             if start > 0:
                 t = torch.tensor(blocks, dtype=torch.long, device=dev)
-                gather = ((t * per_block)[:, None] + self._arange_bs).view(-1)[: start + n]
+                first = ((t * per_block)[:, None] + self._arange_bs).view(-1)[: start + n]
+                gather = (first[None, :] + self._layer_rows).unbind(0)
             prefills.append(PrefillChunk(row=row, n=n, start=start, gather=gather))
         assert self.model is not None
         self.model.ensure_rope(max(pos) + 1)
+        every_row = len(sample_rows) == n_tok  # then the rows are 0..n-1 in order (all decode)
         batch = StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            write_idx=torch.tensor(widx, dtype=torch.long, device=dev),
+            input_ids=input_ids,
+            positions=positions,
+            write_idx=write_idx,
             num_decode=nd,
             decode_gather=dec_gather,
             decode_bias=dec_bias,
+            decode_len=T,
             prefills=prefills,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_rows=None if every_row else torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
         specs = []
         for seq in samplers:

@@ -13,9 +13,11 @@ token-for-token what ``transformers`` produces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,27 +211,29 @@ class PrefillChunk:
     row: int
     n: int
     start: int  # position of the first token of the chunk (tokens before it are already in the pool)
-    gather: torch.Tensor | None  # [start+n] token row (layer 0) of every position; None if start == 0
+    gather: tuple[torch.Tensor, ...] | None  # per layer: [start+n] token row of every position; None if start == 0
 
 
 @dataclass(slots=True)
 class StepBatch:
-    """Everything one forward needs, already on the model's device.
+    """Everything one forward needs, already on the model's device, built once per step for all layers.
 
     Rows ``0:num_decode`` are sequences computing exactly one token (decode), the rest are prefill chunks.
     Token rows, viewing the pool ``[blocks, L, bs, 2, KV, D]`` as ``[-1, 2, KV, D]``: position p of a
-    sequence in layer 0 is row ``block * L*bs + p % bs``; add ``l*bs`` for layer l. Decode gathers use
-    head rows (the pool as ``[-1, D]``): ``(token_row * 2 + kv_half) * KV + head``.
+    sequence in layer l is row ``block * L*bs + l*bs + p % bs``. Decode gathers use head rows (the pool as
+    ``[-1, D]``): ``(token_row * 2 + kv_half) * KV + head``. Index tensors are per layer (tuples of views
+    of one ``[L, ...]`` tensor), so a layer does no index arithmetic.
     """
 
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
-    write_idx: torch.Tensor  # [N] int64 token row (layer 0) where each token's K and V go
+    write_idx: tuple[torch.Tensor, ...]  # per layer [N] int64: token row where each token's K and V go
     num_decode: int
-    decode_gather: torch.Tensor | None  # [2, num_decode, KV, T] int64 head row (layer 0) of K / V
+    decode_gather: tuple[torch.Tensor, ...] | None  # per layer [2 * num_decode * KV * T] int64 head rows
     decode_bias: torch.Tensor | None  # [num_decode*KV, G, T]: 0 where attended, -inf on padding
+    decode_len: int  # T: padded context length of the decode rows
     prefills: list[PrefillChunk]
-    sample_rows: torch.Tensor  # [S] int64 rows whose logits are returned
+    sample_rows: torch.Tensor | None  # [S] int64 rows whose logits are returned; None: every row
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -379,7 +383,8 @@ class DecoderModel:
 
     def _maybe_pack(self) -> None:
         """Prepack fp32 CPU weights for oneDNN when that kernel exists and agrees with F.linear."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        if self.device.type != "cpu" or self.dtype != torch.float32 or _LINEAR_POINTWISE is None \
+                or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
             return
         lins = self._linears()
         if sum(x.w.numel() * x.w.element_size() for x in lins) > PACKED_MAX_BYTES:
@@ -388,7 +393,7 @@ class DecoderModel:
             probe = lins[0]
             packed = torch.ops.mkldnn._reorder_linear_weight(probe.w, 8)
             x = torch.randn(8, probe.w.shape[1])
-            got = torch.ops.mkldnn._linear_pointwise(x, packed, probe.b, "none", [], "")
+            got = _LINEAR_POINTWISE(x, packed, probe.b, "none", [], "")
             if not torch.allclose(got, F.linear(x, probe.w, probe.b), rtol=1e-4, atol=1e-4):
                 log.warning("oneDNN linear disagrees with F.linear: not using it")
                 return
@@ -428,79 +433,113 @@ class DecoderModel:
         # transformers normalises in fp32 and casts back before the weight multiply.
         return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
-    @staticmethod
-    def _lin(x: torch.Tensor, lin: _Lin, packed: bool) -> torch.Tensor:
-        if packed and lin.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.b, "none", [], "")  # type: ignore[no-any-return]
-        return F.linear(x, lin.w, lin.b)
-
     def forward(self, b: StepBatch, pool: torch.Tensor) -> torch.Tensor:
         """Run one packed step; K/V of every input token are written to ``pool``. Returns fp32 logits
-        ``[len(sample_rows), vocab]``."""
+        ``[len(sample_rows), vocab]``.
+
+        Written for a small model, where per-op overhead rather than arithmetic bounds a decode step: one
+        fused q/k/v and one gate/up matmul per layer, indices precomputed per layer by the engine, views
+        taken with ``narrow`` / ``unbind``, the linear kernel chosen once per step."""
         cfg = self.cfg
         n_tok = b.input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         G = H // KV
-        bs = pool.shape[2]
         tok_rows = pool.view(-1, 2, KV, D)
         heads = pool.view(-1, D)
-        packed = self.packed and n_tok >= PACKED_MIN_TOKENS
+        lin = _linear_packed if self.packed and n_tok >= PACKED_MIN_TOKENS else _linear
+        rms = self._rms
+        if _HAS_RMS_NORM and self.dtype == torch.float32:
+            hshape, eps = (cfg.hidden_size,), cfg.rms_norm_eps
+
+            def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # F.rms_norm minus its Python wrapper
+                return torch.rms_norm(x, hshape, w, eps)
         nd = b.num_decode
-        if self._complex_rope:
+        T = b.decode_len
+        complex_rope = self._complex_rope
+        if complex_rope:
             cis = self._cis[b.positions].unsqueeze(1)  # [N, 1, D/2] complex
         else:
             cos = self._cos[b.positions].unsqueeze(1)
             sin = self._sin[b.positions].unsqueeze(1)
-        groups = _prefill_groups(b.prefills)
+        groups = _prefill_groups(b.prefills) if b.prefills else ()
         x = F.embedding(b.input_ids, self.embed)
         for li, L in enumerate(self.layers):
-            h = self._rms(x, L.ln1)
-            qkv = self._lin(h, L.qkv, packed)  # [N, (H + 2KV) * D]: q, k, v
-            qk = qkv[:, : (H + KV) * D].view(n_tok, H + KV, D // 2, 2)
-            if self._complex_rope:
+            qkv = lin(rms(x, L.ln1), L.qkv)  # [N, (H + 2KV) * D]: q, k, v
+            qk = qkv.narrow(1, 0, (H + KV) * D).view(n_tok, H + KV, D // 2, 2)
+            if complex_rope:
                 torch.view_as_complex(qk).mul_(cis)  # RoPE in place: q and k stay inside qkv
             else:
-                xe, xo = qk[..., 0], qk[..., 1]
+                xe, xo = qk.unbind(-1)
                 qk.copy_(torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1))
-            q = qkv[:, : H * D].view(n_tok, H, D)
-            kv = qkv[:, H * D:].view(n_tok, 2, KV, D)
-            off = li * bs
-            tok_rows.index_copy_(0, b.write_idx + off if off else b.write_idx, kv)
+            q = qkv.narrow(1, 0, H * D)
+            kv = qkv.narrow(1, H * D, 2 * KV * D).view(n_tok, 2, KV, D)
+            tok_rows.index_copy_(0, b.write_idx[li], kv)
 
-            outs: list[torch.Tensor] = []
-            if nd:
+            if nd and not groups:
                 assert b.decode_gather is not None and b.decode_bias is not None
-                g = b.decode_gather + off * 2 * KV if off else b.decode_gather
-                T = g.shape[3]
-                kvd = heads.index_select(0, g.view(-1)).view(2, nd * KV, T, D)
-                s = torch.baddbmm(b.decode_bias, q[:nd].reshape(nd * KV, G, D), kvd[0].transpose(1, 2))
-                o = torch.bmm(torch.softmax(s, dim=-1), kvd[1])  # [nd*KV, G, D]
-                outs.append(o.view(nd, H * D))
-            for row, cnt, n, c, mask in groups:
-                if c is None:
-                    # cnt fresh sequences of n tokens each, in consecutive rows: one causal call.
-                    qg = q[row: row + cnt * n].view(cnt, n, H, D).transpose(1, 2)  # [cnt, H, n, D]
-                    kvg = kv[row: row + cnt * n].view(cnt, n, 2, KV, D)
-                    o = _sdpa(qg, kvg[:, :, 0].transpose(1, 2), kvg[:, :, 1].transpose(1, 2), None)
-                    outs.append(o.transpose(1, 2).reshape(cnt * n, H * D))
-                else:
-                    # A later chunk: attend to everything before it through the pool.
-                    assert c.gather is not None
-                    gi = c.gather + off if off else c.gather
-                    kvc = tok_rows.index_select(0, gi)  # [S, 2, KV, D]
-                    qc = q[row: row + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-                    kc = kvc[:, 0].transpose(0, 1).unsqueeze(0)  # [1, KV, S, D]
-                    vc = kvc[:, 1].transpose(0, 1).unsqueeze(0)
-                    o = _sdpa(qc, kc, vc, mask)
-                    outs.append(o[0].transpose(0, 1).reshape(n, H * D))
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-            x = x + self._lin(attn, L.o, packed)
-            h = self._rms(x, L.ln2)
-            gate, up = self._lin(h, L.gu, packed).chunk(2, dim=-1)
-            x = x + self._lin(F.silu(gate) * up, L.down, packed)
-        xs = x.index_select(0, b.sample_rows)
-        xs = self._rms(xs, self.norm)
-        return self._lin(xs, self.lm_head, self.packed and xs.shape[0] >= PACKED_MIN_TOKENS).float()
+                kd, vd = heads.index_select(0, b.decode_gather[li]).view(2, nd * KV, T, D).unbind(0)
+                s = torch.baddbmm(b.decode_bias, q.reshape(nd * KV, G, D), kd.transpose(1, 2))
+                attn = torch.bmm(torch.softmax(s, dim=-1), vd).view(nd, H * D)
+            else:
+                attn = self._attend_mixed(b, li, q, kv, heads, tok_rows, groups)
+            x = lin(attn, L.o).add_(x)
+            gate, up = lin(rms(x, L.ln2), L.gu).chunk(2, dim=-1)
+            x = lin(F.silu(gate).mul_(up), L.down).add_(x)
+        if b.sample_rows is not None:
+            x = x.index_select(0, b.sample_rows)
+        x = rms(x, self.norm)
+        head = _linear_packed if self.packed and x.shape[0] >= PACKED_MIN_TOKENS else _linear
+        return head(x, self.lm_head).float()
+
+    def _attend_mixed(self, b: StepBatch, li: int, q: torch.Tensor, kv: torch.Tensor, heads: torch.Tensor,
+                      tok_rows: torch.Tensor, groups: Iterable[_Group]) -> torch.Tensor:
+        """Attention of one layer for a step with prefill chunks (and maybe decode rows)."""
+        cfg = self.cfg
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        G = H // KV
+        nd = b.num_decode
+        outs: list[torch.Tensor] = []
+        if nd:
+            assert b.decode_gather is not None and b.decode_bias is not None
+            T = b.decode_len
+            kd, vd = heads.index_select(0, b.decode_gather[li]).view(2, nd * KV, T, D).unbind(0)
+            s = torch.baddbmm(b.decode_bias, q[:nd].reshape(nd * KV, G, D), kd.transpose(1, 2))
+            outs.append(torch.bmm(torch.softmax(s, dim=-1), vd).view(nd, H * D))
+        for row, cnt, n, c, mask in groups:
+            if c is None:
+                # cnt fresh sequences of n tokens each, in consecutive rows: one causal call.
+                qg = q[row: row + cnt * n].view(cnt, n, H, D).transpose(1, 2)  # [cnt, H, n, D]
+                kvg = kv[row: row + cnt * n].view(cnt, n, 2, KV, D)
+                o = _sdpa(qg, kvg[:, :, 0].transpose(1, 2), kvg[:, :, 1].transpose(1, 2), None)
+                outs.append(o.transpose(1, 2).reshape(cnt * n, H * D))
+            else:
+                # A later chunk: attend to everything before it through the pool.
+                assert c.gather is not None
+                kvc = tok_rows.index_select(0, c.gather[li])  # [S, 2, KV, D]
+                qc = q[row: row + n].view(n, H, D).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+                kc = kvc[:, 0].transpose(0, 1).unsqueeze(0)  # [1, KV, S, D]
+                vc = kvc[:, 1].transpose(0, 1).unsqueeze(0)
+                o = _sdpa(qc, kc, vc, mask)
+                outs.append(o[0].transpose(0, 1).reshape(n, H * D))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+# The op itself (not its Python OpOverloadPacket): called ~20 times a step, the wrapper's cost shows.
+_LINEAR_POINTWISE: Any = None
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    with contextlib.suppress(AttributeError, RuntimeError):
+        _op = torch.ops.mkldnn._linear_pointwise.default
+        _LINEAR_POINTWISE = getattr(_op, "_op", _op)  # the bound C++ op under OpOverload.__call__
+
+
+def _linear(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
+    return F.linear(x, lin.w, lin.b)
+
+
+def _linear_packed(x: torch.Tensor, lin: _Lin) -> torch.Tensor:
+    if lin.packed is None:
+        return F.linear(x, lin.w, lin.b)
+    return _LINEAR_POINTWISE(x, lin.packed, lin.b, "none", [], "")  # type: ignore[no-any-return]
 
 
 _Group = tuple[int, int, int, PrefillChunk | None, torch.Tensor | None]
@@ -518,9 +557,9 @@ def _prefill_groups(chunks: list[PrefillChunk]) -> list[_Group]:
             else:
                 out.append((c.row, 1, c.n, None, None))
         else:
-            dev = c.gather.device
+            dev = c.gather[0].device
             qpos = torch.arange(c.start, c.start + c.n, device=dev)
-            mask = torch.arange(c.gather.shape[0], device=dev)[None, :] <= qpos[:, None]
+            mask = torch.arange(c.gather[0].shape[0], device=dev)[None, :] <= qpos[:, None]
             out.append((c.row, 1, c.n, c, mask))
     return out
 

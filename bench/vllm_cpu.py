@@ -8,7 +8,8 @@ worker alone, then a prefill worker (core 0) and a decode worker (core 1) with v
 1``).
 
 Measured, per phase:
-* startup: from starting the worker process(es) to the instance(s) being ready in discovery;
+* startup: from starting the worker process(es) to the instance(s) being ready in discovery (this includes
+  the adapter's warm-up request, which compiles vLLM's logprobs kernel before the worker registers);
 * request latency through the frontend (completions, greedy, 16 new tokens, a fresh random prompt per request
   so nothing comes from the prefix cache): total (non-streamed) and TTFT (streamed, first chunk);
 * for prefill/decode, the two legs called directly on the workers over NATS: the prefill-only request, then
@@ -30,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,11 @@ def _completion(st: VllmStack, prompt: list[int]) -> float:
                        "ignore_eos": True}).encode()
     req = urllib.request.Request(st.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        out = json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"completion failed: {e.code} {e.read()[:500]!r}") from e
     dt = time.perf_counter() - t0
     assert out["usage"]["completion_tokens"] == NEW, out
     return dt
@@ -163,6 +168,13 @@ async def legs(nats_url: str, ns: str, reps: int, seed: int) -> dict[int, dict[s
     return out
 
 
+def dump_logs(st: VllmStack) -> None:
+    """The last lines of every process of a stack (on a failure: the bench stops there)."""
+    for p in [*st.workers, *([st.frontend] if st.frontend else [])]:
+        lines = [ln for ln in p.output().splitlines() if "Triton" not in ln and "Warning" not in ln]
+        print(f"--- {p.name}\n" + "\n".join(lines[-40:]), flush=True)
+
+
 def start(st: VllmStack, workers: list[tuple[str, int]], timeout: float = 300) -> float:
     t0 = time.perf_counter()
     for mode, core in workers:
@@ -215,6 +227,9 @@ def main() -> int:
                 t_agg = start(st, [("agg", 0)])
                 say(f"agg: ready in {t_agg:.1f} s")
                 agg = latencies(st, args.reps, 1)
+            except Exception:
+                dump_logs(st)
+                raise
             finally:
                 st.stop()
             st = VllmStack(etcd.client_url, nats.url, "bpd")
@@ -226,6 +241,9 @@ def main() -> int:
                 say(f"prefill/decode: ready in {t_pd:.1f} s")
                 pd = latencies(st, args.reps, 2)
                 leg = asyncio.run(legs(nats.url, "bpd", args.reps, 3))
+            except Exception:
+                dump_logs(st)
+                raise
             finally:
                 st.stop()
         finally:

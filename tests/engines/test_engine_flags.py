@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import yaml
+import pytest
 
+from tests.engines.standin import worker_argvs
 from tests.stack import ROOT
 from workers.main import parse_args
 from workers.vllm.flags import connector_config, engine_kwargs
@@ -25,21 +25,8 @@ def test_engine_flag_modules_import_no_engine() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def _worker_argvs(backend: str) -> list[list[str]]:
-    argvs = []
-    for path in sorted(Path(ROOT, "manifests", backend).glob("**/*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            for role in (doc or {}).get("spec", {}).get("roles", []):
-                for c in role.get("templatePatch", {}).get("spec", {}).get("containers", []):
-                    argv = [a for a in c.get("args", []) if a != "worker"]
-                    if "--engine" in argv:
-                        argvs.append([a.replace("$(RBG_LWP_GROUP_SIZE)", "2").replace("$(RBG_LWP_WORKER_INDEX)", "1")
-                                      .replace("$(RBG_LWP_LEADER_ADDRESS)", "10.0.0.1") for a in argv])
-    return argvs
-
-
 def test_vllm_flags_from_the_manifests_parse() -> None:
-    argvs = _worker_argvs("vllm")
+    argvs = worker_argvs("vllm")
     assert len(argvs) >= 6
     for argv in argvs:
         args = parse_args(argv)
@@ -61,3 +48,39 @@ def test_vllm_extra_engine_args_apply_last() -> None:
                        '{"dtype": "bfloat16", "max_num_seqs": 8}'])
     kw = engine_kwargs(args)
     assert (kw["dtype"], kw["max_num_seqs"]) == ("bfloat16", 8)
+
+
+def test_shared_gpu_engine_flags_map_to_each_engine() -> None:
+    """``workers.common.gpu_flags``: one declaration of each shared flag and env twin, whichever engine is chosen;
+    each adapter maps the values to its engine's own names, ``--extra-engine-args`` last."""
+    from workers.common.gpu_flags import extra_engine_args
+    from workers.main import build_parser
+    from workers.sglang.flags import engine_kwargs as sglang_kwargs
+    from workers.trtllm.flags import engine_kwargs as trtllm_kwargs
+
+    helps = [a.help or "" for a in build_parser({})._actions]
+    for name, twin in (("--model-dtype", "DYN_MODEL_DTYPE"), ("--max-model-len", "DYN_MAX_MODEL_LEN"),
+                       ("--enforce-eager", "DYN_ENFORCE_EAGER"),
+                       ("--gpu-memory-utilization", "DYN_GPU_MEMORY_UTILIZATION"), ("--kv-events", "DYN_KV_EVENTS")):
+        declared = [h for h in helps if f"[env {twin};" in h]
+        assert len(declared) == 1, name
+    env = {"DYN_MODEL_DTYPE": "float16", "DYN_MAX_MODEL_LEN": "1024", "DYN_ENFORCE_EAGER": "1",
+           "DYN_GPU_MEMORY_UTILIZATION": "0.5", "DYN_KV_EVENTS": "0", "DYN_EXTRA_ENGINE_ARGS": '{"seed": 3}'}
+    for engine in ("vllm", "sglang", "trtllm"):
+        args = parse_args(["--engine", engine, "--model", "/m"], env=env)
+        assert (args.model_dtype, args.max_model_len, args.enforce_eager, args.gpu_memory_utilization,
+                args.kv_events) == ("float16", 1024, True, 0.5, False), engine
+        assert extra_engine_args(args) == {"seed": 3}
+    v = engine_kwargs(parse_args(["--engine", "vllm", "--model", "/m"], env=env))
+    assert (v["dtype"], v["max_model_len"], v["enforce_eager"], v["gpu_memory_utilization"], v["seed"]) == (
+        "float16", 1024, True, 0.5, 3)
+    args = parse_args(["--engine", "sglang", "--model", "/m"], env=env)
+    s = sglang_kwargs(args, "agg")
+    assert (s["dtype"], s["context_length"], s["disable_cuda_graph"], s["mem_fraction_static"], s["seed"]) == (
+        "float16", 1024, True, 0.5, 3)
+    t = trtllm_kwargs(parse_args(["--engine", "trtllm", "--model", "/m"], env=env))
+    assert (t["dtype"], t["max_seq_len"], t["cuda_graph_config"], t["kv_cache_config"]["free_gpu_memory_fraction"],
+            t["seed"]) == ("float16", 1024, None, 0.5, 3)
+    for bad in ("[1]", "{nope"):
+        with pytest.raises(SystemExit):
+            extra_engine_args(parse_args(["--engine", "vllm", "--model", "/m", "--extra-engine-args", bad]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,8 +21,8 @@ import pytest
 
 from dynamo_rt import errors, kvhash
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
+from tests.engines.standin import collect, engine_args, req, tokens, worker_argvs
 from workers.main import parse_args
 from workers.sglang.engine import SglangEngine
 from workers.sglang.flags import engine_kwargs, resolve_mode
@@ -129,23 +128,14 @@ class StandinSglangEngine:
         self.shut = True
 
 
-def _req(rid: str, prompt: list[int], n: int = 6, **kw: Any) -> GenerateRequest:
-    sampling = kw.pop("sampling", SamplingParams(temperature=0.0))
-    return GenerateRequest(request_id=rid, token_ids=prompt, sampling=sampling,
-                           stop=StopConditions(max_tokens=n, ignore_eos=True), **kw)
-
 
 def _engine(mode: str, rooms: Rooms | None = None, **extra: Any) -> SglangEngine:
-    argv = ["--engine", "sglang", "--mode", mode, "--model", str(ensure_tiny_model()), "--block-size", str(PAGE)]
-    args = parse_args(argv)
+    args = engine_args("sglang", mode, PAGE)
     kw = {**engine_kwargs(args, mode), **extra}
     return SglangEngine(model_path=args.model, served_model_name="tiny", mode=mode, engine_kwargs=kw,
                         bootstrap_host="10.1.2.3", kv_events=False,
                         engine_factory=lambda **a: StandinSglangEngine(rooms=rooms, **a))
 
-
-async def _collect(eng: SglangEngine, req: GenerateRequest) -> list[Any]:
-    return [o async for o in eng.generate(req)]
 
 
 def test_sglang_standin_agg_tokens_sampling_logprobs_and_load() -> None:
@@ -159,10 +149,10 @@ def test_sglang_standin_agg_tokens_sampling_logprobs_and_load() -> None:
             assert standin.kwargs["skip_tokenizer_init"] is True and standin.kwargs["page_size"] == PAGE
             assert "disaggregation_mode" not in standin.kwargs
             sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, seed=5, repetition_penalty=1.1, logprobs=2)
-            outs = await _collect(eng, GenerateRequest(
+            outs = await collect(eng, GenerateRequest(
                 request_id="a1", token_ids=prompt, sampling=sp,
                 stop=StopConditions(max_tokens=5, min_tokens=2, stop_token_ids=[3], ignore_eos=False)))
-            assert [t for o in outs for t in o.token_ids] == [standin_token(prompt, i) for i in range(5)]
+            assert tokens(outs) == [standin_token(prompt, i) for i in range(5)]
             assert [o.finish_reason for o in outs] == [None] * 4 + ["length"]
             assert (outs[0].prompt_tokens, outs[0].cached_tokens) == (40, 16)
             lps = [lp for o in outs for lp in o.logprobs or []]
@@ -202,15 +192,15 @@ def test_sglang_standin_prefill_answers_early_and_decode_joins_the_room() -> Non
             assert dec._engine.kwargs["disaggregation_mode"] == "decode"
             assert pre.instance_extra == {"bootstrap_host": "10.1.2.3", "bootstrap_port": 8998}
             # The prefill worker answers before SGLang's prefill can finish (it needs the decode partner).
-            pouts = await asyncio.wait_for(_collect(pre, _req("r1-p", prompt, 8, prefill_only=True)), 2)
+            pouts = await asyncio.wait_for(collect(pre, req("r1-p", prompt, 8, prefill_only=True)), 2)
             assert len(pouts) == 1 and pouts[0].token_ids == [] and pouts[0].finish_reason == "length"
             kt = pouts[0].kv_transfer
             assert kt is not None and kt.instance_id == "p1" and kt.num_tokens == len(prompt)
             assert (kt.opaque["bootstrap_host"], kt.opaque["bootstrap_port"]) == ("10.1.2.3", 8998)
             room = kt.opaque["bootstrap_room"]
             assert 0 <= room < 2**63 and len(pre._handoffs) == 1
-            douts = await _collect(dec, _req("r1", prompt, 8, kv_transfer=kt))
-            assert [t for o in douts for t in o.token_ids] == want
+            douts = await collect(dec, req("r1", prompt, 8, kv_transfer=kt))
+            assert tokens(douts) == want
             assert douts[-1].finish_reason == "length"
             await asyncio.wait_for(asyncio.gather(*pre._handoffs), 2)  # the prefill side completed too
             assert pre._engine.calls[0]["bootstrap"] == ("10.1.2.3", 8998, room)
@@ -218,10 +208,10 @@ def test_sglang_standin_prefill_answers_early_and_decode_joins_the_room() -> Non
             # A room the frontend assigned itself: the prefill side streams SGLang's answer normally.
             given = KvTransferParams(opaque={"bootstrap_host": "10.1.2.3", "bootstrap_port": 8998,
                                              "bootstrap_room": secrets.randbits(63)})
-            ptask = asyncio.create_task(_collect(pre, _req("r2-p", prompt, 8, prefill_only=True, kv_transfer=given)))
-            douts = await _collect(dec, _req("r2", prompt, 8, kv_transfer=given))
+            ptask = asyncio.create_task(collect(pre, req("r2-p", prompt, 8, prefill_only=True, kv_transfer=given)))
+            douts = await collect(dec, req("r2", prompt, 8, kv_transfer=given))
             pouts = await ptask
-            assert [t for o in douts for t in o.token_ids] == want
+            assert tokens(douts) == want
             assert pouts[-1].token_ids == want[:1] and pouts[-1].kv_transfer is not None
             assert pouts[-1].kv_transfer.opaque == given.opaque
         finally:
@@ -237,10 +227,10 @@ def test_sglang_standin_decode_needs_bootstrap_parameters() -> None:
         await dec.start()
         try:
             with pytest.raises(errors.Unavailable, match="bootstrap"):
-                await _collect(dec, _req("d1", [5, 6, 7]))
+                await collect(dec, req("d1", [5, 6, 7]))
             # Another engine's hand-off (no bootstrap keys) is no better.
             with pytest.raises(errors.Unavailable, match="bootstrap"):
-                await _collect(dec, _req("d2", [5, 6, 7], kv_transfer=KvTransferParams(block_ids=[1, 2])))
+                await collect(dec, req("d2", [5, 6, 7], kv_transfer=KvTransferParams(block_ids=[1, 2])))
             assert dec._engine.calls == []
         finally:
             await dec.stop()
@@ -254,7 +244,7 @@ def test_sglang_standin_cancel_aborts_the_request() -> None:
         await eng.start()
         try:
             standin: StandinSglangEngine = eng._engine
-            gen = eng.generate(_req("c1", [1, 2, 3, 4], 50))
+            gen = eng.generate(req("c1", [1, 2, 3, 4], 50))
             first = await gen.__anext__()
             assert len(first.token_ids) == 1 and eng.load().active_requests == 1
             standin.step.clear()
@@ -301,27 +291,16 @@ def test_sglang_kv_events_map_to_our_block_hashes() -> None:
 
 def test_sglang_flags_from_the_manifests_parse() -> None:
     """Every sglang worker command line in manifests/ parses, and maps to SGLang's argument names."""
-    import yaml
-
-    seen = 0
-    for path in sorted(Path(__file__).resolve().parents[2].glob("manifests/sglang/**/*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            for role in (doc or {}).get("spec", {}).get("roles", []):
-                for c in role.get("templatePatch", {}).get("spec", {}).get("containers", []):
-                    argv = [a for a in c.get("args", []) if a != "worker"]
-                    if "--engine" not in argv:
-                        continue
-                    argv = [a.replace("$(RBG_LWP_GROUP_SIZE)", "2").replace("$(RBG_LWP_WORKER_INDEX)", "1")
-                            .replace("$(RBG_LWP_LEADER_ADDRESS)", "10.0.0.1") for a in argv]
-                    args = parse_args(argv)
-                    kw = engine_kwargs(args, resolve_mode(args))
-                    assert kw["tp_size"] == args.tp and kw["ep_size"] == args.ep_size
-                    if args.mode != "agg":
-                        assert kw["disaggregation_mode"] == args.mode
-                    if args.nnodes > 1:
-                        assert kw["dist_init_addr"] == "10.0.0.1:29500" and kw["node_rank"] == 1
-                    seen += 1
-    assert seen >= 6
+    argvs = worker_argvs("sglang")
+    assert len(argvs) >= 6
+    for argv in argvs:
+        args = parse_args(argv)
+        kw = engine_kwargs(args, resolve_mode(args))
+        assert kw["tp_size"] == args.tp and kw["ep_size"] == args.ep_size
+        if args.mode != "agg":
+            assert kw["disaggregation_mode"] == args.mode
+        if args.nnodes > 1:
+            assert kw["dist_init_addr"] == "10.0.0.1:29500" and kw["node_rank"] == 1
     # SGLang's own --disaggregation-mode (the seed's flag) sets --mode; a contradiction is refused.
     args = parse_args(["--engine", "sglang", "--disaggregation-mode", "decode", "--model", "/m"])
     assert resolve_mode(args) == "decode"

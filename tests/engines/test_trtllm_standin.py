@@ -22,8 +22,8 @@ import pytest
 
 from dynamo_rt import errors, kvhash
 from dynamo_rt.protocol import Final, GenerateRequest, SamplingParams, StopConditions, decode_frame, encode
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
+from tests.engines.standin import collect, engine_args, req, tokens, worker_argvs
 from workers.main import parse_args
 from workers.trtllm.engine import TrtllmEngine
 from workers.trtllm.flags import engine_kwargs
@@ -168,20 +168,11 @@ def _api() -> Any:
 
 
 def _engine(mode: str) -> TrtllmEngine:
-    args = parse_args(["--engine", "trtllm", "--mode", mode, "--model", str(ensure_tiny_model()),
-                       "--block-size", str(BLOCK), "--max-model-len", "2048"])
+    args = engine_args("trtllm", mode, BLOCK, "--max-model-len", "2048")
     return TrtllmEngine(model_path=args.model, served_model_name="tiny", mode=mode, engine_kwargs=engine_kwargs(args),
                         api=_api)
 
 
-def _req(rid: str, prompt: list[int], n: int = 6, **kw: Any) -> GenerateRequest:
-    sampling = kw.pop("sampling", SamplingParams(temperature=0.0))
-    return GenerateRequest(request_id=rid, token_ids=prompt, sampling=sampling,
-                           stop=StopConditions(max_tokens=n, ignore_eos=True), **kw)
-
-
-async def _collect(eng: TrtllmEngine, req: GenerateRequest) -> list[Any]:
-    return [o async for o in eng.generate(req)]
 
 
 def test_trtllm_standin_agg_sampling_logprobs_and_load() -> None:
@@ -196,15 +187,15 @@ def test_trtllm_standin_agg_sampling_logprobs_and_load() -> None:
                                                        "event_buffer_max_size": 16384}
             assert "cache_transceiver_config" not in llm.llm_args and llm.llm_args["max_seq_len"] == 2048
             assert (eng.info.block_size, eng.info.context_length) == (BLOCK, 2048)
-            outs = await _collect(eng, _req("a1", prompt, 5, sampling=SamplingParams(temperature=0.0, logprobs=0)))
-            assert [t for o in outs for t in o.token_ids] == [standin_token(prompt, i) for i in range(5)]
+            outs = await collect(eng, req("a1", prompt, 5, sampling=SamplingParams(temperature=0.0, logprobs=0)))
+            assert tokens(outs) == [standin_token(prompt, i) for i in range(5)]
             assert [o.finish_reason for o in outs] == [None] * 4 + ["length"]
             assert outs[0].prompt_tokens == 40
             assert [lp.logprob for o in outs for lp in o.logprobs or []] == [-1.0 - i for i in range(5)]
             # Greedy is top_k=1 (TensorRT-LLM wants temperature > 0 when given); logprobs=0 asks for 1.
             assert llm.results[0].sp == StandinSamplingParams(max_tokens=5, top_k=1, ignore_eos=True, logprobs=1,
                                                                detokenize=False)
-            await _collect(eng, GenerateRequest(
+            await collect(eng, GenerateRequest(
                 request_id="a2", token_ids=prompt,
                 sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=3, frequency_penalty=0.5),
                 stop=StopConditions(max_tokens=3, min_tokens=2, stop_token_ids=[2])))
@@ -235,7 +226,7 @@ def test_trtllm_standin_context_only_then_generation_only_through_our_protocol()
             assert pre._llm.llm_args["disable_overlap_scheduler"] is True
             assert dec._llm.llm_args["cache_transceiver_config"] == {"backend": "NIXL"}
             dec._llm.contexts = pre._llm.contexts  # the stand-in of the cache transceiver
-            pouts = await _collect(pre, _req("x-p", prompt, 7, prefill_only=True))
+            pouts = await collect(pre, req("x-p", prompt, 7, prefill_only=True))
             assert len(pouts) == 1 and pouts[0].token_ids == want[:1] and pouts[0].finish_reason == "length"
             ctx_req = pre._llm.results[0]
             assert ctx_req.sp.max_tokens == 1 and ctx_req.streaming is False
@@ -247,14 +238,14 @@ def test_trtllm_standin_context_only_then_generation_only_through_our_protocol()
             assert (kt.instance_id, kt.first_token, kt.num_tokens) == ("p9", want[0], len(prompt))
             assert kt.opaque == {"first_gen_tokens": [want[0]], "ctx_request_id": 1000,
                                  "opaque_state": b"\x00transceiver-state\xff"}
-            douts = await _collect(dec, _req("x", prompt, 7, kv_transfer=kt))
-            assert [t for o in douts for t in o.token_ids] == want
+            douts = await collect(dec, req("x", prompt, 7, kv_transfer=kt))
+            assert tokens(douts) == want
             assert dec._llm.results[0].dp == StandinDisaggregatedParams(
                 request_type="generation_only", first_gen_tokens=[want[0]], ctx_request_id=1000,
                 opaque_state=b"\x00transceiver-state\xff")
             # No hand-off: the decode worker runs context and generation itself.
-            douts = await _collect(dec, _req("y", prompt, 7))
-            assert [t for o in douts for t in o.token_ids] == want and dec._llm.results[1].dp is None
+            douts = await collect(dec, req("y", prompt, 7))
+            assert tokens(douts) == want and dec._llm.results[1].dp is None
         finally:
             await pre.stop()
             await dec.stop()
@@ -268,7 +259,7 @@ def test_trtllm_standin_cancel_aborts_and_errors_are_typed() -> None:
         await eng.start()
         try:
             llm: StandinLLM = eng._llm
-            gen = eng.generate(_req("c1", [1, 2, 3], 40))
+            gen = eng.generate(req("c1", [1, 2, 3], 40))
             await gen.__anext__()
             llm.step.clear()
             await gen.aclose()
@@ -276,7 +267,7 @@ def test_trtllm_standin_cancel_aborts_and_errors_are_typed() -> None:
             llm.step.set()
             # TensorRT-LLM's own validation error becomes InvalidRequest (a 400), not an internal error.
             with pytest.raises(errors.InvalidRequest, match="sampling"):
-                await _collect(eng, _bad_sampling(eng))
+                await collect(eng, _bad_sampling(eng))
         finally:
             await eng.stop()
 
@@ -333,23 +324,10 @@ def test_trtllm_kv_events_map_to_our_block_hashes() -> None:
 
 
 def test_trtllm_flags_from_the_manifests_parse() -> None:
-    from pathlib import Path
-
-    import yaml
-
-    seen = 0
-    for path in sorted(Path(__file__).resolve().parents[2].glob("manifests/trtllm/**/*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            for role in (doc or {}).get("spec", {}).get("roles", []):
-                for c in role.get("templatePatch", {}).get("spec", {}).get("containers", []):
-                    argv = [a for a in c.get("args", []) if a != "worker"]
-                    if "--engine" not in argv:
-                        continue
-                    argv = [a.replace("$(RBG_LWP_GROUP_SIZE)", "2").replace("$(RBG_LWP_WORKER_INDEX)", "1")
-                            .replace("$(RBG_LWP_LEADER_ADDRESS)", "10.0.0.1") for a in argv]
-                    args = parse_args(argv)
-                    kw = engine_kwargs(args)
-                    assert kw["tensor_parallel_size"] == args.tp
-                    assert ("cache_transceiver_config" in kw) == (args.mode != "agg")
-                    seen += 1
-    assert seen >= 6
+    argvs = worker_argvs("trtllm")
+    assert len(argvs) >= 6
+    for argv in argvs:
+        args = parse_args(argv)
+        kw = engine_kwargs(args)
+        assert kw["tensor_parallel_size"] == args.tp
+        assert ("cache_transceiver_config" in kw) == (args.mode != "agg")

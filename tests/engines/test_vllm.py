@@ -370,8 +370,9 @@ def test_vllm_prefill_decode_matches_agg(pd: VllmStack, agg_completions: list[di
 
 
 def test_vllm_nixl_plugin_sets_up_agents_for_cpu() -> None:
-    """``workers.vllm.plugin`` is registered in .venv-vllm; on CPU the NIXL agent's own threads (its busy progress
-    thread among them) run under SCHED_IDLE and UCX gets error handling ``none``; off, NIXL's defaults."""
+    """``workers.vllm.plugin`` is registered in .venv-vllm; on CPU the NIXL agent's progress thread polls with a
+    timeout (no busy loop), its own threads run under SCHED_IDLE and UCX gets error handling ``none``; off, NIXL's
+    defaults."""
     code = (
         "import json, os\n"
         "import importlib.metadata as md\n"
@@ -384,7 +385,8 @@ def test_vllm_nixl_plugin_sets_up_agents_for_cpu() -> None:
         "idle = sorted({os.sched_getscheduler(int(t)) == os.SCHED_IDLE for t in new})\n"
         "eps = sorted(e.value for e in md.entry_points(group='vllm.general_plugins')\n"
         "             if e.value.startswith('workers'))\n"
-        "print(json.dumps([eps, bool(new), idle, agent.backend_options['UCX']]))\n"
+        "print(json.dumps([eps, bool(new), idle, agent.backend_options['UCX'],\n"
+        "                  getattr(type(agent), 'progress_delay_us', None)]))\n"
     )
 
     def run(mode: str) -> Any:
@@ -394,5 +396,5 @@ def test_vllm_nixl_plugin_sets_up_agents_for_cpu() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     assert run("auto") == [["workers.vllm.plugin:register"], True, [True],
-                           {"ucx_error_handling_mode": "none", "num_threads": "2"}]
-    assert run("0") == [["workers.vllm.plugin:register"], True, [False], {"num_threads": "2"}]
+                           {"ucx_error_handling_mode": "none", "num_threads": "2"}, 5000]
+    assert run("0") == [["workers.vllm.plugin:register"], True, [False], {"num_threads": "2"}, None]

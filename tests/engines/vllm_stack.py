@@ -9,6 +9,8 @@ side-channel port.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from tests.stack import ROOT, Proc, Stack
@@ -43,3 +45,13 @@ class VllmStack(Stack):
         p = Proc(f"vllm-{mode}-{len(self.workers)}", argv, env)
         self.workers.append(p)
         return p
+
+    def stop(self) -> None:
+        """Stop every process; with ``DYN_TEST_KEEP_LOGS=DIR`` set, keep their logs in DIR (vLLM failures are
+        rarely explained by the last lines a test prints)."""
+        keep = os.environ.get("DYN_TEST_KEEP_LOGS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for p in [*self.workers, *([self.frontend] if self.frontend else [])]:
+                shutil.copy(p.log.name, Path(keep) / f"{self.env['DYN_NAMESPACE']}-{p.name}.log")
+        super().stop()

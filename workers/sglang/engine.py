@@ -123,7 +123,7 @@ class SglangEngine:
 
     async def start(self) -> None:
         if self.kv_events:
-            self._events = ZmqEventSubscriber(self._event_decoder(), KvHashMap(self.info.block_size),
+            self._events = ZmqEventSubscriber(KvHashMap(self.info.block_size),
                                               int(self.engine_kwargs.get("dp_size") or 1))
             self._events.bind()
         kw = self._server_kwargs()
@@ -145,7 +145,7 @@ class SglangEngine:
             self.info.context_length = ctx
         if self._events is not None:
             self._events.hash_map.block_size = self.info.block_size
-            self._events.start(lambda: self._sink)
+            self._events.start(self._event_decoder(), lambda: self._sink)  # the engine is imported by now
         tm = getattr(self._engine, "tokenizer_manager", None)
         if tm is not None and hasattr(tm, "get_loads"):
             self._load_task = asyncio.create_task(self._poll_loads(tm), name="sglang-loads")

@@ -21,10 +21,10 @@ limit). ``--mode prefill|decode`` ->
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
 
 if TYPE_CHECKING:
     from workers.sglang.engine import SglangEngine
@@ -34,17 +34,7 @@ _MODES = {"null": "agg", "prefill": "prefill", "decode": "decode"}
 
 def add_flags(parser: Any) -> None:
     """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    # Shared with the vLLM and TensorRT-LLM adapters (same names, same env twins; the first one declares).
-    flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
-         help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
-    flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
-         help="vLLM / SGLang / TRT-LLM context length (default: the model's)")
-    flag(parser, "--enforce-eager", env="DYN_ENFORCE_EAGER", is_bool=True, default=False,
-         help="vLLM / SGLang / TRT-LLM: no CUDA graphs (faster start, slower steps)")
-    flag(parser, "--gpu-memory-utilization", env="DYN_GPU_MEMORY_UTILIZATION", type=float, default=None,
-         help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
-    flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
-         help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
     flag(parser, "--disaggregation-mode", env="DYN_SGLANG_DISAGGREGATION_MODE", default=None,
          choices=sorted(_MODES), help="SGLang's name for --mode (null = agg); must agree with --mode if both given")
     flag(parser, "--disaggregation-transfer-backend", env="DYN_SGLANG_TRANSFER_BACKEND", default="nixl",
@@ -81,7 +71,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "ep_size": args.ep_size,
         "dp_size": args.dp_size,
         "page_size": args.block_size,
-        "dtype": getattr(args, "model_dtype", "auto") or "auto",
+        "dtype": model_dtype(args),
         # Token ids in, token ids out: the frontend tokenizes and detokenizes.
         "skip_tokenizer_init": True,
         "log_level": "warning",
@@ -104,14 +94,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         kw["disaggregation_bootstrap_port"] = args.disaggregation_bootstrap_port
         if args.disaggregation_ib_device:
             kw["disaggregation_ib_device"] = args.disaggregation_ib_device
-    if args.extra_engine_args:
-        try:
-            extra = json.loads(args.extra_engine_args)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
-        if not isinstance(extra, dict):
-            raise SystemExit("--extra-engine-args: a JSON object is expected")
-        kw.update(extra)
+    kw.update(extra_engine_args(args))
     return kw
 
 

@@ -19,10 +19,10 @@ applied last, as is.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
 
 if TYPE_CHECKING:
     from workers.trtllm.engine import TrtllmEngine
@@ -30,17 +30,7 @@ if TYPE_CHECKING:
 
 def add_flags(parser: Any) -> None:
     """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    # Shared with the vLLM and SGLang adapters (same names, same env twins; the first one declares).
-    flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
-         help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
-    flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
-         help="vLLM / SGLang / TRT-LLM context length (default: the model's)")
-    flag(parser, "--enforce-eager", env="DYN_ENFORCE_EAGER", is_bool=True, default=False,
-         help="vLLM / SGLang / TRT-LLM: no CUDA graphs (faster start, slower steps)")
-    flag(parser, "--gpu-memory-utilization", env="DYN_GPU_MEMORY_UTILIZATION", type=float, default=None,
-         help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
-    flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
-         help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
     flag(parser, "--cache-transceiver-backend", env="DYN_TRTLLM_CACHE_TRANSCEIVER_BACKEND", default="NIXL",
          choices=["DEFAULT", "NIXL", "UCX", "MPI"],
          help="TRT-LLM prefill / decode workers: the KV cache transceiver's backend")
@@ -59,7 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "tokenizer": args.model,
         "tensor_parallel_size": args.tp,
-        "dtype": getattr(args, "model_dtype", "auto") or "auto",
+        "dtype": model_dtype(args),
         "kv_cache_config": kv_cache,
         # Iteration stats feed our load metrics (get_stats_async).
         "enable_iter_perf_stats": True,
@@ -74,14 +64,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["cache_transceiver_config"] = {"backend": args.cache_transceiver_backend}
         if args.mode == "prefill":
             kw["disable_overlap_scheduler"] = True
-    if args.extra_engine_args:
-        try:
-            extra = json.loads(args.extra_engine_args)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
-        if not isinstance(extra, dict):
-            raise SystemExit("--extra-engine-args: a JSON object is expected")
-        kw.update(extra)
+    kw.update(extra_engine_args(args))
     return kw
 
 

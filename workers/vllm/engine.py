@@ -21,6 +21,8 @@ What the adapter does around vLLM:
   loopback (:class:`workers.vllm.kv_events.ZmqEventSubscriber`), which turns them into stored / removed events
   with our chained block hashes.
 * Load: a vLLM stat logger records each step's scheduler stats (running, waiting, KV cache usage).
+* Warm-up: one tiny request (greedy, with logprobs) before the worker registers, so vLLM's lazy kernel
+  compilation is not paid by a client's request (:meth:`VllmEngine._warm_up`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +102,7 @@ class VllmEngine:
             self._export_side_channel()
         endpoint = None
         if self.kv_events:
-            self._events = ZmqEventSubscriber(_batch_decoder(), KvHashMap(self.info.block_size),
+            self._events = ZmqEventSubscriber(KvHashMap(self.info.block_size),
                                               int(self.engine_kwargs.get("data_parallel_size") or 1))
             endpoint = self._events.bind()
         # Building the engine blocks for tens of seconds (weights, KV cache, the EngineCore process handshake);
@@ -111,10 +114,36 @@ class VllmEngine:
         self.info.context_length = int(cfg.model_config.max_model_len)
         if self._events is not None:
             self._events.hash_map.block_size = self.info.block_size  # vLLM's, after its CPU rounding
-            self._events.start(lambda: self._sink)
-        log.info("vLLM engine ready: %s (%s), block size %d, context %d, %s KV blocks, KV events %s",
-                 self.info.name, self.mode, self.info.block_size, self.info.context_length,
-                 cfg.cache_config.num_gpu_blocks, endpoint or "off")
+            self._events.start(_batch_decoder(), lambda: self._sink)  # the engine is imported by now
+        t0 = time.perf_counter()
+        await self._warm_up()
+        log.info("vLLM engine ready: %s (%s), block size %d, context %d, %s KV blocks, KV events %s, "
+                 "warm-up %.1f s", self.info.name, self.mode, self.info.block_size, self.info.context_length,
+                 cfg.cache_config.num_gpu_blocks, endpoint or "off", time.perf_counter() - t0)
+
+    async def _warm_up(self) -> None:
+        """One tiny request before the worker is announced, so that no request pays vLLM's lazy set-up.
+
+        vLLM compiles part of its sampler with ``torch.compile`` on first use (vLLM 0.32.0
+        ``vllm/v1/sample/ops/logprobs.py`` ``batched_count_greater_than``, run for every request that asks for
+        logprobs; inductor builds a C++ kernel on CPU). On a loaded 2-core host that first request took 8-33 s;
+        with the host that busy the frontend once got no frame within its liveness timeout and failed the
+        request (a prefill worker's first request fell back to the decode worker, which hit the same compile:
+        HTTP 503). Here the compile happens before the worker registers. A prompt of one token fills no KV
+        block, so it leaves no KV event or prefix cache entry behind.
+        """
+        v = self._vllm
+        params = v["SamplingParams"](temperature=0.0, max_tokens=2, logprobs=1, ignore_eos=True, detokenize=False,
+                                     output_kind=v["DELTA"])
+        token = self.info.bos_token_id if self.info.bos_token_id is not None else 0
+        gen = self._llm.generate(v["TokensPrompt"](prompt_token_ids=[token]), params, f"warm-up-{os.getpid()}")
+        try:
+            async for _ in gen:
+                pass
+        except Exception as exc:
+            raise errors.Unavailable(f"vLLM failed its warm-up request: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await gen.aclose()
 
     def _create(self, events_endpoint: str | None) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs

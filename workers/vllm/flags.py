@@ -22,10 +22,10 @@ instance) are set by whoever starts the worker.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
 
 if TYPE_CHECKING:
     from workers.vllm.engine import VllmEngine
@@ -33,17 +33,7 @@ if TYPE_CHECKING:
 
 def add_flags(parser: Any) -> None:
     """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    # Shared with the SGLang and TensorRT-LLM adapters (same names, same env twins; the first one declares).
-    flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
-         help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
-    flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
-         help="vLLM / SGLang / TRT-LLM context length (default: the model's)")
-    flag(parser, "--enforce-eager", env="DYN_ENFORCE_EAGER", is_bool=True, default=False,
-         help="vLLM / SGLang / TRT-LLM: no CUDA graphs (faster start, slower steps)")
-    flag(parser, "--gpu-memory-utilization", env="DYN_GPU_MEMORY_UTILIZATION", type=float, default=None,
-         help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
-    flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
-         help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
     flag(parser, "--kv-connector", env="DYN_VLLM_KV_CONNECTOR", default="NixlConnector",
          help="vLLM KV connector of prefill / decode workers")
     flag(parser, "--kv-buffer-device", env="DYN_VLLM_KV_BUFFER_DEVICE", default=None,
@@ -78,7 +68,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "model": args.model,
         "served_model_name": args.served_model_name or None,
-        "dtype": getattr(args, "model_dtype", "auto") or "auto",
+        "dtype": model_dtype(args),
         "tensor_parallel_size": args.tp,
         "data_parallel_size": args.dp_size,
         "block_size": args.block_size,
@@ -98,14 +88,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if addr is None:
             raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT")
         kw.update(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=addr[0], master_port=addr[1])
-    if args.extra_engine_args:
-        try:
-            extra = json.loads(args.extra_engine_args)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
-        if not isinstance(extra, dict):
-            raise SystemExit("--extra-engine-args: a JSON object is expected")
-        kw.update(extra)
+    kw.update(extra_engine_args(args))
     return kw
 
 

@@ -149,8 +149,7 @@ class ZmqEventSubscriber:
     is ``(topic, seq, payload)`` with a msgpack ``EventBatch`` payload (``ts, events, rank``).
     """
 
-    def __init__(self, decode: Callable[[bytes], Any], hash_map: KvHashMap, data_parallel_size: int = 1) -> None:
-        self._decode = decode
+    def __init__(self, hash_map: KvHashMap, data_parallel_size: int = 1) -> None:
         self.hash_map = hash_map
         self._dp = max(1, data_parallel_size)
         self._sock: Any = None
@@ -179,15 +178,18 @@ class ZmqEventSubscriber:
             return self.endpoint
         raise errors.Unavailable("no free run of loopback ports for the engine's KV events")
 
-    def start(self, sink: Callable[[], Callable[[list[KvEvent]], None] | None]) -> None:
-        """Translate every batch and hand it to ``sink()`` (looked up per batch: the runtime may change it)."""
-        self._task = asyncio.create_task(self._run(sink), name="kv-events")
+    def start(self, decode: Callable[[bytes], Any], sink: Callable[[], Callable[[list[KvEvent]], None] | None]) -> None:
+        """Decode every batch with ``decode`` (the engine's own msgspec types: passed here, not at bind time,
+        because importing the engine's module is slow and the adapters bind before the engine is built),
+        translate it and hand it to ``sink()`` (looked up per batch: the runtime may change it)."""
+        self._task = asyncio.create_task(self._run(decode, sink), name="kv-events")
 
-    async def _run(self, sink: Callable[[], Callable[[list[KvEvent]], None] | None]) -> None:
+    async def _run(self, decode: Callable[[bytes], Any],
+                   sink: Callable[[], Callable[[list[KvEvent]], None] | None]) -> None:
         while True:
             frames = await self._sock.recv_multipart()
             try:
-                batch = self._decode(frames[-1])
+                batch = decode(frames[-1])
             except Exception as exc:  # an undecodable batch is logged and skipped, never fatal
                 log.warning("undecodable KV event batch: %s", exc)
                 continue

@@ -13,11 +13,17 @@ host that goes wrong (measured here with nixl 1.5.1, 2 cores, a prefill and a de
 * With UCX's default error handling (``peer``) connection setup and notifications avoid UCX's shared-memory
   transports (they have no peer-failure handler) and go over TCP.
 
-So on a CPU platform this plugin keeps NIXL's threads but runs the ones the agent starts under ``SCHED_IDLE``
-(they get a core only when nothing else wants it: still progress when the host is idle, no cost when it is
-busy), and creates UCX with ``ucx_error_handling_mode=none`` (what ``dynamo_rt.kv`` uses on CPU: shared-memory
-wire-up, one-sided CMA reads; a departed peer still fails a read at once with ESRCH).
-``DYN_VLLM_NIXL_CPU_MODE``: ``auto`` (default: on for a CPU platform only), ``1`` or ``0``.
+So on a CPU platform this plugin keeps NIXL's progress thread but gives it a poll timeout
+(``DYN_VLLM_NIXL_PROGRESS_DELAY_US``, default 5000): NIXL's UCX progress thread waits in ``poll()`` on its UCX
+workers' event fds with that timeout (NIXL's ``nixlUcxSharedThread``), so it wakes on every UCX event and at
+least every 5 ms, and burns no CPU in between (measured here: one core per agent with NIXL's 0, nothing with
+5000). Running the spinning threads under ``SCHED_IDLE`` only (this plugin's first answer) still left both
+cores busy while a prefill / decode pair was idle, and the P/D tests then met host stalls of tens of seconds
+(etcd leases expired; the frontend failed the requests caught in one).
+The agent's own threads still run under ``SCHED_IDLE``; UCX is created with ``ucx_error_handling_mode=none``
+(what ``dynamo_rt.kv`` uses on CPU: shared-memory wire-up, one-sided CMA reads; a departed peer still fails a
+read at once with ESRCH). ``DYN_VLLM_NIXL_CPU_MODE``: ``auto`` (default: on for a CPU platform only), ``1``
+or ``0``.
 
 vLLM runs general plugins in each of its processes (engine core, model workers) before the connector builds
 its agent; the plugin swaps ``nixl._api.nixl_agent`` (the name vLLM's ``vllm.distributed.nixl_utils`` loads) for
@@ -35,6 +41,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ENV = "DYN_VLLM_NIXL_CPU_MODE"
+DELAY_ENV = "DYN_VLLM_NIXL_PROGRESS_DELAY_US"
+DEFAULT_DELAY_US = 5000
 
 
 def enabled() -> bool:
@@ -67,16 +75,31 @@ def register() -> None:
     if getattr(api.nixl_agent, "dynamo_rt_cpu_mode", False):
         return
     base_agent = api.nixl_agent
+    delay_us = int(os.environ.get(DELAY_ENV) or DEFAULT_DELAY_US)
 
     class CpuAgent(base_agent):  # type: ignore[misc, valid-type]
-        """``nixl_agent`` whose own threads run under ``SCHED_IDLE`` and whose UCX backend uses error handling
-        mode ``none`` unless asked otherwise."""
+        """``nixl_agent`` whose progress thread polls with a timeout, whose own threads run under ``SCHED_IDLE``
+        and whose UCX backend uses error handling mode ``none`` unless asked otherwise."""
 
         dynamo_rt_cpu_mode = True
+        progress_delay_us = delay_us
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             before = _threads()
-            super().__init__(*args, **kwargs)
+            # nixl_agent.__init__ fills a nixlAgentConfig (pthrDelay = 0, no parameter for it) and hands it to
+            # nixlBind.nixlAgent: set the delay on its way there.
+            bind = api.nixlBind
+            make_agent = bind.nixlAgent
+
+            def with_delay(name: str, config: Any) -> Any:
+                config.pthrDelay = delay_us
+                return make_agent(name, config)
+
+            bind.nixlAgent = with_delay
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                bind.nixlAgent = make_agent
             for tid in _threads() - before:
                 with contextlib.suppress(OSError):
                     os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
@@ -88,7 +111,8 @@ def register() -> None:
             return super().create_backend(backend, params)
 
     api.nixl_agent = CpuAgent
-    log.debug("vLLM's NIXL agents in this process: threads at SCHED_IDLE, UCX error handling none")
+    log.debug("vLLM's NIXL agents in this process: progress poll timeout %d us, threads at SCHED_IDLE, UCX error "
+              "handling none", delay_us)
 
 
 def _threads() -> set[int]:

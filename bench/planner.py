@@ -284,6 +284,7 @@ async def run_planner(args: argparse.Namespace, url: str, spec: LocalWorkerSpec,
                       profile: Profile) -> RunResult:
     cfg = PlannerConfig(ttft_target=args.ttft_target, itl_target=args.itl_target, predictor=args.predictor,
                         predictor_window=args.predictor_window, max_utilization=args.max_utilization,
+                        lookahead=args.lookahead,
                         scale_down_window_s=args.scale_down_window, correction=args.correction,
                         prefill_cv2=args.prefill_cv2, correction_settle_s=args.correction_settle,
                         limits={PREFILL: PoolLimits(1, args.max_prefill), DECODE: PoolLimits(1, args.max_decode)})
@@ -457,6 +458,7 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=3.0, help="planner adjustment interval, seconds")
     p.add_argument("--predictor", default="linear")
     p.add_argument("--predictor-window", type=int, default=4)
+    p.add_argument("--lookahead", type=int, default=2, help="intervals ahead (worker start-up time)")
     p.add_argument("--max-utilization", type=float, default=0.85)
     p.add_argument("--prefill-cv2", type=float, default=1.0)
     p.add_argument("--scale-down-window", type=float, default=10.0)

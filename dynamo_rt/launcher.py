@@ -6,6 +6,11 @@ frontend, waits until ``/health`` says a model is served and prints one line::
 
     ready: http://127.0.0.1:8000 (model dynamo-tiny)
 
+With ``--planner`` the workers are not started here: the SLA planner (``dynamo-rt planner --connector
+local``) is a child instead, starts the minimum (``--workers``, or ``--prefill-workers`` /
+``--decode-workers``) and scales the pools from the frontend's metrics; the frontend parks a request while a
+pool is at zero (``--worker-wait-timeout``) until the planner's worker registers.
+
 One Ctrl-C (SIGINT) or SIGTERM stops every child within 10 s. A child that dies on its own takes the stack
 down with a non-zero exit, so a broken role is never hidden.
 """
@@ -18,6 +23,7 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +38,8 @@ from dynamo_rt.config import Parser, flag
 log = logging.getLogger("dynamo_rt.up")
 
 STOP_TIMEOUT = 10.0
+PLANNER_DEFAULT_MAX = 8  # the planner's --max-{prefill,decode,agg} default
+PLANNER_WORKER_WAIT = 120.0  # the frontend's --worker-wait-timeout under --planner, unless set
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="prefill workers (with --disagg)")
     flag(p, "--decode-workers", env="DYN_UP_DECODE_WORKERS", type=int, default=1,
          help="decode workers (with --disagg)")
+    flag(p, "--planner", env="DYN_UP_PLANNER", default=False, is_bool=True,
+         help="the SLA planner (local connector) starts and stops the workers; --workers / --prefill-workers / "
+              "--decode-workers become the minimum")
+    flag(p, "--planner-args", env="DYN_UP_PLANNER_ARGS", default="",
+         help="extra flags for the planner, one shell-quoted string (e.g. '--ttft-target 0.3 --itl-target 0.02 "
+              "--adjustment-interval 10 --scale-to-zero-after 300')")
+    flag(p, "--worker-wait-timeout", env="DYN_WORKER_WAIT_TIMEOUT", type=float, default=None,
+         help="seconds the frontend holds a request while its model has no worker (default: 120 with --planner, "
+              "else 0: answer 503 at once)")
     flag(p, "--http-host", env="DYN_HTTP_HOST", default="127.0.0.1", help="frontend address")
     flag(p, "--http-port", env="DYN_HTTP_PORT", type=int, default=8000, help="frontend port")
     flag(p, "--router-mode", env="DYN_ROUTER_MODE", default="round-robin",
@@ -99,6 +116,37 @@ def worker_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         for i in range(args.workers):
             out.append((f"worker-{i}", [*base, "--mode", "agg", *extra]))
     return out
+
+
+def planner_command(args: argparse.Namespace, frontend_url: str) -> list[str]:
+    """The planner child of ``--planner``: it starts the workers ``worker_commands`` would have started."""
+    extra = [a for a in args.worker_args if a != "--"]
+    argv = [sys.executable, "-m", "dynamo_rt", "planner", "--connector", "local", "--frontend-url", frontend_url,
+            "--mode", "disagg" if args.disagg else "agg", "--worker-engine", args.engine,
+            "--worker-model", args.model, "--worker-graceful-timeout", "5",
+            "--worker-args", shlex.join(extra)]
+    if args.served_model_name:
+        argv += ["--model", args.served_model_name]
+    mins = ({"prefill": args.prefill_workers, "decode": args.decode_workers} if args.disagg
+            else {"agg": args.workers})
+    for pool, n in mins.items():
+        argv += [f"--min-{pool}", str(n)]
+        if n > PLANNER_DEFAULT_MAX:  # a minimum above the planner's default maximum raises the maximum
+            argv += [f"--max-{pool}", str(n)]
+    if args.engine == "mocker" and "--speedup" in extra[:-1]:
+        argv += ["--engine-speedup", extra[extra.index("--speedup") + 1]]
+    return [*argv, *shlex.split(args.planner_args)]
+
+
+def frontend_command(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "frontend", "--http-host", args.http_host, "--http-port", str(args.http_port),
+            "--router-mode", args.router_mode]
+    wait = args.worker_wait_timeout
+    if wait is None and args.planner:
+        wait = PLANNER_WORKER_WAIT
+    if wait:
+        argv += ["--worker-wait-timeout", f"{wait:g}"]
+    return argv
 
 
 def wait_ready(url: str, children: list[Child], timeout: float) -> str:
@@ -177,13 +225,14 @@ def run(args: argparse.Namespace) -> int:
             ensure_tiny_model()  # built once here, not raced by every worker
         with services(args, env):
             try:
-                for name, argv in worker_commands(args):
-                    children.append(Child(name, argv, env))
-                children.append(Child("frontend", [
-                    sys.executable, "-m", "frontend", "--http-host", args.http_host, "--http-port",
-                    str(args.http_port), "--router-mode", args.router_mode], env))
                 host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::") else args.http_host
                 url = f"http://{host}:{args.http_port}"
+                if args.planner:
+                    children.append(Child("planner", planner_command(args, url), env))
+                else:
+                    for name, argv in worker_commands(args):
+                        children.append(Child(name, argv, env))
+                children.append(Child("frontend", frontend_command(args), env))
                 model = wait_ready(url, children, args.ready_timeout)
                 log.info("stack ready in %.1fs", time.monotonic() - t0)
                 print(f"ready: {url} (model {model})", flush=True)

@@ -43,6 +43,7 @@ class FrontendConfig:
     queue_timeout: float = 30.0
     request_timeout: float = 600.0
     api_key: str | None = None
+    worker_wait_timeout: float = 0.0  # > 0: a request for a model with no ready worker waits this long for one
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -199,7 +200,7 @@ class Frontend:
             raise errors.DynamoError(f"request body of {len(body)} bytes is over the limit of "
                                      f"{self.cfg.max_body_bytes}", code=errors.ErrorCode.TOO_LARGE)
         req: Any = op.parse_chat(body) if kind == "chat" else op.parse_completion(body)
-        sm: ServedModel = self.manager.get(req.model)
+        sm: ServedModel = self.manager.get(req.model, waiting_ok=self.cfg.worker_wait_timeout > 0)
         pre = sm.pre
         prompt_texts: list[str] = []
         if kind == "chat":
@@ -227,6 +228,7 @@ class Frontend:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         for pr in prompts:
             self.metrics.input_tokens.labels(sm.name).inc(len(pr))
+        self.metrics.model_requests.labels(sm.name).inc()
         return Prepared(kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
                         stop_strings=stop_strings, n=req.n, stream=req.stream, include_usage=include_usage,
                         logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
@@ -276,7 +278,7 @@ class Frontend:
 
             # No wrapping generator: each SSE chunk crosses one async-generator frame less.
             return OpenAIResponse(stream=lambda: stream_response(self.engine, p), on_disconnect=disconnected,
-                                  admission=lambda: self.admission.slot(name, p.deadline), on_stream_start=gauge.inc,
+                                  admission=lambda: self.admit(endpoint, p), on_stream_start=gauge.inc,
                                   on_stream_end=stream_end)
 
         async def run() -> Any:
@@ -292,8 +294,36 @@ class Frontend:
                 gauge.dec()
                 self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
 
-        return OpenAIResponse(run=run, on_disconnect=disconnected,
-                              admission=lambda: self.admission.slot(name, p.deadline))
+        return OpenAIResponse(run=run, on_disconnect=disconnected, admission=lambda: self.admit(endpoint, p))
+
+    @contextlib.asynccontextmanager
+    async def admit(self, endpoint: str, p: Prepared) -> AsyncIterator[None]:
+        """Before a byte of the response is sent: wait for a worker if the model has none (scale from zero),
+        then for a concurrency slot. A refusal here is a plain JSON error (503 / 429 / 504), counted."""
+        admitted = False
+        try:
+            if not p.model.has_decode_pool:
+                await self._await_worker(p)
+            async with self.admission.slot(p.model.name, p.deadline):
+                admitted = True
+                yield
+        except errors.DynamoError as exc:
+            if not admitted:
+                self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            raise
+
+    async def _await_worker(self, p: Prepared) -> None:
+        """Park the request until a worker of its model registers. The gauge is the planner's signal to
+        bring a pool back from zero; past ``worker_wait_timeout`` (or the request's deadline) it is a 503."""
+        wait = min(self.cfg.worker_wait_timeout, p.deadline - time.time())
+        if wait <= 0:
+            raise errors.Unavailable(f"model {p.model.name!r} has no ready worker")
+        gauge = self.metrics.awaiting_worker.labels(p.model.name)
+        gauge.inc()
+        try:
+            p.model = await self.manager.wait_for_worker(p.model.name, wait)
+        finally:
+            gauge.dec()
 
     # ------------------------------------------------------------------ models / health
 

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="largest request body accepted (413 beyond)")
     flag(p, "--request-timeout", env="DYN_REQUEST_TIMEOUT", type=float, default=600.0,
          help="deadline of one request in seconds")
+    flag(p, "--worker-wait-timeout", env="DYN_WORKER_WAIT_TIMEOUT", type=float, default=0.0,
+         help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
+              "to register before a 503; 0: answer 503 at once")
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
 
 
@@ -90,7 +93,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout,
                     disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
-                         max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key)
+                         max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key,
+                         worker_wait_timeout=args.worker_wait_timeout)
     try:
         yield Frontend(manager, engine, metrics, cfg)
     finally:

@@ -13,6 +13,12 @@ class FrontendMetrics:
         self.requests = Counter("dynamo_frontend_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.inflight = Gauge("dynamo_frontend_inflight_requests", "Requests in flight", ["model"], registry=r)
+        self.model_requests = Counter("dynamo_frontend_model_requests",
+                                      "Requests per model, counted as they come in (the planner's arrival rate)",
+                                      ["model"], registry=r)
+        self.awaiting_worker = Gauge("dynamo_frontend_awaiting_worker_requests",
+                                     "Requests waiting for a worker of their model to register (scale from zero)",
+                                     ["model"], registry=r)
         self.queued = Gauge("dynamo_frontend_queued_requests", "Requests waiting for a slot", ["model"],
                             registry=r)
         self.ttft = Histogram("dynamo_frontend_time_to_first_token_seconds", "Time to first token",

@@ -2,6 +2,8 @@
 
 A model becomes servable when its first worker registers and its tokenizer files have been fetched from
 the NATS object store (so the frontend needs no model volume); it disappears when its last worker leaves.
+Its card and tokenizer are kept then (``dormant``), so that with ``--worker-wait-timeout`` a request for it
+can still be prepared and wait for a worker to register (a pool the planner scaled to zero).
 Workers of each mode (agg / prefill / decode) form separate pools, each routed on its own.
 """
 
@@ -63,6 +65,9 @@ class ModelManager:
         self._subscribed: set[str] = set()
         self._changed = asyncio.Event()
         self.departed: set[str] = set()  # models whose last worker left: 503, not 404
+        # The departed models' cards and tokenizers, so a request for one can be prepared and then wait for a
+        # worker to register (scale from zero).
+        self.dormant: dict[str, ServedModel] = {}
         self._resync_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -137,9 +142,13 @@ class ModelManager:
         for name in list(self.models):
             if name not in by_model:
                 log.info("model %r has no workers left; removing it", name)
-                del self.models[name]
+                gone = self.models.pop(name)
+                gone.instances, gone.loads = {}, {}
+                self.dormant[name] = gone
                 self.departed.add(name)
         self.departed -= set(by_model)
+        for name in self.models:
+            self.dormant.pop(name, None)
         self._changed.set()
 
     async def _load(self, name: str, card: ModelCard) -> None:
@@ -207,8 +216,15 @@ class ModelManager:
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, name: str) -> ServedModel:
+    def get(self, name: str, *, waiting_ok: bool = False) -> ServedModel:
+        """The served model ``name``. With ``waiting_ok`` a known model without a ready worker (its last
+        worker left, or only prefill workers are up) is returned too, for a request that will wait for one
+        (:meth:`wait_for_worker`)."""
         sm = self.models.get(name)
+        if waiting_ok and (sm is None or not sm.has_decode_pool):
+            found = sm or self.dormant.get(name)
+            if found is not None:
+                return found
         if sm is None:
             if name in self._loading:
                 raise errors.Unavailable(f"model {name!r} is loading, retry shortly")
@@ -218,6 +234,21 @@ class ModelManager:
         if not sm.has_decode_pool:
             raise errors.Unavailable(f"model {name!r} has no ready worker")
         return sm
+
+    async def wait_for_worker(self, name: str, timeout: float) -> ServedModel:
+        """Wait until model ``name`` has a worker that takes requests (agg or decode) and return its live
+        :class:`ServedModel`; :class:`~dynamo_rt.errors.Unavailable` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sm = self.models.get(name)
+            if sm is not None and sm.has_decode_pool:
+                return sm
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.Unavailable(f"model {name!r} has no ready worker (waited {timeout:g}s for one)")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
 
     def ready(self) -> list[ServedModel]:
         return [m for m in self.models.values() if m.has_decode_pool]

@@ -35,6 +35,9 @@ FLAGS_RELIED_ON = {
     "frontend": ["--http-port", "--router-mode"],
     "worker": ["--engine", "--mode", "--model", "--served-model-name", "--tp", "--ep-size", "--nnodes",
                "--node-rank", "--dist-init-addr"],
+    "planner": ["--connector", "--rbg-api-version", "--mode", "--model", "--frontend-url", "--frontend-resolve-all",
+                "--profile", "--ttft-target", "--itl-target", "--adjustment-interval", "--min-prefill",
+                "--max-prefill", "--min-decode", "--max-decode", "--metrics-port"],
 }
 # What RBG injects into leader/worker pods of a RoleInstanceSet (pkg/discovery/env_builder.go), with the
 # values kubelet would substitute for $(VAR) in a second worker pod of replica 0.
@@ -518,9 +521,9 @@ def test_seed_topology_disagg() -> None:
             rbg = rbg_of(path)
             assert rbg["metadata"]["name"] == "dynamo-pd"
             roles = rbg["spec"]["roles"]
-            # roles/1 is prefill: the seed's partition patch targets it.
-            assert [r["name"] for r in roles] == ["frontend", "prefill", "decoder"]
-            assert [r["replicas"] for r in roles] == [1, 2, 1]
+            # roles/1 is prefill: the seed's partition patch targets it. The planner comes last.
+            assert [r["name"] for r in roles] == ["frontend", "prefill", "decoder", "planner"]
+            assert [r["replicas"] for r in roles] == [1, 2, 1, 1]
             assert rbg["spec"]["roleTemplates"][0]["name"] == "dynamo-common"
             c = containers_by_role(path)
             assert c["prefill"]["args"][c["prefill"]["args"].index("--tp") + 1] == "4"
@@ -528,9 +531,10 @@ def test_seed_topology_disagg() -> None:
             assert c["decoder"]["args"][c["decoder"]["args"].index("--ep-size") + 1] == "8"
             assert c["decoder"]["resources"]["limits"] == {"nvidia.com/gpu": "8", "rdma/hca": "1"}
             assert "resources" not in c["frontend"] or "nvidia.com/gpu" not in str(c["frontend"]["resources"])
-            for role in roles[1:]:
+            for role in roles[1:3]:
                 assert role["rolloutStrategy"]["rollingUpdate"]["type"] == "InPlaceIfPossible"
                 assert role["scalingAdapter"] == {"enable": True}
+            assert "scalingAdapter" not in roles[3] and "rolloutStrategy" not in roles[3]
             if not version_dir:
                 assert {r["workload"]["kind"] for r in roles} == {"RoleInstanceSet"}
             (policy,) = [d for d in load(path) if d["kind"] == "CoordinatedPolicy"]
@@ -659,6 +663,9 @@ def test_container_commands_parse_with_our_cli() -> None:
                 assert ns.http_port == 8000
                 assert ns.router_mode == "kv"
                 continue
+            if role == "planner":
+                assert ns.connector == "rbg" and ns.model == m.DEFAULT_SERVED_MODEL_NAME
+                continue
             assert ns.engine == backend
             assert ns.mode == m.ROLE_MODE[role]
             assert ns.model == m.DEFAULT_MODEL_PATH
@@ -684,6 +691,89 @@ def test_flags_relied_on_are_accepted() -> None:
     for command, flags in FLAGS_RELIED_ON.items():
         known = set(sub.choices[command]._option_string_actions)
         assert set(flags) <= known, (command, set(flags) - known)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests: the planner role
+
+
+def _rbac() -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in load(MANIFESTS / "planner" / "rbac.yml")}
+
+
+@pytest.mark.parametrize("path", RBG_FILES, ids=lambda p: str(p.relative_to(MANIFESTS)))
+def test_planner_role(path: Path) -> None:
+    """Disagg groups carry a planner that scales their prefill and decoder roles through the scaling
+    adapters, as the ServiceAccount manifests/planner/rbac.yml binds, reading every frontend pod."""
+    from dynamo_rt.planner.runner import parse_args
+
+    rbg = rbg_of(path)
+    version = rbg["apiVersion"].split("/")[1]
+    roles = {r["name"]: r for r in rbg["spec"]["roles"]}
+    if not path.stem.startswith("disagg"):
+        assert "planner" not in roles
+        return
+    planner = roles["planner"]
+    assert planner["replicas"] == 1
+    tmpl = effective_templates(rbg)["planner"]
+    (c,) = tmpl["spec"]["containers"]
+    ns = parse_args(c["args"][1:], env={"RBG_GROUP_NAME": rbg["metadata"]["name"]})
+    assert c["args"][0] == "planner"
+    assert (ns.connector, ns.mode, ns.rbg_api_version, ns.model) == ("rbg", "disagg", version,
+                                                                    m.DEFAULT_SERVED_MODEL_NAME)
+    assert ns.rbg_name is None  # RBG's RBG_GROUP_NAME names the group
+    # The roles it scales exist and have scaling adapters; the CoordinatedPolicy couples them.
+    assert roles[ns.prefill_role]["scalingAdapter"] == roles[ns.decode_role]["scalingAdapter"] == {"enable": True}
+    (policy,) = [d for d in load(path) if d["kind"] == "CoordinatedPolicy"]
+    assert policy["spec"]["policies"][0]["roles"] == [ns.prefill_role, ns.decode_role]
+    # Limits cover the rendered replicas.
+    for pool, role in (("prefill", ns.prefill_role), ("decode", ns.decode_role)):
+        assert getattr(ns, f"min_{pool}") <= roles[role]["replicas"] <= getattr(ns, f"max_{pool}")
+    # It reads the frontend role's pods: RBG's headless Service of that role, every address, port 8000.
+    assert ns.frontend_url == f"http://s-{rbg['metadata']['name']}-frontend:8000" and ns.frontend_resolve_all
+    assert containers_by_role(path)["frontend"]["ports"][0]["containerPort"] == 8000
+    # The profile comes from the ConfigMap mounted where --profile points.
+    mounts = {vm["mountPath"]: vm["name"] for vm in c["volumeMounts"]}
+    vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+    (vol,) = [vols[name] for mp, name in mounts.items() if ns.profile.startswith(mp + "/")]
+    assert vol["configMap"] == {"name": f"{rbg['metadata']['name']}-planner-profile"}
+    assert c["ports"] == [{"name": "metrics", "containerPort": ns.metrics_port, "protocol": "TCP"}]
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    # Its ServiceAccount is the one rbac.yml creates and binds to the Role the connector needs.
+    rbac = _rbac()
+    sa = tmpl["spec"]["serviceAccountName"]
+    assert sa == rbac["ServiceAccount"]["metadata"]["name"]
+    assert rbac["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": sa}]
+    assert rbac["RoleBinding"]["roleRef"]["name"] == rbac["Role"]["metadata"]["name"]
+    granted = {(res, verb) for rule in rbac["Role"]["rules"] if "workloads.x-k8s.io" in rule["apiGroups"]
+               for res in rule["resources"] for verb in rule["verbs"]}
+    assert {("rolebasedgroups", "get"), ("rolebasedgroups", "patch"),
+            ("rolebasedgroupscalingadapters/scale", "patch"), ("coordinatedpolicies", "get")} <= granted
+
+
+def test_planner_flags() -> None:
+    """--no-planner leaves it out of a disagg group; --planner adds one to an agg group (sizing the worker
+    role); the targets reach its command line; the header reproduces the render."""
+    from dynamo_rt.planner.runner import parse_args
+
+    base = ["--backend", "vllm", "--mode"]
+    no = m.spec_from_args(_parser().parse_args([*base, "disagg", "--no-planner"]))
+    assert [r["name"] for r in m.build_documents(no)[0]["spec"]["roles"]] == ["frontend", "prefill", "decoder"]
+    agg = m.spec_from_args(_parser().parse_args([*base, "agg", "--planner", "--planner-ttft-target", "0.3",
+                                                 "--planner-interval", "15", "--worker-replicas", "10"]))
+    rbg = m.build_documents(agg)[0]
+    assert [r["name"] for r in rbg["spec"]["roles"]] == ["frontend", "worker", "planner"]
+    assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == [] and admission_problems(rbg) == []
+    args = effective_templates(rbg)["planner"]["spec"]["containers"][0]["args"]
+    ns = parse_args(args[1:], env={})
+    assert (ns.mode, ns.agg_role, ns.ttft_target, ns.itl_target, ns.adjustment_interval) == (
+        "agg", "worker", 0.3, 0.05, 15.0)
+    assert (ns.min_agg, ns.max_agg) == (1, 10)
+    assert "--min-prefill" not in args
+    text = m.render(agg, how="x")
+    assert "name: planner" in text
+    with pytest.raises(InvalidRequest, match="must be > 0"):
+        m.build_documents(dataclasses.replace(agg, planner_itl=0))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``dynamo-rt up`` end to end: ready line, a chat request, one SIGINT, no process left behind."""
+"""``dynamo-rt up`` end to end: ready line, a chat request, one SIGINT, no process left behind; the same with
+``--planner`` (the planner starts the workers and takes them down with it)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,110 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc/*/stat)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state-up-planner"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_rt", "up", "--engine", "mocker", "--disagg", "--planner", "--http-port",
+         str(port), "--state-dir", str(state), "--planner-args", "--adjustment-interval 2", "--",
+         "--speedup", "10"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    workers: list[int] = []
+    try:
+        assert proc.stdout is not None
+        ready = None
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ready: "):
+                ready = line.strip()
+                break
+        assert ready == f"ready: http://127.0.0.1:{port} (model {_tiny_name()})", "".join(lines)[-3000:]
+
+        # up's children: the planner (no worker of its own) and the frontend; the planner's: its workers.
+        kids = {pid: _cmdline(pid) for pid in _children(proc.pid)}
+        planners = [pid for pid, cmd in kids.items() if " -m dynamo_rt planner --connector local " in cmd]
+        assert len(planners) == 1, kids
+        assert not any(" -m workers " in cmd for cmd in kids.values()), kids
+        planner_cmd = kids[planners[0]]
+        assert "--mode disagg" in planner_cmd and "--min-prefill 1 --min-decode 1" in planner_cmd
+        assert "--engine-speedup 10" in planner_cmd and "--adjustment-interval 2" in planner_cmd
+        assert any("--worker-wait-timeout 120" in cmd for cmd in kids.values())  # the frontend parks requests
+        workers = _children(planners[0])
+        modes = sorted(_cmdline(w).split("--mode ")[1].split()[0] for w in workers)
+        assert modes == ["decode", "prefill"]  # the minimum: one of each
+
+        body = json.dumps({"model": _tiny_name(), "prompt": "hello there", "max_tokens": 5,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = json.loads(r.read())
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 5
+        assert _running(planners[0]) and all(_running(w) for w in workers)
+
+        # One Ctrl-C: up, the planner and the frontend get it; the planner stops its workers (their own
+        # sessions) before it exits, and up waits for it.
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest[-3000:]
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [w for w in workers if _running(w)] == [], "workers left running"
+        try:
+            os.killpg(proc.pid, 0)
+            raise AssertionError("processes of the stack's process group are still alive")
+        except ProcessLookupError:
+            pass
+        assert _procs_mentioning(str(state)) == [], "embedded etcd / nats-server left running"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for w in workers:
+            if _running(w):
+                os.killpg(w, signal.SIGKILL)
 
 
 def _tiny_name() -> str:

@@ -165,6 +165,10 @@ class LinearTrendPredictor:
         self._values.append(value)
 
     def predict(self) -> float | None:
+        return self.predict_ahead(1)
+
+    def predict_ahead(self, steps: int) -> float | None:
+        """The line ``steps`` intervals past the last value (1: the next interval)."""
         n = len(self._values)
         if n == 0:
             return None
@@ -175,7 +179,7 @@ class LinearTrendPredictor:
         sxx = sum((x - xm) ** 2 for x in range(n))
         sxy = sum((x - xm) * (y - ym) for x, y in enumerate(self._values))
         slope = sxy / sxx
-        return max(0.0, ym + slope * (n - xm))
+        return max(0.0, ym + slope * (n - 1 + steps - xm))
 
 
 PREDICTORS: dict[str, Callable[[int], Predictor]] = {
@@ -497,6 +501,7 @@ class PlannerConfig:
     scale_down_window_s: float = 180.0
     scale_up_window_s: float = 0.0
     scale_to_zero_after_s: float = 0.0  # 0: never
+    lookahead: int = 1  # intervals ahead the load is predicted for (cover the time a new replica takes)
     correction: bool = True
     correction_bounds: tuple[float, float] = (0.5, 3.0)
     correction_window: int = 10  # intervals the correction factors average over
@@ -510,6 +515,8 @@ class PlannerConfig:
             raise InvalidRequest("TTFT and ITL targets must be > 0")
         if not 0 < self.max_utilization <= 1:
             raise InvalidRequest("max utilization must be in (0, 1]", param="max_utilization")
+        if self.lookahead < 1:
+            raise InvalidRequest("lookahead must be at least 1 interval", param="lookahead")
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -686,7 +693,9 @@ class Planner:
                             f"idle for {self.idle_s:.1f}s: scaling to zero", observation=obs,
                             ttft_correction=self.ttft_correction, itl_correction=self.itl_correction)
 
-        rate = self._rate.predict() or 0.0
+        # Only a trend extends further ahead; a constant or a mean is the same value at any horizon.
+        ahead = getattr(self._rate, "predict_ahead", None)
+        rate = (ahead(cfg.lookahead) if ahead is not None and cfg.lookahead > 1 else self._rate.predict()) or 0.0
         isl = self._isl.predict()
         osl = self._osl.predict()
         plans: dict[str, PoolPlan] = {}

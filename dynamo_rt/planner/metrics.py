@@ -3,9 +3,9 @@
 Each scrape reads the ``dynamo_frontend_*`` series (names in :mod:`frontend.metrics`) of every frontend,
 and the difference between two scrapes becomes one :class:`~dynamo_rt.planner.core.Observation`:
 
-- arrivals: ``dynamo_frontend_model_requests_total`` (per model, counted as requests come in; exported by
-  a frontend with the patch proposed alongside the planner), else the planner derives them from
-  ``dynamo_frontend_input_tokens_total`` (also counted on arrival); requests served:
+- arrivals: ``dynamo_frontend_model_requests_total`` (per model, counted as requests come in), or, from a
+  frontend that does not export it, derived from ``dynamo_frontend_input_tokens_total`` (also counted on
+  arrival); requests served:
   ``dynamo_frontend_time_to_first_token_seconds_count``; completions:
   ``dynamo_frontend_request_duration_seconds_count``;
 - ISL / OSL: ``dynamo_frontend_input_tokens_total`` / ``dynamo_frontend_output_tokens_total`` over those;
@@ -13,9 +13,8 @@ and the difference between two scrapes becomes one :class:`~dynamo_rt.planner.co
   ``dynamo_frontend_inter_token_latency_seconds``;
 - in flight: the ``dynamo_frontend_inflight_requests`` gauge;
 - demand while a pool is at zero: requests answered 503 (``dynamo_frontend_requests_total{status="503"}``,
-  what the frontend does today when a model has no worker) plus the
-  ``dynamo_frontend_awaiting_worker_requests`` gauge (requests parked until a worker registers, with the
-  frontend queueing patch proposed alongside the planner).
+  what a frontend without ``--worker-wait-timeout`` answers when a model has no worker) plus the
+  ``dynamo_frontend_awaiting_worker_requests`` gauge (requests parked until a worker registers).
 
 Several frontends are summed. A host name can stand for all of its addresses (``resolve_all``: the
 headless Service of a frontend role lists one address per pod). A counter that went backwards (a restarted

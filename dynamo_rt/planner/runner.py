@@ -160,6 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="the workers run this many times faster than the profiled engine (the mocker's --speedup)")
     flag(p, "--predictor", env="DYN_PLANNER_PREDICTOR", default="moving-average",
          help=f"load predictor: {', '.join(PREDICTORS)}, or module:factory")
+    flag(p, "--lookahead", env="DYN_PLANNER_LOOKAHEAD", type=int, default=1,
+         help="intervals ahead the load is predicted for: a trend predictor sizes for where the load will be "
+              "once new replicas are up (their start-up time / the interval, rounded up)")
     flag(p, "--predictor-window", env="DYN_PLANNER_PREDICTOR_WINDOW", type=int, default=3,
          help="intervals the predictor looks back")
     for pool, lo, hi in ((PREFILL, 1, 8), (DECODE, 1, 8), (AGG, 1, 8)):
@@ -239,6 +242,7 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
     return PlannerConfig(
         ttft_target=args.ttft_target, itl_target=args.itl_target, mode=args.mode, limits=limits,
         predictor=args.predictor, predictor_window=args.predictor_window, max_utilization=args.max_utilization,
+        lookahead=args.lookahead,
         prefill_cv2=args.prefill_cv2,
         scale_down_window_s=args.scale_down_window, scale_up_window_s=args.scale_up_window,
         scale_to_zero_after_s=args.scale_to_zero_after, correction=args.correction,

@@ -212,6 +212,17 @@ def test_predictors(spec: str, window: int, series: list[float], expected: float
     assert got == (None if expected is None else pytest.approx(expected))
 
 
+def test_linear_lookahead() -> None:
+    p = make_predictor("linear", 4)
+    for v in (1, 2, 3, 4):
+        p.add(v)
+    assert [p.predict_ahead(h) for h in (1, 2, 3)] == [5, 6, 7]  # type: ignore[attr-defined]
+    pl = Planner(_cfg(predictor="linear", lookahead=3), PROFILE)
+    for t, rate in enumerate((10.0, 20.0, 30.0)):
+        d = pl.step(_obs(rate), {PREFILL: 1, DECODE: 1}, now=t)
+    assert d.predicted_rate == pytest.approx(60.0)  # the ramp three intervals on
+
+
 def test_predictor_errors() -> None:
     with pytest.raises(InvalidRequest, match="unknown predictor 'arima'"):
         make_predictor("arima", 3)
@@ -363,6 +374,8 @@ def test_config_validation() -> None:
         _cfg(mode="both")
     with pytest.raises(InvalidRequest, match="must be > 0"):
         _cfg(ttft_target=0)
+    with pytest.raises(InvalidRequest, match="lookahead must be at least 1"):
+        _cfg(lookahead=0)
     assert math.isinf(prefill_replicas(1.0, 500, PROFILE, 0.12).expected_latency) is False
 
 

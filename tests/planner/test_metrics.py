@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from prometheus_client import Counter, Gauge, generate_latest
+from prometheus_client import generate_latest
 
 from dynamo_rt.planner.core import Observation
 from dynamo_rt.planner.metrics import FrontendMetricsSource
@@ -18,8 +18,6 @@ class Frontends:
 
     def __init__(self, *hosts: str) -> None:
         self.m = {h: FrontendMetrics() for h in hosts}
-        self.awaiting = {h: Gauge("dynamo_frontend_awaiting_worker_requests", "parked until a worker registers",
-                                  ["model"], registry=self.m[h].registry) for h in hosts}
         self.down: set[str] = set()
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -30,6 +28,8 @@ class Frontends:
         return httpx.Response(200, content=generate_latest(self.m[host].registry))
 
     def serve(self, host: str, model: str, n: int, isl: int, osl: int, ttft: float, itl: float) -> None:
+        """``n`` requests served, as a frontend that does not count arrivals per model would show them (the
+        planner then derives arrivals from the prompt tokens)."""
         m = self.m[host]
         for _ in range(n):
             m.input_tokens.labels(model).inc(isl)
@@ -88,21 +88,19 @@ def test_several_frontends_restart_and_demand() -> None:
         both = await src.observe()
         # Frontend a restarts (its counters start again from zero) and b is down for a scrape.
         fe.m["a"] = FrontendMetrics()
-        fe.awaiting["a"] = Gauge("dynamo_frontend_awaiting_worker_requests", "x", ["model"],
-                                 registry=fe.m["a"].registry)
         fe.serve("a", "m", 1, 100, 10, 0.2, 0.01)
         fe.down.add("b")
         clock[0] = 2.0
         restarted = await src.observe()
-        # At zero: the frontend answers 503 (today's behaviour) or parks requests (the queueing patch).
+        # At zero: the frontend answers 503 (no --worker-wait-timeout) or parks requests.
         fe.down.clear()
         fe.m["a"].requests.labels("chat", "503").inc(3)
-        # b exports the per-model arrival count (the frontend patch): arrivals come from it.
-        arrivals = Counter("dynamo_frontend_model_requests", "x", ["model"], registry=fe.m["b"].registry)
+        # b counts arrivals per model: they come from that count.
+        arrivals = fe.m["b"].model_requests
         arrivals.labels("n").inc(7)
         fe.m["b"].input_tokens.labels("n").inc(7 * 300)
         fe.m["a"].requests.labels("chat", "404").inc(1)
-        fe.awaiting["b"].labels("n").set(2)
+        fe.m["b"].awaiting_worker.labels("n").set(2)
         clock[0] = 3.0
         demand = await src.observe()
         arrivals.labels("n").inc(4)

@@ -388,7 +388,7 @@ def test_standin_scales_through_scaling_adapters(standin: StandinApiServer, sa_d
 
     before, after = arun(main())
     assert before == {PREFILL: 2, DECODE: 1} and after == {PREFILL: 4, DECODE: 2}
-    assert standin.replicas() == {"frontend": 1, "prefill": 4, "decoder": 2}
+    assert standin.replicas() == {"frontend": 1, "prefill": 4, "decoder": 2, "planner": 1}
     writes = [(m, p, c, b) for m, p, c, b in standin.requests if m == "PATCH"]
     base = f"/apis/workloads.x-k8s.io/{standin.version}/namespaces/default/rolebasedgroupscalingadapters"
     # prefill is further from its target (+2) than the decoder (+1): it goes first.
@@ -428,7 +428,7 @@ def test_standin_json_patch_without_adapters(standin: StandinApiServer, tmp_path
                         {"op": "replace", "path": "/spec/roles/1/replicas", "value": 3},
                         {"op": "test", "path": "/spec/roles/2/name", "value": "decoder"},
                         {"op": "replace", "path": "/spec/roles/2/replicas", "value": 0}])]
-    assert standin.replicas() == {"frontend": 1, "prefill": 3, "decoder": 0}
+    assert standin.replicas() == {"frontend": 1, "prefill": 3, "decoder": 0, "planner": 1}
 
 
 @pytest.mark.parametrize("standin", ["vllm/v1alpha2/disagg.yaml"], indirect=True)
@@ -493,10 +493,10 @@ def test_standin_refusals(standin: StandinApiServer, sa_dir: Path, tmp_path: Pat
 
     assert arun(main()) == [
         "401 Unauthorized",
-        "RoleBasedGroup dynamo-pd has no role 'decode' (roles: ['frontend', 'prefill', 'decoder'])",
+        "RoleBasedGroup dynamo-pd has no role 'decode' (roles: ['frontend', 'prefill', 'decoder', 'planner'])",
         "Unavailable",
     ]
-    assert standin.replicas() == {"frontend": 1, "prefill": 2, "decoder": 1}
+    assert standin.replicas() == {"frontend": 1, "prefill": 2, "decoder": 1, "planner": 1}
 
 
 @pytest.mark.parametrize("standin", ["vllm/v1alpha2/disagg.yaml"], indirect=True)
@@ -539,9 +539,10 @@ def test_standin_planner_loop_end_to_end(standin: StandinApiServer, sa_dir: Path
     peak, quiet = arun(main())
     expect_p = prefill_replicas(40.0, 1000, profile, 0.3, max_utilization=cfg.max_utilization).replicas
     expect_d = decode_replicas(40.0, 100, profile, 0.02, isl=1000, max_utilization=cfg.max_utilization).replicas
-    assert peak == {"frontend": 1, "prefill": min(6, expect_p), "decoder": min(4, expect_d)}
+    assert peak == {"frontend": 1, "prefill": min(6, expect_p), "decoder": min(4, expect_d),
+                    "planner": 1}
     assert expect_p >= 3
-    assert quiet == {"frontend": 1, "prefill": 1, "decoder": 1}
+    assert quiet == {"frontend": 1, "prefill": 1, "decoder": 1, "planner": 1}
     assert all(schema_errors(a) == [] for a in standin.adapters.values())
     assert schema_errors(standin.rbg) == []
 
@@ -570,7 +571,7 @@ def test_standin_cli_apply_once(standin: StandinApiServer, tmp_path: Path) -> No
     assert (shown.returncode, shown.stdout) == (0, '{"prefill": 2, "decode": 1}\n'), shown.stderr
     done = planner("prefill=3,decode=2")
     assert (done.returncode, done.stdout) == (0, '{"prefill": 3, "decode": 2}\n'), done.stderr
-    assert standin.replicas() == {"frontend": 1, "prefill": 3, "decoder": 2}
+    assert standin.replicas() == {"frontend": 1, "prefill": 3, "decoder": 2, "planner": 1}
     bad = planner("prefill=x")
     assert bad.returncode == 2 and "bad replica setting 'prefill=x'" in bad.stderr
 

@@ -119,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
                                 timeout_graceful_shutdown=10, backlog=4096,
                                 proxy_headers=False, server_header=False)
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

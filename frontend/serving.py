@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -129,6 +130,10 @@ class Engine:
         req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
+        if not workers and exclude:
+            # Every worker failed this request once: a stall (a busy host, a lost frame) rather than a death,
+            # or they would have left discovery. Retrying them beats a 503; --migration-limit bounds it.
+            workers = list(sm.pool(pool))
         if not workers:
             raise errors.Unavailable(f"model {sm.name!r} has no ready worker")
         t0 = time.perf_counter()
@@ -299,6 +304,9 @@ async def run_choice(engine: Engine, p: Prepared, prompt: list[int], index: int,
     return res
 
 
+def _choice_done(q: asyncio.Queue[int], index: int, _task: asyncio.Future[Any]) -> None:
+    q.put_nowait(index)  # the choice's task ended: the stream loop picks its index up
+
 async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: ChoiceResult,
                         ) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
     """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends."""
@@ -328,10 +336,12 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                 stream, done, worker = await engine.open(p, prompt + res.token_ids if base else prompt, sub_id,
                                                          index, generated=base, exclude=excluded)
                 async for frame in stream:
-                    final = frame if isinstance(frame, Final) else None
+                    final: Final | None = None
                     ids: list[int] = []
                     lps: list[TokenLogprob] | None = None
-                    if final is None:
+                    if isinstance(frame, Final):
+                        final = frame
+                    else:
                         ids = frame.token_ids
                         lps = frame.logprobs
                         # The client is behind when frames pile up: send them as one chunk.
@@ -428,7 +438,7 @@ async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
             for _ in range(p.n):
                 i = len(tasks)
                 tk = asyncio.ensure_future(run_choice(engine, p, prompt, i, queue))
-                tk.add_done_callback(lambda _t, i=i: done_q.put_nowait(i))
+                tk.add_done_callback(functools.partial(_choice_done, done_q, i))
                 tasks.append(tk)
         if p.kind == "chat":
             for i in range(len(tasks)):

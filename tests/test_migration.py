@@ -100,3 +100,36 @@ def test_seeded_sampling_is_not_migrated_and_fails_cleanly(etcd_server: object, 
         assert all(ls[-1] == "[DONE]" for ls in results)
     finally:
         st.stop()
+
+
+def test_stalled_only_worker_is_retried_not_503(etcd_server: object, nats_server: object) -> None:
+    """The only worker stalls (SIGSTOP) past the frontend's idle timeout but keeps its lease: the frontend
+    gives up on that stream, and with every worker excluded it retries the same worker instead of answering
+    503; after SIGCONT the request completes with all its tokens."""
+    st = Stack(etcd_server.client_url, nats_server.url, "mig3")  # type: ignore[attr-defined]
+    a = st.add_worker("mocker", "agg", "--speedup", "5")
+    st.start_frontend("--migration-limit", "3")
+    try:
+        st.wait_ready(n_instances=1)
+        n_tokens = 1500
+
+        async def main() -> tuple[str, list[dict[str, object]]]:
+            body = {"model": "dynamo-tiny", "messages": [{"role": "user", "content": "stall"}],
+                    "max_tokens": n_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            task = asyncio.ensure_future(_stream(st.url, body))
+            await asyncio.sleep(0.8)
+            a.signal(signal.SIGSTOP)
+            await asyncio.sleep(6.5)  # > the 5 s idle timeout, < the 10 s lease
+            a.signal(signal.SIGCONT)
+            return await task
+
+        _text, events = arun(main(), 90)
+        usage = events[-1]["usage"]
+        assert usage["completion_tokens"] == n_tokens  # type: ignore[index]
+        assert a.alive()
+        metrics = httpx.get(st.url + "/metrics").text
+        migrated = [ln for ln in metrics.splitlines() if ln.startswith("dynamo_frontend_migrations_total")]
+        assert migrated and float(migrated[0].split()[-1]) >= 1
+    finally:
+        st.stop()

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +198,7 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ endpoints
 
-    async def _generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+    async def _generate(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         if self._draining:
             raise errors.Unavailable("worker is shutting down")
         req = decode_generate(payload)
@@ -242,7 +242,9 @@ class WorkerRuntime:
             outcome = "cancelled"
             raise
         finally:
-            await outs.aclose()
+            close = getattr(outs, "aclose", None)  # an async generator: run its finally blocks now, not at GC
+            if close is not None:
+                await close()
             if kv is not None and kv.pin_id:
                 self._release_remote(kv.instance_id, kv.pin_id)
             m.active.labels(model).dec()
@@ -266,12 +268,12 @@ class WorkerRuntime:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    async def _release(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+    async def _release(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         pin_id = msgspec.msgpack.decode(payload, type=str)
         ok = await self.engine.release_pin(pin_id)
         yield Final(seq=0, finish_reason="stop" if ok else None)
 
-    async def _kv_blocks(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[Data | Final]:
+    async def _kv_blocks(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         # Flush queued events first so the snapshot and the event sequence agree.
         self._flush_kv_events()
         hashes = self.engine.cached_block_hashes()

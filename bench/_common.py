@@ -4,6 +4,8 @@ What lives here:
 * process handling: :class:`Proc` (a child in its own process group, log to a file, stopped by PID),
   :class:`Services` (our embedded etcd + nats-server on loopback), :func:`cpu_seconds` (user+sys CPU of a
   process and its descendants, from ``/proc/<pid>/stat``);
+* serving stacks: :func:`start_stack` starts fresh services, one mocker worker process and a frontend,
+  ours or NVIDIA Dynamo's, and waits until the model (and ``instances`` workers) are served;
 * the load generator: raw asyncio streams with a hand-written HTTP/1.1 request (one new connection per
   request, ``Connection: close``) so the client costs little CPU. It runs in its own process
   (:func:`run_load` starts ``python bench/_common.py loadgen SPEC OUT``) so its CPU never shows up in the
@@ -255,6 +257,103 @@ def wait_model(base_url: str, model: str, procs: Sequence[Proc], timeout: float 
 def stop_all(procs: Sequence[Proc]) -> None:
     for p in reversed(procs):
         p.stop()
+
+
+def ready_instances(url: str, dynamo: bool) -> int:
+    """Worker instances a frontend's ``/health`` reports (ours: per model; Dynamo: ``generate`` endpoints)."""
+    status, body = http_json(url + "/health")
+    if status != 200 or not isinstance(body, dict):
+        return 0
+    if dynamo:
+        return sum(1 for i in body.get("instances", []) if i.get("endpoint") == "generate")
+    return sum(int(m.get("instances", 0)) for m in (body.get("models") or {}).values())
+
+
+def wait_instances(url: str, model: str, n: int, dynamo: bool, procs: Sequence[Proc],
+                   timeout: float = 180.0) -> None:
+    """Until ``model`` is listed and ``n`` worker instances are ready; fail fast if one of ``procs`` exits."""
+    wait_model(url, model, procs, timeout)
+    deadline = time.monotonic() + timeout
+    while n > 0 and ready_instances(url, dynamo) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {ready_instances(url, dynamo)} of {n} workers registered at {url}")
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
+        time.sleep(0.3)
+
+
+DYNAMO_PLANES = ["--discovery-backend", "etcd", "--request-plane", "nats", "--event-plane", "nats"]
+
+
+class Stack:
+    """One worker process + one frontend on their own etcd + NATS (:func:`start_stack`); a context manager
+    that stops everything, frontend first."""
+
+    def __init__(self, name: str, services: Services, frontend: Proc, worker: Proc, url: str) -> None:
+        self.name, self.services, self.frontend, self.worker, self.url = name, services, frontend, worker, url
+
+    @property
+    def procs(self) -> list[Proc]:
+        """Worker, then frontend (the order their CPU is reported in)."""
+        return [self.worker, self.frontend]
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        self.services.__exit__(None, None, None)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_stack(
+    kind: str,
+    model_dir: str,
+    model: str,
+    *,
+    tag: str,
+    name: str | None = None,
+    router: str = "round-robin",
+    worker_args: Sequence[str] = (),
+    frontend_args: Sequence[str] = (),
+    namespace: str = "bench",
+    instances: int = 0,
+) -> Stack:
+    """Fresh etcd + NATS, a mocker worker process and a frontend, ours (``kind="ours"``) or NVIDIA Dynamo's
+    (``"dynamo"``: its venv, etcd discovery, NATS request and event planes), serving ``model_dir`` as
+    ``model``. ``worker_args`` / ``frontend_args`` are added to the mocker's / frontend's command line;
+    logs go to ``OUT_DIR/logs/{tag}-worker.log`` and ``{tag}-frontend.log``. Returns once the model is
+    listed and, with ``instances``, that many workers are ready; on failure everything is stopped."""
+    dyn = kind == "dynamo"
+    s = Services().__enter__()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if dyn:
+        py = ensure_dynamo_venv()
+        env = dynamo_env(s.etcd_url, s.nats_url)
+        worker = [py, "-m", "dynamo.mocker", "--model-path", model_dir, "--model-name", model, *worker_args,
+                  *DYNAMO_PLANES]  # fmt: skip
+        front = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+                 "--router-mode", router, *frontend_args, *DYNAMO_PLANES]  # fmt: skip
+    else:
+        env = ours_env(s.etcd_url, s.nats_url, namespace)
+        worker = [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model", model_dir,
+                  "--served-model-name", model, *worker_args]  # fmt: skip
+        front = [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--router-mode",
+                 router, *frontend_args]  # fmt: skip
+    procs: list[Proc] = []
+    try:
+        procs.append(Proc(f"{tag}-worker", worker, env))
+        procs.append(Proc(f"{tag}-frontend", front, env))
+        wait_instances(url, model, instances, dyn, procs)
+    except BaseException:
+        stop_all(procs)
+        s.__exit__(None, None, None)
+        raise
+    return Stack(name or tag, s, procs[1], procs[0], url)
 
 
 # --------------------------------------------------------------------------------------------- Dynamo

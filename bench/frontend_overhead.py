@@ -46,19 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (
     OUT_DIR,
     PY,
-    Proc,
-    Services,
+    Stack,
     cpu_seconds,
-    dynamo_env,
     ensure_dynamo_venv,
     exit_on_sigterm,
-    free_port,
-    ours_env,
     run_load,
     say,
-    stop_all,
+    start_stack,
     table,
-    wait_model,
 )
 
 MODEL = "tiny"
@@ -82,103 +77,15 @@ def bodies(n: int, max_tokens: int, offset: int = 0) -> list[list[bytes]]:
     return out
 
 
-class Stack:
-    """One frontend + one mocker on their own etcd + NATS."""
-
-    def __init__(self, name: str, services: Services, frontend: Proc, worker: Proc, url: str) -> None:
-        self.name, self.services, self.frontend, self.worker, self.url = name, services, frontend, worker, url
-
-    def stop(self) -> None:
-        stop_all([self.worker, self.frontend])
-        self.services.__exit__(None, None, None)
-
-
-def start_ours(model_dir: str, speedup: float = 0.0, name: str = "ours") -> Stack:
-    s = Services().__enter__()
-    env = ours_env(s.etcd_url, s.nats_url, "benchfe")
-    port = free_port()
+def start_ours(model_dir: str, speedup: float = 0.0, name: str = OURS) -> Stack:
     tag = "fe-ours" if speedup == 0 else f"fe-ours-x{speedup:g}"
-    w = Proc(
-        f"{tag}-mocker",
-        [
-            PY,
-            "-m",
-            "workers",
-            "--engine",
-            "mocker",
-            "--mode",
-            "agg",
-            "--model",
-            model_dir,
-            "--served-model-name",
-            MODEL,
-            "--speedup",
-            str(speedup),
-        ],
-        env,
-    )
-    f = Proc(
-        f"{tag}-frontend",
-        [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--router-mode", "round-robin"],
-        env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_model(url, MODEL, [w, f])
-    except BaseException:
-        stop_all([w, f])
-        s.__exit__(None, None, None)
-        raise
-    return Stack(name, s, f, w, url)
+    return start_stack("ours", model_dir, MODEL, tag=tag, name=name, worker_args=["--speedup", str(speedup)],
+                       namespace="benchfe")
 
 
-def start_dynamo(model_dir: str, dyn_py: str) -> Stack:
-    s = Services().__enter__()
-    env = dynamo_env(s.etcd_url, s.nats_url)
-    port = free_port()
-    planes = ["--discovery-backend", "etcd", "--request-plane", "nats", "--event-plane", "nats"]
-    w = Proc(
-        "fe-dynamo-mocker",
-        [
-            dyn_py,
-            "-m",
-            "dynamo.mocker",
-            "--model-path",
-            model_dir,
-            "--model-name",
-            MODEL,
-            "--speedup-ratio",
-            "0",
-            "--block-size",
-            "16",
-            *planes,
-        ],
-        env,
-    )
-    f = Proc(
-        "fe-dynamo-frontend",
-        [
-            dyn_py,
-            "-m",
-            "dynamo.frontend",
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            str(port),
-            "--router-mode",
-            "round-robin",
-            *planes,
-        ],
-        env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_model(url, MODEL, [w, f])
-    except BaseException:
-        stop_all([w, f])
-        s.__exit__(None, None, None)
-        raise
-    return Stack(DYNAMO, s, f, w, url)
+def start_dynamo(model_dir: str) -> Stack:
+    return start_stack("dynamo", model_dir, MODEL, tag="fe-dynamo", name=DYNAMO,
+                       worker_args=["--speedup-ratio", "0", "--block-size", "16"])
 
 
 def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int) -> dict[str, Any]:
@@ -317,7 +224,7 @@ def main() -> int:
         stacks.append(start_ours(model_dir))
         if dyn_py is not None:
             say("starting Dynamo 1.6.1 frontend + mocker")
-            stacks.append(start_dynamo(model_dir, dyn_py))
+            stacks.append(start_dynamo(model_dir))
         if args.paced_speedup > 0:
             say(f"starting our frontend + mocker at --speedup {args.paced_speedup:g} (paced tokens)")
             stacks.append(start_ours(model_dir, args.paced_speedup, PACED))

@@ -114,10 +114,12 @@ class Engine:
         self.migration_limit = migration_limit
 
     async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int, *, generated: int = 0,
-                   exclude: set[str] | None = None) -> tuple[ResponseStream, Callable[[], None], str]:
-        """Start one choice; returns its stream, a callback to run when it ends (router bookkeeping) and the
-        worker's id. ``generated`` tokens were produced before (a migration): they are part of ``prompt``
-        and count against max_tokens / min_tokens; ``exclude`` lists workers that failed this request."""
+                   exclude: set[str] | None = None
+                   ) -> tuple[ResponseStream, Callable[[], None], str, Callable[[], None]]:
+        """Start one choice; returns its stream, a callback to run when it ends (router bookkeeping), the
+        worker's id and a callback to run at its first token (the router stops counting its prefill).
+        ``generated`` tokens were produced before (a migration): they are part of ``prompt`` and count
+        against max_tokens / min_tokens; ``exclude`` lists workers that failed this request."""
         sm = p.model
         sampling = p.sampling
         if seed_offset and sampling.seed is not None:
@@ -144,7 +146,10 @@ class Engine:
         self.metrics.router_overhead.observe(time.perf_counter() - t0)
 
         def done() -> None:
-            router.on_request_finished(decision.worker_id, decision.request_blocks)
+            router.on_request_finished(decision.worker_id, decision.request_blocks, decision.key)
+
+        def first() -> None:
+            router.on_first_token(decision.worker_id, decision.key)
 
         try:
             if pool == "decode" and sm.pool("prefill"):
@@ -159,7 +164,7 @@ class Engine:
         except BaseException:
             done()
             raise
-        return stream, done, decision.worker_id
+        return stream, done, decision.worker_id, first
 
     async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest,
                               hashes: list[int] | None, timeout: float) -> KvTransferParams | None:
@@ -187,7 +192,7 @@ class Engine:
             self.metrics.prefill_fallbacks.labels(sm.name).inc()
             return None
         finally:
-            router.on_request_finished(d.worker_id, d.request_blocks)
+            router.on_request_finished(d.worker_id, d.request_blocks, d.key)
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:
@@ -332,9 +337,10 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
             worker = ""
             stream: ResponseStream | None = None
             done: Callable[[], None] | None = None
+            first: Callable[[], None] | None = None
             try:
-                stream, done, worker = await engine.open(p, prompt + res.token_ids if base else prompt, sub_id,
-                                                         index, generated=base, exclude=excluded)
+                stream, done, worker, first = await engine.open(p, prompt + res.token_ids if base else prompt,
+                                                                sub_id, index, generated=base, exclude=excluded)
                 async for frame in stream:
                     final: Final | None = None
                     ids: list[int] = []
@@ -354,6 +360,9 @@ async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: Cho
                             if nxt.logprobs:
                                 lps = (lps or []) + nxt.logprobs
                     if ids:
+                        if first is not None:
+                            first()
+                            first = None
                         now = time.perf_counter()
                         if not res.token_ids:
                             m.ttft.labels(sm.name).observe(now - t_start)

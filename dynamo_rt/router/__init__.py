@@ -1,6 +1,8 @@
-"""Request routing: the KV block index (:mod:`.indexer`), the policies (:mod:`.policy`) and the event
-consumer that feeds them (:mod:`.events`). Pure logic: the frontend wires NATS and discovery to it."""
+"""Request routing: the KV block index (:mod:`.indexer`), the policies (:mod:`.policy`), the router's book
+of in-flight requests (:mod:`.active`) and the event consumer that feeds the index (:mod:`.events`).
+Pure logic: the frontend wires NATS and discovery to it."""
 
+from dynamo_rt.router.active import ActiveRequests
 from dynamo_rt.router.events import RouterEvents
 from dynamo_rt.router.indexer import TIERS, ApproxIndexer, KvIndexer, PrefixIndex
 from dynamo_rt.router.policy import ROUTER_MODES, RouteDecision, Router, RouterMetrics, RouterMode
@@ -8,6 +10,7 @@ from dynamo_rt.router.policy import ROUTER_MODES, RouteDecision, Router, RouterM
 __all__ = [
     "ROUTER_MODES",
     "TIERS",
+    "ActiveRequests",
     "ApproxIndexer",
     "KvIndexer",
     "PrefixIndex",

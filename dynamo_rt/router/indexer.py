@@ -266,6 +266,11 @@ class KvIndexer:
                 out[w] = n
             mask ^= low
 
+    def holds(self, worker_id: str, block_hash: int) -> bool:
+        """Does ``worker_id`` hold ``block_hash`` in primary (device) memory?"""
+        bit = self._bit.get(worker_id)
+        return bit is not None and bool(self._masks[PRIMARY].get(block_hash, 0) >> bit & 1)
+
     def has_lower_tiers(self) -> bool:
         """Does any worker hold a block outside ``primary``? (If not, tier weights change nothing.)"""
         return any(self._masks.get(t) for t in TIERS[1:])

@@ -5,9 +5,9 @@ disaggregated deployment has two routers). Modes:
 
 * ``round-robin`` / ``random``: ignore load and cache;
 * ``least-loaded``: fewest requests (running + waiting), then lowest KV usage;
-* ``kv``: cost = ``overlap_weight`` × (prompt blocks not cached on the worker) + the worker's active
-  decode blocks; lowest cost wins, ties broken at random, or with ``temperature`` > 0 a softmax sample
-  over ``-cost / temperature``.
+* ``kv``: cost = ``overlap_weight`` × (prompt blocks not cached on the worker + prefill blocks still
+  pending there) + the worker's active blocks with this request's; lowest cost wins, ties broken at
+  random, or with ``temperature`` > 0 a softmax sample over ``-cost / temperature``.
 
 KV tiers: a worker may hold prompt blocks in a lower tier (host memory, disk; ``KvEvent.tier``), which it
 loads instead of recomputing. Such a block counts as partly cached: a *hit weight* ``w`` (``host_hit_weight``,
@@ -16,16 +16,32 @@ block costs ``1 - w`` of an uncached block. With the prompt's leading blocks hel
 in primary or host and ``pd`` in any tier (prefix counts, :meth:`KvIndexer.find_matches_by_tier`):
 
     cached = p + host_hit_weight × (ph - p) + disk_hit_weight × (pd - ph)
-    cost   = overlap_weight × (prompt blocks - cached) + active decode blocks
+    cost   = overlap_weight × (prompt blocks - cached + pending prefill blocks)
+             + active blocks + new blocks
 
 With the defaults 0.5 / 0.25 a host-cached block costs half an uncached one and a disk-cached block three
 quarters: a worker holding the prefix in a lower tier still beats one that must recompute it, and loses to
 one holding it in primary. Weights of 0 ignore the lower tiers (one index walk instead of three).
 
-Load comes from the workers' :class:`~dynamo_rt.protocol.LoadMetrics` (about once a second), so the router
-also counts what it routed itself (:meth:`Router.on_request_started` / :meth:`Router.on_request_finished`)
-and takes the larger of the two: a burst between two load reports spreads instead of piling onto the
-worker that looked idlest. A request pinned to an instance (``nvext.backend_instance_id``) goes there.
+The load terms come from the router's own book of the requests it routed and has not seen finish
+(:mod:`.active`; :meth:`Router.select` adds, :meth:`Router.on_first_token` and
+:meth:`Router.on_request_finished` take away), since the workers' :class:`~dynamo_rt.protocol.LoadMetrics`
+come only about once a second and a burst between two reports would all go to the worker that looked
+idlest:
+
+* *pending prefill blocks*: the uncached prompt blocks of the worker's requests that have no first token
+  yet: work queued ahead of this prompt's own prefill, so it weighs like it (``overlap_weight``);
+* *active blocks*: the distinct KV blocks its running requests hold (a prefix shared by several requests
+  counts once, as in the engine's paged cache);
+* *new blocks*: the blocks this request would add to them (its blocks not already active there).
+
+Counting shared prefixes once matters: with per-request counts, a worker running four chats on one
+system prompt looks four system prompts busy and the fifth chat goes to a cold worker, which must then
+compute (and cache) that system prompt again. A router that has never tracked a request (``track=False``
+callers) uses the workers' reported ``active_decode_blocks`` instead of the book. Several frontends do not
+see each other's requests; each balances its own.
+
+A request pinned to an instance (``nvext.backend_instance_id``) goes there.
 
 The transport (NATS subscriptions, discovery) is wired by the frontend; this module is pure logic.
 """
@@ -44,6 +60,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from dynamo_rt.errors import InvalidRequest, NotFound, Unavailable
 from dynamo_rt.kvhash import block_hashes as compute_block_hashes
 from dynamo_rt.protocol import LoadMetrics
+from dynamo_rt.router.active import ActiveRequests
 from dynamo_rt.router.indexer import PRIMARY, KvIndexer, PrefixIndex
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
@@ -86,7 +103,8 @@ class RouteDecision:
     overlap_blocks: int  # leading prompt blocks the worker holds, in any KV tier (kv mode; 0 otherwise)
     cost: float  # kv: the cost formula; least-loaded: requests; others: 0
     reason: str  # the mode, "pinned", or "kv-sampled" when temperature picked it
-    request_blocks: int = 0  # added to the worker's in-flight count; give it back to on_request_finished
+    request_blocks: int = 0  # the prompt's blocks (full and partial)
+    key: int = 0  # the request in the router's book (0: not tracked); give it to on_first_token / _finished
 
 
 class Router:
@@ -126,29 +144,37 @@ class Router:
         self.pool = pool
         self._rng = random.Random(seed)
         self._rr = 0
-        self._inflight_reqs: dict[str, int] = {}
-        self._inflight_blocks: dict[str, int] = {}
+        self.active = ActiveRequests()
+        # An event-fed index tells when a prompt's last block is stored, i.e. its prefill is over.
+        self._holds = self.indexer.holds if isinstance(self.indexer, KvIndexer) else None
 
     # --------------------------------------------------------------------------------- in-flight
 
-    def on_request_started(self, worker_id: str, blocks: int) -> None:
-        self._inflight_reqs[worker_id] = self._inflight_reqs.get(worker_id, 0) + 1
-        self._inflight_blocks[worker_id] = self._inflight_blocks.get(worker_id, 0) + blocks
+    def on_request_started(self, worker_id: str, blocks: int, *, block_hashes: Sequence[int] = (),
+                           prefill_blocks: int = 0) -> int:
+        """Book a request on ``worker_id`` (what :meth:`select` does with ``track``); returns its key."""
+        return self.active.add(worker_id, block_hashes, blocks, prefill_blocks)
 
-    def on_request_finished(self, worker_id: str, blocks: int) -> None:
-        r = self._inflight_reqs.get(worker_id)
-        if r is None:
-            return  # the worker was removed meanwhile
-        self._inflight_reqs[worker_id] = max(0, r - 1)
-        self._inflight_blocks[worker_id] = max(0, self._inflight_blocks.get(worker_id, 0) - blocks)
+    def on_first_token(self, worker_id: str, key: int) -> None:
+        """The request's first token came: its prompt no longer counts as pending prefill."""
+        self.active.first_token(key)
+
+    def on_request_finished(self, worker_id: str, blocks: int, key: int | None = None) -> None:
+        """The request ended. Without its ``key``, the oldest request of ``blocks`` blocks on the worker
+        is taken for it (same-sized requests on one worker are interchangeable for the counts but for
+        which blocks they share)."""
+        if key is None:
+            key = self.active.oldest(worker_id, blocks)
+        if key is not None:
+            self.active.finish(key)
 
     def in_flight(self, worker_id: str) -> tuple[int, int]:
-        """(requests, blocks) this router has routed to ``worker_id`` and not yet seen finish."""
-        return self._inflight_reqs.get(worker_id, 0), self._inflight_blocks.get(worker_id, 0)
+        """(requests, blocks) this router has routed to ``worker_id`` and not yet seen finish; blocks counted
+        per request (see :meth:`active_blocks` for the distinct ones)."""
+        return self.active.requests(worker_id), self.active.total_blocks(worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
-        self._inflight_reqs.pop(worker_id, None)
-        self._inflight_blocks.pop(worker_id, None)
+        self.active.remove_worker(worker_id)
         self.indexer.remove_worker(worker_id)
         if self.metrics is not None:
             self.metrics.forget_worker(self.pool, worker_id)
@@ -168,14 +194,16 @@ class Router:
         """Pick a worker among ``workers`` for a prompt.
 
         ``block_hashes`` may be passed when the caller already hashed the prompt with this block size
-        (hashing costs ~1 µs per block, more than the index walk). With ``track`` the request's blocks
-        are added to the chosen worker's in-flight count; call :meth:`on_request_finished` with
-        ``decision.request_blocks`` when it ends.
+        (hashing costs ~1 µs per block, more than the index walk). With ``track`` the request is booked on
+        the chosen worker (``decision.key``); call :meth:`on_first_token` when its first token arrives and
+        :meth:`on_request_finished` when it ends.
         """
         t0 = time.perf_counter()
         if not workers:
             raise Unavailable("no worker instance is available")
         request_blocks = -(-len(token_ids) // self.block_size)
+        hashes: Sequence[int] = ()
+        prefill = 0  # blocks the worker must compute: only the kv mode scores (and so books) them
         if pinned is not None:
             if pinned not in workers:
                 raise NotFound(f"backend instance {pinned!r} is not serving this model",
@@ -183,10 +211,12 @@ class Router:
             overlap = 0
             if self.mode == "kv":
                 hashes = self._hashes(token_ids, block_hashes)
-                overlap = self.overlaps(hashes).get(pinned, (0.0, 0))[1] if hashes else 0
+                cached, overlap = self.overlaps(hashes).get(pinned, (0.0, 0)) if hashes else (0.0, 0)
+                prefill = request_blocks - math.floor(cached)
             d = RouteDecision(pinned, overlap, 0.0, "pinned", request_blocks)
         elif self.mode == "kv":
-            d = self._select_kv(workers, token_ids, loads, block_hashes, request_blocks)
+            hashes = self._hashes(token_ids, block_hashes)
+            d, prefill = self._select_kv(workers, hashes, loads, request_blocks)
         elif self.mode == "least-loaded":
             d = self._select_least_loaded(workers, loads, request_blocks)
         elif self.mode == "round-robin":
@@ -196,7 +226,8 @@ class Router:
         else:
             d = RouteDecision(self._rng.choice(list(workers)), 0, 0.0, "random", request_blocks)
         if track:
-            self.on_request_started(d.worker_id, request_blocks)
+            key = self.active.add(d.worker_id, hashes, request_blocks, prefill)
+            d = RouteDecision(d.worker_id, d.overlap_blocks, d.cost, d.reason, request_blocks, key)
         if self.metrics is not None:
             self.metrics.decisions.labels(self.pool, d.worker_id).inc()
             self.metrics.overlap_blocks.labels(self.pool).observe(d.overlap_blocks)
@@ -207,10 +238,16 @@ class Router:
         return given if given is not None else compute_block_hashes(token_ids, self.block_size)
 
     def active_blocks(self, worker_id: str, loads: Mapping[str, LoadMetrics]) -> int:
-        """The worker's decode load: its last report, or what we routed since, whichever is larger."""
+        """The worker's active KV blocks: the router's book (distinct blocks of the requests it routed
+        there), or, for a router that never tracked a request, the worker's last report."""
+        if self.active.tracked:
+            return self.active.active_blocks(worker_id)
         lm = loads.get(worker_id)
-        reported = lm.active_decode_blocks if lm is not None else 0
-        return max(reported, self._inflight_blocks.get(worker_id, 0))
+        return lm.active_decode_blocks if lm is not None else 0
+
+    def pending_prefill(self, worker_id: str) -> int:
+        """Uncached prompt blocks of the worker's booked requests that have no first token yet."""
+        return self.active.pending_prefill(worker_id, self._holds)
 
     def costs(
         self,
@@ -222,13 +259,23 @@ class Router:
     ) -> dict[str, tuple[float, int]]:
         """Per worker: (kv cost, overlap blocks in any tier). What ``kv`` mode minimises."""
         hashes = self._hashes(token_ids, block_hashes)
-        overlaps = self.overlaps(hashes) if hashes else {}
         request_blocks = -(-len(token_ids) // self.block_size)
+        return {w: (c, ov) for w, (c, ov, _) in self._costs(workers, hashes, loads, request_blocks).items()}
+
+    def _costs(
+        self, workers: Sequence[str], hashes: Sequence[int], loads: Mapping[str, LoadMetrics], request_blocks: int
+    ) -> dict[str, tuple[float, int, int]]:
+        """Per worker: (cost, overlap blocks in any tier, prefill blocks the request would need there)."""
+        overlaps = self.overlaps(hashes) if hashes else {}
         w = self.overlap_weight
-        out: dict[str, tuple[float, int]] = {}
+        active = self.active
+        out: dict[str, tuple[float, int, int]] = {}
         for wid in workers:
             cached, ov = overlaps.get(wid, (0.0, 0))
-            out[wid] = (w * (request_blocks - cached) + self.active_blocks(wid, loads), ov)
+            prefill = request_blocks - math.floor(cached)
+            queued = self.pending_prefill(wid)
+            load = self.active_blocks(wid, loads) + active.new_blocks(wid, hashes, request_blocks)
+            out[wid] = (w * (request_blocks - cached + queued) + load, ov, prefill)
         return out
 
     def overlaps(self, hashes: Sequence[int]) -> dict[str, tuple[float, int]]:
@@ -248,27 +295,26 @@ class Router:
     def _select_kv(
         self,
         workers: Sequence[str],
-        token_ids: Sequence[int],
+        hashes: Sequence[int],
         loads: Mapping[str, LoadMetrics],
-        block_hashes: Sequence[int] | None,
         request_blocks: int,
-    ) -> RouteDecision:
-        hashes = self._hashes(token_ids, block_hashes)
-        costs = self.costs(workers, token_ids, loads, block_hashes=hashes)
+    ) -> tuple[RouteDecision, int]:
+        costs = self._costs(workers, hashes, loads, request_blocks)
         if self.temperature > 0 and len(costs) > 1:
             wid = self._sample(costs)
             reason = "kv-sampled"
         else:
-            best = min(c for c, _ in costs.values())
-            wid = self._rng.choice([k for k, (c, _) in costs.items() if c == best])
+            best = min(c for c, _, _ in costs.values())
+            tied = [k for k, (c, _, _) in costs.items() if c == best]
+            wid = tied[0] if len(tied) == 1 else self._rng.choice(tied)
             reason = "kv"
-        cost, overlap = costs[wid]
+        cost, overlap, prefill = costs[wid]
         if hashes:
             self.indexer.on_routed(wid, hashes)
-        return RouteDecision(wid, overlap, cost, reason, request_blocks)
+        return RouteDecision(wid, overlap, cost, reason, request_blocks), prefill
 
-    def _sample(self, costs: Mapping[str, tuple[float, int]]) -> str:
-        best = min(c for c, _ in costs.values())
+    def _sample(self, costs: Mapping[str, tuple[float, int, int]]) -> str:
+        best = min(c[0] for c in costs.values())
         # Shifting by the best cost keeps exp() in range; the distribution is unchanged.
         ids = list(costs)
         weights = [math.exp(-(costs[k][0] - best) / self.temperature) for k in ids]
@@ -281,7 +327,7 @@ class Router:
         best: list[str] = []
         for wid in workers:
             lm = loads.get(wid)
-            reqs = self._inflight_reqs.get(wid, 0)
+            reqs = self.active.requests(wid)
             usage = 0.0
             if lm is not None:
                 reqs = max(reqs, lm.active_requests + lm.waiting_requests)

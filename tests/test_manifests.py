@@ -678,11 +678,61 @@ def test_env_vars_are_read_by_our_code() -> None:
     cli_parser()  # building the parsers fills KNOWN_ENV
     from dynamo_rt.config import KNOWN_ENV
 
+    common = {"DYN_ETCD_ENDPOINTS", "DYN_NATS_ENDPOINTS", "DYN_NAMESPACE", "DYN_LOG", "DYN_NATS_USER",
+              "DYN_NATS_PASSWORD", "DYN_NATS_TOKEN", "DYN_ETCD_USER", "DYN_ETCD_PASSWORD"}
+    extra = {"frontend": {"HOME", "DYN_API_KEY"}, "planner": {"HOME"}}
     for path in RBG_FILES:
         for role, c in containers_by_role(path).items():
             names = {e["name"] for e in c["env"]}
-            assert names == {"DYN_ETCD_ENDPOINTS", "DYN_NATS_ENDPOINTS", "DYN_NAMESPACE", "DYN_LOG"}, role
-            assert names <= KNOWN_ENV
+            assert names == common | extra.get(role, set()), role
+            assert names - {"HOME"} <= KNOWN_ENV
+
+
+def test_credentials_come_from_an_optional_secret_and_never_inline() -> None:
+    for path in RBG_FILES:
+        for role, c in containers_by_role(path).items():
+            by_name = {e["name"]: e for e in c["env"]}
+            for name in ("DYN_NATS_USER", "DYN_NATS_PASSWORD", "DYN_NATS_TOKEN", "DYN_ETCD_USER",
+                         "DYN_ETCD_PASSWORD", *(("DYN_API_KEY",) if role == "frontend" else ())):
+                assert "value" not in by_name[name], (path, role, name)
+                ref = by_name[name]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "dynamo-rt-credentials" and ref["optional"] is True, (path, role, name)
+
+
+def test_frontend_and_planner_run_unprivileged_workers_keep_the_engine_user() -> None:
+    for path in RBG_FILES:
+        doc = rbg_of(path)
+        for role, t in effective_templates(doc).items():
+            c = t["spec"]["containers"][0]
+            sc = c.get("securityContext")
+            if role in ("frontend", "planner"):
+                assert sc == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                              "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+                # A read-only root needs somewhere to write: HOME and /tmp are a scratch emptyDir.
+                assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+                assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in t["spec"]["volumes"]
+                assert {"name": "HOME", "value": "/tmp"} in c["env"]
+            else:
+                assert sc is None, (path, role)
+
+
+def test_nats_creds_secret_is_mounted_and_passed_to_every_role() -> None:
+    spec = dataclasses.replace(m.preset("vllm", "disagg"), nats_creds_secret="nats-user-creds")
+    doc = next(d for d in yaml.safe_load_all(m.render(spec)) if d["kind"] == "RoleBasedGroup")
+    assert errors_of(validator("RoleBasedGroup", "v1alpha1"), doc) == []
+    for role, t in effective_templates(doc).items():
+        assert errors_of(template_validator("v1alpha1", False), t) == [], role
+        c = t["spec"]["containers"][0]
+        assert {"name": "DYN_NATS_CREDS", "value": "/etc/dynamo-rt/nats/user.creds"} in c["env"], role
+        assert {"name": "nats-creds", "mountPath": "/etc/dynamo-rt/nats", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "nats-creds", "secret": {"secretName": "nats-user-creds", "defaultMode": 0o440}} in \
+            t["spec"]["volumes"], role
+    # Without the option nothing refers to a creds file.
+    plain = m.render(m.preset("vllm", "disagg"))
+    assert "DYN_NATS_CREDS" not in plain and "nats-creds" not in plain
+    none = m.render(dataclasses.replace(m.preset("vllm", "disagg"), credentials_secret=""))
+    assert "secretKeyRef" not in none
 
 
 def test_flags_relied_on_are_accepted() -> None:

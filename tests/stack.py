@@ -29,6 +29,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+def read_until_ready(proc: subprocess.Popen[str], timeout: float) -> tuple[str | None, list[str]]:
+    """Read ``dynamo-rt up``'s output until its ``ready: ...`` line (returned stripped) or ``timeout``
+    seconds, EOF included (then None); also every line read, for the failure message."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("ready: "):
+            return line.strip(), lines
+    return None, lines
+
 class Proc:
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
         self.name = name

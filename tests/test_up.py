@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.stack import ROOT, free_port
+from tests.stack import ROOT, free_port, read_until_ready
 
 
 def _procs_mentioning(marker: str) -> list[int]:
@@ -42,17 +42,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        ready = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready: "):
-                ready = line.strip()
-                break
+        ready, lines = read_until_ready(proc, 120)
         assert ready == f"ready: http://127.0.0.1:{port} (model {_tiny_name()})", "".join(lines)[-3000:]
         took = time.monotonic() - t0
         print(f"dynamo-rt up: ready in {took:.1f}s")
@@ -132,17 +122,7 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
     lines: list[str] = []
     workers: list[int] = []
     try:
-        assert proc.stdout is not None
-        ready = None
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready: "):
-                ready = line.strip()
-                break
+        ready, lines = read_until_ready(proc, 150)
         assert ready == f"ready: http://127.0.0.1:{port} (model {_tiny_name()})", "".join(lines)[-3000:]
 
         # up's children: the planner (no worker of its own) and the frontend; the planner's: its workers.

@@ -30,7 +30,7 @@ from dynamo_rt.transport import NatsOptions, Transport, check_creds_file
 from tests.conftest import arun
 from tests.natsjwt import NKey, Trust, creds_text, decode_claims, user_jwt, write_private
 from tests.reliability.helpers import MODEL
-from tests.stack import ROOT, Stack, free_port
+from tests.stack import ROOT, Stack, free_port, read_until_ready
 
 
 @dataclass(frozen=True)
@@ -277,17 +277,8 @@ def test_up_passes_the_creds_file_to_every_role(tmp_path: Path, etcd_server: Etc
     lines: list[str] = []
     rest = ""
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready: "):
-                break
-        assert lines and lines[-1].strip() == f"ready: http://127.0.0.1:{port} (model {MODEL})", \
-            "".join(lines)[-3000:]
+        ready, lines = read_until_ready(proc, 120)
+        assert ready == f"ready: http://127.0.0.1:{port} (model {MODEL})", "".join(lines)[-3000:]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
         assert r.status_code == 200, r.text

@@ -258,7 +258,10 @@ class Frontend:
         t0 = time.perf_counter()
         try:
             body = await self.read_body(request)
-            p = self.prepare(kind, body)
+            # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
+            # loop, so the streams in flight keep flowing (the tokenizer releases the GIL for long texts).
+            p = await asyncio.to_thread(self.prepare, kind, body) if len(body) > OFFLOAD_BODY_BYTES else \
+                self.prepare(kind, body)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
@@ -332,6 +335,9 @@ class Frontend:
                 "max_model_len": sm.card.context_length}
 
 
+# Request bodies over this size are parsed, templated and tokenized in a worker thread (a thread hop costs
+# ~0.1 ms; a body this size takes about 1 ms and up).
+OFFLOAD_BODY_BYTES = 8192
 _FAST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 

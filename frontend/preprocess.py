@@ -49,6 +49,8 @@ TOKENIZER_FILES = (
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' "no limit" model_max_length is int(1e30); anything this large means "unknown".
 _HUGE = 10**9
+# Texts from this long on are tokenized with the GIL released (about 1 ms of work and up).
+LONG_TEXT_CHARS = 8192
 # Template variables a request may not override through chat_template_kwargs.
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
@@ -344,7 +346,15 @@ class Preprocessor:
         """Token ids of the rendered chat: ``apply_chat_template(..., tokenize=True)``. The template writes
         its own BOS when the model wants one, so no special tokens are added here."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._encode(text, add_special_tokens=False)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch releases the GIL while the Rust side works (encode holds it): for a long text, other
+        # threads (the event loop, when this runs in a worker thread) keep running. Same ids either way.
+        if len(text) >= LONG_TEXT_CHARS:
+            long_ids: list[int] = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            return long_ids
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
     # ------------------------------------------------------------------------------------------ text
@@ -352,7 +362,7 @@ class Preprocessor:
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a completion prompt: ``tokenizer(text)``, special tokens (BOS...) included as the
         tokenizer's post-processor says."""
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=True).ids
+        ids = self._encode(text, add_special_tokens=True)
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         return ids

@@ -242,3 +242,28 @@ def test_client_disconnect_cancels_worker_request(stack: Stack, nats_server: obj
             await t.close()
 
     arun(main(), 60)
+
+
+def test_long_prompt_is_prepared_off_the_loop_with_exact_tokens(stack: Stack) -> None:
+    """A body over OFFLOAD_BODY_BYTES is parsed and tokenized in a worker thread: same prompt tokens as the
+    model's tokenizer gives, and a short request sent meanwhile is answered."""
+    from tokenizers import Tokenizer
+
+    from dynamo_rt.tinymodel import ensure_tiny_model
+    from frontend.app import OFFLOAD_BODY_BYTES
+
+    tok = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
+    text = ("The quick brown fox jumps over the lazy dog. " * 400)[:OFFLOAD_BODY_BYTES + 1000]
+    expected = len(tok.encode(text, add_special_tokens=True).ids)
+    assert expected < 4096
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as c:
+            body = {"model": MODEL, "prompt": text, "max_tokens": 3}
+            return await asyncio.gather(c.post("/v1/completions", json=body),
+                                        c.post("/v1/chat/completions", json=CHAT))
+
+    long_r, short_r = arun(main(), 60)
+    assert long_r.status_code == 200 and short_r.status_code == 200
+    assert long_r.json()["usage"]["prompt_tokens"] == expected
+    assert long_r.json()["usage"]["completion_tokens"] == 3

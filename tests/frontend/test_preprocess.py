@@ -198,6 +198,23 @@ def test_prompt_tokens_equal_transformers(kind: str, pre: dict[str, Preprocessor
         assert ids[0] == p.bos_token_id and ids[1] != p.bos_token_id
 
 
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_texts_tokenize_the_same(kind: str, pre: dict[str, Preprocessor], hf: dict[str, Any]) -> None:
+    """Texts from LONG_TEXT_CHARS on take the GIL-releasing path: the ids equal transformers' exactly, on
+    both sides of the threshold."""
+    from frontend.preprocess import LONG_TEXT_CHARS
+
+    p, tok = pre[kind], hf[kind]
+    unit = "Hello wörld, a long prompt 123! "
+    base = unit * (LONG_TEXT_CHARS // len(unit) + 2)
+    for n in (LONG_TEXT_CHARS - 1, LONG_TEXT_CHARS, LONG_TEXT_CHARS + 1, 3 * LONG_TEXT_CHARS):
+        text = (base * 3)[:n]
+        assert p.encode_prompt(text) == tok(text)["input_ids"], n
+    long_chat = [{"role": "user", "content": base * 2}]
+    assert p.encode_chat(long_chat) == tok.apply_chat_template(long_chat, add_generation_prompt=True,
+                                                                tokenize=True, return_dict=False)
+
 def test_llama3_prompt_gets_bos(pre: dict[str, Preprocessor]) -> None:
     p = pre["llama3"]
     assert p.encode_prompt("hi")[0] == p.bos_token_id == p.tokenizer.token_to_id("<|begin_of_text|>")

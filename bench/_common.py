@@ -10,7 +10,8 @@ What lives here:
   request, ``Connection: close``) so the client costs little CPU. It runs in its own process
   (:func:`run_load` starts ``python bench/_common.py loadgen SPEC OUT``) so its CPU never shows up in the
   frontend's numbers. A workload is a list of *sessions*; a session's requests run one after the other
-  (multi-turn chat), ``concurrency`` sessions run at once;
+  (multi-turn chat), ``concurrency`` sessions run at once (closed loop), or each session starts at its own
+  time (open loop: ``arrivals``, seconds from the start, e.g. a Poisson process);
 * NVIDIA Dynamo's own venv (:func:`ensure_dynamo_venv`): ``ai-dynamo-runtime`` + ``ai-dynamo`` 1.6.1 from
   PyPI, outside the repository (``~/.cache/dynamo-rt/bench/dynamo-venv``, or ``$DYN_BENCH_DYNAMO_VENV``);
 * statistics and table printing (:func:`pct`, :func:`summarize`, :func:`table`).
@@ -509,8 +510,13 @@ def run_load(
     *,
     path: str = "/v1/chat/completions",
     timeout: float = 120.0,
+    arrivals: Sequence[float] | None = None,
 ) -> LoadResult:
-    """Run ``sessions`` against ``base_url`` from a separate load-generator process."""
+    """Run ``sessions`` against ``base_url`` from a separate load-generator process: ``concurrency`` at once
+    (closed loop), or, with ``arrivals`` (one start time per session, seconds from the start of the run),
+    each session when its time comes, however many are in flight (open loop; ``concurrency`` unused)."""
+    if arrivals is not None and len(arrivals) != len(sessions):
+        raise ValueError("arrivals needs one start time per session")
     host, port = base_url.removeprefix("http://").split(":")
     with tempfile.TemporaryDirectory(prefix="dyn-load-") as d:
         spec = {
@@ -520,6 +526,7 @@ def run_load(
             "concurrency": concurrency,
             "timeout": timeout,
             "sessions": [[b.decode() for b in s] for s in sessions],
+            "arrivals": None if arrivals is None else list(arrivals),
         }
         (Path(d) / "spec.json").write_text(json.dumps(spec))
         r = subprocess.run([PY, __file__, "loadgen", str(Path(d) / "spec.json"), str(Path(d) / "out.json")], cwd=ROOT)
@@ -656,9 +663,19 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
                 rec["session"], rec["turn"] = si, ti
                 records.append(rec)
 
+    async def session_at(si: int, start: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + start - time.perf_counter()))
+        for ti, body in enumerate(sessions[si]):
+            rec = await _request(spec["host"], spec["port"], spec["path"], body, spec["timeout"])
+            rec["session"], rec["turn"] = si, ti
+            records.append(rec)
+
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(spec["concurrency"], len(sessions)))))
+    if spec.get("arrivals") is not None:
+        await asyncio.gather(*(session_at(si, a) for si, a in enumerate(spec["arrivals"])))
+    else:
+        await asyncio.gather(*(worker() for _ in range(min(spec["concurrency"], len(sessions)))))
     return {"records": records, "wall_s": time.perf_counter() - t0, "client_cpu_s": time.process_time() - cpu0}
 
 

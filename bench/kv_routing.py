@@ -5,8 +5,21 @@ Workload (seeded, identical for every run): ``--systems`` shared system prompts 
 other, each turn appending a user message of 100-300 tokens to the conversation, so every prompt extends
 the session's previous one. The assistant messages kept in the history are fixed synthetic replies of
 ``--max-tokens`` tokens (the mockers' outputs are random ids, and a fixed history keeps the prompts the
-same for every router and both stacks). ``--concurrency`` sessions run at once (closed loop, no think
-time); every request streams ``--max-tokens`` tokens (``ignore_eos``).
+same for every router and both stacks). Every request streams ``--max-tokens`` tokens (``ignore_eos``).
+
+Arrivals, two phases (``--mode``, default both, each on fresh stacks):
+* open loop (the JSON line's phase): sessions arrive as a seeded Poisson process of ``--session-rate``
+  sessions/s, however many are already in flight, as users do; a session's turns still run one after the
+  other with no think time. Every router and both stacks get the same schedule. The default rate is
+  calibrated at start-up: round-robin runs in-process with the mockers at full speed (a few seconds), which
+  gives its mean simulated *work per request* beyond the ~10 ms per-step floor (prefill: 2 ms + 0.07 ms per
+  uncached token; decode: 0.1 ms per step it runs in; :func:`request_work_ms`), hence the request rate the
+  8 workers can absorb; the session rate loads the round-robin fleet to ``--target-util`` (0.8: loaded, not
+  overloaded, as fleets are sized). Each run reports its utilization = offered request rate x its own
+  measured mean work per request / 8 workers (kv's is lower: it computes fewer tokens for the same requests).
+* closed loop (``--closed-loop``, the bench before open loop): ``--concurrency`` sessions at once, a new one
+  when one ends. The fleet is never loaded (32 sessions keep round-robin at ~40% utilization), so every
+  TTFT is about one prefill pass and queueing, where routing by cache pays most in production, never shows.
 
 Stacks, each on a fresh etcd + NATS and fresh workers (caches start cold): 8 mocker engines at realistic
 speed (``--speedup 1``: ~0.07 ms simulated prefill per *uncached* prompt token, ~10 ms per decode step) in
@@ -16,22 +29,31 @@ one worker process (``--num-workers 8``), behind our frontend with ``--router-mo
 NATS request and event planes), for its cache hit rate beside ours (its TTFT is on a different timing
 model, so only the hit rate is compared).
 
-Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, and the cache
-hit rate = sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens). The measured phase
-runs ``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON:
+Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, the cache
+hit rate = sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens), the utilization,
+errors (a request that fails or streams fewer than ``--max-tokens`` tokens; must be 0) and host CPU. Each
+phase runs ``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON
 ``{"bench": "kv_routing", "ours": TTFT p50 with kv, "baseline": TTFT p50 round-robin, "ratio": ...,
-"unit": "ms"}`` (means over rounds). Run: ``.venv/bin/python bench/kv_routing.py [--quick] [--ours-only]
-[--tuned-weight W ...] [--in-process]``. ``--tuned-weight`` adds one of our kv runs per
-``--kv-overlap-weight`` W. ``--in-process`` compares the routing policies alone: our ``Router`` and 8 mocker
-engines in the bench's own process, KV events handed straight to the index, the same requests tokenized
-without the chat template, no frontend, NATS or Dynamo; it is much less exposed to host noise, and its JSON
-line is named ``kv_routing_policy``.
+"unit": "ms", "mode": "open-loop", "session_rate": ..., "rr_util": ..., "hit_rate": ours kv,
+"dynamo_hit_rate": ...}`` (means over rounds); with both phases the closed loop's line (``"mode":
+"closed-loop", "concurrency": ...``) comes just before it. Run: ``.venv/bin/python bench/kv_routing.py
+[--quick] [--ours-only] [--open-loop | --closed-loop] [--session-rate R | --target-util U] [--in-process]
+[--tuned-weight W ...]``. ``--tuned-weight`` adds one of our kv runs per ``--kv-overlap-weight`` W.
+``--in-process`` compares the routing policies alone: our ``Router`` and 8 mocker engines in the bench's
+own process, KV events handed straight to the index, the same requests tokenized without the chat template,
+no frontend, NATS or Dynamo; it is much less exposed to host noise, and its JSON line is named
+``kv_routing_policy``.
 
 What bounds the ratio: with this timing model a later turn computes only its new ~250 tokens, but its
 prefill still takes a whole forward pass (10 ms floor + 2 ms + 0.07 ms per token, ~30 ms) after the step
-in flight ends, so kv TTFT p50 stays near 40 ms of simulated time (plus the frontend and NATS), while
-round-robin computes ~830 tokens per request (~70 ms). On a quiet host the ratio is about 0.6; it drops
-when host contention stretches the round-robin run more than the kv run.
+in flight ends, so kv TTFT p50 stays near 40-45 ms of simulated time (plus the frontend and NATS), while
+round-robin computes ~850 tokens per request (~70 ms). In the closed loop that is the whole story (ratio
+~0.6). In the open loop round-robin also queues: a request waits for the step in flight, which now often
+carries other requests' long prefills, and shares its own step with them; but the mocker admits every
+waiting prompt into the next step (up to 8192 tokens), so the wait grows like one step (10 ms / (1 -
+utilization)), not like a queue of prefills. Measured in-process (200 sessions, one round each), the ratio
+is ~0.54 at 58% round-robin utilization, ~0.47-0.49 at 77-81% and ~0.45 at 87-94%: 0.33 is not reached by a
+fleet that is loaded but not overloaded.
 """
 
 from __future__ import annotations
@@ -117,6 +139,52 @@ def build_workload(gen: TextGen, args: argparse.Namespace) -> list[list[bytes]]:
     return sessions
 
 
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Start times (s) of ``n`` sessions arriving as a Poisson process of ``rate`` sessions/s; the first at 0.
+    Seeded apart from the workload, so every router and both stacks get the same schedule."""
+    rng = random.Random(f"arrivals-{seed}")
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def request_work_ms(prompt_tokens: int, cached_tokens: int, max_tokens: int) -> float:
+    """Simulated work one request adds to its mocker beyond the per-step floor (ms at speedup 1, the mocker's
+    default :class:`TimingModel`): its prefill (launch overhead + uncached tokens) and its share of the
+    ``max_tokens`` steps it runs in. The floor (~10 ms per step) is paid once per step whatever the batch,
+    so a worker with ``rate x work < 1 s/s`` keeps up, and ``rate x work`` is its utilization (the 2 ms
+    launch overhead is shared when prefills batch, so this is a slight over-estimate under load)."""
+    from workers.mocker.engine import TimingModel
+
+    tm = TimingModel()
+    uncached = prompt_tokens - cached_tokens
+    return tm.prefill_base_ms + tm.prefill_ms_per_token * uncached + tm.decode_ms_per_seq * max_tokens
+
+
+def utilization(records: list[dict[str, Any]], req_s: float, args: argparse.Namespace, open_loop: bool) -> float:
+    """Mean utilization of the ``WORKERS`` mockers in a run (:func:`request_work_ms`): the offered request
+    rate (open loop: session rate x turns) or the achieved one (closed loop) times the mean work per
+    request, as a fraction of the fleet's time."""
+    if not records:
+        return float("nan")
+    work = statistics.mean(request_work_ms(r["prompt_tokens"], r["cached_tokens"], args.max_tokens) for r in records)
+    rate = args.session_rate * args.turns if open_loop else req_s
+    return rate * work / 1000.0 / args.speedup / WORKERS
+
+
+def calibrate(token_sessions: list[list[list[int]]], args: argparse.Namespace) -> tuple[float, float]:
+    """Round-robin's mean work per request (ms, :func:`request_work_ms`) on this workload, measured by
+    running the round-robin policy in-process with the mockers at full speed (``speedup 0``: a few
+    seconds; round-robin's cache hits do not depend on timing), and the session rate that loads the
+    round-robin fleet to ``args.target_util``."""
+    s = run_in_process("round-robin", token_sessions, args, args.kv_overlap_weight, speedup=0)
+    work = s["work_ms"]
+    capacity = WORKERS * 1000.0 * args.speedup / work  # requests/s the fleet can absorb (utilization 1)
+    return work, args.target_util * capacity / args.turns
+
+
 # --------------------------------------------------------------------------------------------- stacks
 
 
@@ -143,8 +211,10 @@ def run_stack(
     args: argparse.Namespace,
     tag: str,
     weight: float | None = None,
+    arrivals: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Fresh services + workers + frontend, the whole workload once, then everything stopped."""
+    """Fresh services + workers + frontend, the whole workload once (closed loop, or open loop with
+    ``arrivals``), then everything stopped."""
     dyn = kind == "dynamo"
     if dyn:
         worker = ["--num-workers", str(WORKERS), "--speedup-ratio", str(args.speedup), "--block-size", "16",
@@ -161,7 +231,7 @@ def run_stack(
         t0 = time.monotonic()
         cpu0 = [cpu_seconds(p.pid) for p in procs]
         h0 = host_cpu()
-        res = run_load(url, sessions, args.concurrency, timeout=300.0)
+        res = run_load(url, sessions, args.concurrency, timeout=300.0, arrivals=arrivals)
         h1 = host_cpu()
         cpu1 = [cpu_seconds(p.pid) for p in procs]
         out = res.summary(args.max_tokens)
@@ -172,6 +242,9 @@ def run_stack(
         out["frontend_util"] = (cpu1[1] - cpu0[1]) / wall
         out["host_busy"] = host_busy(h0, h1)
         out["fe_ttft_mean"] = float("nan") if dyn else frontend_ttft_mean(url)
+        ok = res.ok(args.max_tokens)
+        # Dynamo's mocker has its own timing model: our work estimate means nothing there.
+        out["util"] = float("nan") if dyn else utilization(ok, out["req_s"], args, arrivals is not None)
         if out["errors"]:
             say(f"  {tag}: {out['errors']} bad responses, e.g. {res.error_samples(3, args.max_tokens)}")
         # Per turn: how the hit rate builds up along a session.
@@ -184,12 +257,13 @@ def run_stack(
         return out
 
 
-def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.Namespace,
-                   weight: float) -> dict[str, Any]:
+def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.Namespace, weight: float,
+                   arrivals: list[float] | None = None, speedup: float | None = None) -> dict[str, Any]:
     """The routing policy alone: our Router and ``WORKERS`` mocker engines in this process, KV events handed
     straight to the index, no HTTP, tokenizer or NATS. Far less exposed to host noise than the stacks, so
     it is the way to compare policies; the prompts are the same requests tokenized without a chat
-    template."""
+    template. Closed loop (``args.concurrency`` sessions at once), or open loop with ``arrivals`` (each
+    session's start, seconds from the start of the run). ``speedup`` overrides ``args.speedup``."""
     import asyncio
 
     from dynamo_rt.protocol import GenerateRequest, KvEvent, KvEvents, StopConditions
@@ -200,7 +274,8 @@ def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.
     async def go() -> dict[str, Any]:
         info = ModelInfo(name=MODEL, path="", context_length=1 << 20, block_size=16)
         names = [f"w{i}" for i in range(WORKERS)]
-        engines = {w: MockerEngine(info, speedup=args.speedup, num_blocks=args.num_blocks, seed=i)
+        sp = args.speedup if speedup is None else speedup
+        engines = {w: MockerEngine(info, speedup=sp, num_blocks=args.num_blocks, seed=i)
                    for i, w in enumerate(names)}  # fmt: skip
         events = RouterEvents()
         seqs = dict.fromkeys(names, 0)
@@ -216,42 +291,66 @@ def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.
         gate = asyncio.Semaphore(args.concurrency)
         stop = StopConditions(max_tokens=args.max_tokens, ignore_eos=True)
 
+        loop = asyncio.get_running_loop()
+        failed: list[str] = []
+
         async def session(s: int, reqs: list[list[int]]) -> None:
-            async with gate:
-                for turn, toks in enumerate(reqs):
-                    t0 = time.perf_counter()
-                    d = rt.select(names, toks, {})
-                    rec: dict[str, Any] = {"turn": turn, "prompt_tokens": len(toks)}
-                    req = GenerateRequest(request_id=f"{s}-{turn}", token_ids=toks, stop=stop)
-                    gen = engines[d.worker_id].generate(req)
-                    try:
-                        async for out in gen:
-                            if "ttft_ms" not in rec:
-                                rec["ttft_ms"] = 1000 * (time.perf_counter() - t0)
-                                rec["cached_tokens"] = out.cached_tokens
-                                rt.on_first_token(d.worker_id, d.key)
-                    finally:
-                        rt.on_request_finished(d.worker_id, d.request_blocks, d.key)
-                    recs.append(rec)
+            if arrivals is not None:  # open loop: the session starts on time, however many are in flight
+                await asyncio.sleep(max(0.0, start + arrivals[s] - loop.time()))
+                await turns(s, reqs)
+            else:
+                async with gate:
+                    await turns(s, reqs)
+
+        async def turns(s: int, reqs: list[list[int]]) -> None:
+            for turn, toks in enumerate(reqs):
+                t0 = time.perf_counter()
+                d = rt.select(names, toks, {})
+                rec: dict[str, Any] = {"turn": turn, "prompt_tokens": len(toks)}
+                req = GenerateRequest(request_id=f"{s}-{turn}", token_ids=toks, stop=stop)
+                n = 0
+                try:
+                    async for out in engines[d.worker_id].generate(req):
+                        if "ttft_ms" not in rec:
+                            rec["ttft_ms"] = 1000 * (time.perf_counter() - t0)
+                            rec["cached_tokens"] = out.cached_tokens
+                            rt.on_first_token(d.worker_id, d.key)
+                        n += len(out.token_ids)
+                except Exception as exc:  # counted as an error, like a bad response in the stacks
+                    failed.append(f"{s}-{turn}: {type(exc).__name__}: {exc}")
+                    continue
+                finally:
+                    rt.on_request_finished(d.worker_id, d.request_blocks, d.key)
+                if n != args.max_tokens:
+                    failed.append(f"{s}-{turn}: {n} tokens")
+                    continue
+                recs.append(rec)
 
         c0, h0, t0 = time.process_time(), host_cpu(), time.monotonic()
+        start = loop.time()  # the open loop's time zero
         await asyncio.gather(*(session(i, reqs) for i, reqs in enumerate(sessions)))
         wall, h1, c1 = time.monotonic() - t0, host_cpu(), time.process_time()
         for e in engines.values():
             await e.stop()
         ttft = sorted(r["ttft_ms"] for r in recs)
         prompt = sum(r["prompt_tokens"] for r in recs)
-        turns: dict[int, list[int]] = {}
+        by_turn: dict[int, list[int]] = {}
         for r in recs:
-            agg = turns.setdefault(r["turn"], [0, 0])
+            agg = by_turn.setdefault(r["turn"], [0, 0])
             agg[0] += r["cached_tokens"]
             agg[1] += r["prompt_tokens"]
+        errors = sum(len(reqs) for reqs in sessions) - len(recs)
+        if failed:
+            say(f"  {router}: {len(failed)} failed requests, e.g. {failed[:3]}")
         return {"ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "req_s": len(recs) / wall,
                 "tok_s": len(recs) * args.max_tokens / wall, "hit_rate": sum(r["cached_tokens"] for r in recs) / prompt,
-                "prompt_tokens": prompt, "ok": len(recs), "errors": 0, "wall_s": wall,
+                "prompt_tokens": prompt, "ok": len(recs), "errors": errors, "wall_s": wall,
                 "worker_util": (c1 - c0) / wall, "frontend_util": float("nan"), "host_busy": host_busy(h0, h1),
                 "fe_ttft_mean": float("nan"),
-                "turn_hit": {t: c / p if p else 0.0 for t, (c, p) in sorted(turns.items())}}  # fmt: skip
+                "util": utilization(recs, len(recs) / wall, args, arrivals is not None),
+                "work_ms": statistics.mean(request_work_ms(r["prompt_tokens"], r["cached_tokens"], args.max_tokens)
+                                           for r in recs) if recs else float("nan"),
+                "turn_hit": {t: c / p if p else 0.0 for t, (c, p) in sorted(by_turn.items())}}  # fmt: skip
 
     return asyncio.run(go())
 
@@ -297,6 +396,45 @@ def plot(results: dict[str, list[dict[str, Any]]], name: str = "kv_routing") -> 
     say(f"plot: {OUT_DIR / f'{name}.png'}")
 
 
+def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], tuned: list[str]) -> None:
+    """The per-run table, the hit rate by turn and the kv / round-robin summary of one phase."""
+    headers = ["run", "TTFT p50 ms", "TTFT p99 ms", "req/s", "out tok/s", "hit rate", "prompt tok", "util",
+               "errors", "worker CPU", "fe CPU", "host busy"]  # fmt: skip
+    rows = []
+    for name, rs in results.items():
+        for i, s in enumerate(rs, 1):
+            rows.append([f"{name} #{i}", s["ttft_p50"], s["ttft_p99"], s["req_s"], s["tok_s"], s["hit_rate"],
+                         round(s["prompt_tokens"] / max(1, s["ok"])), s["util"], s["errors"], s["worker_util"],
+                         s["frontend_util"], s["host_busy"]])  # fmt: skip
+    print(f"\n=== {phase}")
+    print(table(headers, rows, 24))
+
+    def mean(name: str, key: str) -> float:
+        return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
+
+    print()
+    print("hit rate by turn (mean of rounds):")
+    for name, rs in results.items():
+        turns = sorted(rs[0]["turn_hit"])
+        cells = "  ".join(f"t{t}: {statistics.mean(x['turn_hit'][t] for x in rs):.2f}" for t in turns)
+        print(f"  {name:<22}{cells}")
+    print()
+    sh = ["metric (mean of rounds)", "kv", "round-robin", "kv / rr",
+          *(h for n in tuned for h in (n.removeprefix("ours "), "/ rr")), "Dynamo kv"]  # fmt: skip
+    srows = []
+    for key, label in (("ttft_p50", "TTFT p50 ms"), ("ttft_p99", "TTFT p99 ms"), ("req_s", "req/s"),
+                       ("hit_rate", "cache hit rate"), ("util", "fleet utilization"),
+                       ("fe_ttft_mean", "frontend-side TTFT ms"), ("host_busy", "host CPU busy"),
+                       ("errors", "errors")):  # fmt: skip
+        a, b = mean("ours kv", key), mean("ours round-robin", key)
+        cells: list[object] = [label, a, b, a / b if b else float("nan")]
+        for n in tuned:
+            c = mean(n, key)
+            cells += [c, c / b if b else float("nan")]
+        srows.append([*cells, mean("Dynamo 1.6.1 kv", key)])
+    print(table(sh, srows, 26))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=200)
@@ -305,7 +443,20 @@ def main() -> int:
     ap.add_argument("--system-tokens", type=int, nargs=2, default=[1000, 2000], metavar=("MIN", "MAX"))
     ap.add_argument("--turn-tokens", type=int, nargs=2, default=[100, 300], metavar=("MIN", "MAX"))
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    ap.add_argument("--concurrency", type=int, default=32, help="sessions in flight (4 per worker)")
+    ap.add_argument("--mode", choices=["open-loop", "closed-loop", "both"], default="both",
+                    help="measured phase(s): open loop (Poisson session arrivals at --session-rate), closed loop "
+                         "(--concurrency sessions at once), or both, open loop first; the JSON line is open "
+                         "loop's unless only closed loop runs")  # fmt: skip
+    ap.add_argument("--open-loop", dest="mode", action="store_const", const="open-loop", help="= --mode open-loop")
+    ap.add_argument("--closed-loop", dest="mode", action="store_const", const="closed-loop",
+                    help="= --mode closed-loop (the bench before open loop: its JSON line)")  # fmt: skip
+    ap.add_argument("--session-rate", type=float, default=None,
+                    help="open loop: sessions/s (Poisson); default: the rate that loads the round-robin fleet to "
+                         "--target-util, calibrated on this workload at start-up")  # fmt: skip
+    ap.add_argument("--target-util", type=float, default=0.8,
+                    help="open loop: round-robin fleet utilization the default --session-rate aims at (0.8: "
+                         "loaded, not overloaded, as fleets are sized)")  # fmt: skip
+    ap.add_argument("--concurrency", type=int, default=32, help="closed loop: sessions in flight (4 per worker)")
     ap.add_argument("--speedup", type=float, default=1.0, help="mocker speedup (1: realistic timing)")
     ap.add_argument("--num-blocks", type=int, default=16384, help="KV blocks per mocker engine")
     ap.add_argument(
@@ -333,6 +484,10 @@ def main() -> int:
     exit_on_sigterm()
     if args.quick:
         args.sessions, args.turns, args.rounds, args.concurrency = 40, 3, 1, 16
+    if args.speedup <= 0:
+        ap.error("--speedup must be > 0 (the bench measures time)")
+    phases = {"open-loop": ["open-loop"], "closed-loop": ["closed-loop"], "both": ["open-loop", "closed-loop"]}
+    phases_run = phases[args.mode]
 
     from dynamo_rt.tinymodel import ensure_tiny_model
 
@@ -343,12 +498,24 @@ def main() -> int:
     say(
         f"workload: {args.sessions} sessions x {args.turns} turns = {n_req} requests, {args.systems} system "
         f"prompts of {args.system_tokens[0]}-{args.system_tokens[1]} tokens, turns of "
-        f"{args.turn_tokens[0]}-{args.turn_tokens[1]} tokens, {args.max_tokens} output tokens, "
-        f"{args.concurrency} sessions at once"
+        f"{args.turn_tokens[0]}-{args.turn_tokens[1]} tokens, {args.max_tokens} output tokens"
     )
+    token_sessions = tokenize_workload(gen, sessions) if args.in_process or args.session_rate is None else []
     if args.in_process:
         args.ours_only = True
-        token_sessions = tokenize_workload(gen, sessions)
+    arrivals: list[float] | None = None
+    if "open-loop" in phases_run:
+        rule = "given (--session-rate)"
+        if args.session_rate is None:
+            work, args.session_rate = calibrate(token_sessions, args)
+            rule = (f"calibrated: round-robin does {work:.1f} ms of work per request (in-process, prompts without "
+                    f"the chat template), so {WORKERS} workers absorb {WORKERS * 1000 * args.speedup / work:.0f} "
+                    f"req/s; x {args.target_util:g} / {args.turns} turns")  # fmt: skip
+        arrivals = poisson_arrivals(args.sessions, args.session_rate, args.seed)
+        say(f"open loop: {args.session_rate:.2f} sessions/s ({args.session_rate * args.turns:.1f} req/s offered), "
+            f"Poisson, last session at {arrivals[-1]:.1f} s; {rule}")  # fmt: skip
+    if "closed-loop" in phases_run:
+        say(f"closed loop: {args.concurrency} sessions at once, no think time")
     if not args.ours_only:
         ensure_dynamo_venv()
     runs: list[tuple[str, str, str, float | None]] = [
@@ -360,67 +527,60 @@ def main() -> int:
             runs.append(("ours", "kv", f"ours kv w={w:g}", w))
     if not args.ours_only:
         runs.append(("dynamo", "kv", "Dynamo 1.6.1 kv", None))
-    results: dict[str, list[dict[str, Any]]] = {name: [] for _, _, name, _ in runs}
-    for r in range(args.rounds):
-        for kind, router, name, weight in runs:
-            say(f"round {r + 1}/{args.rounds}: {name} ({WORKERS} workers, fresh caches)")
-            tag = name.split()[0].lower() + "-" + router + ("" if weight is None else f"-w{weight:g}")
-            if args.in_process:
-                w = args.kv_overlap_weight if weight is None else weight
-                s = run_in_process(router, token_sessions, args, w)
-            else:
-                s = run_stack(kind, router, model_dir, sessions, args, tag, weight)
-            results[name].append(s)
-            say(
-                f"  TTFT p50 {s['ttft_p50']:.1f} ms, p99 {s['ttft_p99']:.1f} ms, {s['req_s']:.1f} req/s, "
-                f"hit rate {s['hit_rate']:.3f}, mean prompt {s['prompt_tokens'] / max(1, s['ok']):.0f} tokens, "
-                f"{s['wall_s']:.0f} s, errors {s['errors']}; CPU: worker {s['worker_util']:.2f}, frontend "
-                f"{s['frontend_util']:.2f}, host {100 * s['host_busy']:.0f}% busy"
-            )
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {ph: {name: [] for _, _, name, _ in runs}
+                                                            for ph in phases_run}  # fmt: skip
+    for phase in phases_run:
+        arr = arrivals if phase == "open-loop" else None
+        for r in range(args.rounds):
+            for kind, router, name, weight in runs:
+                say(f"{phase} round {r + 1}/{args.rounds}: {name} ({WORKERS} workers, fresh caches)")
+                tag = name.split()[0].lower() + "-" + router + ("" if weight is None else f"-w{weight:g}")
+                if args.in_process:
+                    w = args.kv_overlap_weight if weight is None else weight
+                    s = run_in_process(router, token_sessions, args, w, arrivals=arr)
+                else:
+                    s = run_stack(kind, router, model_dir, sessions, args, tag, weight, arrivals=arr)
+                results[phase][name].append(s)
+                say(
+                    f"  TTFT p50 {s['ttft_p50']:.1f} ms, p99 {s['ttft_p99']:.1f} ms, {s['req_s']:.1f} req/s, "
+                    f"hit rate {s['hit_rate']:.3f}, utilization {s['util']:.2f}, mean prompt "
+                    f"{s['prompt_tokens'] / max(1, s['ok']):.0f} tokens, {s['wall_s']:.0f} s, errors {s['errors']}; "
+                    f"CPU: worker {s['worker_util']:.2f}, frontend {s['frontend_util']:.2f}, host "
+                    f"{100 * s['host_busy']:.0f}% busy"
+                )
 
-    headers = ["run", "TTFT p50 ms", "TTFT p99 ms", "req/s", "out tok/s", "hit rate", "prompt tok", "errors",
-               "worker CPU", "fe CPU", "host busy"]  # fmt: skip
-    rows = []
-    for name, rs in results.items():
-        for i, s in enumerate(rs, 1):
-            rows.append([f"{name} #{i}", s["ttft_p50"], s["ttft_p99"], s["req_s"], s["tok_s"], s["hit_rate"],
-                         round(s["prompt_tokens"] / max(1, s["ok"])), s["errors"], s["worker_util"],
-                         s["frontend_util"], s["host_busy"]])  # fmt: skip
-    print()
-    print(table(headers, rows, 24))
-
-    def mean(name: str, key: str) -> float:
-        return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
-
-    print()
-    print("hit rate by turn (mean of rounds):")
-    for name, rs in results.items():
-        turns = sorted(rs[0]["turn_hit"])
-        cells = "  ".join(f"t{t}: {statistics.mean(x['turn_hit'][t] for x in rs):.2f}" for t in turns)
-        print(f"  {name:<22}{cells}")
-    rr, kv = mean("ours round-robin", "ttft_p50"), mean("ours kv", "ttft_p50")
-    print()
     tuned = [name for _, _, name, weight in runs if weight is not None]
-    sh = ["metric (mean of rounds)", "kv", "round-robin", "kv / rr",
-          *(h for n in tuned for h in (n.removeprefix("ours "), "/ rr")), "Dynamo kv"]  # fmt: skip
-    srows = []
-    for key, label in (("ttft_p50", "TTFT p50 ms"), ("ttft_p99", "TTFT p99 ms"), ("req_s", "req/s"),
-                       ("hit_rate", "cache hit rate"), ("fe_ttft_mean", "frontend-side TTFT ms"),
-                       ("host_busy", "host CPU busy"), ("errors", "errors")):  # fmt: skip
-        a, b = mean("ours kv", key), mean("ours round-robin", key)
-        cells: list[object] = [label, a, b, a / b if b else float("nan")]
-        for n in tuned:
-            c = mean(n, key)
-            cells += [c, c / b if b else float("nan")]
-        srows.append([*cells, mean("Dynamo 1.6.1 kv", key)])
-    print(table(sh, srows, 26))
-    total_err = sum(s["errors"] for rs in results.values() for s in rs)
+    for phase in phases_run:
+        what = (f"{args.session_rate:.2f} sessions/s Poisson" if phase == "open-loop"
+                else f"{args.concurrency} sessions at once")  # fmt: skip
+        print_phase(f"{phase} ({what})", results[phase], tuned)
+    total_err = sum(s["errors"] for ph in results.values() for rs in ph.values() for s in rs)
     if total_err:
         print(f"WARNING: {total_err} incomplete or failed responses")
     name = "kv_routing_policy" if args.in_process else "kv_routing"
-    plot(results, name)
-    print(json.dumps({"bench": name, "ours": round(kv, 3), "baseline": round(rr, 3), "ratio": round(kv / rr, 4),
-                      "unit": "ms"}))
+    for phase in phases_run:
+        plot(results[phase], name if phase == phases_run[0] else f"{name}_{phase.replace('-', '_')}")
+
+    def mean(phase: str, run: str, key: str) -> float:
+        return statistics.mean(s[key] for s in results[phase][run])
+
+    print()
+    lines = {}
+    for phase in phases_run:
+        rr, kv = mean(phase, "ours round-robin", "ttft_p50"), mean(phase, "ours kv", "ttft_p50")
+        line: dict[str, Any] = {"bench": name, "ours": round(kv, 3), "baseline": round(rr, 3),
+                                "ratio": round(kv / rr, 4), "unit": "ms", "mode": phase}  # fmt: skip
+        if phase == "open-loop":
+            line["session_rate"] = round(args.session_rate, 3)
+        else:
+            line["concurrency"] = args.concurrency
+        line["rr_util"] = round(mean(phase, "ours round-robin", "util"), 3)
+        line["hit_rate"] = round(mean(phase, "ours kv", "hit_rate"), 4)
+        if not args.ours_only:
+            line["dynamo_hit_rate"] = round(mean(phase, "Dynamo 1.6.1 kv", "hit_rate"), 4)
+        lines[phase] = line
+    for phase in reversed(phases_run):  # the first phase (open loop when it runs) prints last
+        print(json.dumps(lines[phase]))
     return 1 if total_err else 0
 
 

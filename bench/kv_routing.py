@@ -266,7 +266,7 @@ def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.
     session's start, seconds from the start of the run). ``speedup`` overrides ``args.speedup``."""
     import asyncio
 
-    from dynamo_rt.protocol import GenerateRequest, KvEvent, KvEvents, StopConditions
+    from dynamo_rt.protocol import GenerateRequest, StopConditions
     from dynamo_rt.router import Router, RouterEvents
     from workers.common.engine import ModelInfo
     from workers.mocker import MockerEngine
@@ -278,13 +278,8 @@ def run_in_process(router: str, sessions: list[list[list[int]]], args: argparse.
         engines = {w: MockerEngine(info, speedup=sp, num_blocks=args.num_blocks, seed=i)
                    for i, w in enumerate(names)}  # fmt: skip
         events = RouterEvents()
-        seqs = dict.fromkeys(names, 0)
         for w, e in engines.items():
-            def sink(evs: list[KvEvent], w: str = w) -> None:
-                events.on_kv_events(KvEvents(instance_id=w, seq=seqs[w], events=evs))
-                seqs[w] += 1
-
-            e.set_kv_event_sink(sink)
+            e.set_kv_event_sink(events.sink(w))
             await e.start()
         rt = Router(router, indexer=events.indexer, overlap_weight=weight, seed=args.seed)  # type: ignore[arg-type]
         recs: list[dict[str, Any]] = []

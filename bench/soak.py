@@ -158,6 +158,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per response")
     ap.add_argument("--workers", type=int, default=2, help="mocker worker processes")
     ap.add_argument("--speedup", type=float, default=1.0, help="mocker --speedup")
+    ap.add_argument("--router-mode", default="kv",
+                    help="frontend --router-mode (kv, the manifests' mode: the index and the router's book of "
+                         "in-flight requests churn with every request)")
     args = ap.parse_args()
     exit_on_sigterm()
     seconds = args.minutes * 60
@@ -170,11 +173,11 @@ def main() -> int:
         for i in range(args.workers):
             procs.append(Proc(f"soak-worker-{i}", worker, env))
         procs.append(Proc("soak-frontend", [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port",
-                                            str(port)], env))
+                                            str(port), "--router-mode", args.router_mode], env))
         frontend = procs[-1]
         wait_instances(f"http://127.0.0.1:{port}", args.workers, procs)
         say(f"soak: {args.streams} streams x {args.max_tokens} tokens for {args.minutes:g} min on {args.workers} "
-            f"mocker workers (speedup {args.speedup:g}); warm-up {warmup:.0f}s")
+            f"mocker workers (speedup {args.speedup:g}, router {args.router_mode}); warm-up {warmup:.0f}s")
         soak = Soak(port, args.streams, args.max_tokens, seconds, frontend.pid)
         asyncio.run(soak.run())
         alive = {p.name: p.alive() for p in procs}

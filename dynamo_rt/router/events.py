@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
-from dynamo_rt.protocol import KvEvents, LoadMetrics, decode_kv_events, decode_load
+from dynamo_rt.protocol import KvEvent, KvEvents, LoadMetrics, decode_kv_events, decode_load
 from dynamo_rt.router.indexer import KvIndexer
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,18 @@ class RouterEvents:
         self._clock = clock
         self._loads: dict[str, tuple[float, LoadMetrics]] = {}
         self.malformed = 0
+
+    def sink(self, instance_id: str) -> Callable[[list[KvEvent]], None]:
+        """An engine's KV event sink feeding this index directly, numbering the batches as a worker's
+        runtime does (in-process wiring: the policy benchmark, tests)."""
+        seq = 0
+
+        def apply(events: list[KvEvent]) -> None:
+            nonlocal seq
+            self.on_kv_events(KvEvents(instance_id=instance_id, seq=seq, events=events))
+            seq += 1
+
+        return apply
 
     def on_kv_events(self, data: bytes | KvEvents) -> bool:
         """Apply one KV event batch; False if it was malformed or stale."""

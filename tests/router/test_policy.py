@@ -273,12 +273,8 @@ def test_kv_routing_over_real_mockers() -> None:
         info = ModelInfo(name="m", path="", context_length=4096, block_size=BS)
         engines = {w: MockerEngine(info, speedup=0, vocab_size=5000, num_blocks=200) for w in ("w1", "w2")}
         events = RouterEvents()
-        seqs = {w: 0 for w in engines}
         for w, e in engines.items():
-            def sink(evs: list[KvEvent], w: str = w) -> None:
-                events.on_kv_events(KvEvents(instance_id=w, seq=seqs[w], events=evs))
-                seqs[w] += 1
-            e.set_kv_event_sink(sink)
+            e.set_kv_event_sink(events.sink(w))
             await e.start()
         router = Router("kv", indexer=events.indexer, seed=8)
         system = [7] * 64  # a shared system prompt of 4 blocks

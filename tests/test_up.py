@@ -66,16 +66,20 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert proc.returncode == 0, rest[-3000:]
         assert stop_took < 10.0, f"stopping took {stop_took:.1f}s"
         time.sleep(0.2)
-        try:
-            os.killpg(proc.pid, 0)
-            raise AssertionError("processes of the stack's process group are still alive")
-        except ProcessLookupError:
-            pass
-        assert _procs_mentioning(str(state)) == [], "embedded etcd / nats-server left running"
+        _assert_group_and_services_gone(proc, state)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _assert_group_and_services_gone(proc: subprocess.Popen[str], state: Path) -> None:
+    try:
+        os.killpg(proc.pid, 0)
+        raise AssertionError("processes of the stack's process group are still alive")
+    except ProcessLookupError:
+        pass
+    assert _procs_mentioning(str(state)) == [], "embedded etcd / nats-server left running"
 
 
 def _children(pid: int) -> list[int]:
@@ -157,12 +161,7 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
         while any(map(_running, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [w for w in workers if _running(w)] == [], "workers left running"
-        try:
-            os.killpg(proc.pid, 0)
-            raise AssertionError("processes of the stack's process group are still alive")
-        except ProcessLookupError:
-            pass
-        assert _procs_mentioning(str(state)) == [], "embedded etcd / nats-server left running"
+        _assert_group_and_services_gone(proc, state)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -8,7 +8,8 @@
   through our frontend give what the agg worker gives, with the KV really moved (a failed load fails the request
   here, and no fallback happened);
 * a vLLM worker appears in discovery and leaves it on SIGTERM;
-* our vLLM plugin sets NIXL up for a CPU host (``workers.vllm.plugin``).
+* our vLLM plugin sets NIXL up for a CPU host (``workers.vllm.plugin``), and every thread of a P/D instance's
+  model runner stays on the instance's own core.
 
 Startup is 20-60 s per instance, so each stack is started once per module. Skipped without ``.venv-vllm``
 (``scripts/setup-vllm-cpu.sh``).
@@ -17,7 +18,9 @@ Startup is 20-60 s per instance, so each stack is started once per module. Skipp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import secrets
 import signal
@@ -25,6 +28,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -366,35 +370,74 @@ def test_vllm_prefill_decode_matches_agg(pd: VllmStack, agg_completions: list[di
     assert _metric(pd, "dynamo_frontend_prefill_fallbacks") == 0
 
 
+def _threads_of_model_runner(proc: Any) -> list[tuple[str, int]]:
+    """(allowed CPUs, scheduling policy) of every thread of the vLLM model-runner process started by ``proc``
+    (its process group: the test stack starts each worker in a new session)."""
+    runners = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == proc.pid and (entry / "comm").read_text().strip() == "VLLM::Worker":
+                    runners.append(entry)
+    assert len(runners) == 1, f"{proc.name}: model-runner processes {runners}"
+    out = []
+    for task in (runners[0] / "task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            cpus = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+            stat = (task / "stat").read_text()
+            out.append((cpus, int(stat[stat.rindex(")") + 2:].split()[38])))  # field 41: policy
+    return out
+
+
+def test_vllm_pd_model_runners_stay_on_their_cores(pd: VllmStack) -> None:
+    """VLLM_CPU_OMP_THREADS_BIND gives the prefill instance core 0 and the decode instance core 1; vLLM's
+    NixlConnector moves its thread to the host's last core unless our plugin keeps it within the instance's
+    cores (that move put the prefill model runner beside the decode one and made P/D requests 10x slower), and
+    no thread of the model runner (NIXL's included) runs under SCHED_IDLE."""
+    for proc, core in zip(pd.workers, ("0", "1"), strict=True):
+        threads = _threads_of_model_runner(proc)
+        assert threads and {cpus for cpus, _ in threads} == {core}, (proc.name, threads)
+        assert {policy for _, policy in threads} == {os.SCHED_OTHER}, (proc.name, threads)
+
+
 # ------------------------------------------------------------------------------------------- NIXL on CPU
 
 
 def test_vllm_nixl_plugin_sets_up_agents_for_cpu() -> None:
     """``workers.vllm.plugin`` is registered in .venv-vllm; on CPU the NIXL agent's progress thread polls with a
-    timeout (no busy loop), its own threads run under SCHED_IDLE and UCX gets error handling ``none``; off, NIXL's
-    defaults."""
+    timeout (no busy loop), its threads keep the normal scheduling class, UCX gets error handling ``none``, and
+    with VLLM_CPU_OMP_THREADS_BIND set the NixlConnector's core choice (``discover_numa_topology``) is the calling
+    thread's own cores; off, NIXL's and vLLM's defaults."""
     code = (
         "import json, os\n"
         "import importlib.metadata as md\n"
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
         "import nixl._api as api\n"
+        "from vllm.platforms import current_platform\n"
         "before = set(os.listdir('/proc/self/task'))\n"
         "agent = api.nixl_agent('t', api.nixl_agent_config(num_threads=2, capture_telemetry=True))\n"
         "new = set(os.listdir('/proc/self/task')) - before\n"
         "idle = sorted({os.sched_getscheduler(int(t)) == os.SCHED_IDLE for t in new})\n"
         "eps = sorted(e.value for e in md.entry_points(group='vllm.general_plugins')\n"
         "             if e.value.startswith('workers'))\n"
+        "os.sched_setaffinity(0, {0})\n"
+        "own = getattr(type(current_platform), 'dynamo_rt_own_cores', False)\n"
+        "numa = current_platform.discover_numa_topology() if own else None\n"
         "print(json.dumps([eps, bool(new), idle, agent.backend_options['UCX'],\n"
-        "                  getattr(type(agent), 'progress_delay_us', None)]))\n"
+        "                  getattr(type(agent), 'progress_delay_us', None), numa]))\n"
     )
 
-    def run(mode: str) -> Any:
-        env = {"HF_HUB_OFFLINE": "1", "DYN_VLLM_NIXL_CPU_MODE": mode, "PATH": "/usr/bin:/bin"}
+    def run(mode: str, bind: str) -> Any:
+        env = {"HF_HUB_OFFLINE": "1", "DYN_VLLM_NIXL_CPU_MODE": mode, "VLLM_CPU_OMP_THREADS_BIND": bind,
+               "PATH": "/usr/bin:/bin"}
         out = subprocess.run([str(VLLM_PY), "-c", code], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    assert run("auto") == [["workers.vllm.plugin:register"], True, [True],
-                           {"ucx_error_handling_mode": "none", "num_threads": "2"}, 5000]
-    assert run("0") == [["workers.vllm.plugin:register"], True, [False], {"num_threads": "2"}, None]
+    assert run("auto", "0") == [["workers.vllm.plugin:register"], True, [False],
+                                {"ucx_error_handling_mode": "none", "num_threads": "2"}, 5000, [[0]]]
+    # vLLM's own choice stands where vLLM binds the cores itself (auto), and with the plugin off.
+    assert run("auto", "auto")[5] is None
+    assert run("0", "0") == [["workers.vllm.plugin:register"], True, [False], {"num_threads": "2"}, None, None]

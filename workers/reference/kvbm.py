@@ -683,14 +683,20 @@ class KvTiers:
                 self.pool_blocks[b].copy_(host.host_view(slot))
             ok = True
         finally:
-            with self._lock:
-                for _, slot, _ in job.src:
-                    host.touch(slot)
-                self._unpin_locked(job)
-                if ok:
-                    self.stats.onboarded_host += len(job)
-                else:
-                    self.stats.onboard_failures += 1
+            self._end_host_onboard(job, ok)
+
+    def _end_host_onboard(self, job: OnboardJob, ok: bool) -> None:
+        """A host-tier onboarding ended: its slots count as used, unpinned, and the outcome is counted."""
+        host = self.host
+        assert host is not None
+        with self._lock:
+            for _, slot, _ in job.src:
+                host.touch(slot)
+            self._unpin_locked(job)
+            if ok:
+                self.stats.onboarded_host += len(job)
+            else:
+                self.stats.onboard_failures += 1
 
     def inventory(self) -> dict[str, list[int]]:
         """Hashes held per lower tier (for the router's resync and the start-up announcement)."""
@@ -879,14 +885,7 @@ class KvTiers:
             self._sync(0)
             ok = True
         finally:
-            with self._lock:
-                for _, slot, _ in job.src:
-                    host.touch(slot)
-                self._unpin_locked(job)
-                if ok:
-                    self.stats.onboarded_host += len(job)
-                else:
-                    self.stats.onboard_failures += 1
+            self._end_host_onboard(job, ok)
             if job.done is not None:
                 job.done(ok)
 

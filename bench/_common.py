@@ -71,6 +71,16 @@ def say(msg: str) -> None:
 # --------------------------------------------------------------------------------------------- processes
 
 
+
+def save_plot(fig: Any, name: str) -> Path:
+    """Lay out ``fig`` and write it to bench/out/<name>.png (git-ignored); says where."""
+    fig.tight_layout()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    say(f"plot: {path}")
+    return path
+
 def free_port() -> int:
     import socket
 

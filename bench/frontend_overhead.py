@@ -51,6 +51,7 @@ from _common import (
     ensure_dynamo_venv,
     exit_on_sigterm,
     run_load,
+    save_plot,
     say,
     start_stack,
     table,
@@ -185,10 +186,7 @@ def plot(rows: dict[str, list[dict[str, Any]]]) -> None:
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(title)
     fig.suptitle("frontend overhead: 64 clients, 32-token streamed chat, mocker at full speed")
-    fig.tight_layout()
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT_DIR / "frontend_overhead.png", dpi=110)
-    say(f"plot: {OUT_DIR / 'frontend_overhead.png'}")
+    save_plot(fig, "frontend_overhead")
 
 
 def main() -> int:

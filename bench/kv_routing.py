@@ -71,7 +71,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (
-    OUT_DIR,
     cpu_seconds,
     ensure_dynamo_venv,
     exit_on_sigterm,
@@ -79,6 +78,7 @@ from _common import (
     host_cpu,
     pct,
     run_load,
+    save_plot,
     say,
     start_stack,
     table,
@@ -385,10 +385,7 @@ def plot(results: dict[str, list[dict[str, Any]]], name: str = "kv_routing") -> 
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("KV-aware routing vs round-robin: prefix-heavy multi-turn chat, 8 mocker workers")
-    fig.tight_layout()
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT_DIR / f"{name}.png", dpi=110)
-    say(f"plot: {OUT_DIR / f'{name}.png'}")
+    save_plot(fig, name)
 
 
 def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], tuned: list[str]) -> None:

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 from bench._common import (
-    OUT_DIR,
     PY,
     Proc,
     Services,
@@ -42,6 +41,7 @@ from bench._common import (
     free_port,
     http_json,
     ours_env,
+    save_plot,
     say,
     table,
     wait_model,
@@ -145,10 +145,7 @@ def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
     b.set_ylabel("completed req/s")
     b.set_xlabel("seconds")
     fig.suptitle("soak: concurrent streams on mocker workers")
-    fig.tight_layout()
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT_DIR / "soak.png", dpi=110)
-    say(f"plot: {OUT_DIR / 'soak.png'}")
+    save_plot(fig, "soak")
 
 
 def main() -> int:

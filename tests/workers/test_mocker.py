@@ -482,3 +482,31 @@ def test_flags_env_twins_and_build(tmp_path: Any) -> None:
 
     toks = run(main)
     assert set(toks) <= {0, 1, 2, 3, 4} and len(toks) == 40
+
+
+def test_context_length_flag_overrides_the_card() -> None:
+    """--context-length (env DYN_MOCKER_CONTEXT_LENGTH) simulates a long-context model with the same tokenizer:
+    the card says so and a prompt past the folder's 4096 is served; without it such a prompt is refused."""
+    p = Parser(env={"DYN_MOCKER_CONTEXT_LENGTH": "16384"})
+    add_flags(p)
+    long_ctx = build_engine(p.parse_args(["--num-blocks", "2048"]), INFO)
+    assert long_ctx.info.context_length == 16384 and INFO.context_length == 4096
+    p0 = Parser(env={})
+    add_flags(p0)
+    default = build_engine(p0.parse_args(["--num-blocks", "2048"]), INFO)
+    assert default.info.context_length == 4096
+    with pytest.raises(ValueError, match="--context-length must be at least 1"):
+        build_engine(p0.parse_args(["--context-length", "0"]), INFO)
+
+    async def main() -> None:
+        for e in (long_ctx, default):
+            await e.start()
+        toks, outs = await collect(long_ctx, req("a", prompt_of(5000), max_tokens=4))
+        assert len(toks) == 4 and outs[-1].finish_reason == "length"
+        with pytest.raises(InvalidRequest) as ei:
+            await collect(default, req("b", prompt_of(5000), max_tokens=4))
+        assert ei.value.code == ErrorCode.CONTEXT_LENGTH
+        for e in (long_ctx, default):
+            await e.stop()
+
+    run(main)

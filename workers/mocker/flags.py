@@ -7,6 +7,7 @@ The worker runtime adds these to its own parser (:func:`add_flags`) and calls :f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
          help="chance per generated token of emitting EOS (0: only max_tokens / stop ids end a request)")
     flag(parser, "--mocker-seed", env="DYN_MOCKER_SEED", type=int, default=0,
          help="seed of the simulated outputs (equal seeds give equal outputs)")
+    flag(parser, "--context-length", env="DYN_MOCKER_CONTEXT_LENGTH", type=int, default=None,
+         help="the simulated model's context length, published in the model card (default: the model "
+              "folder's max_position_embeddings): the tiny model's tokenizer with a long-context model's limits")
 
 
 def tokenizer_vocab(path: str) -> tuple[int, list[int]] | None:
@@ -76,6 +80,11 @@ def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[MockerEngin
         vocab = _config_vocab(info.path) or DEFAULT_VOCAB
     if args.num_workers < 1:
         raise ValueError("--num-workers must be at least 1")
+    context = getattr(args, "context_length", None)
+    if context is not None:
+        if context < 1:
+            raise ValueError("--context-length must be at least 1")
+        info = dataclasses.replace(info, context_length=context)
     return [
         MockerEngine(
             info,

@@ -223,6 +223,8 @@ def run_stack(
     else:
         worker = ["--num-workers", str(WORKERS), "--speedup", str(args.speedup), "--num-blocks", str(args.num_blocks),
                   "--block-size", "16"]  # fmt: skip
+        if args.context_length:
+            worker += ["--context-length", str(args.context_length)]
         front = ["--kv-overlap-weight", str(args.kv_overlap_weight if weight is None else weight)]
     with start_stack(kind, model_dir, MODEL, tag=f"kv-{tag}", router=router, worker_args=worker,
                      frontend_args=front, namespace="kvbench", instances=WORKERS) as st:  # fmt: skip
@@ -451,6 +453,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="closed loop: sessions in flight (4 per worker)")
     ap.add_argument("--speedup", type=float, default=1.0, help="mocker speedup (1: realistic timing)")
     ap.add_argument("--num-blocks", type=int, default=16384, help="KV blocks per mocker engine")
+    ap.add_argument("--context-length", type=int, default=0,
+                    help="our mockers simulate a model with this context (0: the tiny model's 4096), for long "
+                         "conversations (e.g. --turns 12 --turn-tokens 200 500); use with --ours-only, Dynamo's "
+                         "mocker keeps the model folder's limit")
     ap.add_argument(
         "--kv-overlap-weight",
         type=float,

@@ -19,7 +19,7 @@ import pytest
 
 from dynamo_rt.services import EtcdServer, NatsServer, free_port
 
-__all__ = ["arun", "free_port"]
+__all__ = ["arun", "free_port", "until"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,19 @@ T = TypeVar("T")
 def arun(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
     """Run ``coro`` in a fresh event loop, bounded in time (no pytest-asyncio here)."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond: Any, what: str, timeout: float = 20.0) -> None:
+    """Wait (bounded, polling every 5 ms) for ``cond()`` to hold, e.g. for an engine's step thread to apply a
+    change it learns about asynchronously; a timeout fails the test naming ``what``."""
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
 
 
 def _serve(server: EtcdServer | NatsServer, state_dir: Path) -> Iterator[Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from dynamo_rt.protocol import GenerateRequest, KvEvent, KvEvents, SamplingParams, StopConditions
 from dynamo_rt.router import KvIndexer
 from dynamo_rt.tinymodel import ensure_tiny_model, make_tiny_model
+from tests.conftest import until  # noqa: F401  (the kvbm tests import it from here)
 from workers.reference import kvbm
 from workers.reference.engine import ReferenceEngine
 
@@ -61,17 +61,6 @@ async def chat(eng: ReferenceEngine, conversations: int, turns: int, *, tag: str
             outs.append((toks, cached))
             hist[c] = hist[c] + toks + prompt(24, 1000 + 10 * c + t)
     return outs
-
-
-async def until(cond: Any, what: str, timeout: float = 20.0) -> None:
-    async def poll() -> None:
-        while not cond():
-            await asyncio.sleep(0.005)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 class IndexSink:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from dynamo_rt import kvhash
 from dynamo_rt.protocol import GenerateRequest, KvEvent, SamplingParams, StopConditions
 from dynamo_rt.tinymodel import ensure_tiny_model
-from tests.conftest import arun
+from tests.conftest import arun, until
 from workers.reference.engine import ReferenceEngine
 
 
@@ -29,18 +28,6 @@ def _req(rid: str, prompt: list[int], max_tokens: int) -> GenerateRequest:
 
 async def _tokens(eng: ReferenceEngine, req: GenerateRequest) -> list[int]:
     return [t async for o in eng.generate(req) for t in o.token_ids]
-
-
-async def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
-    """Wait (bounded) for the step thread to apply a change it learns about asynchronously."""
-    async def poll() -> None:
-        while not cond():
-            await asyncio.sleep(0.005)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def test_blocks_return_to_baseline_after_finish_and_cancel(tiny: Path) -> None:
             assert len(got) == 3
             assert eng.load().kv_blocks_used > 0
             await gen.aclose()
-            await _until(lambda: eng.load().kv_blocks_used == 0, "blocks of an aclosed stream")
+            await until(lambda: eng.load().kv_blocks_used == 0, "blocks of an aclosed stream", 10.0)
 
             # Cancel by cancelling the task that iterates (often while its step is in flight).
             started = asyncio.Event()
@@ -78,8 +65,8 @@ def test_blocks_return_to_baseline_after_finish_and_cancel(tiny: Path) -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            await _until(lambda: eng.load().kv_blocks_used == 0 and eng.load().active_requests == 0,
-                         "blocks of a cancelled task")
+            await until(lambda: eng.load().kv_blocks_used == 0 and eng.load().active_requests == 0,
+                         "blocks of a cancelled task", 10.0)
             # The engine still serves.
             assert len(await _tokens(eng, _req("after", _prompt(5, 12), 4))) == 4
             assert eng.load().kv_blocks_used == 0
@@ -170,7 +157,7 @@ def test_waiting_request_is_admitted_when_blocks_free(tiny: Path) -> None:
             gen = eng.generate(_req("long", _prompt(50, 5), 30))
             await gen.__anext__()
             waiting = asyncio.create_task(_tokens(eng, _req("queued", _prompt(10, 6), 5)))
-            await _until(lambda: eng.load().waiting_requests == 1, "the second request to queue")
+            await until(lambda: eng.load().waiting_requests == 1, "the second request to queue", 10.0)
             assert eng.load().active_requests == 1
             rest = [t async for o in gen for t in o.token_ids]
             assert len(rest) == 29
@@ -224,8 +211,8 @@ def test_random_load_with_cancellations_never_hangs_and_stays_exact(tiny: Path) 
         try:
             ref = await run_all(big, cancel=False)
             got = await run_all(small, cancel=True)
-            await _until(lambda: small.load().kv_blocks_used == 0 and small.load().active_requests == 0
-                         and small.load().waiting_requests == 0, "the small pool to drain")
+            await until(lambda: small.load().kv_blocks_used == 0 and small.load().active_requests == 0
+                         and small.load().waiting_requests == 0, "the small pool to drain", 10.0)
             for rid, toks in got.items():
                 k = cancel_after.get(rid)
                 assert toks == (ref[rid][:k] if k else ref[rid]), rid

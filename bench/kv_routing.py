@@ -11,12 +11,13 @@ Arrivals, two phases (``--mode``, default both, each on fresh stacks):
 * open loop (the JSON line's phase): sessions arrive as a seeded Poisson process of ``--session-rate``
   sessions/s, however many are already in flight, as users do; a session's turns still run one after the
   other with no think time. Every router and both stacks get the same schedule. The default rate is
-  calibrated at start-up: round-robin runs in-process with the mockers at full speed (a few seconds), which
-  gives its mean simulated *work per request* beyond the ~10 ms per-step floor (prefill: 2 ms + 0.07 ms per
-  uncached token; decode: 0.1 ms per step it runs in; :func:`request_work_ms`), hence the request rate the
-  8 workers can absorb; the session rate loads the round-robin fleet to ``--target-util`` (0.8: loaded, not
-  overloaded, as fleets are sized). Each run reports its utilization = offered request rate x its own
-  measured mean work per request / 8 workers (kv's is lower: it computes fewer tokens for the same requests).
+  calibrated at start-up: round-robin runs in-process on the same open loop, time-compressed 8x, a few
+  times (:func:`calibrate`, 15-40 s), which gives its mean simulated *work per request* at that rate beyond
+  the ~10 ms per-step floor (prefill: 2 ms + 0.07 ms per uncached token; decode: 0.1 ms per step it runs
+  in; :func:`request_work_ms`), hence the request rate the 8 workers can absorb; the session rate loads the
+  round-robin fleet to ``--target-util`` (0.8: loaded, not overloaded, as fleets are sized). Each run
+  reports its utilization = offered request rate x its own measured mean work per request / 8 workers
+  (kv's is lower: it computes fewer tokens for the same requests).
 * closed loop (``--closed-loop``, the bench before open loop): ``--concurrency`` sessions at once, a new one
   when one ends. The fleet is never loaded (32 sessions keep round-robin at ~40% utilization), so every
   TTFT is about one prefill pass and queueing, where routing by cache pays most in production, never shows.
@@ -167,22 +168,46 @@ def utilization(records: list[dict[str, Any]], req_s: float, args: argparse.Name
     """Mean utilization of the ``WORKERS`` mockers in a run (:func:`request_work_ms`): the offered request
     rate (open loop: session rate x turns) or the achieved one (closed loop) times the mean work per
     request, as a fraction of the fleet's time."""
-    if not records:
+    if not records or (open_loop and args.session_rate is None):  # None: a calibration run, rate not chosen yet
         return float("nan")
     work = statistics.mean(request_work_ms(r["prompt_tokens"], r["cached_tokens"], args.max_tokens) for r in records)
     rate = args.session_rate * args.turns if open_loop else req_s
     return rate * work / 1000.0 / args.speedup / WORKERS
 
 
+CALIBRATE_SPEEDUP = 8.0  # calibration runs the open loop this many times faster than real time
+
+
 def calibrate(token_sessions: list[list[list[int]]], args: argparse.Namespace) -> tuple[float, float]:
-    """Round-robin's mean work per request (ms, :func:`request_work_ms`) on this workload, measured by
-    running the round-robin policy in-process with the mockers at full speed (``speedup 0``: a few
-    seconds; round-robin's cache hits do not depend on timing), and the session rate that loads the
-    round-robin fleet to ``args.target_util``."""
+    """Round-robin's mean work per request (ms, :func:`request_work_ms`) on this workload and the session
+    rate that loads the round-robin fleet to ``args.target_util``, found by running round-robin in-process.
+
+    Round-robin's work depends on the rate it is measured at: the faster sessions arrive, the more of them
+    are in flight, and on workloads whose prompts fill the workers' KV caches (long conversations) more
+    prefixes are evicted before their next turn, so a closed-loop measurement underestimates the work at
+    the open loop's rate (by ~2x at 4k-token prompts). So: a first estimate from a closed loop at full speed
+    (no timing), then a fixed-point iteration on the open loop itself, time-compressed
+    ``CALIBRATE_SPEEDUP`` times (mockers and the arrival schedule alike, ~5-10 s a run): rate <- target x
+    capacity(work measured at rate), until the utilization is within 3% of the target (at most 4 runs)."""
     s = run_in_process("round-robin", token_sessions, args, args.kv_overlap_weight, speedup=0)
     work = s["work_ms"]
-    capacity = WORKERS * 1000.0 * args.speedup / work  # requests/s the fleet can absorb (utilization 1)
-    return work, args.target_util * capacity / args.turns
+
+    def rate_for(w: float) -> float:
+        return args.target_util * WORKERS * 1000.0 * args.speedup / w / args.turns
+
+    rate = rate_for(work)
+    for i in range(4):
+        arrivals = [t / CALIBRATE_SPEEDUP for t in poisson_arrivals(args.sessions, rate, args.seed)]
+        s = run_in_process("round-robin", token_sessions, args, args.kv_overlap_weight, arrivals=arrivals,
+                           speedup=CALIBRATE_SPEEDUP * args.speedup)  # fmt: skip
+        work = s["work_ms"]
+        util = rate * args.turns * work / 1000.0 / args.speedup / WORKERS
+        say(f"  calibration {i + 1}: {rate:.2f} sessions/s -> round-robin {work:.1f} ms of work per request, "
+            f"hit rate {s['hit_rate']:.3f}, utilization {util:.2f}")  # fmt: skip
+        if abs(util - args.target_util) <= 0.03 * args.target_util:
+            break
+        rate = rate_for(work)
+    return work, rate
 
 
 # --------------------------------------------------------------------------------------------- stacks
@@ -506,9 +531,10 @@ def main() -> int:
         rule = "given (--session-rate)"
         if args.session_rate is None:
             work, args.session_rate = calibrate(token_sessions, args)
-            rule = (f"calibrated: round-robin does {work:.1f} ms of work per request (in-process, prompts without "
-                    f"the chat template), so {WORKERS} workers absorb {WORKERS * 1000 * args.speedup / work:.0f} "
-                    f"req/s; x {args.target_util:g} / {args.turns} turns")  # fmt: skip
+            absorb = WORKERS * 1000 * args.speedup / work
+            rule = (f"calibrated: round-robin does {work:.1f} ms of work per request at that rate (in-process, "
+                    f"prompts without the chat template), so {WORKERS} workers absorb {absorb:.0f} req/s; "
+                    f"x {args.target_util:g} / {args.turns} turns")  # fmt: skip
         arrivals = poisson_arrivals(args.sessions, args.session_rate, args.seed)
         say(f"open loop: {args.session_rate:.2f} sessions/s ({args.session_rate * args.turns:.1f} req/s offered), "
             f"Poisson, last session at {arrivals[-1]:.1f} s; {rule}")  # fmt: skip

@@ -17,6 +17,8 @@ import functools
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +53,14 @@ _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 _HUGE = 10**9
 # Texts from this long on are tokenized with the GIL released (about 1 ms of work and up).
 LONG_TEXT_CHARS = 8192
+# Chat prompts from this long on are tokenized piece by piece between special tokens, with the pieces
+# cached (see Preprocessor._encode_chat_text): a multi-turn chat resends its system prompt and history on
+# every turn, and only the new messages need the tokenizer.
+SEGMENT_MIN_CHARS = 2048
+# Pieces shorter than this are tokenized every time (cheap; keeps the cache for what is worth keeping).
+SEGMENT_CACHE_MIN_PIECE = 64
+# Text the piece cache keeps, in characters (LRU; about 4-5 bytes of memory per character with the ids).
+SEGMENT_CACHE_CHARS = 16 * 2**20
 # Template variables a request may not override through chat_template_kwargs.
 _RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
@@ -150,6 +160,55 @@ def _ids(value: Any) -> list[int]:
     return []
 
 
+def _position_free(pre: Any) -> bool:
+    """Whether a tokenizer.json pre-tokenizer encodes a piece the same wherever it sits in the text."""
+    if pre is None:
+        return True
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return all(_position_free(p) for p in pre.get("pretokenizers") or [])
+    if kind == "ByteLevel":
+        return not pre.get("add_prefix_space", True)
+    return kind in ("Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit", "UnicodeScripts")
+
+
+class _PieceCache:
+    """LRU of text piece -> token ids, bounded by the characters it keeps; shared by the request threads."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self._d: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, piece: str) -> list[int] | None:
+        with self._lock:
+            ids = self._d.get(piece)
+            if ids is not None:
+                self._d.move_to_end(piece)
+            return ids
+
+    def put(self, piece: str, ids: list[int]) -> None:
+        if len(piece) > self.max_chars:
+            return
+        with self._lock:
+            if piece in self._d:
+                return
+            self._d[piece] = ids
+            self.chars += len(piece)
+            while self.chars > self.max_chars:
+                old, _ = self._d.popitem(last=False)
+                self.chars -= len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self.chars = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 def _load_json(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
     raw = files.get(name)
     if raw is None:
@@ -230,6 +289,11 @@ class Preprocessor:
             max(model_vocab, self.vocab_size) if isinstance(model_vocab, int) else self.vocab_size
         ) - 1
         self.context_length: int = self._context_length(config, model_config)  # 0: unknown
+
+        self._pieces = _PieceCache(SEGMENT_CACHE_CHARS)
+        self._splitter: re.Pattern[str] | None = None
+        self._split_ids: dict[str, int] = {}
+        self._init_splitter()
 
         self.chat_templates: dict[str, str] = self._templates(files, config)
         for t in self.chat_templates.values():
@@ -346,7 +410,76 @@ class Preprocessor:
         """Token ids of the rendered chat: ``apply_chat_template(..., tokenize=True)``. The template writes
         its own BOS when the model wants one, so no special tokens are added here."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
+        if self._splitter is not None and len(text) >= SEGMENT_MIN_CHARS:
+            return self._encode_pieces(text)
         return self._encode(text, add_special_tokens=False)
+
+    def _init_splitter(self) -> None:
+        """Set up piecewise chat tokenization when it provably gives the same ids as one ``encode``.
+
+        ``tokenizers`` first splits the text on its added tokens matched in raw text (``normalized: false``),
+        then normalizes, pre-tokenizes and encodes every other piece on its own: so the ids of a text are the
+        ids of its pieces, concatenated, provided no such token strips the whitespace beside it
+        (``lstrip`` / ``rstrip`` / ``single_word``) and no step depends on where a piece sits in the text (a
+        normalizer, or a pre-tokenizer that prefixes a space, as Metaspace and ByteLevel with
+        ``add_prefix_space`` do). Byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, this project's tiny
+        model) qualify; for any other the cache stays off. A probe text is checked both ways as well."""
+        try:
+            spec = json.loads(self.tokenizer.to_str())
+        except ValueError:
+            return
+        if spec.get("normalizer") is not None or not _position_free(spec.get("pre_tokenizer")):
+            return
+        raw: dict[str, int] = {}
+        for tid, tok in self.tokenizer.get_added_tokens_decoder().items():
+            if tok.normalized:
+                continue
+            if tok.lstrip or tok.rstrip or tok.single_word:
+                return
+            raw[tok.content] = tid
+        if not raw:
+            return
+        # Leftmost-longest, as tokenizers matches added tokens.
+        pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(raw, key=len, reverse=True)) + ")")
+        self._splitter, self._split_ids = pattern, raw
+        marks = sorted(raw)[:4]
+        probe = "".join(f"{m} Hello wörld\n  x{i}  日本 {m}{m}\t" for i, m in enumerate(marks)) + " tail"
+        probe = probe * (SEGMENT_CACHE_MIN_PIECE // len(probe) + 2)
+        whole = self.tokenizer.encode(probe, add_special_tokens=False).ids
+        if self._encode_pieces(probe) != whole or self._encode_pieces(probe) != whole:
+            log.warning("piecewise tokenization disagrees with the tokenizer on a probe: cache off")
+            self._splitter, self._split_ids = None, {}
+            self._pieces.clear()
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """``encode(text, add_special_tokens=False).ids``, piece by piece between raw added tokens, long
+        pieces from the cache; the pieces the cache lacks are encoded in one GIL-releasing batch."""
+        assert self._splitter is not None
+        parts = self._splitter.split(text)  # odd indices: the added tokens
+        ids_of: list[list[int] | None] = []
+        todo: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids_of.append([self._split_ids[part]])
+            elif not part:
+                ids_of.append([])
+            else:
+                got = self._pieces.get(part) if len(part) >= SEGMENT_CACHE_MIN_PIECE else None
+                ids_of.append(got)
+                if got is None:
+                    todo.append(i)
+        if todo:
+            encs = self.tokenizer.encode_batch([parts[i] for i in todo], add_special_tokens=False)
+            for i, enc in zip(todo, encs, strict=True):
+                ids = enc.ids
+                ids_of[i] = ids
+                if len(parts[i]) >= SEGMENT_CACHE_MIN_PIECE:
+                    self._pieces.put(parts[i], ids)
+        out: list[int] = []
+        for piece_ids in ids_of:
+            assert piece_ids is not None  # every slot is filled above
+            out += piece_ids
+        return out
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         # encode_batch releases the GIL while the Rust side works (encode holds it): for a long text, other

@@ -345,3 +345,85 @@ def test_decode_round_trip(pre: dict[str, Preprocessor], hf: dict[str, Any]) -> 
         ids = p.encode_chat(CONVERSATIONS["unicode"])
         assert p.decode(ids) == hf[kind].decode(ids, skip_special_tokens=True)
         assert p.decode(ids, skip_special_tokens=False) == hf[kind].decode(ids)
+
+
+def _long_chat(turns: int, seed: int) -> list[list[dict[str, Any]]]:
+    """The request of every turn of one long conversation (a ~3k-character system prompt; each turn adds a
+    user and an assistant message), some messages quoting special-token strings."""
+    import random
+
+    from tests.frontend import training_lines
+
+    rng = random.Random(seed)
+    lines = training_lines(300, seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(lines) for _ in range(n))
+
+    history = [{"role": "system", "content": text(40)}]
+    out = []
+    for t in range(turns):
+        quote = " <|im_end|> <|eot_id|>[INST]</s>" if t % 3 == 1 else ""
+        history.append({"role": "user", "content": text(rng.randint(3, 12)) + quote})
+        out.append(msgs(*history))
+        history.append({"role": "assistant", "content": text(2) + ("\n\n  " if t % 2 else "")})
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_chats_tokenize_piecewise_like_transformers(
+    kind: str, model_dirs: dict[str, Path], hf: dict[str, Any]
+) -> None:
+    """Long chat prompts are tokenized piece by piece between special tokens, the pieces cached across
+    requests: every turn of two interleaved conversations (sharing nothing but the template) gives exactly
+    transformers' ids, the later turns from the cache."""
+    from frontend.preprocess import SEGMENT_MIN_CHARS
+
+    p = Preprocessor.from_dir(model_dirs[kind])  # a fresh, empty cache
+    assert p._splitter is not None  # byte-level BPE without prefix space: piecewise is exact
+    tok = hf[kind]
+    a, b = _long_chat(8, seed=1), _long_chat(8, seed=2)
+    for turn in range(8):
+        for conv in (a[turn], b[turn]):
+            want = hf_chat_ids(tok, for_hf(p, conv), add_generation_prompt=True)
+            assert len(p.apply_chat_template(conv)) >= SEGMENT_MIN_CHARS
+            assert p.encode_chat(conv) == want, (kind, turn)
+    assert len(p._pieces) > 0 and p._pieces.chars > 0
+
+
+def test_piecewise_off_when_position_matters(model_dirs: dict[str, Path], hf: dict[str, Any]) -> None:
+    """A tokenizer whose pieces would not encode the same on their own (a pre-tokenizer that prefixes a
+    space; a special token that strips the whitespace beside it) keeps whole-text encoding, and so still
+    equals transformers."""
+    d = model_dirs["chatml"]
+    spec = json.loads((d / "tokenizer.json").read_text())
+    prefixed = json.loads(json.dumps(spec))
+    prefixed["pre_tokenizer"]["add_prefix_space"] = True
+    stripping = json.loads(json.dumps(spec))
+    for t in stripping["added_tokens"]:
+        if t["content"] == "<|im_end|>":
+            t["rstrip"] = True
+    conv = _long_chat(3, seed=3)[-1]
+    for variant in (prefixed, stripping):
+        body = json.dumps(variant).encode()
+        p = Preprocessor(_files(d, tokenizer__json=body))
+        assert p._splitter is None
+        text = p.apply_chat_template(conv)
+        from tokenizers import Tokenizer
+
+        assert p.encode_chat(conv) == Tokenizer.from_str(body.decode()).encode(text, add_special_tokens=False).ids
+    assert Preprocessor.from_dir(d)._splitter is not None
+
+
+def test_piece_cache_is_bounded() -> None:
+    from frontend.preprocess import _PieceCache
+
+    c = _PieceCache(max_chars=10)
+    c.put("aaaa", [1])
+    c.put("bbbb", [2])
+    assert c.get("aaaa") == [1]  # now most recent
+    c.put("cccc", [3])  # 12 chars > 10: the least recent ("bbbb") goes
+    assert c.get("bbbb") is None and c.get("aaaa") == [1] and c.get("cccc") == [3]
+    assert c.chars == 8 and len(c) == 2
+    c.put("x" * 11, [4])  # larger than the whole cache: not kept
+    assert len(c) == 2 and c.chars == 8

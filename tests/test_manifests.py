@@ -781,6 +781,12 @@ def test_planner_role(path: Path) -> None:
         assert getattr(ns, f"min_{pool}") <= roles[role]["replicas"] <= getattr(ns, f"max_{pool}")
     # It reads the frontend role's pods: RBG's headless Service of that role, every address, port 8000.
     assert ns.frontend_url == f"http://s-{rbg['metadata']['name']}-frontend:8000" and ns.frontend_resolve_all
+    # RBG names that Service s-{group}-{role} (RoleBasedGroup.GetServiceName, both API versions) and creates it
+    # only for StatefulSet and RoleInstanceSet roles (the default workloads of v1alpha1 / v1alpha2), not
+    # for Deployment or LeaderWorkerSet ones: read in sgl-project/rbg at 993491f.
+    workload = roles["frontend"].get("workload")
+    assert workload is None or (workload["apiVersion"], workload["kind"]) in {
+        ("apps/v1", "StatefulSet"), ("workloads.x-k8s.io/v1alpha2", "RoleInstanceSet")}, workload
     assert containers_by_role(path)["frontend"]["ports"][0]["containerPort"] == 8000
     # The profile comes from the ConfigMap mounted where --profile points.
     mounts = {vm["mountPath"]: vm["name"] for vm in c["volumeMounts"]}

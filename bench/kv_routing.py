@@ -2,10 +2,18 @@
 
 Workload (seeded, identical for every run): ``--systems`` shared system prompts of 1-2k tokens and
 ``--sessions`` chat sessions; each session picks a system prompt and runs ``--turns`` turns one after the
-other, each turn appending a user message of 100-300 tokens to the conversation, so every prompt extends
-the session's previous one. The assistant messages kept in the history are fixed synthetic replies of
-``--max-tokens`` tokens (the mockers' outputs are random ids, and a fixed history keeps the prompts the
+other, each turn appending a user message of ``--turn-tokens`` tokens to the conversation, so every prompt
+extends the session's previous one. The assistant messages kept in the history are fixed synthetic replies
+of ``--max-tokens`` tokens (the mockers' outputs are random ids, and a fixed history keeps the prompts the
 same for every router and both stacks). Every request streams ``--max-tokens`` tokens (``ignore_eos``).
+Two presets (``--workload``; the flags override them):
+
+* ``long`` (default): 12 turns of 200-500 tokens, mean prompt ~4k tokens (up to ~7.5k), the mockers
+  simulating a 16k-context model (``--context-length 16384``; same tokenizer). Conversations of this size
+  (a system prompt with instructions or tools, a dozen turns) are where routing by cache decides TTFT, and
+  where the published figures for KV-aware routing were measured.
+* ``chat``: 6 turns of 100-300 tokens (prompts ~1.1-2.9k tokens, ~850 of them uncached per request under
+  round-robin). Its ratio is bounded near ~0.47 by the mocker's timing model, see the end of this text.
 
 Arrivals, two phases (``--mode``, default both, each on fresh stacks):
 * open loop (the JSON line's phase): sessions arrive as a seeded Poisson process of ``--session-rate``
@@ -30,31 +38,30 @@ one worker process (``--num-workers 8``), behind our frontend with ``--router-mo
 NATS request and event planes), for its cache hit rate beside ours (its TTFT is on a different timing
 model, so only the hit rate is compared).
 
-Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, the cache
-hit rate = sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens), the utilization,
-errors (a request that fails or streams fewer than ``--max-tokens`` tokens; must be 0) and host CPU. Each
-phase runs ``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON
-``{"bench": "kv_routing", "ours": TTFT p50 with kv, "baseline": TTFT p50 round-robin, "ratio": ...,
-"unit": "ms", "mode": "open-loop", "session_rate": ..., "rr_util": ..., "hit_rate": ours kv,
-"dynamo_hit_rate": ...}`` (means over rounds); with both phases the closed loop's line (``"mode":
-"closed-loop", "concurrency": ...``) comes just before it. Run: ``.venv/bin/python bench/kv_routing.py
-[--quick] [--ours-only] [--open-loop | --closed-loop] [--session-rate R | --target-util U] [--in-process]
-[--tuned-weight W ...]``. ``--tuned-weight`` adds one of our kv runs per ``--kv-overlap-weight`` W.
-``--in-process`` compares the routing policies alone: our ``Router`` and 8 mocker engines in the bench's
-own process, KV events handed straight to the index, the same requests tokenized without the chat template,
-no frontend, NATS or Dynamo; it is much less exposed to host noise, and its JSON line is named
-``kv_routing_policy``.
+Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, the cache hit rate =
+sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens), the utilization, errors (a request
+that fails or streams fewer than ``--max-tokens`` tokens; must be 0) and host CPU. Each phase runs
+``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON ``{"bench":
+"kv_routing", "ours": TTFT p50 with kv, "baseline": TTFT p50 round-robin, "ratio": ..., "unit": "ms", "mode":
+"open-loop", "session_rate": ..., "rr_util": ..., "hit_rate": ours kv, "dynamo_hit_rate": ...}`` (means over
+rounds); with both phases the closed loop's line (``"mode": "closed-loop", "concurrency": ...``) comes just
+before it. Run: ``.venv/bin/python bench/kv_routing.py [--workload long|chat] [--quick] [--ours-only]
+[--open-loop | --closed-loop] [--session-rate R | --target-util U] [--in-process] [--tuned-weight W ...]``.
+``--tuned-weight`` adds one of our kv runs per ``--kv-overlap-weight`` W. ``--in-process`` compares the
+routing policies alone: our ``Router`` and 8 mocker engines in the bench's own process, KV events handed
+straight to the index, the same requests tokenized without the chat template, no frontend, NATS or Dynamo; it
+is much less exposed to host noise, and its JSON line is named ``kv_routing_policy``.
 
-What bounds the ratio: with this timing model a later turn computes only its new ~250 tokens, but its
-prefill still takes a whole forward pass (10 ms floor + 2 ms + 0.07 ms per token, ~30 ms) after the step
-in flight ends, so kv TTFT p50 stays near 40-45 ms of simulated time (plus the frontend and NATS), while
-round-robin computes ~850 tokens per request (~70 ms). In the closed loop that is the whole story (ratio
-~0.6). In the open loop round-robin also queues: a request waits for the step in flight, which now often
-carries other requests' long prefills, and shares its own step with them; but the mocker admits every
+What bounds the ``chat`` workload's ratio: with this timing model a later turn computes only its new ~250
+tokens, but its prefill still takes a whole forward pass (10 ms floor + 2 ms + 0.07 ms per token, ~30 ms)
+after the step in flight ends, so kv TTFT p50 stays near 40-45 ms of simulated time (plus the frontend and
+NATS), while round-robin computes ~850 tokens per request (~70 ms). In the closed loop that is the whole story
+(ratio ~0.6). In the open loop round-robin also queues: a request waits for the step in flight, which now
+often carries other requests' long prefills, and shares its own step with them; but the mocker admits every
 waiting prompt into the next step (up to 8192 tokens), so the wait grows like one step (10 ms / (1 -
-utilization)), not like a queue of prefills. Measured in-process (200 sessions, one round each), the ratio
-is ~0.54 at 58% round-robin utilization, ~0.47-0.49 at 77-81% and ~0.45 at 87-94%: 0.33 is not reached by a
-fleet that is loaded but not overloaded.
+utilization)), not like a queue of prefills. Measured in-process (200 sessions, one round each), the ratio is
+~0.54 at 58% round-robin utilization, ~0.47-0.49 at 77-81% and ~0.45 at 87-94%: 0.33 is not reached by a fleet
+that is loaded but not overloaded.
 """
 
 from __future__ import annotations
@@ -175,6 +182,12 @@ def utilization(records: list[dict[str, Any]], req_s: float, args: argparse.Name
     return rate * work / 1000.0 / args.speedup / WORKERS
 
 
+# --workload presets (explicit flags win).
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "long": {"turns": 12, "turn_tokens": [200, 500], "context_length": 16384},
+    "chat": {"turns": 6, "turn_tokens": [100, 300], "context_length": 0},
+}
+
 CALIBRATE_SPEEDUP = 8.0  # calibration runs the open loop this many times faster than real time
 
 
@@ -244,6 +257,8 @@ def run_stack(
     if dyn:
         worker = ["--num-workers", str(WORKERS), "--speedup-ratio", str(args.speedup), "--block-size", "16",
                   "--num-gpu-blocks-override", str(args.num_blocks)]  # fmt: skip
+        if args.context_length:
+            worker += ["--max-model-len", str(args.context_length)]
         front: list[str] = []
     else:
         worker = ["--num-workers", str(WORKERS), "--speedup", str(args.speedup), "--num-blocks", str(args.num_blocks),
@@ -458,9 +473,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--systems", type=int, default=20, help="shared system prompts")
-    ap.add_argument("--turns", type=int, default=6, help="turns per session (6 keeps prompts under 4k tokens)")
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="long",
+                    help="preset for --turns / --turn-tokens / --context-length: long (12 turns of 200-500 tokens, "
+                         "mean prompt ~4k, up to ~7.5k, on a simulated 16k-context model) or chat (6 turns of "
+                         "100-300 tokens, prompts ~1.1-2.9k); the flags override it")  # fmt: skip
+    ap.add_argument("--turns", type=int, default=None, help="turns per session")
     ap.add_argument("--system-tokens", type=int, nargs=2, default=[1000, 2000], metavar=("MIN", "MAX"))
-    ap.add_argument("--turn-tokens", type=int, nargs=2, default=[100, 300], metavar=("MIN", "MAX"))
+    ap.add_argument("--turn-tokens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--mode", choices=["open-loop", "closed-loop", "both"], default="both",
                     help="measured phase(s): open loop (Poisson session arrivals at --session-rate), closed loop "
@@ -478,10 +497,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="closed loop: sessions in flight (4 per worker)")
     ap.add_argument("--speedup", type=float, default=1.0, help="mocker speedup (1: realistic timing)")
     ap.add_argument("--num-blocks", type=int, default=16384, help="KV blocks per mocker engine")
-    ap.add_argument("--context-length", type=int, default=0,
-                    help="our mockers simulate a model with this context (0: the tiny model's 4096), for long "
-                         "conversations (e.g. --turns 12 --turn-tokens 200 500); use with --ours-only, Dynamo's "
-                         "mocker keeps the model folder's limit")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="the mockers (ours and Dynamo's) simulate a model with this context (0: the tiny model's "
+                         "4096)")  # fmt: skip
     ap.add_argument(
         "--kv-overlap-weight",
         type=float,
@@ -505,6 +523,9 @@ def main() -> int:
                          "NATS or Dynamo); the JSON line is then named kv_routing_policy")  # fmt: skip
     args = ap.parse_args()
     exit_on_sigterm()
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.quick:
         args.sessions, args.turns, args.rounds, args.concurrency = 40, 3, 1, 16
     if args.speedup <= 0:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from frontend.preprocess import Preprocessor
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -40,3 +48,33 @@ class FrontendMetrics:
                                   ["model"], registry=r)
         self.disconnects = Counter("dynamo_frontend_client_disconnects", "Clients that left mid-request",
                                    ["model"], registry=r)
+
+    def watch_prompt_caches(self, models: Callable[[], Iterable[tuple[str, Preprocessor]]]) -> None:
+        """Report the chat prompt piece caches of the served models' preprocessors, read at scrape time
+        (nothing on the request path). A preprocessor shared by models (same tokenizer files) shows under
+        each of them."""
+        self.registry.register(_PromptCacheCollector(models))
+
+
+class _PromptCacheCollector(Collector):
+    def __init__(self, models: Callable[[], Iterable[tuple[str, Preprocessor]]]) -> None:
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily("dynamo_frontend_prompt_piece_cache_hits",
+                                   "Chat prompt pieces (text between special tokens) whose token ids came from the "
+                                   "frontend's cache", labels=["model"])
+        misses = CounterMetricFamily("dynamo_frontend_prompt_piece_cache_misses",
+                                     "Chat prompt pieces the frontend had to tokenize", labels=["model"])
+        chars = GaugeMetricFamily("dynamo_frontend_prompt_piece_cache_chars",
+                                  "Characters of prompt text the piece cache keeps", labels=["model"])
+        for name, pre in self.models():
+            stats = pre.piece_cache_stats()
+            if stats is None:
+                continue
+            hits.add_metric([name], stats[0])
+            misses.add_metric([name], stats[1])
+            chars.add_metric([name], stats[2])
+        yield hits
+        yield misses
+        yield chars

@@ -178,13 +178,18 @@ class _PieceCache:
     def __init__(self, max_chars: int) -> None:
         self.max_chars = max_chars
         self.chars = 0
+        self.hits = 0  # lookups (pieces of SEGMENT_CACHE_MIN_PIECE chars and up) found / not found
+        self.misses = 0
         self._d: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, piece: str) -> list[int] | None:
         with self._lock:
             ids = self._d.get(piece)
-            if ids is not None:
+            if ids is None:
+                self.misses += 1
+            else:
+                self.hits += 1
                 self._d.move_to_end(piece)
             return ids
 
@@ -450,6 +455,13 @@ class Preprocessor:
             log.warning("piecewise tokenization disagrees with the tokenizer on a probe: cache off")
             self._splitter, self._split_ids = None, {}
             self._pieces.clear()
+
+    def piece_cache_stats(self) -> tuple[int, int, int] | None:
+        """(hits, misses, characters kept) of the chat prompt piece cache; None when it is off."""
+        if self._splitter is None:
+            return None
+        c = self._pieces
+        return c.hits, c.misses, c.chars
 
     def _encode_pieces(self, text: str) -> list[int]:
         """``encode(text, add_special_tokens=False).ids``, piece by piece between raw added tokens, long

@@ -267,3 +267,37 @@ def test_long_prompt_is_prepared_off_the_loop_with_exact_tokens(stack: Stack) ->
     assert long_r.status_code == 200 and short_r.status_code == 200
     assert long_r.json()["usage"]["prompt_tokens"] == expected
     assert long_r.json()["usage"]["completion_tokens"] == 3
+
+
+def _metric(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{model="{MODEL}"}}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
+    """A conversation over SEGMENT_MIN_CHARS: every turn's prompt_tokens equal transformers' count, and the
+    pieces an earlier turn tokenized (system prompt, earlier user messages) come from the frontend's cache,
+    as /metrics counts: 2 misses on turn 1, then 1 miss + 2 hits, then 1 miss + 3 hits."""
+    transformers = pytest.importorskip("transformers")
+    from dynamo_rt.tinymodel import ensure_tiny_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    system = " ".join(f"Rule {i}: be precise about the harbour boats and the library cat." for i in range(60))
+    msgs: list[dict[str, str]] = [{"role": "system", "content": system}]
+    names = ("dynamo_frontend_prompt_piece_cache_hits_total", "dynamo_frontend_prompt_piece_cache_misses_total")
+
+    def counts() -> tuple[float, float]:
+        text = httpx.get(stack.url + "/metrics", timeout=10).text
+        return _metric(text, names[0]), _metric(text, names[1])
+
+    post(stack, "/v1/chat/completions", CHAT)  # the model is loaded, so its series exist
+    hits0, misses0 = counts()
+    for turn in range(3):
+        msgs.append({"role": "user", "content": f"Question {turn}: " + "where did the crew sort the catch? " * 20})
+        r = post(stack, "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        want = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert r.json()["usage"]["prompt_tokens"] == len(want)
+        msgs.append({"role": "assistant", "content": "Noted."})
+    hits, misses = counts()
+    assert (hits - hits0, misses - misses0) == (5, 4)

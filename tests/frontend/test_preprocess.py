@@ -416,14 +416,20 @@ def test_piecewise_off_when_position_matters(model_dirs: dict[str, Path], hf: di
 
 
 def test_piece_cache_is_bounded() -> None:
+    from array import array
+
     from frontend.preprocess import _PieceCache
 
+    def ids(*v: int) -> array[int]:
+        return array("i", v)
+
     c = _PieceCache(max_chars=10)
-    c.put("aaaa", [1])
-    c.put("bbbb", [2])
-    assert c.get("aaaa") == [1]  # now most recent
-    c.put("cccc", [3])  # 12 chars > 10: the least recent ("bbbb") goes
-    assert c.get("bbbb") is None and c.get("aaaa") == [1] and c.get("cccc") == [3]
+    c.put("aaaa", ids(1))
+    c.put("bbbb", ids(2))
+    assert c.get("aaaa") == ids(1)  # now most recent
+    c.put("cccc", ids(3))  # 12 chars > 10: the least recent ("bbbb") goes
+    assert c.get("bbbb") is None and c.get("aaaa") == ids(1) and c.get("cccc") == ids(3)
     assert c.chars == 8 and len(c) == 2
-    c.put("x" * 11, [4])  # larger than the whole cache: not kept
+    assert (c.hits, c.misses) == (3, 1)
+    c.put("x" * 11, ids(4))  # larger than the whole cache: not kept
     assert len(c) == 2 and c.chars == 8

@@ -55,7 +55,7 @@ _HUGE = 10**9
 # Texts from this long on are tokenized with the GIL released (about 1 ms of work and up).
 LONG_TEXT_CHARS = 8192
 # Chat prompts from this long on are tokenized piece by piece between special tokens, with the pieces
-# cached (see Preprocessor._encode_chat_text): a multi-turn chat resends its system prompt and history on
+# cached (see Preprocessor._init_splitter): a multi-turn chat resends its system prompt and history on
 # every turn, and only the new messages need the tokenizer.
 SEGMENT_MIN_CHARS = 2048
 # Pieces shorter than this are tokenized every time (cheap; keeps the cache for what is worth keeping).

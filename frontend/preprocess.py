@@ -431,11 +431,12 @@ class Preprocessor:
         normalizer, or a pre-tokenizer that prefixes a space, as Metaspace and ByteLevel with
         ``add_prefix_space`` do). Byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, this project's tiny
         model) qualify; for any other the cache stays off. A probe text is checked both ways as well."""
-        try:
-            spec = json.loads(self.tokenizer.to_str())
-        except ValueError:
+        pre = self.tokenizer.pre_tokenizer
+        try:  # the component's own JSON (its pickle state), not the whole tokenizer's
+            pre_spec = None if pre is None else json.loads(pre.__getstate__())
+        except (ValueError, TypeError, AttributeError):
             return
-        if spec.get("normalizer") is not None or not _position_free(spec.get("pre_tokenizer")):
+        if self.tokenizer.normalizer is not None or not _position_free(pre_spec):
             return
         raw: dict[str, int] = {}
         for tid, tok in self.tokenizer.get_added_tokens_decoder().items():

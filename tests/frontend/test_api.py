@@ -269,11 +269,6 @@ def test_long_prompt_is_prepared_off_the_loop_with_exact_tokens(stack: Stack) ->
     assert long_r.json()["usage"]["completion_tokens"] == 3
 
 
-def _metric(text: str, name: str) -> float:
-    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{model="{MODEL}"}}'))
-    return float(line.rsplit(" ", 1)[1])
-
-
 def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
     """A conversation over SEGMENT_MIN_CHARS: every turn's prompt_tokens equal transformers' count, and the
     pieces an earlier turn tokenized (system prompt, earlier user messages) come from the frontend's cache,
@@ -287,10 +282,9 @@ def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
     names = ("dynamo_frontend_prompt_piece_cache_hits_total", "dynamo_frontend_prompt_piece_cache_misses_total")
 
     def counts() -> tuple[float, float]:
-        text = httpx.get(stack.url + "/metrics", timeout=10).text
-        return _metric(text, names[0]), _metric(text, names[1])
+        return stack.metric(names[0]), stack.metric(names[1])
 
-    post(stack, "/v1/chat/completions", CHAT)  # the model is loaded, so its series exist
+    post(stack, "/v1/chat/completions", CHAT)  # the model is loaded
     hits0, misses0 = counts()
     for turn in range(3):
         msgs.append({"role": "user", "content": f"Question {turn}: " + "where did the crew sort the catch? " * 20})

@@ -335,10 +335,6 @@ def instance_ids(etcd: Any, namespace: str) -> set[str]:
 
 
 def metric(st: Stack, name: str) -> float:
-    """Sum of a frontend metric's samples (all label values)."""
-    text = httpx.get(st.url + "/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Sum of a frontend metric's samples (all label values): :meth:`Stack.metric`, as a function for
+    ``asyncio.to_thread``."""
+    return st.metric(name)

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.stack import ROOT, free_port, read_until_ready
 
@@ -49,12 +50,8 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         # Both embedded services and all roles are running now.
         assert len(_procs_mentioning(str(state))) >= 2
 
-        body = json.dumps({"model": _tiny_name(), "messages": [{"role": "user", "content": "Hello!"}],
-                           "max_tokens": 8}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            out = json.loads(r.read())
+        out = _post(port, "/v1/chat/completions",
+                    {"model": _tiny_name(), "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8})
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["usage"]["completion_tokens"] == 8
 
@@ -142,12 +139,8 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
         modes = sorted(_cmdline(w).split("--mode ")[1].split()[0] for w in workers)
         assert modes == ["decode", "prefill"]  # the minimum: one of each
 
-        body = json.dumps({"model": _tiny_name(), "prompt": "hello there", "max_tokens": 5,
-                           "ignore_eos": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            out = json.loads(r.read())
+        out = _post(port, "/v1/completions",
+                    {"model": _tiny_name(), "prompt": "hello there", "max_tokens": 5, "ignore_eos": True})
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["usage"]["completion_tokens"] == 5
         assert _running(planners[0]) and all(_running(w) for w in workers)
@@ -173,3 +166,12 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
 
 def _tiny_name() -> str:
     return "dynamo-tiny"
+
+
+def _post(port: int, path: str, payload: dict[str, object]) -> dict[str, Any]:
+    """POST a JSON body to the local frontend; the decoded JSON answer."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out: dict[str, Any] = json.loads(r.read())
+    return out

@@ -58,6 +58,10 @@ DEFAULT_INLINE_BYTES = 4 << 20  # reads up to this size post on the event loop's
 # the same ``UCX_*`` variable is set in the environment. CMA copies in 512 KiB system calls by default;
 # 64 MiB (one call per descriptor of a post) measured ~4% faster for MiB-sized blocks (bench/kv_transfer.py).
 DEFAULT_UCX_CONFIG = {"CMA_SEG_SIZE": "64m"}
+# Added for VRAM pools. UCX's cuda_ipc turns its zero-copy GET (our READ) off unless it detects NVLink
+# ("auto"), so on a single GPU or PCIe-only GPUs a VRAM READ fell back to software emulation through host
+# shared memory: 0.8 GB/s on an H200, against 210-300 GB/s with it on (bench/gpu_kv_check.py, 2026-11-27).
+VRAM_UCX_CONFIG = {"CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +153,8 @@ class KvTransfer:
     :meth:`get_notifs`). ``memory``/``device_id``: the local pool's memory ("VRAM" and the CUDA ordinal
     on GPUs). ``ucx_error_handling``: "none" (see the module docstring; pass "peer", NIXL's default,
     for transports that should detect dead peers themselves, e.g. RDMA between hosts). ``ucx_config``:
-    extra UCX settings, merged over :data:`DEFAULT_UCX_CONFIG`. ``max_post_bytes``/``inline_bytes``: see
-    the module docstring.
+    extra UCX settings, merged over :data:`DEFAULT_UCX_CONFIG` (and :data:`VRAM_UCX_CONFIG` for VRAM).
+    ``max_post_bytes``/``inline_bytes``: see the module docstring.
 
     Thread model: every call into the agent holds ``_lock``; reads above ``inline_bytes`` post on one
     worker thread, smaller ones on the caller's. The owner of a pool never has to call anything for
@@ -194,7 +198,8 @@ class KvTransfer:
             for backend in backends:
                 params: dict[str, str] = {}
                 if backend == "UCX":
-                    ucx = {**DEFAULT_UCX_CONFIG, **(ucx_config or {})}
+                    vram = VRAM_UCX_CONFIG if memory == "VRAM" else {}
+                    ucx = {**DEFAULT_UCX_CONFIG, **vram, **(ucx_config or {})}
                     params["ucx_error_handling_mode"] = ucx_error_handling
                     params["engine_config"] = ",".join(f"{k}={v}" for k, v in ucx.items())
                 self._agent.create_backend(backend, params)

@@ -80,6 +80,7 @@ from workers.reference.model import (
     parse_dtype,
     rope_inv_freq,
 )
+from workers.reference.native import NativeDecode, NativeStep, enabled_by_env, load_library
 from workers.reference.sampler import SampleSpec, sample, skip_draw
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ KvLoader = Callable[[KvTransferParams, list[int]], Awaitable[None]]
 DEFAULT_KV_MEMORY_GIB = 0.5  # CPU pool size when neither num_blocks nor kv_cache_memory is given
 DEFAULT_GPU_KV_FRACTION = 0.8  # of the free device memory after the weights are loaded
 MAX_LOGPROBS = 20
+_NO_ROWS = torch.zeros(0, dtype=torch.long)  # StepBatch's unused index fields on the native path
 
 
 class _State(Enum):
@@ -171,6 +173,7 @@ class ReferenceEngine:
         onboard_min_blocks: int = 1,
         onboard_sync_bytes: int = 8 * 2**20,
         tier_drain_s: float = 5.0,
+        native: bool | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.cfg = ModelConfig.load(self.model_path)
@@ -187,6 +190,8 @@ class ReferenceEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.threads = threads
+        # The native decode step (native.py) for all-decode steps on CPU fp32; None: on unless DYN_REF_NATIVE=0.
+        self.native = enabled_by_env() if native is None else native
         # Leave a core to the event loop on CPU: OpenMP workers spin between ops, and an intra-op pool as
         # wide as the machine stalls whenever the loop thread takes one of its cores.
         self.torch_threads = threads or (max(1, _cpu_count() - 1) if self.device.type == "cpu" else None)
@@ -254,6 +259,13 @@ class ReferenceEngine:
             torch.set_num_threads(self.torch_threads)
         t0 = time.monotonic()
         self.model = DecoderModel.load(self.model_path, self.cfg, self.device, self.dtype)
+        if self.native:
+            why = NativeDecode.supports(self.model)
+            lib = load_library() if why is None else None
+            if lib is not None:
+                self.model.native = NativeDecode(self.model, self.block_size, lib)
+            elif why is not None:
+                log.info("native decode step not used: %s", why)
         cfg = self.cfg
         per_block = KvPool.bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim,
                                            self.dtype)
@@ -862,6 +874,14 @@ class ReferenceEngine:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
         self._inflight.update(seq for seq, _ in chosen)
+        assert self.model is not None
+        if not prefill_meta and self.model.native is not None:
+            # All decode: the native step reads the block tables itself, no index tensors.
+            self.model.ensure_rope(max(pos) + 1)
+            batch = StepBatch(input_ids=_NO_ROWS, positions=_NO_ROWS, write_idx=(), num_decode=len(ids),
+                              decode_gather=None, decode_bias=None, decode_len=0, prefills=[], sample_rows=None,
+                              native=NativeStep(ids, pos, dec_tables))
+            return _Plan(seqs=chosen, batch=batch, samplers=samplers, specs=self._specs(samplers))
         n_tok = len(ids)
         rows = torch.tensor([ids, pos, widx], dtype=torch.long, device=dev)
         input_ids, positions, wrow = rows.unbind(0)
@@ -903,6 +923,10 @@ class ReferenceEngine:
             prefills=prefills,
             sample_rows=None if every_row else torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+        return _Plan(seqs=chosen, batch=batch, samplers=samplers, specs=self._specs(samplers))
+
+    @staticmethod
+    def _specs(samplers: list[_Seq]) -> list[SampleSpec]:
         specs = []
         for seq in samplers:
             sp = seq.sampling
@@ -911,7 +935,7 @@ class ReferenceEngine:
             elif sp.suppress:
                 sp.suppress = ()
             specs.append(sp)
-        return _Plan(seqs=chosen, batch=batch, samplers=samplers, specs=specs)
+        return specs
 
     def _register_locked(self, seq: _Seq) -> None:
         """Offer newly completed full blocks to the prefix cache."""

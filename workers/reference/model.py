@@ -20,13 +20,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
 from dynamo_rt.errors import DynamoError
+
+if TYPE_CHECKING:
+    from workers.reference.native import NativeDecode, NativeStep
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,7 @@ class StepBatch:
     decode_len: int  # T: padded context length of the decode rows
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor | None  # [S] int64 rows whose logits are returned; None: every row
+    native: NativeStep | None = None  # an all-decode step for the native path (the fields above unused)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -307,6 +311,7 @@ class DecoderModel:
         self._rope_len = 0
         self._complex_rope = dtype == torch.float32
         self.packed = False
+        self.native: NativeDecode | None = None  # set by the engine when the native decode step is built
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -421,6 +426,14 @@ class DecoderModel:
             self._sin = sin.to(device=self.device, dtype=self.dtype)
         self._rope_len = n
 
+    @property
+    def complex_rope(self) -> bool:
+        return self._complex_rope
+
+    def rope_table(self) -> torch.Tensor:
+        """RoPE factors as fp32 ``[positions, D/2, 2]`` (cos, sin) pairs, scale included (complex path)."""
+        return torch.view_as_real(self._cis)
+
     # ----------------------------------------------------------------------------------------- forward
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -440,6 +453,9 @@ class DecoderModel:
         Written for a small model, where per-op overhead rather than arithmetic bounds a decode step: one
         fused q/k/v and one gate/up matmul per layer, indices precomputed per layer by the engine, views
         taken with ``narrow`` / ``unbind``, the linear kernel chosen once per step."""
+        if b.native is not None:
+            assert self.native is not None
+            return self.native.run(b.native, pool)
         cfg = self.cfg
         n_tok = b.input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -1,0 +1,224 @@
+/* One decode step of a Llama-family model on the CPU, fp32, in one call (workers/reference/native.py).
+ *
+ * Why: on a small model, a decode step in eager torch is ~30 operator calls a layer, each a few
+ * microseconds of dispatch, plus gathers of the paged KV cache into contiguous tensors. Here a step is
+ * one call (ctypes releases the GIL): embedding, and per layer RMSNorm, the fused q/k/v matmul, RoPE,
+ * the K/V write into the pool, attention read straight from the pool's blocks, the output matmul, RMSNorm,
+ * the fused gate/up matmul, SiLU * up, the down matmul; then the final norm and the LM head.
+ *
+ * The same arithmetic as the torch path in model.py (weights already permuted and q pre-scaled by
+ * DecoderModel.load), in the same order where it matters for rounding: (x * rsqrt(mean(x^2) + eps)) * w,
+ * (W x + b) + residual, softmax probabilities before the weighted sum of V. Sums run in a different order
+ * than MKL/oneDNN's, so logits differ in the last bits (tests compare to transformers token for token).
+ *
+ * Matmuls: weights are packed by native.py into panels [N/16][K][16] (N a multiple of 16), so one pass
+ * over a panel serves up to 8 rows: 8 vector accumulators of 16 floats, one weight load per k. GCC's
+ * vector extensions keep this portable (AVX-512 or two AVX2 halves, whatever -march=native gives).
+ *
+ * Pool layout (kv_cache.py): [blocks, layers, block_size, 2 (K, V), kv_heads, head_dim], fp32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+enum { NB = 16, MB = 8, LAYER_PTRS = 10 };
+enum { LN1, QKV, QKV_B, O, O_B, LN2, GU, GU_B, DOWN, DOWN_B };
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, inter, vocab, layers, block_size;
+    float eps;
+    const float *embed; /* [vocab, hidden] */
+    const float *norm;  /* [hidden] */
+    const float *head;  /* packed [vocab/16][hidden][16] */
+    const float *const *lw; /* layers * LAYER_PTRS pointers (biases may be NULL) */
+} drt_model;
+
+/* y[m, :N] (row stride ldy) = x[m, :K] (row stride ldx) @ W^T (+ b) (+ y if accumulate), m < M. */
+static void linear(int M, int N, int K, const float *x, int ldx, const float *wp, const float *bias,
+                   float *y, int ldy, int accumulate) {
+    for (int p = 0; p < N / NB; p++) {
+        const v16 *w = (const v16 *)(wp + (size_t)p * K * NB);
+        v16 b = {0};
+        if (bias) memcpy(&b, bias + p * NB, sizeof b);
+        for (int m0 = 0; m0 < M; m0 += MB) {
+            int mm = M - m0 < MB ? M - m0 : MB;
+            const float *r0 = x + (size_t)m0 * ldx;
+            v16 acc[MB] = {{0}};
+            if (mm == MB) {
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+                const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
+                            *r6 = r5 + ldx, *r7 = r6 + ldx;
+                for (int k = 0; k < K; k++) {
+                    v16 wk = w[k];
+                    a0 += r0[k] * wk; a1 += r1[k] * wk; a2 += r2[k] * wk; a3 += r3[k] * wk;
+                    a4 += r4[k] * wk; a5 += r5[k] * wk; a6 += r6[k] * wk; a7 += r7[k] * wk;
+                }
+                acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+                acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+            } else if (mm >= 4) {
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx;
+                for (int k = 0; k < K; k++) {
+                    v16 wk = w[k];
+                    a0 += r0[k] * wk; a1 += r1[k] * wk; a2 += r2[k] * wk; a3 += r3[k] * wk;
+                }
+                acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+                for (int m = 4; m < mm; m++) {
+                    const float *r = r0 + (size_t)m * ldx;
+                    v16 a = {0};
+                    for (int k = 0; k < K; k++) a += r[k] * w[k];
+                    acc[m] = a;
+                }
+            } else {
+                for (int m = 0; m < mm; m++) {
+                    const float *r = r0 + (size_t)m * ldx;
+                    v16 a = {0};
+                    for (int k = 0; k < K; k++) a += r[k] * w[k];
+                    acc[m] = a;
+                }
+            }
+            for (int m = 0; m < mm; m++) {
+                float *out = y + (size_t)(m0 + m) * ldy + p * NB;
+                v16 v = acc[m];
+                if (bias) v += b;
+                if (accumulate) {
+                    v16 old;
+                    memcpy(&old, out, sizeof old);
+                    v += old;
+                }
+                memcpy(out, &v, sizeof v);
+            }
+        }
+    }
+}
+
+/* out[m] = (x[m] * rsqrt(mean(x[m]^2) + eps)) * w */
+static void rms_norm(int M, int H, const float *x, const float *w, float eps, float *out) {
+    for (int m = 0; m < M; m++) {
+        const float *r = x + (size_t)m * H;
+        float *o = out + (size_t)m * H;
+        float ss = 0.0f;
+        int i = 0;
+        if (H % NB == 0) {
+            v16 acc = {0};
+            for (; i < H; i += NB) {
+                v16 v;
+                memcpy(&v, r + i, sizeof v);
+                acc += v * v;
+            }
+            for (int j = 0; j < NB; j++) ss += acc[j];
+        } else {
+            for (; i < H; i++) ss += r[i] * r[i];
+        }
+        float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (i = 0; i < H; i++) o[i] = (r[i] * inv) * w[i];
+    }
+}
+
+/* RoPE on adjacent (even, odd) pairs: (a + ib) * (c + id), cis = [positions][D/2][2]. */
+static void rope(float *v, int n_heads, int D, const float *cis_row) {
+    for (int h = 0; h < n_heads; h++) {
+        float *x = v + (size_t)h * D;
+        for (int i = 0; i < D / 2; i++) {
+            float a = x[2 * i], b = x[2 * i + 1], c = cis_row[2 * i], d = cis_row[2 * i + 1];
+            x[2 * i] = a * c - b * d;
+            x[2 * i + 1] = a * d + b * c;
+        }
+    }
+}
+
+/* Returns 0, -1 when out of memory, -2 when a position is past the RoPE table. */
+int drt_decode(const drt_model *m, int n, const int32_t *ids, const int32_t *pos, const int32_t *tables, int nb,
+               float *pool, const float *cis, int rope_len, float *logits) {
+    const int Hd = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, I = m->inter, L = m->layers;
+    const int bs = m->block_size, G = H / KV, QKVN = (H + 2 * KV) * D;
+    const size_t tok_stride = (size_t)2 * KV * D; /* floats per (block, layer, slot) */
+    int T = 0;
+    for (int r = 0; r < n; r++) {
+        if (pos[r] >= rope_len || pos[r] < 0) return -2;
+        if (pos[r] + 1 > T) T = pos[r] + 1;
+    }
+    size_t need = (size_t)n * Hd * 2 + (size_t)n * QKVN + (size_t)n * H * D + (size_t)n * 2 * I + (size_t)n * I +
+                  (size_t)G * T;
+    float *buf = malloc(need * sizeof(float));
+    if (!buf) return -1;
+    float *x = buf, *h = x + (size_t)n * Hd, *qkv = h + (size_t)n * Hd, *attn = qkv + (size_t)n * QKVN,
+          *gu = attn + (size_t)n * H * D, *act = gu + (size_t)n * 2 * I, *sc = act + (size_t)n * I;
+
+    for (int r = 0; r < n; r++) memcpy(x + (size_t)r * Hd, m->embed + (size_t)ids[r] * Hd, Hd * sizeof(float));
+
+    for (int l = 0; l < L; l++) {
+        const float *const *w = m->lw + (size_t)l * LAYER_PTRS;
+        rms_norm(n, Hd, x, w[LN1], m->eps, h);
+        linear(n, QKVN, Hd, h, Hd, w[QKV], w[QKV_B], qkv, QKVN, 0);
+        for (int r = 0; r < n; r++) {
+            float *q = qkv + (size_t)r * QKVN;
+            const int p = pos[r];
+            rope(q, H + KV, D, cis + (size_t)p * D); /* q heads then k heads, contiguous */
+            const int32_t *tbl = tables + (size_t)r * nb;
+            float *slot = pool + (((size_t)tbl[p / bs] * L + l) * bs + p % bs) * tok_stride;
+            memcpy(slot, q + (size_t)H * D, tok_stride * sizeof(float)); /* K then V of every kv head */
+            for (int kh = 0; kh < KV; kh++) {
+                /* scores of the G query heads sharing this kv head, over positions 0..p */
+                for (int t = 0; t <= p; t++) {
+                    const float *k = pool + (((size_t)tbl[t / bs] * L + l) * bs + t % bs) * tok_stride +
+                                     (size_t)kh * D;
+                    for (int g = 0; g < G; g++) {
+                        const float *qh = q + (size_t)(kh * G + g) * D;
+                        float s;
+                        if (D % NB == 0) {
+                            v16 acc = {0};
+                            for (int i = 0; i < D; i += NB) {
+                                v16 a, b;
+                                memcpy(&a, qh + i, sizeof a);
+                                memcpy(&b, k + i, sizeof b);
+                                acc += a * b;
+                            }
+                            s = 0.0f;
+                            for (int j = 0; j < NB; j++) s += acc[j];
+                        } else {
+                            s = 0.0f;
+                            for (int i = 0; i < D; i++) s += qh[i] * k[i];
+                        }
+                        sc[(size_t)g * T + t] = s;
+                    }
+                }
+                for (int g = 0; g < G; g++) {
+                    float *s = sc + (size_t)g * T;
+                    float mx = -INFINITY, sum = 0.0f;
+                    for (int t = 0; t <= p; t++) mx = s[t] > mx ? s[t] : mx;
+                    for (int t = 0; t <= p; t++) {
+                        s[t] = expf(s[t] - mx);
+                        sum += s[t];
+                    }
+                    const float inv = 1.0f / sum;
+                    for (int t = 0; t <= p; t++) s[t] *= inv;
+                    float *o = attn + (size_t)r * H * D + (size_t)(kh * G + g) * D;
+                    memset(o, 0, D * sizeof(float));
+                    for (int t = 0; t <= p; t++) {
+                        const float *v = pool + (((size_t)tbl[t / bs] * L + l) * bs + t % bs) * tok_stride +
+                                         (size_t)(KV + kh) * D;
+                        const float pt = s[t];
+                        for (int i = 0; i < D; i++) o[i] += pt * v[i];
+                    }
+                }
+            }
+        }
+        linear(n, Hd, H * D, attn, H * D, w[O], w[O_B], x, Hd, 1);
+        rms_norm(n, Hd, x, w[LN2], m->eps, h);
+        linear(n, 2 * I, Hd, h, Hd, w[GU], w[GU_B], gu, 2 * I, 0);
+        for (int r = 0; r < n; r++) {
+            const float *g = gu + (size_t)r * 2 * I, *u = g + I;
+            float *a = act + (size_t)r * I;
+            for (int i = 0; i < I; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+        }
+        linear(n, Hd, I, act, I, w[DOWN], w[DOWN_B], x, Hd, 1);
+    }
+    rms_norm(n, Hd, x, m->norm, m->eps, h);
+    linear(n, m->vocab, Hd, h, Hd, m->head, NULL, logits, m->vocab, 0);
+    free(buf);
+    return 0;
+}

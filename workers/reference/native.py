@@ -1,0 +1,209 @@
+"""The native decode step (decode.c): built with the system C compiler on first use, loaded with ctypes.
+
+A step whose every row decodes one token (fp32, CPU) runs as one C call instead of ~30 torch operators a
+layer; prefill chunks and every other device / dtype keep the torch path in model.py. The library is
+compiled with ``-march=native`` into ``${XDG_CACHE_HOME:-~/.cache}/dynamo-rt/native`` (or
+``$DYN_NATIVE_CACHE``), keyed by the source, the compiler's version and the CPU, so a container image or
+a shared home built elsewhere never loads code for another CPU. No compiler, a failed build or
+``DYN_REF_NATIVE=0`` leave the torch path in use (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from array import array
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from workers.reference.model import DecoderModel
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.c")
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+PANEL = 16  # output columns per weight panel (NB in decode.c)
+LAYER_PTRS = 10  # pointers per layer (LAYER_PTRS in decode.c)
+
+_lib_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_failed: str | None = None
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32), ("kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32), ("vocab", ctypes.c_int32),
+        ("layers", ctypes.c_int32), ("block_size", ctypes.c_int32), ("eps", ctypes.c_float),
+        ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("head", ctypes.c_void_p),
+        ("lw", ctypes.POINTER(ctypes.c_void_p)),
+    ]
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("DYN_REF_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("DYN_NATIVE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "dynamo-rt" / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, or $CC) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(CFLAGS), _cpu_id(),
+                                        platform.machine()))
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        log.info("building the native decode step: %s %s", cc, " ".join(CFLAGS))
+        res = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                             timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent builders each leave a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled decode step, or None (reason logged once) where it cannot be built."""
+    global _lib, _lib_failed
+    with _lib_lock:
+        if _lib is not None or _lib_failed is not None:
+            return _lib
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            fn = lib.drt_decode
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                           ctypes.c_void_p]
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _lib_failed = str(e)
+            log.warning("native decode step unavailable, using torch operators: %s", e)
+        return _lib
+
+
+def _panels(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K, 16]: a panel of 16 output columns, k-major (see decode.c)."""
+    n, k = w.shape
+    return w.view(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+class NativeDecode:
+    """The packed weights and the C model struct of one DecoderModel; :meth:`run` is one decode step."""
+
+    def __init__(self, model: DecoderModel, block_size: int, lib: ctypes.CDLL) -> None:
+        cfg = model.cfg
+        self._fn = lib.drt_decode
+        self.model = model
+        self.vocab = cfg.vocab_size
+        keep: list[torch.Tensor] = []
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        ptrs: list[int | None] = []
+        for L in model.layers:
+            ptrs += [ptr(L.ln1), ptr(_panels(L.qkv.w)), ptr(L.qkv.b), ptr(_panels(L.o.w)), ptr(L.o.b),
+                     ptr(L.ln2), ptr(_panels(L.gu.w)), ptr(L.gu.b), ptr(_panels(L.down.w)), ptr(L.down.b)]
+        self._lw = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self._struct = _Model(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size,
+            cfg.num_layers, block_size, cfg.rms_norm_eps, ptr(model.embed), ptr(model.norm),
+            ptr(_panels(model.lm_head.w)), self._lw,
+        )
+        self._keep = keep  # the struct points into these tensors
+        self._ref = ctypes.byref(self._struct)
+
+    @staticmethod
+    def supports(model: DecoderModel) -> str | None:
+        """None when the native step can run this model, else why not."""
+        cfg = model.cfg
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            return f"{model.device.type}/{model.dtype} (only cpu/float32)"
+        if not model.complex_rope:
+            return "RoPE tables are not complex"
+        widths = {"q/k/v": (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, "hidden": cfg.hidden_size,
+                  "gate/up": 2 * cfg.intermediate_size, "vocab": cfg.vocab_size}
+        odd = [k for k, v in widths.items() if v % PANEL]
+        if odd:
+            return f"widths not multiples of {PANEL}: {', '.join(odd)}"
+        if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
+            return "head layout"
+        return None
+
+    def run(self, step: NativeStep, pool: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` fp32; writes each row's K and V into ``pool``."""
+        n = step.rows
+        logits = torch.empty((n, self.vocab), dtype=torch.float32)
+        cis = self.model.rope_table()
+        rc = self._fn(self._ref, n, step.addr, step.addr + 4 * n, step.addr + 8 * n, step.nb, pool.data_ptr(),
+                      cis.data_ptr(), cis.shape[0], logits.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native decode step failed ({'out of memory' if rc == -1 else 'position'})")
+        return logits
+
+
+class NativeStep:
+    """One all-decode step's inputs as one int32 buffer: ids [n], positions [n], block tables [n, nb]."""
+
+    __slots__ = ("addr", "buf", "nb", "rows")
+
+    def __init__(self, ids: list[int], pos: list[int], tables: list[list[int]]) -> None:
+        self.rows = n = len(ids)
+        self.nb = nb = max(len(t) for t in tables)
+        buf = array("i", ids)
+        buf.extend(pos)
+        for t in tables:
+            buf.extend(t)
+            if len(t) < nb:
+                buf.extend([0] * (nb - len(t)))
+        self.buf = buf
+        self.addr = buf.buffer_info()[0]
+        assert len(buf) == 2 * n + n * nb

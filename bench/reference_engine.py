@@ -2,8 +2,10 @@
 
 Same prompts, same greedy generation length, same process. Ours: ``batch`` concurrent requests through
 :class:`workers.reference.engine.ReferenceEngine` (continuous batching, paged KV) with its default thread
-setting (usable cores minus one; the event loop keeps a core); baseline: one batched ``model.generate``
-(left padding, static batch, ``inference_mode``, fp32, its default cache), run with every torch thread count
+setting (usable cores minus one; the event loop keeps a core) and its default decode step (native,
+workers/reference/decode.c, where a C compiler exists; ``--no-native`` for torch operators only);
+baseline: one batched ``model.generate`` (left padding, static batch, ``inference_mode``, fp32, its
+default cache), run with every torch thread count
 from 1 to the usable cores and the best kept, so the ratio is against transformers at its best here. The
 runs are interleaved (ours, then transformers at each thread count, repeated), so a change of machine
 load between them biases neither side; each point keeps its best repeat. Tokens/s = generated tokens over
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from dynamo_rt.heap import freeze_startup_heap
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from dynamo_rt.tinymodel import ensure_tiny_model
 from workers.reference.engine import ReferenceEngine
@@ -63,16 +66,18 @@ def load_baseline(path: Path, new: int) -> Callable[[list[list[int]]], int]:
     return run
 
 
-async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, threads: int | None, cores: int
-                  ) -> tuple[int, dict[int, float], dict[int, dict[int, float]]]:
-    """(our torch threads, ours[batch], transformers[threads][batch]): best tok/s of ``repeat`` interleaved
-    runs. transformers runs on the event loop thread while our engine is idle (no requests in flight)."""
+async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, threads: int | None, cores: int,
+                  native: bool) -> tuple[int, bool, dict[int, float], dict[int, dict[int, float]]]:
+    """(our torch threads, native step used, ours[batch], transformers[threads][batch]): best tok/s of
+    ``repeat`` interleaved runs. transformers runs on the event loop thread while our engine is idle."""
     eng = ReferenceEngine(
-        path, num_blocks=max(BATCHES) * 16, max_num_seqs=max(BATCHES), max_batch_tokens=2048, threads=threads
+        path, num_blocks=max(BATCHES) * 16, max_num_seqs=max(BATCHES), max_batch_tokens=2048, threads=threads,
+        native=native,
     )
     await eng.start()
     our_threads = eng.torch_threads or torch.get_num_threads()
     hf = load_baseline(path, new)
+    freeze_startup_heap()  # as the worker does after start-up (both sides gain: no full collections)
 
     async def one(i: int, p: list[int]) -> int:
         req = GenerateRequest(
@@ -107,7 +112,7 @@ async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, thread
                 torch.set_num_threads(our_threads)
     finally:
         await eng.stop()
-    return int(eng.torch_threads or 0), mine, base
+    return int(eng.torch_threads or 0), eng.model is not None and eng.model.native is not None, mine, base
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,15 +123,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--threads", type=int, default=None, help="torch threads of our engine (default: the engine's default)"
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs per point; the best is kept")
+    ap.add_argument("--no-native", action="store_true", help="ours without the native decode step (torch only)")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     path = ensure_tiny_model()
     ps = prompts(max(BATCHES), args.prompt_len)
-    our_threads, mine, per_threads = asyncio.run(measure(path, ps, args.new, args.repeat, args.threads, cores))
+    our_threads, native, mine, per_threads = asyncio.run(
+        measure(path, ps, args.new, args.repeat, args.threads, cores, not args.no_native)
+    )
     base = {b: max(r[b] for r in per_threads.values()) for b in BATCHES}
     print(
         f"tiny model (fp32, CPU), prompt {args.prompt_len} tokens, {args.new} new tokens, greedy; "
-        f"ours with {our_threads} torch thread(s); transformers best of 1..{cores} threads"
+        f"ours with {our_threads} torch thread(s), decode steps {'native (decode.c)' if native else 'torch'}; "
+        f"transformers best of 1..{cores} threads"
     )
     tcols = "  ".join(f"{f'hf {t}thr':>8}" for t in per_threads)
     print(f"{'batch':>5}  {'ours tok/s':>11}  {'transformers tok/s':>18}  {'ratio':>6}  {tcols}")

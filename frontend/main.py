@@ -125,8 +125,10 @@ async def serve(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        from dynamo_rt.heap import freeze_startup_heap
         from dynamo_rt.transport import redact_servers
 
+        freeze_startup_heap()
         log.info("frontend listening on http://%s:%d (etcd %s, nats %s, namespace %s, router %s)",
                  args.http_host, port, redact_servers(args.etcd_endpoints), redact_servers(args.nats_endpoints),
                  args.namespace, args.router_mode)

@@ -224,6 +224,8 @@ def test_dockerfile_cpu_image() -> None:
     makefile_nixl = re.findall(r"'(nixl(?:-cu12)?==[\d.]+)'", (REPO / "Makefile").read_text())
     assert makefile_nixl and all(pin in runs[1] for pin in makefile_nixl)
     assert "--no-deps nixl==" in runs[1]
+    # A C compiler for the reference engine's native decode step, built where the image runs.
+    assert "apt-get install -y --no-install-recommends gcc libc6-dev" in runs[2]
     for stage in ("cpu", "vllm", "sglang", "trtllm"):
         assert f"DYNAMO_RT_VERSION={version}" in [a for i, a in stages()[stage] if i == "ARG"]
     assert manifests.default_image("cpu") == f"dynamo-rt:{version}-cpu"

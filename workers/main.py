@@ -21,6 +21,7 @@ from typing import Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
 from dynamo_rt.errors import DynamoError
+from dynamo_rt.heap import freeze_startup_heap
 from dynamo_rt.protocol import Mode
 from workers.common.engine import Engine, ModelInfo
 
@@ -165,6 +166,7 @@ async def serve(args: argparse.Namespace) -> None:
                                transport=transport, metrics=metrics)
             await rt.start()
             runtimes.append(rt)
+        freeze_startup_heap()  # the engine's step thread would otherwise pay for full collections
         port = start_metrics_server(metrics.registry, args.metrics_port)
         log.info("worker ready: %d instance(s) of %s (%s) for model %r; etcd %s, nats %s, metrics port %s",
                  len(runtimes), args.engine, args.mode, engines[0].info.name, redact_servers(args.etcd_endpoints),

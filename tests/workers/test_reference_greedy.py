@@ -70,15 +70,23 @@ def tiny_hf(tiny: Path) -> Any:
     return _load_hf(tiny)
 
 
-def test_greedy_matches_transformers_concurrent_and_prefix_cached(tiny: Path, tiny_hf: Any) -> None:
+def _check_path(eng: ReferenceEngine, native: bool) -> None:
+    """The decode path under test is the one in use (native needs the C compiler, present on CI hosts)."""
+    assert eng.model is not None
+    assert (eng.model.native is not None) == native
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_greedy_matches_transformers_concurrent_and_prefix_cached(tiny: Path, tiny_hf: Any, native: bool) -> None:
     prompts = _prompts(2048)
     refs = [_hf_greedy(tiny_hf, p, NEW) for p in prompts]
 
     async def main() -> None:
         # A small token budget forces chunked prefill of the 100-token prompt next to decodes.
-        eng = ReferenceEngine(tiny, num_blocks=128, max_batch_tokens=48)
+        eng = ReferenceEngine(tiny, num_blocks=128, max_batch_tokens=48, native=native)
         await eng.start()
         try:
+            _check_path(eng, native)
             # Half arrive at once, the rest while the first ones decode.
             jobs = [_collect(eng, _req(f"a{i}", p), delay=0.0 if i % 2 == 0 else 0.01 * i)
                     for i, p in enumerate(prompts)]
@@ -208,16 +216,18 @@ def _build_family(root: Path, name: str) -> tuple[Path, Any]:
     return out, model.eval()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_greedy_matches_transformers(family: str, family_dir: Path) -> None:
+def test_family_greedy_matches_transformers(family: str, family_dir: Path, native: bool) -> None:
     path, hf = _build_family(family_dir, family)
     prompts = _prompts(384, (1, 17, 40, 120), seed=11)
     refs = [_hf_greedy(hf, p, NEW) for p in prompts]
 
     async def main() -> list[list[int]]:
-        eng = ReferenceEngine(path, num_blocks=64, max_batch_tokens=64)
+        eng = ReferenceEngine(path, num_blocks=64, max_batch_tokens=64, native=native)
         await eng.start()
         try:
+            _check_path(eng, native)
             assert eng.info.context_length == 256
             res = await asyncio.gather(*(_collect(eng, _req(str(i), p)) for i, p in enumerate(prompts)))
             return [t for t, _ in res]

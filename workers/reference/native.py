@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,10 @@ SOURCE = Path(__file__).with_name("decode.c")
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
 PANEL = 16  # output columns per weight panel (NB in decode.c)
 LAYER_PTRS = 10  # pointers per layer (LAYER_PTRS in decode.c)
+MAX_HEAD_DIM = 256  # MAX_CHUNKS * 16 in decode.c
+# The packed panels are a second copy of the weights (beside the torch path's, which prefill keeps using):
+# only for models up to this size.
+NATIVE_MAX_BYTES = 2 * 2**30
 
 _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -77,7 +82,18 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+def _own_folder(folder: Path) -> bool:
+    """Create ``folder`` (0700) if needed; True if it is ours and no one else can write into it."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(folder, os.W_OK)
+
+
 def _build() -> Path:
+    """Path of the compiled library for this source, compiler and CPU; compiled now if not cached."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, or $CC) on PATH")
@@ -86,14 +102,19 @@ def _build() -> Path:
         b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(CFLAGS), _cpu_id(),
                                         platform.machine()))
     ).hexdigest()[:16]
-    out = _cache_dir() / f"decode-{key}.so"
+    name = f"decode-{key}.so"
+    # The cache folder, else (a read-only home in a locked-down pod) a private folder under /tmp.
+    folders = (_cache_dir(), Path(tempfile.gettempdir()) / f"dynamo-rt-native-{os.getuid()}")
+    folder = next((f for f in folders if _own_folder(f)), None)
+    if folder is None:
+        raise RuntimeError(f"no private writable folder for the native library among {[str(f) for f in folders]}")
+    out = folder / name
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
+    t0 = time.monotonic()
     try:
-        log.info("building the native decode step: %s %s", cc, " ".join(CFLAGS))
         res = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                              timeout=120)
         if res.returncode != 0:
@@ -102,6 +123,7 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    log.info("built the native decode step in %.1fs: %s %s -> %s", time.monotonic() - t0, cc, " ".join(CFLAGS), out)
     return out
 
 
@@ -174,8 +196,12 @@ class NativeDecode:
         odd = [k for k, v in widths.items() if v % PANEL]
         if odd:
             return f"widths not multiples of {PANEL}: {', '.join(odd)}"
-        if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
-            return "head layout"
+        if cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % PANEL or cfg.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {cfg.head_dim} (multiples of {PANEL} up to {MAX_HEAD_DIM})"
+        size = sum(x.w.numel() * 4 for L in model.layers for x in (L.qkv, L.o, L.gu, L.down))
+        size += model.lm_head.w.numel() * 4
+        if size > NATIVE_MAX_BYTES:
+            return f"weights of {size / 2**30:.1f} GiB (packing doubles them; limit {NATIVE_MAX_BYTES / 2**30:.0f} GiB)"
         return None
 
     def run(self, step: NativeStep, pool: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""The native decode step (workers/reference/decode.c) against the torch path of the same engine.
+
+Token-for-token equality with transformers is in test_reference_greedy.py (parametrized over both paths);
+here: the logprobs of both paths agree to fp32 rounding, the K/V each path writes into the pool agree
+byte layout for byte layout (the KV hand-off and the host tier read those blocks), and an engine on a host
+without a C compiler runs the torch path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
+from dynamo_rt.tinymodel import ensure_tiny_model
+from tests.conftest import arun
+from workers.common.engine import EngineOutput
+from workers.reference import native as native_mod
+from workers.reference.engine import ReferenceEngine
+
+# Prompt lengths around block boundaries (block size 16) and a few blocks long.
+LENGTHS = (1, 15, 16, 17, 31, 47, 90)
+NEW = 20
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(10, 2048, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+async def _run(native: bool, prompts: list[list[int]]) -> tuple[list[list[EngineOutput]], torch.Tensor, int]:
+    eng = ReferenceEngine(ensure_tiny_model(), num_blocks=96, max_batch_tokens=512, native=native)
+    await eng.start()
+    try:
+        assert eng.model is not None and (eng.model.native is not None) == native
+
+        async def one(i: int, p: list[int]) -> list[EngineOutput]:
+            req = GenerateRequest(request_id=f"r{i}", token_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=5),
+                                  stop=StopConditions(max_tokens=NEW, ignore_eos=True))
+            return [o async for o in eng.generate(req)]
+
+        outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        assert eng.pool is not None
+        return list(outs), eng.pool.tensor.clone(), eng.steps
+    finally:
+        await eng.stop()
+
+
+def test_native_and_torch_paths_agree_on_logprobs_and_pool_contents() -> None:
+    prompts = _prompts()
+    nat, nat_pool, nat_steps = arun(_run(True, prompts), timeout=120)
+    ref, ref_pool, ref_steps = arun(_run(False, prompts), timeout=120)
+    assert nat_steps == ref_steps  # same schedule, so the same blocks hold the same positions
+    for p, a, b in zip(prompts, nat, ref, strict=True):
+        ta = [t for o in a for t in o.token_ids]
+        tb = [t for o in b for t in o.token_ids]
+        assert ta == tb, f"prompt of {len(p)} tokens"
+        lpa = [lp for o in a for lp in (o.logprobs or [])]
+        lpb = [lp for o in b for lp in (o.logprobs or [])]
+        assert len(lpa) == len(lpb) == NEW
+        for x, y in zip(lpa, lpb, strict=True):
+            assert x.token_id == y.token_id
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert x.logprob == pytest.approx(y.logprob, abs=2e-4)
+            for (_, vx), (_, vy) in zip(x.top, y.top, strict=True):
+                assert vx == pytest.approx(vy, abs=2e-4)
+    # Every K and V written (prefill by torch in both, decode by C or torch) sits at the same place.
+    assert nat_pool.shape == ref_pool.shape
+    assert torch.count_nonzero(ref_pool) > 0
+    torch.testing.assert_close(nat_pool, ref_pool, rtol=1e-4, atol=1e-4)
+
+
+def test_no_compiler_means_torch_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A host without cc: the library cannot be built, the engine logs it and decodes with torch."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DYN_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_mod, "_lib", None)
+    monkeypatch.setattr(native_mod, "_lib_failed", None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native_mod._build()
+    assert native_mod.load_library() is None
+    assert native_mod._lib_failed is not None and "no C compiler" in native_mod._lib_failed
+
+    async def main() -> list[int]:
+        eng = ReferenceEngine(ensure_tiny_model(), num_blocks=16)
+        await eng.start()
+        try:
+            assert eng.model is not None and eng.model.native is None
+            req = GenerateRequest(request_id="x", token_ids=[11, 12, 13], sampling=SamplingParams(temperature=0.0),
+                                  stop=StopConditions(max_tokens=4, ignore_eos=True))
+            return [t async for o in eng.generate(req) for t in o.token_ids]
+        finally:
+            await eng.stop()
+
+    assert len(arun(main(), timeout=60)) == 4
+
+
+def test_library_is_built_once_per_source_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DYN_NATIVE_CACHE", str(tmp_path))
+    first = native_mod._build()
+    assert first.parent == tmp_path and first.name.startswith("decode-") and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert native_mod._build() == first and first.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary files left
+
+
+def test_native_switch_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_REF_NATIVE", "0")
+    assert ReferenceEngine(ensure_tiny_model()).native is False
+    monkeypatch.setenv("DYN_REF_NATIVE", "1")
+    assert ReferenceEngine(ensure_tiny_model()).native is True
+    monkeypatch.delenv("DYN_REF_NATIVE")
+    assert ReferenceEngine(ensure_tiny_model()).native is True
+    assert ReferenceEngine(ensure_tiny_model(), native=False).native is False

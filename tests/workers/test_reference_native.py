@@ -115,3 +115,16 @@ def test_native_switch_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("DYN_REF_NATIVE")
     assert ReferenceEngine(ensure_tiny_model()).native is True
     assert ReferenceEngine(ensure_tiny_model(), native=False).native is False
+
+
+def test_worker_flag_and_env_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.main import parse_args
+    from workers.reference.flags import build_engine
+
+    base = ["--engine", "reference", "--model", str(ensure_tiny_model())]
+    monkeypatch.delenv("DYN_REF_NATIVE", raising=False)
+    assert build_engine(parse_args(base)).native is True
+    assert build_engine(parse_args([*base, "--no-native-decode"])).native is False
+    monkeypatch.setenv("DYN_REF_NATIVE", "0")
+    assert build_engine(parse_args(base)).native is False
+    assert build_engine(parse_args([*base, "--native-decode"])).native is True

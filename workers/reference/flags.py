@@ -36,6 +36,9 @@ def add_flags(parser: Any) -> None:
          help="token budget of one step (decode tokens + prefill chunks)")
     flag(parser, "--threads", env="DYN_TORCH_THREADS", type=int, default=None,
          help="torch intra-op threads (default on CPU: the usable cores minus one, left to the event loop)")
+    flag(parser, "--native-decode", env="DYN_REF_NATIVE", default=True, is_bool=True,
+         help="decode steps on CPU in fp32 as one native call (workers/reference/decode.c, compiled with the "
+              "system C compiler on first use); --no-native-decode: torch operators only")
     flag(parser, "--pin-timeout", env="DYN_PIN_TIMEOUT", type=float, default=60.0,
          help="seconds a prefill worker keeps blocks pinned for a decode worker that never releases them")
     # KV block manager tiers (workers.reference.kvbm): below the primary pool, keyed by block hash.
@@ -78,6 +81,7 @@ def build_engine(args: argparse.Namespace) -> ReferenceEngine:
         max_batch_tokens=getattr(args, "max_batch_tokens", 512) or 512,
         max_num_seqs=getattr(args, "max_num_seqs", 128) or 128,
         threads=getattr(args, "threads", None),
+        native=getattr(args, "native_decode", None),
         pin_timeout=getattr(args, "pin_timeout", 60.0),
         host_tier_path=getattr(args, "kv_host_tier_path", None) or None,
         host_tier_bytes=_gib(getattr(args, "kv_host_tier_gib", None)),

@@ -31,8 +31,9 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(10, 2048, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-async def _run(native: bool, prompts: list[list[int]]) -> tuple[list[list[EngineOutput]], torch.Tensor, int]:
-    eng = ReferenceEngine(ensure_tiny_model(), num_blocks=96, max_batch_tokens=512, native=native)
+async def _run(native: bool, prompts: list[list[int]], threads: int | None = None
+               ) -> tuple[list[list[EngineOutput]], torch.Tensor, int]:
+    eng = ReferenceEngine(ensure_tiny_model(), num_blocks=96, max_batch_tokens=512, native=native, threads=threads)
     await eng.start()
     try:
         assert eng.model is not None and (eng.model.native is not None) == native
@@ -49,10 +50,11 @@ async def _run(native: bool, prompts: list[list[int]]) -> tuple[list[list[Engine
         await eng.stop()
 
 
-def test_native_and_torch_paths_agree_on_logprobs_and_pool_contents() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_and_torch_paths_agree_on_logprobs_and_pool_contents(threads: int) -> None:
     prompts = _prompts()
-    nat, nat_pool, nat_steps = arun(_run(True, prompts), timeout=120)
-    ref, ref_pool, ref_steps = arun(_run(False, prompts), timeout=120)
+    nat, nat_pool, nat_steps = arun(_run(True, prompts, threads), timeout=120)
+    ref, ref_pool, ref_steps = arun(_run(False, prompts, 1), timeout=120)
     assert nat_steps == ref_steps  # same schedule, so the same blocks hold the same positions
     for p, a, b in zip(prompts, nat, ref, strict=True):
         ta = [t for o in a for t in o.token_ids]
@@ -128,3 +130,35 @@ def test_worker_flag_and_env_twin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DYN_REF_NATIVE", "0")
     assert build_engine(parse_args(base)).native is False
     assert build_engine(parse_args([*base, "--native-decode"])).native is True
+
+
+def test_threads_change_nothing_but_speed() -> None:
+    """Matmuls split by output panels and attention split by rows: every output element is computed by the
+    same arithmetic, so 1, 2 and 3 threads give bitwise-equal logits and pool writes."""
+    from workers.reference.model import DecoderModel, ModelConfig
+    from workers.reference.native import NativeDecode, NativeStep, load_library
+
+    path = ensure_tiny_model()
+    cfg = ModelConfig.load(path)
+    model = DecoderModel.load(path, cfg, torch.device("cpu"), torch.float32)
+    lib = load_library()
+    assert lib is not None
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn((64, cfg.num_layers, 16, 2, cfg.num_kv_heads, cfg.head_dim), generator=g)
+    # Rows of different lengths (the row split is uneven), tables into disjoint blocks.
+    positions = [0, 15, 16, 40, 63, 5, 30]
+    tables = [[r * 4 + i for i in range(p // 16 + 1)] for r, p in enumerate(positions)]
+    ids = [int(t) for t in torch.randint(10, cfg.vocab_size, (len(positions),), generator=g)]
+    results = []
+    for threads in (1, 2, 3):
+        nd = NativeDecode(model, 16, lib, threads=threads)
+        assert nd.threads == threads
+        try:
+            pool = base.clone()
+            results.append((nd.run(NativeStep(ids, positions, tables), pool), pool))
+        finally:
+            nd.close()
+    for logits, pool in results[1:]:
+        assert torch.equal(logits, results[0][0])
+        assert torch.equal(pool, results[0][1])
+    assert not torch.equal(results[0][1], base)  # the step wrote its K and V

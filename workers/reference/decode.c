@@ -15,12 +15,20 @@
  * over a panel serves up to 8 rows: 8 vector accumulators of 16 floats, one weight load per k. GCC's
  * vector extensions keep this portable (AVX-512 or two AVX2 halves, whatever -march=native gives).
  *
+ * Threads (drt_pool_create, the engine's --threads): each matmul is split by output panels and each layer's
+ * attention by rows, so every output element gets the same arithmetic whatever the thread count (bitwise
+ * equal results). Measured on this 2-core host, tiny model: batch 8 0.34 -> 0.25 ms a step, batch 32
+ * 1.71 -> 0.82 ms with 2 threads.
+ *
  * Pool layout (kv_cache.py): [blocks, layers, block_size, 2 (K, V), kv_heads, head_dim], fp32.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
@@ -39,10 +47,11 @@ typedef struct {
     const float *const *lw; /* layers * LAYER_PTRS pointers (biases may be NULL) */
 } drt_model;
 
-/* y[m, :N] (row stride ldy) = x[m, :K] (row stride ldx) @ W^T (+ b) (+ y if accumulate), m < M. */
-static void linear(int M, int N, int K, const float *x, int ldx, const float *wp, const float *bias,
-                   float *y, int ldy, int accumulate) {
-    for (int p = 0; p < N / NB; p++) {
+/* Columns [16 p0, 16 p1) of y[m, :] (row stride ldy) = x[m, :K] (row stride ldx) @ W^T (+ b) (+ y if
+ * accumulate), m < M. */
+static void linear_panels(int M, int K, const float *x, int ldx, const float *wp, const float *bias, float *y,
+                          int ldy, int accumulate, int p0, int p1) {
+    for (int p = p0; p < p1; p++) {
         const v16 *w = (const v16 *)(wp + (size_t)p * K * NB);
         v16 b = {0};
         if (bias) memcpy(&b, bias + p * NB, sizeof b);
@@ -271,19 +280,198 @@ static inline __attribute__((always_inline)) void attend(const float *qv, float 
     for (int c = 0; c < C; c++) memcpy(o + c * NB, &acc[c], sizeof acc[c]);
 }
 
-/* Returns 0, -1 when out of memory, -2 when a position is past the RoPE table. */
-int drt_decode(const drt_model *m, int n, const int32_t *ids, const int32_t *pos, const int32_t *tables, int nb,
-               float *pool, const float *cis, int rope_len, float *logits) {
+/* ---- worker threads: a step's matmuls split by panels, its attention by rows.
+ * Workers spin for a while between jobs (a step publishes ~5 jobs a layer, microseconds apart), then sleep
+ * on a condition variable. One caller at a time per pool (the engine's step thread). */
+typedef void (*job_fn)(void *arg, int part, int parts);
+
+typedef struct drt_pool {
+    int workers; /* threads besides the caller */
+    pthread_t *th;
+    struct worker_arg *args;
+    atomic_uint gen; /* bumped to publish a job */
+    atomic_int remaining;
+    atomic_int stop;
+    atomic_int sleepers;
+    job_fn fn;
+    void *arg;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} drt_pool;
+
+struct worker_arg {
+    drt_pool *p;
+    int part;
+};
+
+enum { SPIN_US = 200 };
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec / 1e3;
+}
+
+static void *worker_main(void *a) {
+    struct worker_arg *wa = a;
+    drt_pool *p = wa->p;
+    unsigned seen = 0;
+    for (;;) {
+        unsigned g;
+        double t0 = now_us();
+        for (int spins = 1; (g = atomic_load(&p->gen)) == seen && !atomic_load(&p->stop); spins++) {
+            cpu_relax();
+            if (spins % 1024 == 0 && now_us() - t0 > SPIN_US) {
+                pthread_mutex_lock(&p->mu);
+                atomic_fetch_add(&p->sleepers, 1);
+                while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+                atomic_fetch_sub(&p->sleepers, 1);
+                pthread_mutex_unlock(&p->mu);
+            }
+        }
+        if (atomic_load(&p->stop)) return NULL;
+        seen = g;
+        p->fn(p->arg, wa->part, p->workers + 1);
+        atomic_fetch_sub(&p->remaining, 1);
+    }
+}
+
+void drt_pool_destroy(drt_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    atomic_store(&p->stop, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->workers; i++) pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p->th);
+    free(p->args);
+    free(p);
+}
+
+/* A pool for ``threads`` threads in all (the caller included); NULL for 1 thread or on failure. */
+drt_pool *drt_pool_create(int threads) {
+    if (threads <= 1) return NULL;
+    drt_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->th = calloc((size_t)threads - 1, sizeof *p->th);
+    p->args = calloc((size_t)threads - 1, sizeof *p->args);
+    if (!p->th || !p->args || pthread_mutex_init(&p->mu, NULL) || pthread_cond_init(&p->cv, NULL)) {
+        free(p->th);
+        free(p->args);
+        free(p);
+        return NULL;
+    }
+    for (int i = 0; i < threads - 1; i++) {
+        p->args[i] = (struct worker_arg){p, i + 1};
+        if (pthread_create(&p->th[i], NULL, worker_main, &p->args[i])) break;
+        p->workers = i + 1;
+    }
+    if (p->workers == 0) {
+        drt_pool_destroy(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void pool_run(drt_pool *p, job_fn fn, void *arg) {
+    if (!p) {
+        fn(arg, 0, 1);
+        return;
+    }
+    p->fn = fn;
+    p->arg = arg;
+    atomic_store(&p->remaining, p->workers);
+    atomic_fetch_add(&p->gen, 1); /* publishes fn / arg */
+    if (atomic_load(&p->sleepers)) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+    fn(arg, 0, p->workers + 1);
+    while (atomic_load(&p->remaining) > 0) cpu_relax();
+}
+
+typedef struct {
+    int M, K, ldx, ldy, accumulate, panels;
+    const float *x, *wp, *bias;
+    float *y;
+} lin_job;
+
+static void lin_part(void *a, int part, int parts) {
+    const lin_job *j = a;
+    linear_panels(j->M, j->K, j->x, j->ldx, j->wp, j->bias, j->y, j->ldy, j->accumulate,
+                  (int)((long)j->panels * part / parts), (int)((long)j->panels * (part + 1) / parts));
+}
+
+/* y[m, :N] = x[m, :K] @ W^T (+ b) (+ y if accumulate), split by panels over the pool's threads. */
+static void linear(drt_pool *pool, int M, int N, int K, const float *x, int ldx, const float *wp,
+                   const float *bias, float *y, int ldy, int accumulate) {
+    lin_job j = {M, K, ldx, ldy, accumulate, N / NB, x, wp, bias, y};
+    /* Tiny matmuls are not worth a hand-off. */
+    pool_run((long)M * N * K >= (1L << 16) ? pool : NULL, lin_part, &j);
+}
+
+/* Rows of one layer's attention: RoPE, the K/V write into the pool, attention over the row's blocks. */
+typedef struct {
+    const drt_model *m;
+    int n, nb, l, T;
+    const int32_t *pos, *tables;
+    float *pool, *qkv, *attn, *sc;
+    const float *cis;
+} attn_job;
+
+static void attn_part(void *a, int part, int parts) {
+    const attn_job *j = a;
+    const drt_model *m = j->m;
+    const int H = m->heads, KV = m->kv_heads, D = m->head_dim, L = m->layers, bs = m->block_size, G = H / KV;
+    const int QKVN = (H + 2 * KV) * D, l = j->l;
+    const size_t tok_stride = (size_t)2 * KV * D;
+    const size_t block_stride = (size_t)L * bs * tok_stride, layer_off = (size_t)l * bs * tok_stride;
+    float *sc = j->sc + (size_t)part * H * j->T; /* this thread's scores */
+    for (int r = part; r < j->n; r += parts) {
+        float *q = j->qkv + (size_t)r * QKVN;
+        const int p = j->pos[r];
+        rope(q, H + KV, D, j->cis + (size_t)p * D); /* q heads then k heads, contiguous */
+        const int32_t *tbl = j->tables + (size_t)r * j->nb;
+        float *slot = j->pool + (size_t)tbl[p / bs] * block_stride + layer_off + (size_t)(p % bs) * tok_stride;
+        memcpy(slot, q + (size_t)H * D, tok_stride * sizeof(float)); /* K then V of every kv head */
+        for (int qh = 0; qh < H; qh++) {
+            const size_t k_off = (size_t)(qh / G) * D, v_off = (size_t)(KV + qh / G) * D;
+            const float *qv = q + (size_t)qh * D;
+            float *o = j->attn + (size_t)r * H * D + (size_t)qh * D;
+            if (D == 64)
+                attend(qv, o, sc, p, j->pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, 64);
+            else if (D == 128)
+                attend(qv, o, sc, p, j->pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, 128);
+            else
+                attend(qv, o, sc, p, j->pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, D);
+        }
+    }
+}
+
+/* One decode step of n rows; ``pool_threads`` from drt_pool_create (NULL: the caller's thread only).
+ * Returns 0, -1 when out of memory, -2 when a position is past the RoPE table. */
+int drt_decode(const drt_model *m, drt_pool *threads, int n, const int32_t *ids, const int32_t *pos,
+               const int32_t *tables, int nb, float *pool, const float *cis, int rope_len, float *logits) {
     const int Hd = m->hidden, H = m->heads, KV = m->kv_heads, D = m->head_dim, I = m->inter, L = m->layers;
-    const int bs = m->block_size, G = H / KV, QKVN = (H + 2 * KV) * D;
-    const size_t tok_stride = (size_t)2 * KV * D; /* floats per (block, layer, slot) */
+    const int QKVN = (H + 2 * KV) * D, parts = threads ? threads->workers + 1 : 1;
     int T = 0;
     for (int r = 0; r < n; r++) {
         if (pos[r] >= rope_len || pos[r] < 0) return -2;
         if (pos[r] + 1 > T) T = pos[r] + 1;
     }
     size_t need = (size_t)n * Hd * 2 + (size_t)n * QKVN + (size_t)n * H * D + (size_t)n * 2 * I + (size_t)n * I +
-                  (size_t)H * T;
+                  (size_t)parts * H * T;
     float *buf = malloc(need * sizeof(float));
     if (!buf) return -1;
     float *x = buf, *h = x + (size_t)n * Hd, *qkv = h + (size_t)n * Hd, *attn = qkv + (size_t)n * QKVN,
@@ -294,35 +482,17 @@ int drt_decode(const drt_model *m, int n, const int32_t *ids, const int32_t *pos
     for (int l = 0; l < L; l++) {
         const float *const *w = m->lw + (size_t)l * LAYER_PTRS;
         rms_norm(n, Hd, x, w[LN1], m->eps, h);
-        linear(n, QKVN, Hd, h, Hd, w[QKV], w[QKV_B], qkv, QKVN, 0);
-        for (int r = 0; r < n; r++) {
-            float *q = qkv + (size_t)r * QKVN;
-            const int p = pos[r];
-            rope(q, H + KV, D, cis + (size_t)p * D); /* q heads then k heads, contiguous */
-            const int32_t *tbl = tables + (size_t)r * nb;
-            float *slot = pool + (((size_t)tbl[p / bs] * L + l) * bs + p % bs) * tok_stride;
-            memcpy(slot, q + (size_t)H * D, tok_stride * sizeof(float)); /* K then V of every kv head */
-            const size_t block_stride = (size_t)L * bs * tok_stride, layer_off = (size_t)l * bs * tok_stride;
-            for (int qh = 0; qh < H; qh++) {
-                const size_t k_off = (size_t)(qh / G) * D, v_off = (size_t)(KV + qh / G) * D;
-                const float *qv = q + (size_t)qh * D;
-                float *o = attn + (size_t)r * H * D + (size_t)qh * D;
-                if (D == 64)
-                    attend(qv, o, sc, p, pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, 64);
-                else if (D == 128)
-                    attend(qv, o, sc, p, pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, 128);
-                else
-                    attend(qv, o, sc, p, pool, tbl, block_stride, layer_off, bs, tok_stride, k_off, v_off, D);
-            }
-        }
-        linear(n, Hd, H * D, attn, H * D, w[O], w[O_B], x, Hd, 1);
+        linear(threads, n, QKVN, Hd, h, Hd, w[QKV], w[QKV_B], qkv, QKVN, 0);
+        attn_job aj = {m, n, nb, l, T, pos, tables, pool, qkv, attn, sc, cis};
+        pool_run(n > 1 ? threads : NULL, attn_part, &aj);
+        linear(threads, n, Hd, H * D, attn, H * D, w[O], w[O_B], x, Hd, 1);
         rms_norm(n, Hd, x, w[LN2], m->eps, h);
-        linear(n, 2 * I, Hd, h, Hd, w[GU], w[GU_B], gu, 2 * I, 0);
+        linear(threads, n, 2 * I, Hd, h, Hd, w[GU], w[GU_B], gu, 2 * I, 0);
         for (int r = 0; r < n; r++) silu_mul(I, gu + (size_t)r * 2 * I, gu + (size_t)r * 2 * I + I, act + (size_t)r * I);
-        linear(n, Hd, I, act, I, w[DOWN], w[DOWN_B], x, Hd, 1);
+        linear(threads, n, Hd, I, act, I, w[DOWN], w[DOWN_B], x, Hd, 1);
     }
     rms_norm(n, Hd, x, m->norm, m->eps, h);
-    linear(n, m->vocab, Hd, h, Hd, m->head, NULL, logits, m->vocab, 0);
+    linear(threads, n, m->vocab, Hd, h, Hd, m->head, NULL, logits, m->vocab, 0);
     free(buf);
     return 0;
 }

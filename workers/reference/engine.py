@@ -263,7 +263,7 @@ class ReferenceEngine:
             why = NativeDecode.supports(self.model)
             lib = load_library() if why is None else None
             if lib is not None:
-                self.model.native = NativeDecode(self.model, self.block_size, lib)
+                self.model.native = NativeDecode(self.model, self.block_size, lib, threads=self.torch_threads or 1)
             elif why is not None:
                 log.info("native decode step not used: %s", why)
         cfg = self.cfg
@@ -313,6 +313,9 @@ class ReferenceEngine:
         self._wake.set()
         await asyncio.to_thread(th.join)
         self._thread = None
+        if self.model is not None and self.model.native is not None:
+            self.model.native.close()  # its worker threads; the step thread that used them is gone
+            self.model.native = None
         tiers = self._tiers
         if tiers is not None:
             # Lets queued offloads land (a restarted worker finds them) and fails queued onboards, whose

@@ -5,7 +5,8 @@ layer; prefill chunks and every other device / dtype keep the torch path in mode
 compiled with ``-march=native`` into ``${XDG_CACHE_HOME:-~/.cache}/dynamo-rt/native`` (or
 ``$DYN_NATIVE_CACHE``), keyed by the source, the compiler's version and the CPU, so a container image or
 a shared home built elsewhere never loads code for another CPU. No compiler, a failed build or
-``DYN_REF_NATIVE=0`` leave the torch path in use (logged once).
+``DYN_REF_NATIVE=0`` leave the torch path in use (logged once). The step runs on the engine's thread count
+(``--threads``; its own worker threads, not torch's).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
-CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-pthread", "-fPIC", "-shared")
 PANEL = 16  # output columns per weight panel (NB in decode.c)
 LAYER_PTRS = 10  # pointers per layer (LAYER_PTRS in decode.c)
 MAX_HEAD_DIM = 256  # MAX_CHUNKS * 16 in decode.c
@@ -137,9 +138,13 @@ def load_library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build()))
             fn = lib.drt_decode
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+            fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                            ctypes.c_void_p]
+            lib.drt_pool_create.restype = ctypes.c_void_p
+            lib.drt_pool_create.argtypes = [ctypes.c_int]
+            lib.drt_pool_destroy.restype = None
+            lib.drt_pool_destroy.argtypes = [ctypes.c_void_p]
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib_failed = str(e)
@@ -154,11 +159,21 @@ def _panels(w: torch.Tensor) -> torch.Tensor:
 
 
 class NativeDecode:
-    """The packed weights and the C model struct of one DecoderModel; :meth:`run` is one decode step."""
+    """The packed weights and the C model struct of one DecoderModel; :meth:`run` is one decode step.
 
-    def __init__(self, model: DecoderModel, block_size: int, lib: ctypes.CDLL) -> None:
+    ``threads`` > 1: the step's matmuls (split by output panels) and attention (split by rows) run on that
+    many threads, the caller's included; the extra ones spin ~0.2 ms after each job, then sleep. The
+    arithmetic of every output element is the same whatever the thread count. One caller at a time."""
+
+    def __init__(self, model: DecoderModel, block_size: int, lib: ctypes.CDLL, threads: int = 1) -> None:
         cfg = model.cfg
+        self._lib = lib
         self._fn = lib.drt_decode
+        self.threads = max(1, threads)
+        self._pool: int | None = lib.drt_pool_create(self.threads) if self.threads > 1 else None
+        if self.threads > 1 and not self._pool:
+            log.warning("native decode step: could not start %d threads, using one", self.threads)
+            self.threads = 1
         self.model = model
         self.vocab = cfg.vocab_size
         keep: list[torch.Tensor] = []
@@ -209,11 +224,21 @@ class NativeDecode:
         n = step.rows
         logits = torch.empty((n, self.vocab), dtype=torch.float32)
         cis = self.model.rope_table()
-        rc = self._fn(self._ref, n, step.addr, step.addr + 4 * n, step.addr + 8 * n, step.nb, pool.data_ptr(),
-                      cis.data_ptr(), cis.shape[0], logits.data_ptr())
+        rc = self._fn(self._ref, self._pool, n, step.addr, step.addr + 4 * n, step.addr + 8 * n, step.nb,
+                      pool.data_ptr(), cis.data_ptr(), cis.shape[0], logits.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step failed ({'out of memory' if rc == -1 else 'position'})")
         return logits
+
+
+    def close(self) -> None:
+        """Stop the worker threads (idempotent)."""
+        pool, self._pool = self._pool, None
+        if pool:
+            self._lib.drt_pool_destroy(pool)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class NativeStep:

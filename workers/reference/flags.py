@@ -35,7 +35,8 @@ def add_flags(parser: Any) -> None:
     flag(parser, "--max-batch-tokens", env="DYN_MAX_BATCH_TOKENS", type=int, default=512,
          help="token budget of one step (decode tokens + prefill chunks)")
     flag(parser, "--threads", env="DYN_TORCH_THREADS", type=int, default=None,
-         help="torch intra-op threads (default on CPU: the usable cores minus one, left to the event loop)")
+         help="CPU threads of the engine: torch intra-op and the native decode step's (default on CPU: the usable "
+              "cores minus one, left to the event loop)")
     flag(parser, "--native-decode", env="DYN_REF_NATIVE", default=True, is_bool=True,
          help="decode steps on CPU in fp32 as one native call (workers/reference/decode.c, compiled with the "
               "system C compiler on first use); --no-native-decode: torch operators only")

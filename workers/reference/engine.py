@@ -878,9 +878,9 @@ class ReferenceEngine:
                 samplers.append(seq)
         self._inflight.update(seq for seq, _ in chosen)
         assert self.model is not None
+        self.model.ensure_rope(max(pos) + 1)
         if not prefill_meta and self.model.native is not None:
             # All decode: the native step reads the block tables itself, no index tensors.
-            self.model.ensure_rope(max(pos) + 1)
             batch = StepBatch(input_ids=_NO_ROWS, positions=_NO_ROWS, write_idx=(), num_decode=len(ids),
                               decode_gather=None, decode_bias=None, decode_len=0, prefills=[], sample_rows=None,
                               native=NativeStep(ids, pos, dec_tables))
@@ -912,8 +912,6 @@ class ReferenceEngine:
                 first = ((t * per_block)[:, None] + self._arange_bs).view(-1)[: start + n]
                 gather = (first[None, :] + self._layer_rows).unbind(0)
             prefills.append(PrefillChunk(row=row, n=n, start=start, gather=gather))
-        assert self.model is not None
-        self.model.ensure_rope(max(pos) + 1)
         every_row = len(sample_rows) == n_tok  # then the rows are 0..n-1 in order (all decode)
         batch = StepBatch(
             input_ids=input_ids,

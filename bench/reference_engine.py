@@ -76,6 +76,7 @@ async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, thread
     )
     await eng.start()
     our_threads = eng.torch_threads or torch.get_num_threads()
+    used_native = eng.model is not None and eng.model.native is not None  # stop() drops it
     hf = load_baseline(path, new)
     freeze_startup_heap()  # as the worker does after start-up (both sides gain: no full collections)
 
@@ -112,7 +113,7 @@ async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, thread
                 torch.set_num_threads(our_threads)
     finally:
         await eng.stop()
-    return int(eng.torch_threads or 0), eng.model is not None and eng.model.native is not None, mine, base
+    return int(eng.torch_threads or 0), used_native, mine, base
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

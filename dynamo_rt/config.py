@@ -21,7 +21,7 @@ DEFAULT_NAMESPACE = "dynamo"
 KNOWN_ENV: set[str] = set()
 
 
-def _bool(v: str) -> bool:
+def parse_bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
     if v.lower() in ("0", "false", "no", "off", ""):
@@ -55,7 +55,7 @@ def flag(
     raw = environ.get(env)
     value = default
     if raw is not None and raw != "":
-        value = _bool(raw) if is_bool else type(raw)
+        value = parse_bool(raw) if is_bool else type(raw)
     if isinstance(parser, Parser):
         parser.env_twins[name] = env
     h = f"{help} [env {env}; default {default!r}]"

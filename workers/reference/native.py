@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dynamo_rt.config import parse_bool
+
 if TYPE_CHECKING:
     from workers.reference.model import DecoderModel
 
@@ -57,7 +59,9 @@ class _Model(ctypes.Structure):
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("DYN_REF_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """``DYN_REF_NATIVE`` read as the worker's ``--native-decode`` flag reads it (unset or empty: on)."""
+    raw = os.environ.get("DYN_REF_NATIVE", "")
+    return parse_bool(raw) if raw else True
 
 
 def _cache_dir() -> Path:
@@ -229,7 +233,6 @@ class NativeDecode:
         if rc != 0:
             raise RuntimeError(f"native decode step failed ({'out of memory' if rc == -1 else 'position'})")
         return logits
-
 
     def close(self) -> None:
         """Stop the worker threads (idempotent)."""

@@ -20,6 +20,8 @@ COPY pyproject.toml README.md ./
 COPY dynamo_rt ./dynamo_rt
 COPY frontend ./frontend
 COPY workers ./workers
+COPY planner ./planner
+COPY deploy ./deploy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- cpu: everything that runs without a GPU

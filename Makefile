@@ -32,7 +32,7 @@ up: $(STAMP)
 	$(VENV)/bin/dynamo-rt up --disagg $(ARGS)
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check dynamo_rt frontend workers tests bench
+	$(VENV)/bin/ruff check dynamo_rt frontend workers planner deploy tests bench
 	$(VENV)/bin/mypy
 
 test: $(TEST_STAMP) lint

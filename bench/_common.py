@@ -205,11 +205,11 @@ class Proc:
 
 
 class Services:
-    """Our embedded etcd + nats-server (``dynamo_rt.services.LocalServices``) in a temporary folder."""
+    """Our embedded etcd + nats-server (``dynamo_rt.local.services.LocalServices``) in a temporary folder."""
 
     def __init__(self) -> None:
         sys.path.insert(0, str(ROOT))
-        from dynamo_rt.services import EtcdServer, LocalServices
+        from dynamo_rt.local.services import EtcdServer, LocalServices
 
         # Throwaway state in memory when possible, and etcd without fsync: on a shared machine a disk stall
         # would otherwise expire every lease at once and show up as a routing failure.

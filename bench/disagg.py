@@ -21,7 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dynamo_rt.services import LocalServices
+from dynamo_rt.local.services import LocalServices
 from tests.stack import Stack
 
 LENGTHS = [16, 128, 512, 1024, 2048]

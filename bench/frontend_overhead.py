@@ -212,7 +212,7 @@ def main() -> int:
     if args.quick:
         args.requests, args.warmup, args.rounds = 300, 64, 1
 
-    from dynamo_rt.tinymodel import ensure_tiny_model
+    from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
     dyn_py = None if args.ours_only else ensure_dynamo_venv()

@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from dynamo_rt import kvhash
 from dynamo_rt.protocol import decode_kv_events
-from dynamo_rt.services import EtcdServer, NatsServer, free_port
+from dynamo_rt.local.services import EtcdServer, NatsServer, free_port
 from dynamo_rt.transport import Transport, kv_events_subject
 from tests.stack import Stack
 

@@ -533,7 +533,7 @@ def main() -> int:
     phases = {"open-loop": ["open-loop"], "closed-loop": ["closed-loop"], "both": ["open-loop", "closed-loop"]}
     phases_run = phases[args.mode]
 
-    from dynamo_rt.tinymodel import ensure_tiny_model
+    from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
     gen = TextGen(model_dir)

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from bench._common import OUT_DIR, pct, say, table
+from dynamo_rt.local.tinymodel import ensure_tiny_model, make_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model, make_tiny_model
 from workers.reference.engine import ReferenceEngine
 
 BLOCK = 16

@@ -41,8 +41,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dynamo_rt.planner.connectors import LocalConnector, LocalWorker, LocalWorkerSpec  # noqa: E402
-from dynamo_rt.planner.core import (  # noqa: E402
+from dynamo_rt.local.services import LocalServices, free_port  # noqa: E402
+from planner.connectors import LocalConnector, LocalWorker, LocalWorkerSpec  # noqa: E402
+from planner.core import (  # noqa: E402
     DECODE,
     PREFILL,
     Planner,
@@ -52,9 +53,8 @@ from dynamo_rt.planner.core import (  # noqa: E402
     decode_replicas,
     prefill_replicas,
 )
-from dynamo_rt.planner.metrics import FrontendMetricsSource  # noqa: E402
-from dynamo_rt.planner.runner import PlannerLoop  # noqa: E402
-from dynamo_rt.services import LocalServices, free_port  # noqa: E402
+from planner.metrics import FrontendMetricsSource  # noqa: E402
+from planner.runner import PlannerLoop  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 MODEL = "bench-planner"
@@ -469,7 +469,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dynamo_rt.planner").setLevel(logging.INFO)
+    logging.getLogger("planner").setLevel(logging.INFO)
     return asyncio.run(main_async(args))
 
 

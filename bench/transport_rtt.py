@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dynamo_rt.local.services import NatsServer
 from dynamo_rt.protocol import Data, Final
-from dynamo_rt.services import NatsServer
 from dynamo_rt.transport import RequestContext, Transport
 
 N = 2000

@@ -45,6 +45,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
 from _common import save_plot, table  # noqa: E402
 
+from dynamo_rt.local.services import EtcdServer, NatsServer  # noqa: E402
 from dynamo_rt.protocol import (  # noqa: E402
     Data,
     Final,
@@ -54,7 +55,6 @@ from dynamo_rt.protocol import (  # noqa: E402
     decode_load,
     encode,
 )
-from dynamo_rt.services import EtcdServer, NatsServer  # noqa: E402
 from dynamo_rt.transport import Transport, instance_subject, load_subject  # noqa: E402
 from tests.engines.vllm_stack import MISSING, PD_BLOCKS_ARGS, VllmStack, vllm_available  # noqa: E402
 

@@ -18,13 +18,13 @@ from dynamo_rt.config import Parser
 
 # subcommand -> (module, help). Each module has add_arguments(parser) and run(args) -> int (or main(args)).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("dynamo_rt.launcher", "serve the whole stack locally"),
+    "up": ("dynamo_rt.local.launcher", "serve the whole stack locally"),
     "frontend": ("frontend.main", "run the OpenAI-compatible frontend"),
     "worker": ("workers.main", "run one engine worker"),
-    "make-tiny-model": ("dynamo_rt.tinymodel", "write the built-in tiny model (HF format) to a folder"),
-    "manifests": ("dynamo_rt.manifests", "render RoleBasedGroup manifests"),
-    "planner": ("dynamo_rt.planner", "run the SLA planner"),
-    "profile": ("dynamo_rt.profiler", "profile an engine for the planner"),
+    "make-tiny-model": ("dynamo_rt.local.tinymodel", "write the built-in tiny model (HF format) to a folder"),
+    "manifests": ("deploy.manifests", "render RoleBasedGroup manifests"),
+    "planner": ("planner", "run the SLA planner"),
+    "profile": ("planner.profiler", "profile an engine for the planner"),
 }
 
 

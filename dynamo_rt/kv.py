@@ -65,7 +65,7 @@ VRAM_UCX_CONFIG = {"CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
 
 
 @dataclass(frozen=True, slots=True)
-class KvPool:
+class KvRegion:
     """A registered block-major KV region, local or remote."""
 
     base_addr: int
@@ -82,7 +82,7 @@ class KvPool:
         return self.base_addr + block_id * self.block_bytes
 
     @classmethod
-    def from_record(cls, record: NixlRecord) -> KvPool:
+    def from_record(cls, record: NixlRecord) -> KvRegion:
         return cls(
             base_addr=record.base_addr,
             block_bytes=record.block_bytes,
@@ -112,7 +112,7 @@ class _Remote:
     instance_id: str
     agent_name: str
     metadata: bytes
-    pool: KvPool
+    pool: KvRegion
 
 
 def coalesce(remote_ids: Sequence[int], local_ids: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -185,7 +185,7 @@ class KvTransfer:
         self.inline_bytes = inline_bytes
         self._api = _load_nixl()
         self._lock = threading.Lock()
-        self._pool: KvPool | None = None
+        self._pool: KvRegion | None = None
         self._reg: Any = None
         self._remotes: dict[str, _Remote] = {}
         self._closed = False
@@ -210,7 +210,7 @@ class KvTransfer:
     # ------------------------------------------------------------------------------------------ setup
 
     @property
-    def pool(self) -> KvPool | None:
+    def pool(self) -> KvRegion | None:
         return self._pool
 
     def register_pool(self, base_addr: int, block_bytes: int, num_blocks: int) -> NixlRecord:
@@ -222,7 +222,7 @@ class KvTransfer:
             raise KvTransferError(
                 f"bad pool: base_addr={base_addr:#x} block_bytes={block_bytes} num_blocks={num_blocks}"
             )
-        pool = KvPool(base_addr, block_bytes, num_blocks, self.memory, self.device_id)
+        pool = KvRegion(base_addr, block_bytes, num_blocks, self.memory, self.device_id)
         with self._lock:
             try:
                 self._reg = self._agent.register_memory([(base_addr, pool.nbytes, self.device_id, "")], self.memory)
@@ -263,7 +263,8 @@ class KvTransfer:
         agent_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
         if agent_name != record.agent_name:
             log.warning("instance %s: record names agent %r, metadata %r", instance_id, record.agent_name, agent_name)
-        self._remotes[instance_id] = _Remote(instance_id, agent_name, record.agent_metadata, KvPool.from_record(record))
+        region = KvRegion.from_record(record)
+        self._remotes[instance_id] = _Remote(instance_id, agent_name, record.agent_metadata, region)
 
     def remove_remote(self, instance_id: str) -> None:
         """Forget a peer (it left discovery). Unknown ids are ignored."""
@@ -396,7 +397,7 @@ class KvTransfer:
             raise KvTransferError(f"KV transfer agent {self.name!r} is closed")
 
     @staticmethod
-    def _validate(instance_id: str, rpool: KvPool, lpool: KvPool, rids: list[int], lids: list[int]) -> None:
+    def _validate(instance_id: str, rpool: KvRegion, lpool: KvRegion, rids: list[int], lids: list[int]) -> None:
         if len(rids) != len(lids):
             raise KvTransferError(f"{len(rids)} remote block ids but {len(lids)} local block ids")
         if rpool.block_bytes != lpool.block_bytes:
@@ -412,7 +413,7 @@ class KvTransfer:
         if len(set(lids)) != len(lids):
             raise KvTransferError("local block ids repeat: two remote blocks would land in one local block")
 
-    def _split(self, runs: list[tuple[int, int, int]], rpool: KvPool, lpool: KvPool) -> list[_Post]:
+    def _split(self, runs: list[tuple[int, int, int]], rpool: KvRegion, lpool: KvRegion) -> list[_Post]:
         """Descriptor lists ``(local, remote)`` per post; a post carries at most ``max_post_bytes``."""
         posts: list[_Post] = []
         ldescs: list[_Desc] = []

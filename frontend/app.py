@@ -30,7 +30,7 @@ from dynamo_rt import errors
 from frontend import openai_protocol as op
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
-from frontend.serving import DONE, Engine, Prepared, complete, error_body, new_request_id, stream_response
+from frontend.serving import DONE, Dispatcher, Prepared, complete, error_body, new_request_id, stream_response
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class OpenAIResponse(Response):
 
 
 class Frontend:
-    def __init__(self, manager: ModelManager, engine: Engine, metrics: FrontendMetrics,
+    def __init__(self, manager: ModelManager, engine: Dispatcher, metrics: FrontendMetrics,
                  cfg: FrontendConfig) -> None:
         self.manager = manager
         self.engine = engine

@@ -72,7 +72,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     from frontend.app import Frontend, FrontendConfig
     from frontend.metrics import FrontendMetrics
     from frontend.models import ModelManager
-    from frontend.serving import Engine
+    from frontend.serving import Dispatcher
 
     transport = Transport(NatsOptions(
         servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
@@ -92,7 +92,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                            router_metrics=RouterMetrics(metrics.registry))
     metrics.watch_prompt_caches(lambda: [(sm.name, sm.pre) for sm in list(manager.models.values())])
     await manager.start()
-    engine = Engine(manager, transport, metrics, request_timeout=args.request_timeout,
+    engine = Dispatcher(manager, transport, metrics, request_timeout=args.request_timeout,
                     disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key,

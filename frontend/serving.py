@@ -95,7 +95,7 @@ class ChoiceResult:
     cached_tokens: int = 0
 
 
-class Engine:
+class Dispatcher:
     """Runs one prepared choice against the workers: route, (maybe) prefill remotely, call, stream frames.
 
     Disaggregation: with prefill workers up, the prompt is prefilled on a prefill worker and the decode
@@ -300,7 +300,7 @@ def _final_reason(frame: Final) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
-async def run_choice(engine: Engine, p: Prepared, prompt: list[int], index: int, sink: Sink | None) -> ChoiceResult:
+async def run_choice(engine: Dispatcher, p: Prepared, prompt: list[int], index: int, sink: Sink | None) -> ChoiceResult:
     """Run one choice to the end. With ``sink``, text deltas are pushed as they come (streaming)."""
     res = ChoiceResult(index=index, prompt_tokens=len(prompt))
     async for text, lps in choice_events(engine, p, prompt, res):
@@ -312,7 +312,7 @@ async def run_choice(engine: Engine, p: Prepared, prompt: list[int], index: int,
 def _choice_done(q: asyncio.Queue[int], index: int, _task: asyncio.Future[Any]) -> None:
     q.put_nowait(index)  # the choice's task ended: the stream loop picks its index up
 
-async def choice_events(engine: Engine, p: Prepared, prompt: list[int], res: ChoiceResult,
+async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res: ChoiceResult,
                         ) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
     """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends."""
     from frontend.detok import OutputProcessor
@@ -423,7 +423,7 @@ def _migratable(exc: errors.DynamoError) -> bool:
     return exc.code in (errors.ErrorCode.UNAVAILABLE, errors.ErrorCode.INTERNAL)
 
 
-async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
+async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[bytes]:
     """The SSE body of a streaming request. Errors after the first byte become an error event."""
     t = ChunkTemplates(p)
     pre = p.model.pre
@@ -489,7 +489,7 @@ async def stream_response(engine: Engine, p: Prepared) -> AsyncIterator[bytes]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def complete(engine: Engine, p: Prepared) -> dict[str, Any]:
+async def complete(engine: Dispatcher, p: Prepared) -> dict[str, Any]:
     tasks = []
     idx = 0
     for prompt in p.prompts:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from dynamo_rt.services import EtcdServer, NatsServer, free_port
+from dynamo_rt.local.services import EtcdServer, NatsServer, free_port
 
 __all__ = ["arun", "free_port", "until"]
 

@@ -26,8 +26,8 @@ from dynamo_rt.discovery import (
     nixl_key,
 )
 from dynamo_rt.errors import DiscoveryError
+from dynamo_rt.local.services import EtcdServer, etcd_binary
 from dynamo_rt.protocol import InstanceRecord, Mode, ModelCard, NixlRecord
-from dynamo_rt.services import EtcdServer, etcd_binary
 from tests.conftest import arun, free_port
 
 REPO = Path(__file__).resolve().parents[1]

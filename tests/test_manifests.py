@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dynamo_rt import manifests as m
+from deploy import manifests as m
 from dynamo_rt.config import Parser
 from dynamo_rt.errors import InvalidRequest
 
@@ -755,7 +755,7 @@ def _rbac() -> dict[str, dict[str, Any]]:
 def test_planner_role(path: Path) -> None:
     """Disagg groups carry a planner that scales their prefill and decoder roles through the scaling
     adapters, as the ServiceAccount manifests/planner/rbac.yml binds, reading every frontend pod."""
-    from dynamo_rt.planner.runner import parse_args
+    from planner.runner import parse_args
 
     rbg = rbg_of(path)
     version = rbg["apiVersion"].split("/")[1]
@@ -810,7 +810,7 @@ def test_planner_role(path: Path) -> None:
 def test_planner_flags() -> None:
     """--no-planner leaves it out of a disagg group; --planner adds one to an agg group (sizing the worker
     role); the targets reach its command line; the header reproduces the render."""
-    from dynamo_rt.planner.runner import parse_args
+    from planner.runner import parse_args
 
     base = ["--backend", "vllm", "--mode"]
     no = m.spec_from_args(_parser().parse_args([*base, "disagg", "--no-planner"]))

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dynamo_rt import manifests
+from deploy import manifests
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_SCHEMA = REPO.parent / "shared" / "compose-spec.json"
@@ -236,8 +236,8 @@ def test_dockerfile_copies_what_the_package_needs() -> None:
     sources = {part for c in copies for part in shlex.split(c)[:-1]}
     assert {"pyproject.toml", "README.md"} <= sources
     packages = {p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages == {"dynamo_rt", "frontend", "workers"} <= sources
+    assert packages == {"dynamo_rt", "frontend", "workers", "planner", "deploy"} <= sources
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".venv", ".git"} <= ignored
-    assert not ignored & (sources | {"dynamo_rt/data"})
+    assert not ignored & (sources | {"dynamo_rt/local/data", "planner/data"})

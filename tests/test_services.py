@@ -1,4 +1,4 @@
-"""dynamo_rt.services: embedded etcd and nats-server start healthy, keep their ports and data across a
+"""dynamo_rt.local.services: embedded etcd and nats-server start healthy, keep their ports and data across a
 restart, stop without leaving a process, and die with their parent."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_rt.services import EtcdServer, LocalServices, NatsServer, ServiceError
+from dynamo_rt.local.services import EtcdServer, LocalServices, NatsServer, ServiceError
 from tests.conftest import arun, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ _ORPHAN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dynamo_rt.services import EtcdServer
+    from dynamo_rt.local.services import EtcdServer
     etcd = EtcdServer(Path(sys.argv[1])).start()
     print(etcd.pid, flush=True)
     time.sleep(60)
@@ -222,7 +222,7 @@ def test_spawns_survive_busy_etcd_clients(tmp_path: Path) -> None:
     (its default), 16-38 of every 100-300 such spawns aborted before exec (SIGABRT, the embedded nats-server
     "exited with code -6" flake); dynamo_rt turns them off (GRPC_ENABLE_FORK_SUPPORT=false)."""
     from dynamo_rt.discovery import Registry
-    from dynamo_rt.services import _popen
+    from dynamo_rt.local.services import _popen
 
     with EtcdServer(tmp_path / "etcd") as etcd, open(tmp_path / "spawn.log", "wb") as log:
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from dynamo_rt import tinymodel
-from dynamo_rt.tinymodel import MODEL_FILES, ensure_tiny_model, make_tiny_model
+from dynamo_rt.local import tinymodel
+from dynamo_rt.local.tinymodel import MODEL_FILES, ensure_tiny_model, make_tiny_model
 
 # sha256 of model.safetensors for seed 0 and the default shape. It depends only on PCG64's raw bits, integer
 # arithmetic and the safetensors layout, so it must hold on every machine. If you change the weight init
@@ -69,8 +69,8 @@ def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
 
 def test_two_builds_in_fresh_processes_are_byte_identical(tmp_path: Path, model_dir: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    ra = _run(["-m", "dynamo_rt.tinymodel", str(a)])
-    rb = _run(["-m", "dynamo_rt.tinymodel", str(b), "--seed", "0"], env={"TOKENIZERS_PARALLELISM": "false"})
+    ra = _run(["-m", "dynamo_rt.local.tinymodel", str(a)])
+    rb = _run(["-m", "dynamo_rt.local.tinymodel", str(b), "--seed", "0"], env={"TOKENIZERS_PARALLELISM": "false"})
     assert ra.stdout == f"{a}\n" and rb.stdout == f"{b}\n"
     assert "[4/4]" in ra.stderr and "done:" in ra.stderr
     da, db = _digests(a), _digests(b)
@@ -260,15 +260,15 @@ def test_ensure_clears_crashed_build_and_damaged_folder(tmp_path: Path) -> None:
 
 
 def test_cli_without_dir_uses_the_cache(tmp_path: Path) -> None:
-    r = _run(["-m", "dynamo_rt.tinymodel"], env={"DYN_MODEL_CACHE": str(tmp_path)})
+    r = _run(["-m", "dynamo_rt.local.tinymodel"], env={"DYN_MODEL_CACHE": str(tmp_path)})
     assert r.stdout == f"{tinymodel.default_model_dir(tmp_path)}\n"
-    bad = subprocess.run([sys.executable, "-m", "dynamo_rt.tinymodel", "--seed", "1"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "dynamo_rt.local.tinymodel", "--seed", "1"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "DYN_MODEL_CACHE": str(tmp_path)})
     assert bad.returncode == 2 and "--seed needs DIR" in bad.stderr
 
 
 def test_ensure_concurrent_processes(tmp_path: Path) -> None:
-    code = ("import sys; from dynamo_rt.tinymodel import ensure_tiny_model; "
+    code = ("import sys; from dynamo_rt.local.tinymodel import ensure_tiny_model; "
             "print(ensure_tiny_model(progress=lambda s: print(s, file=sys.stderr)))")
     env = {**os.environ, "DYN_MODEL_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,

@@ -94,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
 
 def resolve_model(model: str) -> Path:
     if model == "tiny":
-        from dynamo_rt.tinymodel import ensure_tiny_model
+        from dynamo_rt.local.tinymodel import ensure_tiny_model
 
         return ensure_tiny_model()
     p = Path(model)
@@ -136,7 +136,7 @@ def build_engines(args: argparse.Namespace, model_path: Path) -> list[Engine]:
 
 async def serve(args: argparse.Namespace) -> None:
     from dynamo_rt.discovery import Registry
-    from dynamo_rt.metrics_server import start_metrics_server
+    from dynamo_rt.metrics import start_metrics_server
     from dynamo_rt.transport import NatsOptions, Transport, redact_servers
     from workers.common.runtime import WorkerMetrics, WorkerRuntime
 

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import yaml
 
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.stack import ROOT
 from workers.common.engine import EngineOutput
 from workers.main import parse_args

@@ -35,6 +35,8 @@ import msgspec
 import pytest
 
 from dynamo_rt import kvhash
+from dynamo_rt.local.services import EtcdServer, NatsServer
+from dynamo_rt.local.tinymodel import TinyModelParams, ensure_tiny_model
 from dynamo_rt.protocol import (
     Data,
     Final,
@@ -46,8 +48,6 @@ from dynamo_rt.protocol import (
     decode_load,
     encode,
 )
-from dynamo_rt.services import EtcdServer, NatsServer
-from dynamo_rt.tinymodel import TinyModelParams, ensure_tiny_model
 from dynamo_rt.transport import Transport, instance_subject, kv_events_subject, load_subject
 from tests.conftest import arun
 from tests.engines.vllm_stack import KVCACHE_GIB, MISSING, PD_BLOCKS_ARGS, VLLM_PY, VllmStack, vllm_available

@@ -217,7 +217,7 @@ BUILDERS = {"chatml": build_chatml, "llama3": build_llama3, "inst": build_inst}
 def tokenizer_dir(kind: str, root: Path) -> Path:
     """A model folder of the given kind: ``tiny`` (the project's tiny model) or one of :data:`BUILDERS`."""
     if kind == "tiny":
-        from dynamo_rt.tinymodel import ensure_tiny_model
+        from dynamo_rt.local.tinymodel import ensure_tiny_model
 
         return ensure_tiny_model()
     return BUILDERS[kind](root / kind)

@@ -249,7 +249,7 @@ def test_long_prompt_is_prepared_off_the_loop_with_exact_tokens(stack: Stack) ->
     model's tokenizer gives, and a short request sent meanwhile is answered."""
     from tokenizers import Tokenizer
 
-    from dynamo_rt.tinymodel import ensure_tiny_model
+    from dynamo_rt.local.tinymodel import ensure_tiny_model
     from frontend.app import OFFLOAD_BODY_BYTES
 
     tok = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
@@ -274,7 +274,7 @@ def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
     pieces an earlier turn tokenized (system prompt, earlier user messages) come from the frontend's cache,
     as /metrics counts: 2 misses on turn 1, then 1 miss + 2 hits, then 1 miss + 3 hits."""
     transformers = pytest.importorskip("transformers")
-    from dynamo_rt.tinymodel import ensure_tiny_model
+    from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     tok = transformers.AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
     system = " ".join(f"Rule {i}: be precise about the harbour boats and the library cat." for i in range(60))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynamo_rt.local.tinymodel import ensure_tiny_model, make_tiny_model
 from dynamo_rt.protocol import GenerateRequest, KvEvent, KvEvents, SamplingParams, StopConditions
 from dynamo_rt.router import KvIndexer
-from dynamo_rt.tinymodel import ensure_tiny_model, make_tiny_model
 from tests.conftest import until  # noqa: F401  (the kvbm tests import it from here)
 from workers.reference import kvbm
 from workers.reference.engine import ReferenceEngine

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_rt import manifests as m
+from deploy import manifests as m
 from tests.test_manifests import MANIFESTS, RBG_FILES, containers_by_role, effective_templates, rbg_of
 from workers.main import parse_args
 from workers.reference import kvbm

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynamo_rt.errors import InvalidRequest
-from dynamo_rt.planner.core import (
+from planner.core import (
     AGG,
     DECODE,
     PREFILL,

@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import pytest
 
-from dynamo_rt.planner.connectors import LocalConnector, LocalWorkerSpec
-from dynamo_rt.planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits, Profile
-from dynamo_rt.planner.metrics import FrontendMetricsSource
-from dynamo_rt.planner.runner import PlannerLoop
-from dynamo_rt.services import EtcdServer, NatsServer
+from dynamo_rt.local.services import EtcdServer, NatsServer
+from planner.connectors import LocalConnector, LocalWorkerSpec
+from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits, Profile
+from planner.metrics import FrontendMetricsSource
+from planner.runner import PlannerLoop
 from tests.conftest import arun
 from tests.stack import ROOT, Stack
 

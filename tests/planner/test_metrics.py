@@ -7,9 +7,9 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
-from dynamo_rt.planner.core import Observation
-from dynamo_rt.planner.metrics import FrontendMetricsSource
 from frontend.metrics import FrontendMetrics
+from planner.core import Observation
+from planner.metrics import FrontendMetricsSource
 from tests.conftest import arun
 
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dynamo_rt.planner.core import PROFILE_FORMAT, Profile
-from dynamo_rt.profiler import build_parser, profile
-from dynamo_rt.services import EtcdServer, NatsServer
+from dynamo_rt.local.services import EtcdServer, NatsServer
+from planner.core import PROFILE_FORMAT, Profile
+from planner.profiler import build_parser, profile
 from tests.stack import ROOT, Stack
 from workers.mocker.engine import TimingModel
 

@@ -34,8 +34,9 @@ import yaml
 from prometheus_client import generate_latest
 
 from dynamo_rt.errors import InvalidRequest
-from dynamo_rt.planner.connectors import Connector
-from dynamo_rt.planner.core import (
+from frontend.metrics import FrontendMetrics
+from planner.connectors import Connector
+from planner.core import (
     DECODE,
     PREFILL,
     Planner,
@@ -45,9 +46,9 @@ from dynamo_rt.planner.core import (
     decode_replicas,
     prefill_replicas,
 )
-from dynamo_rt.planner.kube import KubeApiError, KubeClient, in_cluster_config, kubeconfig_config, load_config
-from dynamo_rt.planner.metrics import FrontendMetricsSource
-from dynamo_rt.planner.rbg import (
+from planner.kube import KubeApiError, KubeClient, in_cluster_config, kubeconfig_config, load_config
+from planner.metrics import FrontendMetricsSource
+from planner.rbg import (
     RbgConnector,
     coordination_rules,
     find_role,
@@ -57,8 +58,7 @@ from dynamo_rt.planner.rbg import (
     rule_for,
     scale_body,
 )
-from dynamo_rt.planner.runner import PlannerLoop
-from frontend.metrics import FrontendMetrics
+from planner.runner import PlannerLoop
 from tests.conftest import arun
 
 REPO = Path(__file__).resolve().parents[2]

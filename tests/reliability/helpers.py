@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import trustme
 
+from dynamo_rt.local.services import TlsFiles
 from dynamo_rt.protocol import LoadMetrics, decode_load
-from dynamo_rt.services import TlsFiles
 from dynamo_rt.transport import NatsOptions, Transport, load_subject
 from tests.stack import Stack
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dynamo_rt.services import EtcdServer, NatsServer
+from dynamo_rt.local.services import EtcdServer, NatsServer
 from tests.conftest import arun
 from tests.reliability.helpers import (
     LoadRun,

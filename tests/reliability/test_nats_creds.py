@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from dynamo_rt.errors import TransportError
-from dynamo_rt.services import EtcdServer, NatsServer
+from dynamo_rt.local.services import EtcdServer, NatsServer
 from dynamo_rt.transport import NatsOptions, Transport, check_creds_file
 from tests.conftest import arun
 from tests.natsjwt import NKey, Trust, creds_text, decode_claims, user_jwt, write_private

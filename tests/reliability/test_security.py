@@ -20,7 +20,7 @@ import pytest
 
 from dynamo_rt.discovery import Registry
 from dynamo_rt.errors import DiscoveryError, NotFound, TransportError
-from dynamo_rt.services import EtcdServer, NatsServer
+from dynamo_rt.local.services import EtcdServer, NatsServer
 from dynamo_rt.transport import NatsOptions, Transport
 from tests.conftest import arun
 from tests.reliability.helpers import MODEL, Certs, assert_openai_error, make_certs

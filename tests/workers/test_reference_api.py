@@ -13,8 +13,8 @@ import pytest
 
 from dynamo_rt.config import Parser
 from dynamo_rt.errors import DynamoError, ErrorCode, InvalidRequest, Unavailable
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
 from workers.common.engine import Engine
 from workers.reference.engine import ReferenceEngine

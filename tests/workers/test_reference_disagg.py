@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dynamo_rt import kvhash
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import KvLoader, ReferenceEngine

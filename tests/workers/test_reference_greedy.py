@@ -1,6 +1,6 @@
 """Reference engine vs ``transformers``: greedy fp32 output token for token, logprobs, model families.
 
-The tiny model (``dynamo_rt.tinymodel``) is the main subject; Qwen2 (q/k/v bias), tied embeddings and the
+The tiny model (``dynamo_rt.local.tinymodel``) is the main subject; Qwen2 (q/k/v bias), tied embeddings and the
 RoPE scaling variants (llama3, linear, yarn) are small random checkpoints written here with
 ``transformers`` itself, with weights scaled up so logits are far from ties.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import ReferenceEngine

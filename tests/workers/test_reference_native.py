@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference import native as native_mod

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
-from dynamo_rt.tinymodel import ensure_tiny_model
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import ReferenceEngine

@@ -83,7 +83,7 @@ class VllmEngine:
         ``vllm/envs.py``: ``VLLM_NIXL_SIDE_CHANNEL_HOST`` default ``localhost``, ``_PORT`` default 5600), in the
         engine processes it starts: set it here, before they start. The defaults would break two instances on
         one host (same port) and any decode worker on another host (``localhost`` goes into the hand-off)."""
-        from dynamo_rt.services import free_port
+        from dynamo_rt.local.services import free_port
 
         env = os.environ
         if self.side_channel_host:

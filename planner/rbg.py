@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynamo_rt.errors import InvalidRequest
-from dynamo_rt.planner.core import Replicas
-from dynamo_rt.planner.kube import JSON_PATCH, MERGE_PATCH, KubeApiError, KubeClient
+from planner.core import Replicas
+from planner.kube import JSON_PATCH, MERGE_PATCH, KubeApiError, KubeClient
 
 log = logging.getLogger(__name__)
 

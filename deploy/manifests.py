@@ -93,7 +93,7 @@ NATS_IMAGE = "nats:2.10.22-alpine"
 
 # Worker role name -> the worker's --mode.
 ROLE_MODE = {"worker": "agg", "prefill": "prefill", "decoder": "decode"}
-# Worker role name -> the planner pool that sizes it (dynamo_rt.planner.core's PREFILL / DECODE / AGG).
+# Worker role name -> the planner pool that sizes it (planner.core's PREFILL / DECODE / AGG).
 ROLE_POOL = {"worker": "agg", "prefill": "prefill", "decoder": "decode"}
 
 PLANNER_ROLE = "planner"

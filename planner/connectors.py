@@ -3,7 +3,7 @@
 - ``dry-run`` (:class:`DryRunConnector`): logs each decision and remembers the numbers; changes nothing.
 - ``local`` (:class:`LocalConnector`): starts and stops worker processes on this machine
   (``python -m workers --engine E --mode prefill|decode|agg ...``); what ``dynamo-rt up --planner`` uses.
-- ``rbg`` (:class:`dynamo_rt.planner.rbg.RbgConnector`): the replicas of a RoleBasedGroup's roles on
+- ``rbg`` (:class:`planner.rbg.RbgConnector`): the replicas of a RoleBasedGroup's roles on
   Kubernetes.
 
 Every connector has ``current()`` (replicas per pool as the connector last set or found them) and
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from dynamo_rt.errors import Unavailable
-from dynamo_rt.planner.core import AGG, DECODE, PREFILL, Replicas
+from planner.core import AGG, DECODE, PREFILL, Replicas
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Against a running stack (``--url``), or a stack of its own (default): embedded e
 pool (``--mode disagg``: a prefill and a decode worker, so TTFT includes the KV hand-off; ``agg``: one
 aggregated worker) and a frontend, all stopped at the end. Times are written in seconds of the profiled
 engine: with ``--speedup S`` (the mocker's), measured times are multiplied by S, and the planner divides by
-its ``--engine-speedup``. The output is what :meth:`dynamo_rt.planner.core.Profile.load` reads; for the
+its ``--engine-speedup``. The output is what :meth:`planner.core.Profile.load` reads; for the
 mocker it also carries the timing model's own figures (``analytic``) for comparison.
 """
 
@@ -41,9 +41,9 @@ import httpx
 
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import DynamoError, Unavailable
-from dynamo_rt.planner.core import PROFILE_FORMAT, Profile
+from planner.core import PROFILE_FORMAT, Profile
 
-log = logging.getLogger("dynamo_rt.profiler")
+log = logging.getLogger("planner.profiler")
 
 
 def _ints(s: str) -> list[int]:
@@ -243,8 +243,8 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 @contextlib.contextmanager
 def own_stack(args: argparse.Namespace, worker_args: list[str]) -> Iterator[str]:
     """etcd + NATS + workers + frontend in a temporary folder; yields the frontend URL."""
-    from dynamo_rt.planner.connectors import LocalWorkerSpec
-    from dynamo_rt.services import LocalServices, free_port
+    from dynamo_rt.local.services import LocalServices, free_port
+    from planner.connectors import LocalWorkerSpec
 
     state = Path(tempfile.mkdtemp(prefix="dyn-profile-"))
     procs: list[subprocess.Popen[bytes]] = []

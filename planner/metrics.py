@@ -1,7 +1,7 @@
 """Where the planner's observations come from: the frontends' Prometheus ``/metrics``.
 
 Each scrape reads the ``dynamo_frontend_*`` series (names in :mod:`frontend.metrics`) of every frontend,
-and the difference between two scrapes becomes one :class:`~dynamo_rt.planner.core.Observation`:
+and the difference between two scrapes becomes one :class:`~planner.core.Observation`:
 
 - arrivals: ``dynamo_frontend_model_requests_total`` (per model, counted as requests come in), or, from a
   frontend that does not export it, derived from ``dynamo_frontend_input_tokens_total`` (also counted on
@@ -36,7 +36,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_rt.errors import Unavailable
-from dynamo_rt.planner.core import Observation
+from planner.core import Observation
 
 log = logging.getLogger(__name__)
 

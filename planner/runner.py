@@ -1,7 +1,7 @@
 """The planner process: ``dynamo-rt planner --connector {local,rbg,dry-run}``.
 
-Every adjustment interval it reads one :class:`~dynamo_rt.planner.core.Observation` from the frontends'
-metrics, asks :class:`~dynamo_rt.planner.core.Planner` for target replicas and applies them through the
+Every adjustment interval it reads one :class:`~planner.core.Observation` from the frontends'
+metrics, asks :class:`~planner.core.Planner` for target replicas and applies them through the
 connector. At start it brings the pools within their [min, max] (the ``local`` connector starts the
 minimum number of workers). While the pools are at zero it looks for demand every
 ``--zero-poll-interval`` seconds instead, so the first request brings a worker back within about a second
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import DynamoError
-from dynamo_rt.planner.connectors import Connector, DryRunConnector, LocalConnector, LocalWorkerSpec
-from dynamo_rt.planner.core import (
+from planner.connectors import Connector, DryRunConnector, LocalConnector, LocalWorkerSpec
+from planner.core import (
     AGG,
     DECODE,
     PREDICTORS,
@@ -40,9 +40,9 @@ from dynamo_rt.planner.core import (
     Profile,
     Replicas,
 )
-from dynamo_rt.planner.metrics import FrontendMetricsSource, MetricsSource
+from planner.metrics import FrontendMetricsSource, MetricsSource
 
-log = logging.getLogger("dynamo_rt.planner")
+log = logging.getLogger("planner")
 
 
 class PlannerLoop:
@@ -261,8 +261,8 @@ def make_connector(args: argparse.Namespace, cfg: PlannerConfig, env: Mapping[st
                                log_dir=Path(args.worker_log_dir) if args.worker_log_dir else None)
         return LocalConnector(spec, cfg.pools)
     from dynamo_rt.errors import InvalidRequest
-    from dynamo_rt.planner.kube import KubeClient, load_config
-    from dynamo_rt.planner.rbg import RbgConnector
+    from planner.kube import KubeClient, load_config
+    from planner.rbg import RbgConnector
 
     group = args.rbg_name or env.get("RBG_GROUP_NAME")
     if not group:
@@ -280,7 +280,7 @@ def _gauges(port: int) -> Callable[[Decision], None] | None:
         return None
     from prometheus_client import CollectorRegistry, Gauge
 
-    from dynamo_rt.metrics_server import start_metrics_server
+    from dynamo_rt.metrics import start_metrics_server
 
     reg = CollectorRegistry()
     target = Gauge("dynamo_planner_target_replicas", "Replicas the planner wants", ["pool"], registry=reg)

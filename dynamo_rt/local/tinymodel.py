@@ -6,9 +6,9 @@ vLLM worker, frontend tokenization). ``dynamo-rt make-tiny-model DIR`` writes it
 - ``config.json``: ``LlamaForCausalLM``, float32, untied ``lm_head`` (``tie_word_embeddings: false``).
 - ``model.safetensors``: weights drawn from ``numpy`` PCG64 raw bits with integer arithmetic and one float
   multiply per value, so the bytes are the same on every machine and numpy version.
-- ``tokenizer.json``: byte-level BPE trained (deterministically) on ``dynamo_rt/data/tiny_corpus.txt``.
+- ``tokenizer.json``: byte-level BPE trained (deterministically) on ``dynamo_rt/local/data/tiny_corpus.txt``.
 - ``tokenizer_config.json`` / ``special_tokens_map.json``: ChatML special tokens and the chat template
-  (``dynamo_rt/data/chat_template.jinja``).
+  (``dynamo_rt/local/data/chat_template.jinja``).
 - ``generation_config.json``: greedy, stops on ``<|im_end|>`` or ``<|endoftext|>``.
 
 The weights are scaled so that attention and MLP outputs are as large as the residual stream: the next
@@ -431,7 +431,7 @@ def _complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in MODEL_FILES)
 
 
-if __name__ == "__main__":  # python -m dynamo_rt.tinymodel DIR: the same as dynamo-rt make-tiny-model
+if __name__ == "__main__":  # python -m dynamo_rt.local.tinymodel DIR: the same as dynamo-rt make-tiny-model
     from dynamo_rt.config import Parser
 
     _parser = Parser(prog="dynamo-rt make-tiny-model", description=__doc__.split("\n")[0] if __doc__ else None)

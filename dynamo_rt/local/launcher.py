@@ -186,7 +186,7 @@ def services(args: argparse.Namespace, env: dict[str, str]) -> Iterator[None]:
         log.info("using etcd %s and NATS %s", env["DYN_ETCD_ENDPOINTS"], env["DYN_NATS_ENDPOINTS"])
         yield
         return
-    from dynamo_rt.services import LocalServices
+    from dynamo_rt.local.services import LocalServices
 
     state = Path(args.state_dir).resolve()
     log.info("starting embedded etcd and nats-server (state in %s)", state)
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     try:
         if args.model == "tiny":
-            from dynamo_rt.tinymodel import ensure_tiny_model
+            from dynamo_rt.local.tinymodel import ensure_tiny_model
 
             log.info("preparing the built-in tiny model")
             ensure_tiny_model()  # built once here, not raced by every worker

@@ -1,12 +1,12 @@
 """The SLA planner: sizes the prefill and decode pools from the observed load and the TTFT / ITL targets.
 
-``dynamo-rt planner`` runs :mod:`dynamo_rt.planner.runner`; the arithmetic is in
-:mod:`dynamo_rt.planner.core`, the observations come from :mod:`dynamo_rt.planner.metrics`, and the
-connectors that apply decisions are in :mod:`dynamo_rt.planner.connectors` (``local``, ``dry-run``) and
-:mod:`dynamo_rt.planner.rbg` (Kubernetes RoleBasedGroups, over :mod:`dynamo_rt.planner.kube`).
+``dynamo-rt planner`` runs :mod:`planner.runner`; the arithmetic is in
+:mod:`planner.core`, the observations come from :mod:`planner.metrics`, and the
+connectors that apply decisions are in :mod:`planner.connectors` (``local``, ``dry-run``) and
+:mod:`planner.rbg` (Kubernetes RoleBasedGroups, over :mod:`planner.kube`).
 """
 
-from dynamo_rt.planner.core import (
+from planner.core import (
     Decision,
     Observation,
     Planner,
@@ -18,7 +18,7 @@ from dynamo_rt.planner.core import (
     make_predictor,
     prefill_replicas,
 )
-from dynamo_rt.planner.runner import PlannerLoop, add_arguments, build_parser, main, parse_args, run, serve
+from planner.runner import PlannerLoop, add_arguments, build_parser, main, parse_args, run, serve
 
 __all__ = [
     "Decision",

@@ -1,10 +1,10 @@
 """The planner's arithmetic: load predictors, the per-replica performance profile, the replica formulas,
 clamping, scale-down stabilization and scale-to-zero. Pure logic, no I/O.
 
-Its place: :mod:`dynamo_rt.planner.metrics` turns the frontend's Prometheus counters into one
+Its place: :mod:`planner.metrics` turns the frontend's Prometheus counters into one
 :class:`Observation` per adjustment interval, :class:`Planner` turns observations into target replica
-counts (:class:`Decision`), and a connector (:mod:`dynamo_rt.planner.connectors`) applies them.
-:mod:`dynamo_rt.planner.runner` is the loop that ties the three together.
+counts (:class:`Decision`), and a connector (:mod:`planner.connectors`) applies them.
+:mod:`planner.runner` is the loop that ties the three together.
 
 The model behind the formulas (times in seconds, rates in requests per second):
 
@@ -50,7 +50,7 @@ from dynamo_rt.errors import InvalidRequest
 log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "dynamo-rt-profile/1"
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 
 # Pools a planner sizes. Disaggregated deployments have prefill + decode, aggregated ones agg.
 PREFILL = "prefill"

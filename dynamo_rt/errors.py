@@ -116,6 +116,17 @@ class TransportError(Unavailable):
     """NATS is unreachable or the request could not be delivered."""
 
 
+class ConfigError(DynamoError):
+    """A bad command-line flag or environment twin. ``param`` names the flag; a process entry point prints
+    one line (``dynamo-rt worker: error: --flag: why``) and exits with status 2, never a traceback."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}", param=flag)
+        self.flag = flag
+
+
 class KvTransferError(DynamoError):
     """A NIXL transfer failed or its peer is gone."""
 

@@ -22,7 +22,30 @@ import jsonschema
 import pytest
 import yaml
 
-from deploy import manifests as m
+from deploy.catalog import catalog, check, render, write_all
+from deploy.manifests import _suggest_input, add_arguments, main, spec_from_args
+from deploy.rbg import GROUP_LABEL, ROLE_LABEL
+from deploy.render import (
+    CONTAINER_NAME,
+    LIVENESS_PATH,
+    READINESS_PATH,
+    ROLE_MODE,
+    _coordination_rule,
+    build_documents,
+)
+from deploy.spec import (
+    BACKENDS,
+    DEFAULT_ETCD_URL,
+    DEFAULT_MODEL_PATH,
+    DEFAULT_NATS_URL,
+    DEFAULT_NODES,
+    DEFAULT_SERVED_MODEL_NAME,
+    VERSION,
+    RoleShape,
+    default_image,
+    preset,
+)
+from deploy.suggest import Suggestion, suggest
 from dynamo_rt.config import Parser
 from dynamo_rt.errors import InvalidRequest
 
@@ -318,7 +341,7 @@ def containers_by_role(path: Path) -> dict[str, dict[str, Any]]:
 def test_catalog_files_exist() -> None:
     # 3 backends x 4 topologies x 2 API versions
     assert len(RBG_FILES) == 24
-    for backend in m.BACKENDS:
+    for backend in BACKENDS:
         for stem in ("agg", "agg-multinode", "disagg", "disagg-multinode"):
             assert (MANIFESTS / backend / f"{stem}.yaml").is_file()
             assert (MANIFESTS / backend / "v1alpha2" / f"{stem}.yaml").is_file()
@@ -341,7 +364,7 @@ def test_documents_validate_strictly(path: Path) -> None:
         assert errors_of(validator(doc["kind"], doc_version), doc) == []
     rbg = rbg_of(path)
     assert admission_problems(rbg) == []
-    # Coordination is the CoordinatedPolicy bound by name, in both versions (see m.COORDINATION_STYLES).
+    # Coordination is the CoordinatedPolicy bound by name, in both versions (see deploy.spec.COORDINATION_STYLES).
     assert "coordination" not in rbg["spec"]
     for doc in docs:
         if doc["kind"] == "CoordinatedPolicy":
@@ -362,13 +385,13 @@ def test_patches_and_effective_pod_templates_validate(path: Path) -> None:
     for name, tmpl in effective_templates(rbg).items():
         assert errors_of(template_validator(version, False), tmpl) == [], name
         (container,) = tmpl["spec"]["containers"]
-        assert container["name"] == m.CONTAINER_NAME
-        assert container["image"] == m.default_image(path.parts[-2 if version == "v1alpha1" else -3])
+        assert container["name"] == CONTAINER_NAME
+        assert container["image"] == default_image(path.parts[-2 if version == "v1alpha1" else -3])
         assert container["command"] == ["dynamo-rt"]
         mounts = {vm["name"]: vm["mountPath"] for vm in container.get("volumeMounts", [])}
         volumes = {v["name"] for v in tmpl["spec"].get("volumes", [])}
         assert set(mounts) <= volumes
-        assert mounts["model"] == m.DEFAULT_MODEL_PATH
+        assert mounts["model"] == DEFAULT_MODEL_PATH
 
 
 def test_strict_check_catches_typos() -> None:
@@ -392,7 +415,7 @@ def test_strict_check_catches_typos() -> None:
     assert errors_of(template_validator("v1alpha1", True), patch) == [
         "spec/containers/0: Additional properties are not allowed ('arg' was unexpected)"]
     # A wrong type and a bad enum are schema errors too.
-    bad = m.build_documents(dataclasses.replace(m.preset("sglang", "disagg"), coordination="inline"))[0]
+    bad = build_documents(dataclasses.replace(preset("sglang", "disagg"), coordination="inline"))[0]
     bad["spec"]["coordination"][0]["strategy"]["scaling"]["progression"] = "OrderScheduledd"
     assert len(errors_of(validator("RoleBasedGroup", "v1alpha1"), bad)) == 1
 
@@ -414,42 +437,42 @@ def test_admission_rules_are_checked() -> None:
 
 
 def test_checked_in_files_are_the_generator_output() -> None:
-    assert m.check(MANIFESTS) == []
-    assert m.catalog() == m.catalog()  # deterministic
+    assert check(MANIFESTS) == []
+    assert catalog() == catalog()  # deterministic
 
 
 def test_check_reports_drift_and_write_all_repairs(tmp_path: Path) -> None:
     root = tmp_path / "manifests"
-    assert len(m.write_all(root)) == 26
-    assert m.check(root) == []
+    assert len(write_all(root)) == 26
+    assert check(root) == []
     (root / "vllm" / "agg.yaml").write_text("changed\n")
     (root / "vllm" / "extra.yaml").write_text("x: 1\n")
     (root / "deps" / "nats.yaml").unlink()
-    assert m.check(root) == [
+    assert check(root) == [
         "vllm/agg.yaml: differs from the generator's output",
         "deps/nats.yaml: missing",
         "vllm/extra.yaml: not produced by the generator (stale?)",
     ]
-    assert [p.relative_to(root).as_posix() for p in m.write_all(root)] == ["vllm/agg.yaml", "deps/nats.yaml"]
+    assert [p.relative_to(root).as_posix() for p in write_all(root)] == ["vllm/agg.yaml", "deps/nats.yaml"]
 
 
 def _parser() -> Parser:
     p = Parser(env={})
-    m.add_arguments(p)
+    add_arguments(p)
     return p
 
 
 def test_main_check_write_and_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "m"
-    assert m.main(_parser().parse_args(["--write-all", "--root", str(root)])) == 0
-    assert m.main(_parser().parse_args(["--check", "--root", str(root)])) == 0
+    assert main(_parser().parse_args(["--write-all", "--root", str(root)])) == 0
+    assert main(_parser().parse_args(["--check", "--root", str(root)])) == 0
     assert capsys.readouterr().out.endswith("26 files under " + str(root) + " match the generator\n")
     (root / "sglang" / "disagg.yaml").write_text("")
-    assert m.main(_parser().parse_args(["--check", "--root", str(root)])) == 1
+    assert main(_parser().parse_args(["--check", "--root", str(root)])) == 1
     out = tmp_path / "x.yaml"
     args = ["--backend", "vllm", "--mode", "disagg", "--decode-tp", "4", "--decode-ep", "1", "--name", "pd",
             "--output", str(out)]
-    assert m.main(_parser().parse_args(args)) == 0
+    assert main(_parser().parse_args(args)) == 0
     text = out.read_text()
     assert text.splitlines()[2] == ("# This file: dynamo-rt manifests --backend vllm --mode disagg --name pd "
                                     "--decode-tp 4 --decode-ep 1")
@@ -459,7 +482,7 @@ def test_main_check_write_and_render(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert decoder["resources"]["limits"] == {"nvidia.com/gpu": "4", "rdma/hca": "1"}
     # The checked-in file's own header command reproduces it.
     same = tmp_path / "same.yaml"
-    assert m.main(_parser().parse_args(["--backend", "sglang", "--mode", "disagg", "--output", str(same)])) == 0
+    assert main(_parser().parse_args(["--backend", "sglang", "--mode", "disagg", "--output", str(same)])) == 0
     assert same.read_text() == (MANIFESTS / "sglang" / "disagg.yaml").read_text()
 
 
@@ -468,31 +491,31 @@ def test_header_command_reproduces_the_file(path: Path, capsys: pytest.CaptureFi
     line = path.read_text().splitlines()[2]
     prefix = "# This file: dynamo-rt manifests "
     assert line.startswith(prefix)
-    assert m.main(_parser().parse_args(line[len(prefix):].split())) == 0
+    assert main(_parser().parse_args(line[len(prefix):].split())) == 0
     assert capsys.readouterr().out == path.read_text()
 
 
 def test_bad_inputs_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert m.main(_parser().parse_args(["--mode", "agg"])) == 2
+    assert main(_parser().parse_args(["--mode", "agg"])) == 2
     assert capsys.readouterr().err == "dynamo-rt manifests: --backend and --mode are required to render a " \
                                       "RoleBasedGroup\n"
-    assert m.main(_parser().parse_args(["--backend", "vllm", "--mode", "agg", "--prefill-tp", "2"])) == 2
+    assert main(_parser().parse_args(["--backend", "vllm", "--mode", "agg", "--prefill-tp", "2"])) == 2
     assert "do not apply to --mode agg" in capsys.readouterr().err
-    assert m.main(_parser().parse_args(["--backend", "vllm", "--mode", "agg", "--partition", "1"])) == 2
+    assert main(_parser().parse_args(["--backend", "vllm", "--mode", "agg", "--partition", "1"])) == 2
     assert capsys.readouterr().err == "dynamo-rt manifests: worker: partition 1 must be < replicas 1\n"
     with pytest.raises(InvalidRequest, match="does not split evenly"):
-        m.build_documents(m.preset("sglang", "agg", multinode=True, nodes=3).__class__(
-            backend="sglang", mode="agg", roles=(("worker", m.RoleShape(replicas=1, tp=8, nodes=3)),)))
+        build_documents(preset("sglang", "agg", multinode=True, nodes=3).__class__(
+            backend="sglang", mode="agg", roles=(("worker", RoleShape(replicas=1, tp=8, nodes=3)),)))
 
 
 def test_inline_coordination_is_the_seeds_shape() -> None:
     """--coordination inline writes the seed's v1alpha1 spec.coordination: valid for the CRD (the seed's
     `progressionStrategy` is not), and refused for v1alpha2, which has no such field."""
-    spec = dataclasses.replace(m.preset("vllm", "disagg"), coordination="inline")
-    docs = m.build_documents(spec)
+    spec = dataclasses.replace(preset("vllm", "disagg"), coordination="inline")
+    docs = build_documents(spec)
     assert [d["kind"] for d in docs] == ["RoleBasedGroup", "Service"]
     rbg = docs[0]
-    assert rbg["spec"]["coordination"] == [m._coordination_rule()]
+    assert rbg["spec"]["coordination"] == [_coordination_rule()]
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == []
     assert admission_problems(rbg) == []
     seed = copy.deepcopy(rbg)
@@ -502,12 +525,12 @@ def test_inline_coordination_is_the_seeds_shape() -> None:
         "spec/coordination/0/strategy/scaling: Additional properties are not allowed "
         "('progressionStrategy' was unexpected)"]
     with pytest.raises(InvalidRequest, match="only in v1alpha1"):
-        m.build_documents(dataclasses.replace(spec, api_version="v1alpha2"))
+        build_documents(dataclasses.replace(spec, api_version="v1alpha2"))
 
 
 def test_version_matches_pyproject() -> None:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert m.VERSION == meta["project"]["version"]
+    assert VERSION == meta["project"]["version"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,7 +538,7 @@ def test_version_matches_pyproject() -> None:
 
 
 def test_seed_topology_disagg() -> None:
-    for backend in m.BACKENDS:
+    for backend in BACKENDS:
         for version_dir in ("", "v1alpha2"):
             path = MANIFESTS / backend / version_dir / "disagg.yaml"
             rbg = rbg_of(path)
@@ -566,7 +589,7 @@ def test_multinode_roles(path: Path) -> None:
     assert [r["name"] for r in multi] == (["decoder"] if path.stem.startswith("disagg") else ["worker"])
     for role in multi:
         size = group_size(role, version)
-        assert size == m.DEFAULT_NODES
+        assert size == DEFAULT_NODES
         args = [substitute(a) for a in containers[role["name"]]["args"]]
         tp = int(args[args.index("--tp") + 1])
         gpus = int(containers[role["name"]]["resources"]["limits"]["nvidia.com/gpu"])
@@ -615,7 +638,7 @@ def test_readme_commands_match_the_files() -> None:
     assert selectors
     for sel in selectors:
         for term in sel.split(","):
-            assert term.split("=")[0] in (m.GROUP_LABEL, m.ROLE_LABEL), term
+            assert term.split("=")[0] in (GROUP_LABEL, ROLE_LABEL), term
     # Every JSON-patch path the README uses resolves on the disagg files it is written for.
     paths = re.findall(r'"path":\s*"([^"]+)"', readme)
     assert "/spec/roleTemplates/0/template/spec/containers/0/image" in paths
@@ -640,7 +663,7 @@ def test_readme_commands_match_the_files() -> None:
 
 def test_frontend_ports_and_probes() -> None:
     routes = frontend_routes()
-    assert {m.READINESS_PATH, m.LIVENESS_PATH} <= routes
+    assert {READINESS_PATH, LIVENESS_PATH} <= routes
     for path in RBG_FILES:
         fe = containers_by_role(path)["frontend"]
         assert fe["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
@@ -648,8 +671,8 @@ def test_frontend_ports_and_probes() -> None:
         assert fe["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
         svc = next(d for d in load(path) if d["kind"] == "Service")
         assert svc["spec"]["ports"][0]["targetPort"] == "http"
-        assert svc["spec"]["selector"] == {m.GROUP_LABEL: rbg_of(path)["metadata"]["name"],
-                                           m.ROLE_LABEL: "frontend"}
+        assert svc["spec"]["selector"] == {GROUP_LABEL: rbg_of(path)["metadata"]["name"],
+                                           ROLE_LABEL: "frontend"}
 
 
 def test_container_commands_parse_with_our_cli() -> None:
@@ -664,12 +687,12 @@ def test_container_commands_parse_with_our_cli() -> None:
                 assert ns.router_mode == "kv"
                 continue
             if role == "planner":
-                assert ns.connector == "rbg" and ns.model == m.DEFAULT_SERVED_MODEL_NAME
+                assert ns.connector == "rbg" and ns.model == DEFAULT_SERVED_MODEL_NAME
                 continue
             assert ns.engine == backend
-            assert ns.mode == m.ROLE_MODE[role]
-            assert ns.model == m.DEFAULT_MODEL_PATH
-            assert ns.served_model_name == m.DEFAULT_SERVED_MODEL_NAME
+            assert ns.mode == ROLE_MODE[role]
+            assert ns.model == DEFAULT_MODEL_PATH
+            assert ns.served_model_name == DEFAULT_SERVED_MODEL_NAME
             gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
             assert ns.tp == gpus * (ns.nnodes if "--nnodes" in argv else 1)
 
@@ -718,8 +741,8 @@ def test_frontend_and_planner_run_unprivileged_workers_keep_the_engine_user() ->
 
 
 def test_nats_creds_secret_is_mounted_and_passed_to_every_role() -> None:
-    spec = dataclasses.replace(m.preset("vllm", "disagg"), nats_creds_secret="nats-user-creds")
-    doc = next(d for d in yaml.safe_load_all(m.render(spec)) if d["kind"] == "RoleBasedGroup")
+    spec = dataclasses.replace(preset("vllm", "disagg"), nats_creds_secret="nats-user-creds")
+    doc = next(d for d in yaml.safe_load_all(render(spec)) if d["kind"] == "RoleBasedGroup")
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), doc) == []
     for role, t in effective_templates(doc).items():
         assert errors_of(template_validator("v1alpha1", False), t) == [], role
@@ -729,9 +752,9 @@ def test_nats_creds_secret_is_mounted_and_passed_to_every_role() -> None:
         assert {"name": "nats-creds", "secret": {"secretName": "nats-user-creds", "defaultMode": 0o440}} in \
             t["spec"]["volumes"], role
     # Without the option nothing refers to a creds file.
-    plain = m.render(m.preset("vllm", "disagg"))
+    plain = render(preset("vllm", "disagg"))
     assert "DYN_NATS_CREDS" not in plain and "nats-creds" not in plain
-    none = m.render(dataclasses.replace(m.preset("vllm", "disagg"), credentials_secret=""))
+    none = render(dataclasses.replace(preset("vllm", "disagg"), credentials_secret=""))
     assert "secretKeyRef" not in none
 
 
@@ -770,7 +793,7 @@ def test_planner_role(path: Path) -> None:
     ns = parse_args(c["args"][1:], env={"RBG_GROUP_NAME": rbg["metadata"]["name"]})
     assert c["args"][0] == "planner"
     assert (ns.connector, ns.mode, ns.rbg_api_version, ns.model) == ("rbg", "disagg", version,
-                                                                    m.DEFAULT_SERVED_MODEL_NAME)
+                                                                    DEFAULT_SERVED_MODEL_NAME)
     assert ns.rbg_name is None  # RBG's RBG_GROUP_NAME names the group
     # The roles it scales exist and have scaling adapters; the CoordinatedPolicy couples them.
     assert roles[ns.prefill_role]["scalingAdapter"] == roles[ns.decode_role]["scalingAdapter"] == {"enable": True}
@@ -813,11 +836,11 @@ def test_planner_flags() -> None:
     from planner.runner import parse_args
 
     base = ["--backend", "vllm", "--mode"]
-    no = m.spec_from_args(_parser().parse_args([*base, "disagg", "--no-planner"]))
-    assert [r["name"] for r in m.build_documents(no)[0]["spec"]["roles"]] == ["frontend", "prefill", "decoder"]
-    agg = m.spec_from_args(_parser().parse_args([*base, "agg", "--planner", "--planner-ttft-target", "0.3",
+    no = spec_from_args(_parser().parse_args([*base, "disagg", "--no-planner"]))
+    assert [r["name"] for r in build_documents(no)[0]["spec"]["roles"]] == ["frontend", "prefill", "decoder"]
+    agg = spec_from_args(_parser().parse_args([*base, "agg", "--planner", "--planner-ttft-target", "0.3",
                                                  "--planner-interval", "15", "--worker-replicas", "10"]))
-    rbg = m.build_documents(agg)[0]
+    rbg = build_documents(agg)[0]
     assert [r["name"] for r in rbg["spec"]["roles"]] == ["frontend", "worker", "planner"]
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == [] and admission_problems(rbg) == []
     args = effective_templates(rbg)["planner"]["spec"]["containers"][0]["args"]
@@ -826,10 +849,10 @@ def test_planner_flags() -> None:
         "agg", "worker", 0.3, 0.05, 15.0)
     assert (ns.min_agg, ns.max_agg) == (1, 10)
     assert "--min-prefill" not in args
-    text = m.render(agg, how="x")
+    text = render(agg, how="x")
     assert "name: planner" in text
     with pytest.raises(InvalidRequest, match="must be > 0"):
-        m.build_documents(dataclasses.replace(agg, planner_itl=0))
+        build_documents(dataclasses.replace(agg, planner_itl=0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -851,20 +874,20 @@ def test_deps_services() -> None:
         assert {p["containerPort"] for p in c["ports"]} >= {p["targetPort"] for p in svc["spec"]["ports"]}
         assert c["image"].rsplit(":", 1)[1][0].isdigit() or c["image"].rsplit(":", 1)[1].startswith("v")
     assert "-js" in load(MANIFESTS / "deps" / "nats.yaml")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert m.DEFAULT_ETCD_URL == "http://etcd:2379" and m.DEFAULT_NATS_URL == "nats://nats:4222"
+    assert DEFAULT_ETCD_URL == "http://etcd:2379" and DEFAULT_NATS_URL == "nats://nats:4222"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tests: the suggester
 
 
-def _suggest(argv: list[str]) -> m.Suggestion:
-    return m.suggest(m._suggest_input(_parser().parse_args(["suggest", *argv])))
+def _suggest(argv: list[str]) -> Suggestion:
+    return suggest(_suggest_input(_parser().parse_args(["suggest", *argv])))
 
 
 def test_suggest_70b_on_80gb() -> None:
     s = _suggest(["--params-b", "70", "--gpu-mem-gb", "80"])
-    assert (s.prefill, s.decode) == (m.RoleShape(replicas=15, tp=4), m.RoleShape(replicas=1, tp=8))
+    assert (s.prefill, s.decode) == (RoleShape(replicas=15, tp=4), RoleShape(replicas=1, tp=8))
     assert s.reasons[:3] == (
         "weights: 70B params x 2 bytes = 140 GB",
         "per GPU: 80 GB x 0.9 usable = 72 GB; at most 0.75 of it for weights (54 GB), the rest is KV cache",
@@ -877,18 +900,18 @@ def test_suggest_70b_on_80gb() -> None:
 
 def test_suggest_budget_moe_multinode_and_render() -> None:
     s = _suggest(["--params-b", "235", "--active-params-b", "22", "--gpu", "h100", "--total-gpus", "32"])
-    assert s.prefill == m.RoleShape(replicas=1, tp=16, ep=16, nodes=2)
-    assert s.decode == m.RoleShape(replicas=1, tp=16, ep=16, nodes=2)
+    assert s.prefill == RoleShape(replicas=1, tp=16, ep=16, nodes=2)
+    assert s.decode == RoleShape(replicas=1, tp=16, ep=16, nodes=2)
     # The printed command renders a valid group with those shapes.
     args = _parser().parse_args(s.command.split()[2:])
-    spec = m.spec_from_args(args)
+    spec = spec_from_args(args)
     assert dict(spec.roles) == {"prefill": s.prefill, "decoder": s.decode}
-    rbg = m.build_documents(spec)[0]
+    rbg = build_documents(spec)[0]
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == []
     assert admission_problems(rbg) == []
     agg = _suggest(["--params-b", "8", "--gpu", "l40s", "--mode", "agg", "--total-gpus", "8",
                     "--layers", "32", "--kv-heads", "8", "--head-dim", "128"])
-    assert agg.worker == m.RoleShape(replicas=8, tp=1)
+    assert agg.worker == RoleShape(replicas=8, tp=1)
     # (48 x 0.9 - 16) GB of KV / (2 x 32 x 8 x 128 x 2 bytes per token) / 3150 tokens per sequence
     assert agg.reasons[-1] == "each replica holds about 65 sequences of 3000+150 tokens"
 
@@ -903,7 +926,7 @@ def test_suggest_refuses_impossible_inputs() -> None:
 
 
 def test_suggest_main_prints_reasoning(capsys: pytest.CaptureFixture[str]) -> None:
-    assert m.main(_parser().parse_args(["suggest", "--params-b", "70", "--gpu-mem-gb", "80"])) == 0
+    assert main(_parser().parse_args(["suggest", "--params-b", "70", "--gpu-mem-gb", "80"])) == 0
     out = capsys.readouterr().out
     assert out.startswith("(no --gpu preset: compute and bandwidth default to H100's)\nReasoning:\n")
     assert "  prefill: tp=4 ep=1 replicas=15 pods/replica=1 GPUs/pod=4\n" in out

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from deploy import manifests
+from deploy.spec import default_image
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_SCHEMA = REPO.parent / "shared" / "compose-spec.json"
@@ -129,7 +129,7 @@ def test_compose_commands_parse_with_our_cli() -> None:
     parsed = {}
     for name in ("tiny-model", "frontend", "prefill", "decode"):
         svc = services[name]
-        assert svc["image"] == manifests.default_image("cpu")
+        assert svc["image"] == default_image("cpu")
         assert svc["build"] == {"context": ".", "target": "cpu"}
         assert "entrypoint" not in svc
         parsed[name] = parser.parse_args(svc["command"])
@@ -228,7 +228,7 @@ def test_dockerfile_cpu_image() -> None:
     assert "apt-get install -y --no-install-recommends gcc libc6-dev" in runs[2]
     for stage in ("cpu", "vllm", "sglang", "trtllm"):
         assert f"DYNAMO_RT_VERSION={version}" in [a for i, a in stages()[stage] if i == "ARG"]
-    assert manifests.default_image("cpu") == f"dynamo-rt:{version}-cpu"
+    assert default_image("cpu") == f"dynamo-rt:{version}-cpu"
 
 
 def test_dockerfile_copies_what_the_package_needs() -> None:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy import manifests as m
+from deploy.catalog import dump_documents
+from deploy.render import KV_HOST_TIER_MOUNT, KV_HOST_TIER_VOLUME, build_documents, kv_host_tier_file_gib
+from deploy.spec import preset
+from dynamo_rt.errors import InvalidRequest
 from tests.test_manifests import MANIFESTS, RBG_FILES, containers_by_role, effective_templates, rbg_of
 from workers.main import parse_args
 from workers.reference import kvbm
@@ -26,12 +29,12 @@ def _volumes(path: Path, role: str) -> dict[str, dict[str, object]]:
                          ids=lambda p: str(p.relative_to(MANIFESTS)))
 def test_prefill_workers_mount_the_host_tier_and_point_at_it(path: Path) -> None:
     c = containers_by_role(path)["prefill"]
-    vol = _volumes(path, "prefill")[m.KV_HOST_TIER_VOLUME]
+    vol = _volumes(path, "prefill")[KV_HOST_TIER_VOLUME]
     assert vol["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
-    assert {"name": m.KV_HOST_TIER_VOLUME, "mountPath": "/kv-host-tier"} in c["volumeMounts"]
+    assert {"name": KV_HOST_TIER_VOLUME, "mountPath": "/kv-host-tier"} in c["volumeMounts"]
     args = parse_args(c["args"][1:], env={})  # what the worker process parses
     assert args.kv_host_tier_path == "/kv-host-tier/host.kv"
-    assert Path(args.kv_host_tier_path).parent == Path(m.KV_HOST_TIER_MOUNT)
+    assert Path(args.kv_host_tier_path).parent == Path(KV_HOST_TIER_MOUNT)
     size = int(args.kv_host_tier_gib * GIB)
     assert size < 64 * GIB  # the file (index included) stays inside the volume's sizeLimit
     # The tier the worker would create fits in that size, for a large model's blocks and a small one's.
@@ -46,20 +49,20 @@ def test_prefill_workers_mount_the_host_tier_and_point_at_it(path: Path) -> None
 def test_only_prefill_workers_get_it() -> None:
     for path in RBG_FILES:
         for role, c in containers_by_role(path).items():
-            has = m.KV_HOST_TIER_VOLUME in _volumes(path, role)
+            has = KV_HOST_TIER_VOLUME in _volumes(path, role)
             assert has == (role == "prefill"), (path, role)
             assert ("--kv-host-tier-path" in c.get("args", [])) == has
 
 
 def test_size_flag_and_none() -> None:
-    spec = m.preset("sglang", "disagg")
+    spec = preset("sglang", "disagg")
     for gib, file_gib in ((64, 62), (8, 7), (2, 1), (320, 310)):
-        assert m.kv_host_tier_file_gib(gib) == file_gib
+        assert kv_host_tier_file_gib(gib) == file_gib
     for gib, present in ((64, True), (2, True), (1, False), (0, False)):  # 1 GiB leaves no room for a file
-        text = m.dump_documents(m.build_documents(dataclasses.replace(spec, kv_host_tier_gib=gib)), "")
-        assert (m.KV_HOST_TIER_VOLUME in text) == present, gib
-    with pytest.raises(m.InvalidRequest, match="kv host tier"):
-        m.build_documents(dataclasses.replace(spec, kv_host_tier_gib=-1))
+        text = dump_documents(build_documents(dataclasses.replace(spec, kv_host_tier_gib=gib)), "")
+        assert (KV_HOST_TIER_VOLUME in text) == present, gib
+    with pytest.raises(InvalidRequest, match="kv host tier"):
+        build_documents(dataclasses.replace(spec, kv_host_tier_gib=-1))
 
 
 def test_readme_documents_the_tier_and_the_in_place_flow() -> None:

@@ -43,18 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from dynamo_rt.local.services import LocalServices, free_port  # noqa: E402
 from planner.connectors import LocalConnector, LocalWorker, LocalWorkerSpec  # noqa: E402
-from planner.core import (  # noqa: E402
-    DECODE,
-    PREFILL,
-    Planner,
-    PlannerConfig,
-    PoolLimits,
-    Profile,
-    decode_replicas,
-    prefill_replicas,
-)
+from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits  # noqa: E402
 from planner.metrics import FrontendMetricsSource  # noqa: E402
+from planner.profile import Profile  # noqa: E402
 from planner.runner import PlannerLoop  # noqa: E402
+from planner.sla import decode_replicas, prefill_replicas  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 MODEL = "bench-planner"

@@ -1,31 +1,11 @@
-"""The planner's arithmetic: load predictors, the per-replica performance profile, the replica formulas,
-clamping, scale-down stabilization and scale-to-zero. Pure logic, no I/O.
+"""The planner's decision: :class:`Planner` turns one :class:`Observation` per interval into target replica
+counts (:class:`Decision`) within each pool's limits. Pure logic, no I/O.
 
-Its place: :mod:`planner.metrics` turns the frontend's Prometheus counters into one
-:class:`Observation` per adjustment interval, :class:`Planner` turns observations into target replica
-counts (:class:`Decision`), and a connector (:mod:`planner.connectors`) applies them.
-:mod:`planner.runner` is the loop that ties the three together.
-
-The model behind the formulas (times in seconds, rates in requests per second):
-
-- Prefill is compute-bound: a prompt of ``isl`` tokens occupies a prefill replica for ``s = ttft(isl)``
-  (the profile's TTFT of a lone request). With ``n`` replicas each one is busy ``rho = rate * s / n`` of
-  the time, and a request waits on average ``k * rho * s / (1 - rho)`` before its turn, with
-  ``k = (1 + cv2) / 2`` (Pollaczek-Khinchine, M/G/1; ``cv2`` is the squared coefficient of variation of
-  service times: 0 for identical prompts, 1 (the default) covers spread prompt lengths and scheduling
-  noise). The smallest ``n`` whose expected TTFT ``s + wait`` meets the target is::
-
-      rho_max = (target - s) / (k * s + target - s)      n = ceil(rate * s / min(rho_max, u))
-
-- Decode is bandwidth-bound: a replica running ``c`` sequences emits one token per sequence every
-  ``itl(c)`` seconds. The ITL target caps ``c`` at ``c_max`` (``itl(c_max) == target``), which caps a
-  replica's throughput at ``c_max / itl(c_max)`` tokens per second; the pool must emit ``rate * osl``::
-
-      n = ceil(rate * osl / (u * c_max / itl(c_max)))
-
-  ``u`` (``max_utilization``) keeps headroom for the bursts a mean does not show.
-
-- Aggregated workers do both jobs on one pool, so they need the sum of both pools.
+Its place: :mod:`planner.metrics` turns the frontend's Prometheus counters into observations, the
+:class:`Planner` predicts the next interval's load (:mod:`planner.predictors`), sizes each pool for the
+TTFT / ITL targets (:mod:`planner.sla`, over the engine's :mod:`planner.profile`), clamps, stabilizes
+scale-down and scales to zero after an idle spell; a connector (:mod:`planner.connectors`,
+:mod:`planner.rbg`) applies the decision, and :mod:`planner.runner` is the loop that ties them together.
 
 Observed TTFT and ITL feed back as correction factors on the profile (the stack adds hand-off, network and
 scheduling time that a profile of the engine alone does not see).
@@ -33,24 +13,15 @@ scheduling time that a profile of the engine alone does not see).
 
 from __future__ import annotations
 
-import bisect
-import importlib
-import itertools
-import json
-import logging
-import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from dynamo_rt.errors import InvalidRequest
-
-log = logging.getLogger(__name__)
-
-PROFILE_FORMAT = "dynamo-rt-profile/1"
-PROFILES_DIR = Path(__file__).resolve().parent / "data" / "profiles"
+from planner.predictors import MovingAveragePredictor, Predictor, make_predictor
+from planner.profile import Profile
+from planner.sla import PoolPlan, decode_replicas, prefill_replicas, prefill_wait
 
 # Pools a planner sizes. Disaggregated deployments have prefill + decode, aggregated ones agg.
 PREFILL = "prefill"
@@ -58,10 +29,6 @@ DECODE = "decode"
 AGG = "agg"
 
 Replicas = dict[str, int]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Observations
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,336 +76,6 @@ class Observation:
                 and not self.arrivals)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Predictors
-
-
-@runtime_checkable
-class Predictor(Protocol):
-    """Predicts the next value of a series from the values seen so far. Plug-ins implement this."""
-
-    def add(self, value: float) -> None: ...
-
-    def predict(self) -> float | None: ...
-
-
-class ConstantPredictor:
-    """The next value is the last one."""
-
-    def __init__(self, window: int = 1) -> None:
-        self._last: float | None = None
-
-    def add(self, value: float) -> None:
-        self._last = value
-
-    def predict(self) -> float | None:
-        return self._last
-
-
-class MovingAveragePredictor:
-    """The next value is the mean of the last ``window`` values."""
-
-    def __init__(self, window: int = 5) -> None:
-        if window < 1:
-            raise InvalidRequest("predictor window must be at least 1", param="predictor_window")
-        self._values: deque[float] = deque(maxlen=window)
-
-    def add(self, value: float) -> None:
-        self._values.append(value)
-
-    def predict(self) -> float | None:
-        return sum(self._values) / len(self._values) if self._values else None
-
-
-class LinearTrendPredictor:
-    """Least-squares line through the last ``window`` values, extended one step; never below zero.
-
-    A ramp is met where it will be, not where it was; with fewer than two values it is a constant.
-    """
-
-    def __init__(self, window: int = 5) -> None:
-        if window < 2:
-            raise InvalidRequest("the linear predictor needs a window of at least 2", param="predictor_window")
-        self._values: deque[float] = deque(maxlen=window)
-
-    def add(self, value: float) -> None:
-        self._values.append(value)
-
-    def predict(self) -> float | None:
-        return self.predict_ahead(1)
-
-    def predict_ahead(self, steps: int) -> float | None:
-        """The line ``steps`` intervals past the last value (1: the next interval)."""
-        n = len(self._values)
-        if n == 0:
-            return None
-        if n == 1:
-            return self._values[0]
-        xm = (n - 1) / 2
-        ym = sum(self._values) / n
-        sxx = sum((x - xm) ** 2 for x in range(n))
-        sxy = sum((x - xm) * (y - ym) for x, y in enumerate(self._values))
-        slope = sxy / sxx
-        return max(0.0, ym + slope * (n - 1 + steps - xm))
-
-
-PREDICTORS: dict[str, Callable[[int], Predictor]] = {
-    "constant": ConstantPredictor,
-    "moving-average": MovingAveragePredictor,
-    "linear": LinearTrendPredictor,
-}
-
-
-def make_predictor(spec: str, window: int) -> Predictor:
-    """A predictor by name (``constant``, ``moving-average``, ``linear``) or plug-in ``module:factory``;
-    the factory is called with the window and must return an object with ``add`` and ``predict``."""
-    factory = PREDICTORS.get(spec)
-    if factory is None:
-        if ":" not in spec:
-            raise InvalidRequest(f"unknown predictor {spec!r}: one of {sorted(PREDICTORS)} or module:factory",
-                                 param="predictor")
-        mod_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidRequest(f"cannot load predictor {spec!r}: {exc}", param="predictor") from None
-    pred = factory(window)
-    if not isinstance(pred, Predictor):
-        raise InvalidRequest(f"predictor {spec!r} has no add()/predict()", param="predictor")
-    return pred
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Profile
-
-
-def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear through (xs, ys), extended linearly past both ends (never below 0)."""
-    if len(xs) == 1:
-        return ys[0]
-    i = bisect.bisect_left(xs, x)
-    i = min(max(i, 1), len(xs) - 1)
-    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return max(y, 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeCurve:
-    context_length: float  # tokens of context per sequence the curve was measured at
-    concurrency: tuple[float, ...]
-    itl_s: tuple[float, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """Per-replica performance of one engine configuration: prefill TTFT versus input length, decode ITL
-    versus concurrency (one curve per context length). Times are seconds of the profiled engine."""
-
-    prefill_isl: tuple[float, ...]
-    prefill_ttft_s: tuple[float, ...]
-    decode: tuple[DecodeCurve, ...]
-    max_concurrency: int | None = None  # the engine's running-sequence limit (max_num_seqs)
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_curve("prefill", self.prefill_isl, self.prefill_ttft_s)
-        if not self.decode:
-            raise InvalidRequest("profile has no decode curve")
-        for c in self.decode:
-            _check_curve("decode", c.concurrency, c.itl_s)
-        ctx = [c.context_length for c in self.decode]
-        if ctx != sorted(set(ctx)):
-            raise InvalidRequest("profile decode curves must have increasing context lengths")
-
-    # -- queries
-
-    def ttft(self, isl: float) -> float:
-        """TTFT of a lone request of ``isl`` prompt tokens."""
-        return _interp(self.prefill_isl, self.prefill_ttft_s, isl)
-
-    def itl(self, concurrency: float, context_length: float | None = None) -> float:
-        """Inter-token latency of one replica running ``concurrency`` sequences."""
-        curves = self.decode
-        if context_length is None or len(curves) == 1:
-            c = curves[0]
-            return _interp(c.concurrency, c.itl_s, concurrency)
-        ctxs = [c.context_length for c in curves]
-        vals = [_interp(c.concurrency, c.itl_s, concurrency) for c in curves]
-        return _interp(ctxs, vals, context_length)
-
-    def concurrency_for_itl(self, target: float, context_length: float | None = None,
-                            correction: float = 1.0) -> float:
-        """Most sequences one replica can run with ``itl * correction <= target``; 0 if not even one."""
-        def f(c: float) -> float:
-            return self.itl(c, context_length) * correction
-
-        if f(1.0) > target:
-            return 0.0
-        hi_cap = float(self.max_concurrency) if self.max_concurrency else 1e6
-        lo, hi = 1.0, 2.0
-        while hi < hi_cap and f(hi) <= target:
-            lo, hi = hi, hi * 2
-        hi = min(hi, hi_cap)
-        if f(hi) <= target:
-            return hi
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if f(mid) <= target:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
-    def scaled(self, speedup: float) -> Profile:
-        """The same engine running ``speedup`` times faster (the mocker's ``--speedup``)."""
-        if speedup <= 0:
-            raise InvalidRequest("engine speedup must be > 0", param="engine_speedup")
-        return Profile(
-            prefill_isl=self.prefill_isl,
-            prefill_ttft_s=tuple(t / speedup for t in self.prefill_ttft_s),
-            decode=tuple(DecodeCurve(c.context_length, c.concurrency, tuple(t / speedup for t in c.itl_s))
-                         for c in self.decode),
-            max_concurrency=self.max_concurrency,
-            meta={**self.meta, "scaled_by_speedup": speedup},
-        )
-
-    # -- JSON
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
-        if data.get("format") != PROFILE_FORMAT:
-            raise InvalidRequest(f"not a {PROFILE_FORMAT} profile (format {data.get('format')!r})")
-        try:
-            pre = data["prefill"]
-            curves = tuple(
-                DecodeCurve(float(d["context_length"]), tuple(float(x) for x in d["concurrency"]),
-                            tuple(float(x) for x in d["itl_s"]))
-                for d in data["decode"]
-            )
-            mc = data.get("max_concurrency")
-            return cls(
-                prefill_isl=tuple(float(x) for x in pre["isl"]),
-                prefill_ttft_s=tuple(float(x) for x in pre["ttft_s"]),
-                decode=curves,
-                max_concurrency=int(mc) if mc else None,
-                meta={k: v for k, v in data.items() if k not in ("prefill", "decode")},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(f"malformed profile: {exc!r}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {**self.meta, "format": PROFILE_FORMAT}
-        out["prefill"] = {"isl": list(self.prefill_isl), "ttft_s": list(self.prefill_ttft_s)}
-        out["decode"] = [{"context_length": c.context_length, "concurrency": list(c.concurrency),
-                          "itl_s": list(c.itl_s)} for c in self.decode]
-        if self.max_concurrency:
-            out["max_concurrency"] = self.max_concurrency
-        return out
-
-    @classmethod
-    def load(cls, ref: str | Path) -> Profile:
-        """A profile file, or the name of a shipped one (``mocker`` -> data/profiles/mocker.json)."""
-        path = Path(ref)
-        if not path.is_file():
-            shipped = PROFILES_DIR / f"{ref}.json"
-            if not shipped.is_file():
-                names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-                raise InvalidRequest(f"no profile file {ref!r} and no shipped profile of that name "
-                                     f"(shipped: {names})", param="profile")
-            path = shipped
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidRequest(f"cannot read profile {path}: {exc}", param="profile") from None
-        return cls.from_dict(data)
-
-
-def _check_curve(name: str, xs: Sequence[float], ys: Sequence[float]) -> None:
-    if not xs or len(xs) != len(ys):
-        raise InvalidRequest(f"profile {name} curve needs equally many x and y values (got {len(xs)}, {len(ys)})")
-    if any(b <= a for a, b in itertools.pairwise(xs)):
-        raise InvalidRequest(f"profile {name} curve x values must increase")
-    if any(y <= 0 or not math.isfinite(y) for y in ys):
-        raise InvalidRequest(f"profile {name} curve times must be positive")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Replica formulas
-
-
-@dataclass(frozen=True, slots=True)
-class PoolPlan:
-    """One pool's sizing: replicas and what the model expects of them."""
-
-    replicas: int
-    feasible: bool  # False: the target is below what one replica does unloaded; sized for low queueing
-    utilization: float  # busy share of each replica at this size
-    expected_latency: float  # expected TTFT (prefill) or ITL (decode) in seconds at this size
-    detail: str = ""
-
-
-def prefill_wait(rho: float, service: float, cv2: float = 1.0) -> float:
-    """Mean wait before service of an M/G/1 queue at utilization ``rho`` whose service times have squared
-    coefficient of variation ``cv2`` (inf at or past saturation)."""
-    if rho >= 1.0:
-        return math.inf
-    return (1.0 + cv2) / 2.0 * rho * service / (1.0 - rho)
-
-
-def prefill_replicas(rate: float, isl: float, profile: Profile, ttft_target: float, *,
-                     correction: float = 1.0, max_utilization: float = 0.9, cv2: float = 1.0) -> PoolPlan:
-    """Prefill replicas so the expected TTFT of ``rate`` requests/s of ``isl`` tokens meets the target."""
-    s = profile.ttft(isl) * correction
-    if rate <= 0:
-        return PoolPlan(0, s <= ttft_target, 0.0, s, "no load")
-    slack = ttft_target - s
-    feasible = slack > 0
-    k = (1.0 + cv2) / 2.0
-    # Past the target even unloaded: keep queueing small instead (half-busy replicas).
-    rho_max = slack / (k * s + slack) if feasible else 0.5
-    rho_max = min(rho_max, max_utilization)
-    n = max(1, math.ceil(rate * s / rho_max - 1e-9))
-    rho = rate * s / n
-    detail = f"service {s * 1e3:.1f} ms, rho_max {rho_max:.3f}"
-    return PoolPlan(n, feasible, rho, s + prefill_wait(rho, s, cv2), detail)
-
-
-def decode_replicas(rate: float, osl: float, profile: Profile, itl_target: float, *, isl: float = 0.0,
-                    correction: float = 1.0, max_utilization: float = 0.9) -> PoolPlan:
-    """Decode replicas so ``rate`` requests/s of ``osl`` output tokens run at or under the ITL target."""
-    ctx = isl + osl / 2  # mean context of a sequence over its decode
-    c_max = profile.concurrency_for_itl(itl_target, ctx, correction)
-    feasible = c_max >= 1.0
-    if not feasible:
-        c_max = 1.0  # one sequence per replica is the best the engine does
-    thpt = c_max / (profile.itl(c_max, ctx) * correction)  # tokens/s of one replica at the cap
-    if rate <= 0 or osl <= 0:
-        return PoolPlan(0, feasible, 0.0, profile.itl(1.0, ctx) * correction, "no load")
-    n = max(1, math.ceil(rate * osl / (thpt * max_utilization) - 1e-9))
-    c = _decode_concurrency(rate * osl, n, profile, ctx, correction)
-    itl = profile.itl(max(c, 1.0), ctx) * correction
-    detail = f"c_max {c_max:.1f}/replica, {thpt:.0f} tok/s/replica"
-    return PoolPlan(n, feasible, c / c_max, itl, detail)
-
-
-def _decode_concurrency(token_rate: float, n: int, profile: Profile, ctx: float, correction: float) -> float:
-    """Sequences per replica in steady state: Little's law c = (token_rate / n) * itl(c), by iteration."""
-    c = 1.0
-    for _ in range(100):
-        nxt = token_rate / n * profile.itl(max(c, 1.0), ctx) * correction
-        if profile.max_concurrency:
-            nxt = min(nxt, float(profile.max_concurrency))
-        if abs(nxt - c) < 1e-6:
-            return nxt
-        c = nxt
-    return c
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Clamping and stabilization
-
-
 def clamp(value: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, value))
 
@@ -471,10 +108,6 @@ class Stabilizer:
 
     def reset(self) -> None:
         self._recs.clear()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The planner
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ import httpx
 
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import DynamoError, Unavailable
-from planner.core import PROFILE_FORMAT, Profile
+from planner.profile import PROFILE_FORMAT, Profile
 
 log = logging.getLogger("planner.profiler")
 

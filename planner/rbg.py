@@ -1,6 +1,8 @@
 """The ``rbg`` connector: sets the replicas of a RoleBasedGroup's worker roles on Kubernetes.
 
-Pools map to roles (``prefill`` -> ``prefill``, ``decode`` -> ``decoder``, ``agg`` -> ``worker`` by default).
+Pools map to roles (``prefill`` -> ``prefill``, ``decode`` -> ``decoder``, ``agg`` -> ``worker`` by default:
+:data:`deploy.rbg.POOL_ROLES`, the names the manifest generator gives the roles; every RBG name comes from
+:mod:`deploy.rbg`).
 For each role the connector writes where RBG wants the number:
 
 - the role enables a scaling adapter (``roles[].scalingAdapter.enable``): RBG created a
@@ -32,15 +34,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from deploy.rbg import (
+    ADAPTER_RESOURCE,
+    API_GROUP,
+    GROUP_RESOURCE,
+    POLICY_API_VERSION,
+    POLICY_RESOURCE,
+    POOL_ROLES,
+    adapter_name,
+)
 from dynamo_rt.errors import InvalidRequest
 from planner.core import Replicas
 from planner.kube import JSON_PATCH, MERGE_PATCH, KubeApiError, KubeClient
 
 log = logging.getLogger(__name__)
-
-GROUP = "workloads.x-k8s.io"
-DEFAULT_ROLES = {"prefill": "prefill", "decode": "decoder", "agg": "worker"}
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers
@@ -64,10 +71,6 @@ def adapter_enabled(rbg: Mapping[str, Any], role: str) -> bool:
 def role_replicas(rbg: Mapping[str, Any], role: str) -> int:
     _, r = find_role(rbg, role)
     return int(r.get("replicas", 1))
-
-
-def adapter_name(group: str, role: str) -> str:
-    return f"{group}-{role}"
 
 
 def replicas_patch(rbg: Mapping[str, Any], targets: Mapping[str, int]) -> list[dict[str, Any]]:
@@ -163,7 +166,7 @@ class RbgConnector:
         self.group = group
         self.namespace = namespace
         self.pools = pools
-        self.roles = {p: (roles or DEFAULT_ROLES)[p] for p in pools}
+        self.roles = {p: (roles or POOL_ROLES)[p] for p in pools}
         self.api_version = api_version
         self.rollout_timeout_s = rollout_timeout_s
         self._held_since: float | None = None
@@ -173,18 +176,18 @@ class RbgConnector:
     # -- paths
 
     def _base(self, version: str | None = None) -> str:
-        return f"/apis/{GROUP}/{version or self.api_version}/namespaces/{self.namespace}"
+        return f"/apis/{API_GROUP}/{version or self.api_version}/namespaces/{self.namespace}"
 
     @property
     def rbg_path(self) -> str:
-        return f"{self._base()}/rolebasedgroups/{self.group}"
+        return f"{self._base()}/{GROUP_RESOURCE}/{self.group}"
 
     def scale_path(self, role: str) -> str:
-        return f"{self._base()}/rolebasedgroupscalingadapters/{adapter_name(self.group, role)}/scale"
+        return f"{self._base()}/{ADAPTER_RESOURCE}/{adapter_name(self.group, role)}/scale"
 
     @property
     def policy_path(self) -> str:
-        return f"{self._base('v1alpha2')}/coordinatedpolicies/{self.group}"
+        return f"{self._base(POLICY_API_VERSION)}/{POLICY_RESOURCE}/{self.group}"
 
     # -- reads
 

@@ -25,22 +25,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from deploy.rbg import API_GROUP, API_VERSIONS, GROUP_NAME_ENV, POOL_ROLES
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import DynamoError
 from planner.connectors import Connector, DryRunConnector, LocalConnector, LocalWorkerSpec
-from planner.core import (
-    AGG,
-    DECODE,
-    PREDICTORS,
-    PREFILL,
-    Decision,
-    Planner,
-    PlannerConfig,
-    PoolLimits,
-    Profile,
-    Replicas,
-)
+from planner.core import AGG, DECODE, PREFILL, Decision, Planner, PlannerConfig, PoolLimits, Replicas
 from planner.metrics import FrontendMetricsSource, MetricsSource
+from planner.predictors import PREDICTORS
+from planner.profile import Profile
 
 log = logging.getLogger("planner")
 
@@ -212,16 +204,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="write each local worker's output to a file here (default: inherit ours)")
     # rbg connector
     flag(p, "--rbg-name", env="DYN_PLANNER_RBG_NAME", default=None,
-         help="RoleBasedGroup to scale (default: $RBG_GROUP_NAME, set by RBG in its own pods)")
+         help=f"RoleBasedGroup to scale (default: ${GROUP_NAME_ENV}, set by RBG in its own pods)")
     flag(p, "--k8s-namespace", env="DYN_PLANNER_K8S_NAMESPACE", default=None,
          help="namespace of the group (default: the service account's, or the kubeconfig context's)")
     flag(p, "--kubeconfig", env="DYN_PLANNER_KUBECONFIG", default=None,
          help="kubeconfig file (default: in-cluster service account, else $KUBECONFIG, else ~/.kube/config)")
     flag(p, "--rbg-api-version", env="DYN_PLANNER_RBG_API_VERSION", default="v1alpha2",
-         choices=["v1alpha1", "v1alpha2"], help="workloads.x-k8s.io version to speak")
-    flag(p, "--prefill-role", env="DYN_PLANNER_PREFILL_ROLE", default="prefill", help="role of the prefill pool")
-    flag(p, "--decode-role", env="DYN_PLANNER_DECODE_ROLE", default="decoder", help="role of the decode pool")
-    flag(p, "--agg-role", env="DYN_PLANNER_AGG_ROLE", default="worker", help="role of the aggregated pool")
+         choices=API_VERSIONS, help=f"{API_GROUP} version to speak")
+    flag(p, "--prefill-role", env="DYN_PLANNER_PREFILL_ROLE", default=POOL_ROLES[PREFILL],
+         help="role of the prefill pool")
+    flag(p, "--decode-role", env="DYN_PLANNER_DECODE_ROLE", default=POOL_ROLES[DECODE],
+         help="role of the decode pool")
+    flag(p, "--agg-role", env="DYN_PLANNER_AGG_ROLE", default=POOL_ROLES[AGG],
+         help="role of the aggregated pool")
     flag(p, "--rbg-rollout-timeout", env="DYN_PLANNER_RBG_ROLLOUT_TIMEOUT", type=float, default=300.0,
          help="longest wait for a coordinated (OrderReady) rollout before writing new targets anyway")
 
@@ -264,9 +259,9 @@ def make_connector(args: argparse.Namespace, cfg: PlannerConfig, env: Mapping[st
     from planner.kube import KubeClient, load_config
     from planner.rbg import RbgConnector
 
-    group = args.rbg_name or env.get("RBG_GROUP_NAME")
+    group = args.rbg_name or env.get(GROUP_NAME_ENV)
     if not group:
-        raise InvalidRequest("--connector rbg needs --rbg-name (or RBG_GROUP_NAME)", param="rbg_name")
+        raise InvalidRequest(f"--connector rbg needs --rbg-name (or {GROUP_NAME_ENV})", param="rbg_name")
     kcfg = load_config(args.kubeconfig, env)
     log.info("Kubernetes API %s (%s)", kcfg.server, kcfg.source)
     roles = {PREFILL: args.prefill_role, DECODE: args.decode_role, AGG: args.agg_role}

@@ -10,22 +10,10 @@ from pathlib import Path
 import pytest
 
 from dynamo_rt.errors import InvalidRequest
-from planner.core import (
-    AGG,
-    DECODE,
-    PREFILL,
-    PROFILE_FORMAT,
-    DecodeCurve,
-    Observation,
-    Planner,
-    PlannerConfig,
-    PoolLimits,
-    Profile,
-    Stabilizer,
-    decode_replicas,
-    make_predictor,
-    prefill_replicas,
-)
+from planner.core import AGG, DECODE, PREFILL, Observation, Planner, PlannerConfig, PoolLimits, Stabilizer
+from planner.predictors import make_predictor
+from planner.profile import PROFILE_FORMAT, DecodeCurve, Profile
+from planner.sla import decode_replicas, prefill_replicas
 
 # ttft(isl) = 0.02 + 1e-4 * (isl - 100); itl(c) = 0.010 + 1e-4 * (c - 1): easy to do by hand.
 PROFILE = Profile(prefill_isl=(100.0, 1000.0), prefill_ttft_s=(0.02, 0.11),

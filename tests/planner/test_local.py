@@ -31,8 +31,9 @@ import pytest
 
 from dynamo_rt.local.services import EtcdServer, NatsServer
 from planner.connectors import LocalConnector, LocalWorkerSpec
-from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits, Profile
+from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits
 from planner.metrics import FrontendMetricsSource
+from planner.profile import Profile
 from planner.runner import PlannerLoop
 from tests.conftest import arun
 from tests.stack import ROOT, Stack

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dynamo_rt.local.services import EtcdServer, NatsServer
-from planner.core import PROFILE_FORMAT, Profile
+from planner.profile import PROFILE_FORMAT, Profile
 from planner.profiler import build_parser, profile
 from tests.stack import ROOT, Stack
 from workers.mocker.engine import TimingModel

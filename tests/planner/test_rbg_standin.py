@@ -36,18 +36,10 @@ from prometheus_client import generate_latest
 from dynamo_rt.errors import InvalidRequest
 from frontend.metrics import FrontendMetrics
 from planner.connectors import Connector
-from planner.core import (
-    DECODE,
-    PREFILL,
-    Planner,
-    PlannerConfig,
-    PoolLimits,
-    Profile,
-    decode_replicas,
-    prefill_replicas,
-)
+from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits
 from planner.kube import KubeApiError, KubeClient, in_cluster_config, kubeconfig_config, load_config
 from planner.metrics import FrontendMetricsSource
+from planner.profile import Profile
 from planner.rbg import (
     RbgConnector,
     coordination_rules,
@@ -59,6 +51,7 @@ from planner.rbg import (
     scale_body,
 )
 from planner.runner import PlannerLoop
+from planner.sla import decode_replicas, prefill_replicas
 from tests.conftest import arun
 
 REPO = Path(__file__).resolve().parents[2]

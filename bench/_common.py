@@ -1,7 +1,8 @@
 """Shared helpers of the serving benches (``frontend_overhead.py``, ``kv_routing.py``); not a bench itself.
 
 What lives here:
-* process handling: :class:`Proc` (a child in its own process group, log to a file, stopped by PID),
+* process handling: :class:`Proc` (a :class:`dynamo_rt.local.harness.Child`: its own process group, log to a
+  file, stopped by PID),
   :class:`Services` (our embedded etcd + nats-server on loopback), :func:`cpu_seconds` (user+sys CPU of a
   process and its descendants, from ``/proc/<pid>/stat``);
 * serving stacks: :func:`start_stack` starts fresh services, one mocker worker process and a frontend,
@@ -40,6 +41,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # also when run as a script (the load generator)
+    sys.path.insert(0, str(ROOT))
+
+from dynamo_rt.local import commands, harness  # noqa: E402
+from dynamo_rt.local.harness import Child, wait_http  # noqa: E402
+
 OUT_DIR = ROOT / "bench" / "out"  # git-ignored: logs, plots, profiles
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
@@ -124,19 +131,6 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-with contextlib.suppress(OSError):
-    import ctypes
-
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def exit_on_sigterm() -> None:
     """SIGTERM (``timeout``, a CI runner) unwinds like Ctrl-C, so every ``finally`` stops its children."""
 
@@ -158,57 +152,23 @@ def host_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
-class Proc:
-    """A child process in its own process group, output to ``OUT_DIR/logs/<name>.log``; killed if the
-    bench dies without stopping it (PR_SET_PDEATHSIG)."""
+class Proc(Child):
+    """A child of the bench (:class:`dynamo_rt.local.harness.Child`: its own process group, killed if the bench
+    dies without stopping it), run from the repository root, output to ``OUT_DIR/logs/<name>.log``."""
 
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> None:
-        self.name = name
-        logs = OUT_DIR / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.log_path = logs / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self._log.write((" ".join(argv) + "\n").encode())
-        self._log.flush()
-        self.proc = subprocess.Popen(
-            list(argv),
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=cwd or ROOT,
-            preexec_fn=_die_with_parent,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        log = OUT_DIR / "logs" / f"{name}.log"
+        log.unlink(missing_ok=True)  # this run's output only
+        super().__init__(name, argv, env=env, cwd=cwd or ROOT, log=log)
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        return self.log_tail(n)
 
 
 class Services:
     """Our embedded etcd + nats-server (``dynamo_rt.local.services.LocalServices``) in a temporary folder."""
 
     def __init__(self) -> None:
-        sys.path.insert(0, str(ROOT))
         from dynamo_rt.local.services import EtcdServer, LocalServices
 
         # Throwaway state in memory when possible, and etcd without fsync: on a shared machine a disk stall
@@ -251,23 +211,14 @@ def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 
 def wait_model(base_url: str, model: str, procs: Sequence[Proc], timeout: float = 180.0) -> None:
     """Until ``/v1/models`` lists ``model``; fail fast if one of ``procs`` exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} exited ({p.proc.returncode}):\n{p.tail()}")
-        with contextlib.suppress(OSError, ValueError):
-            status, body = http_json(base_url + "/v1/models")
-            if status == 200 and any(m.get("id") == model for m in (body or {}).get("data", [])):
-                return
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {p.name}\n{p.tail(20)}" for p in procs)
-    raise TimeoutError(f"{model} not served at {base_url} after {timeout:.0f}s\n{logs}")
+    wait_http(base_url + "/v1/models", procs,
+              lambda status, body: status == 200 and any(m.get("id") == model for m in body.get("data", [])),
+              timeout, f"serving {model} at {base_url}")
 
 
 def stop_all(procs: Sequence[Proc]) -> None:
-    for p in reversed(procs):
-        p.stop()
+    """Stop every process together (SIGTERM, SIGKILL after 10 s), newest first."""
+    harness.stop_all(procs)
 
 
 def ready_instances(url: str, dynamo: bool) -> int:
@@ -277,21 +228,15 @@ def ready_instances(url: str, dynamo: bool) -> int:
         return 0
     if dynamo:
         return sum(1 for i in body.get("instances", []) if i.get("endpoint") == "generate")
-    return sum(int(m.get("instances", 0)) for m in (body.get("models") or {}).values())
+    return harness.health_instances(status, body)
 
 
 def wait_instances(url: str, model: str, n: int, dynamo: bool, procs: Sequence[Proc],
                    timeout: float = 180.0) -> None:
     """Until ``model`` is listed and ``n`` worker instances are ready; fail fast if one of ``procs`` exits."""
     wait_model(url, model, procs, timeout)
-    deadline = time.monotonic() + timeout
-    while n > 0 and ready_instances(url, dynamo) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {ready_instances(url, dynamo)} of {n} workers registered at {url}")
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} exited:\n{p.tail()}")
-        time.sleep(0.3)
+    if n > 0:
+        harness.wait_until(lambda: ready_instances(url, dynamo) >= n, procs, timeout, f"{n} workers at {url}")
 
 
 DYNAMO_PLANES = ["--discovery-backend", "etcd", "--request-plane", "nats", "--event-plane", "nats"]
@@ -351,10 +296,8 @@ def start_stack(
                  "--router-mode", router, *frontend_args, *DYNAMO_PLANES]  # fmt: skip
     else:
         env = ours_env(s.etcd_url, s.nats_url, namespace)
-        worker = [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model", model_dir,
-                  "--served-model-name", model, *worker_args]  # fmt: skip
-        front = [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", str(port), "--router-mode",
-                 router, *frontend_args]  # fmt: skip
+        worker = commands.worker("mocker", "agg", model_dir, served_model_name=model, extra=worker_args, python=PY)
+        front = commands.frontend(port, router_mode=router, extra=frontend_args, python=PY)
     procs: list[Proc] = []
     try:
         procs.append(Proc(f"{tag}-worker", worker, env))

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import PY, Proc, Services, cleanup, exit_on_sigterm, free_port, ours_env, say, table, wait_model
+from dynamo_rt.local import commands
 from tests.reliability.fuzzing import fuzz
 
 MODEL = "dynamo-tiny"
@@ -37,10 +38,9 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     with Services() as s, cleanup([]) as procs:
         env = ours_env(s.etcd_url, s.nats_url, "fuzz")
-        procs.append(Proc("fuzz-worker", [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model",
-                                          "tiny", "--speedup", "0"], env))
-        procs.append(Proc("fuzz-frontend", [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port",
-                                            str(port)], env))
+        procs.append(Proc("fuzz-worker", commands.worker("mocker", "agg", "tiny", extra=["--speedup", "0"],
+                                                         python=PY), env))
+        procs.append(Proc("fuzz-frontend", commands.frontend(port, python=PY), env))
         wait_model(url, MODEL, procs)
         say(f"fuzzing {url}: {args.examples} cases per POST operation and mode, {args.get_examples} per GET")
         report = fuzz(url, examples=args.examples, get_examples=args.get_examples, model=MODEL, seed=args.seed)

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dynamo_rt.local import commands  # noqa: E402
+from dynamo_rt.local.harness import Stack  # noqa: E402
 from dynamo_rt.local.services import LocalServices, free_port  # noqa: E402
 from planner.connectors import LocalConnector, LocalWorker, LocalWorkerSpec  # noqa: E402
 from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits  # noqa: E402
@@ -354,12 +355,6 @@ def plot(path: Path, runs: list[RunResult], trace: list[Arrival], args: argparse
     plt.close(fig)
 
 
-def spawn_frontend(port: int, env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT)
-
-
 async def main_async(args: argparse.Namespace) -> int:
     scale = 0.5 if args.quick else 1.0
     phases = [Phase("quiet", 60 * scale, args.quiet_rate, args.quiet_rate),
@@ -387,31 +382,24 @@ async def main_async(args: argparse.Namespace) -> int:
         port = free_port()
         log_dir = OUT / "logs" / "planner"
         log_dir.mkdir(parents=True, exist_ok=True)
-        with (log_dir / "frontend.log").open("ab") as flog:
-            fe = spawn_frontend(port, env, flog)
+        with Stack(stop_timeout=15) as stack:
+            stack.start("frontend", commands.frontend(port), env=env, cwd=ROOT, log=log_dir / "frontend.log")
             url = f"http://127.0.0.1:{port}"
             spec = LocalWorkerSpec(engine="mocker", model="tiny", served_model_name=MODEL,
                                    extra_args=["--speedup", str(args.speedup)], graceful_timeout=30, env=env,
                                    log_dir=log_dir)
-            try:
-                for name in ("ours", "baseline"):
-                    if name == "baseline":
-                        static = peak_sizing(runs[0], phases)
-                        runs.append(await run_static(args, url, spec, trace, static))
-                    else:
-                        runs.append(await run_planner(args, url, spec, trace, profile))
-                    r = runs[-1]
-                    r.stats["loadavg_1m"] = os.getloadavg()[0]
-                    say(f"{r.name}: {r.replica_s:.0f} replica-s, SLA {r.stats['sla']:.3f}, TTFT p95 "
-                        f"{r.stats['ttft_p95']:.3f}s, ITL p95 {r.stats['itl_p95'] * 1e3:.1f}ms, failed "
-                        f"{r.stats['failed']:.0f}; load average {r.stats['loadavg_1m']:.1f} on "
-                        f"{os.cpu_count()} CPUs")
-            finally:
-                fe.terminate()
-                try:
-                    fe.wait(15)
-                except subprocess.TimeoutExpired:
-                    fe.kill()
+            for name in ("ours", "baseline"):
+                if name == "baseline":
+                    static = peak_sizing(runs[0], phases)
+                    runs.append(await run_static(args, url, spec, trace, static))
+                else:
+                    runs.append(await run_planner(args, url, spec, trace, profile))
+                r = runs[-1]
+                r.stats["loadavg_1m"] = os.getloadavg()[0]
+                say(f"{r.name}: {r.replica_s:.0f} replica-s, SLA {r.stats['sla']:.3f}, TTFT p95 "
+                    f"{r.stats['ttft_p95']:.3f}s, ITL p95 {r.stats['itl_p95'] * 1e3:.1f}ms, failed "
+                    f"{r.stats['failed']:.0f}; load average {r.stats['loadavg_1m']:.1f} on "
+                    f"{os.cpu_count()} CPUs")
     by = {r.name: r for r in runs}
     ours, base = by["ours"], by["baseline"]
     ratio = ours.replica_s / base.replica_s

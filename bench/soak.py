@@ -39,28 +39,16 @@ from bench._common import (
     cleanup,
     exit_on_sigterm,
     free_port,
-    http_json,
     ours_env,
     save_plot,
     say,
     table,
-    wait_model,
+    wait_instances,
 )
+from dynamo_rt.local import commands
 
 MODEL = "dynamo-tiny"
 NS = "soak"
-
-
-def wait_instances(url: str, n: int, procs: list[Proc], timeout: float = 180.0) -> None:
-    """Until the frontend's /health counts ``n`` worker instances of the model."""
-    wait_model(url, MODEL, procs, timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, body = http_json(url + "/health")
-        if status == 200 and body["models"][MODEL]["instances"] >= n:
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"{n} workers not registered after {timeout:.0f}s")
 
 
 def rss_mb(pid: int) -> float:
@@ -165,14 +153,12 @@ def main() -> int:
     port = free_port()
     with Services() as s, cleanup([]) as procs:
         env = ours_env(s.etcd_url, s.nats_url, NS)
-        worker = [PY, "-m", "workers", "--engine", "mocker", "--mode", "agg", "--model", "tiny",
-                  "--speedup", str(args.speedup)]
+        worker = commands.worker("mocker", "agg", "tiny", extra=["--speedup", str(args.speedup)], python=PY)
         for i in range(args.workers):
             procs.append(Proc(f"soak-worker-{i}", worker, env))
-        procs.append(Proc("soak-frontend", [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port",
-                                            str(port), "--router-mode", args.router_mode], env))
+        procs.append(Proc("soak-frontend", commands.frontend(port, router_mode=args.router_mode, python=PY), env))
         frontend = procs[-1]
-        wait_instances(f"http://127.0.0.1:{port}", args.workers, procs)
+        wait_instances(f"http://127.0.0.1:{port}", MODEL, args.workers, False, procs)
         say(f"soak: {args.streams} streams x {args.max_tokens} tokens for {args.minutes:g} min on {args.workers} "
             f"mocker workers (speedup {args.speedup:g}, router {args.router_mode}); warm-up {warmup:.0f}s")
         soak = Soak(port, args.streams, args.max_tokens, seconds, frontend.pid)

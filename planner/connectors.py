@@ -2,7 +2,8 @@
 
 - ``dry-run`` (:class:`DryRunConnector`): logs each decision and remembers the numbers; changes nothing.
 - ``local`` (:class:`LocalConnector`): starts and stops worker processes on this machine
-  (``python -m workers --engine E --mode prefill|decode|agg ...``); what ``dynamo-rt up --planner`` uses.
+  (``python -m workers --engine E --mode prefill|decode|agg ...``, each a
+  :class:`dynamo_rt.local.harness.Child`); what ``dynamo-rt up --planner`` uses.
 - ``rbg`` (:class:`planner.rbg.RbgConnector`): the replicas of a RoleBasedGroup's roles on
   Kubernetes.
 
@@ -13,8 +14,6 @@ Every connector has ``current()`` (replicas per pool as the connector last set o
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -24,9 +23,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from dynamo_rt.errors import Unavailable
+from dynamo_rt.local import commands
+from dynamo_rt.local.harness import DRAIN, Child
 from planner.core import AGG, DECODE, PREFILL, Replicas
 
 log = logging.getLogger(__name__)
@@ -69,25 +70,23 @@ class DryRunConnector:
 # local
 
 
-def _die_with_parent() -> None:  # between fork and exec: one prctl call
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: drain, then go
-
-
 @dataclass(eq=False)
 class LocalWorker:
     pool: str
-    proc: subprocess.Popen[bytes]
+    child: Child
     started: float
-    log_file: IO[bytes] | None = None
     stop_sent: float | None = None  # when SIGTERM went out (the worker leaves discovery, then drains)
 
     @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
+
+    @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.child.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.alive()
 
 
 @dataclass
@@ -104,11 +103,8 @@ class LocalWorkerSpec:
     python: str = sys.executable
 
     def command(self, pool: str) -> list[str]:
-        argv = [self.python, "-m", "workers", "--engine", self.engine, "--mode", POOL_MODE[pool],
-                "--model", self.model, "--graceful-timeout", f"{self.graceful_timeout:g}"]
-        if self.served_model_name:
-            argv += ["--served-model-name", self.served_model_name]
-        return [*argv, *self.extra_args]
+        return commands.worker(self.engine, POOL_MODE[pool], self.model, served_model_name=self.served_model_name,
+                               graceful_timeout=self.graceful_timeout, extra=self.extra_args, python=self.python)
 
 
 class LocalConnector:
@@ -147,33 +143,26 @@ class LocalConnector:
 
     def _exited(self, w: LocalWorker) -> None:
         self.exits.append((w.pool, w.pid, w.proc.returncode))
-        if w.log_file is not None:
-            w.log_file.close()
 
     @staticmethod
     def _signal(w: LocalWorker, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(w.pid, sig)
+        w.child.signal(sig)
 
     def _start(self, pool: str) -> LocalWorker:
-        argv = self.spec.command(pool)
-        out: IO[bytes] | None = None
+        log_file = None
         if self.spec.log_dir is not None:
-            self.spec.log_dir.mkdir(parents=True, exist_ok=True)
             self._seq += 1
-            out = open(self.spec.log_dir / f"{pool}-{self._seq}.log", "ab")  # closed when the worker exits
+            log_file = self.spec.log_dir / f"{pool}-{self._seq}.log"
         try:
-            proc = subprocess.Popen(argv, env=dict(self.spec.env), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT if out is not None else None,
-                                    start_new_session=True, preexec_fn=_die_with_parent, close_fds=True)
+            # A worker drains on SIGTERM, also when the planner dies without stopping it.
+            child = Child(f"{pool}-worker", self.spec.command(pool), env=self.spec.env, log=log_file,
+                          death_signal=DRAIN)
         except OSError as exc:
-            if out is not None:
-                out.close()
             raise Unavailable(f"cannot start a {pool} worker: {exc}") from None
-        w = LocalWorker(pool, proc, time.monotonic(), out)
+        w = LocalWorker(pool, child, time.monotonic())
         self.workers.append(w)
         self.started_total += 1
-        log.info("started %s worker pid %d", pool, proc.pid)
+        log.info("started %s worker pid %d", pool, child.pid)
         return w
 
     def _stop(self, w: LocalWorker) -> None:

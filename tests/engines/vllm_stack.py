@@ -53,5 +53,5 @@ class VllmStack(Stack):
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)
             for p in [*self.workers, *([self.frontend] if self.frontend else [])]:
-                shutil.copy(p.log.name, Path(keep) / f"{self.env['DYN_NAMESPACE']}-{p.name}.log")
+                shutil.copy(p.log_path, Path(keep) / f"{self.env['DYN_NAMESPACE']}-{p.name}.log")
         super().stop()

@@ -44,12 +44,13 @@ import yaml
 
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import InvalidRequest
+from workers import registry as engine_registry
 
 # The package version; default image tags follow it (a test keeps it equal to pyproject.toml's).
 VERSION = "0.1.0"
 
 API_GROUP = "workloads.x-k8s.io"
-BACKENDS = ("sglang", "vllm", "trtllm")
+BACKENDS = tuple(engine_registry.names(has_manifests=True))  # engines with images: vllm, sglang, trtllm
 MODES = ("agg", "disagg")
 API_VERSIONS = ("v1alpha1", "v1alpha2")
 ROUTER_MODES = ("kv", "round-robin", "random", "least-loaded")

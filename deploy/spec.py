@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from deploy.rbg import AGG_ROLE, API_VERSIONS, DECODE_ROLE, PREFILL_ROLE
 from dynamo_rt.errors import InvalidRequest
+from workers import registry as engine_registry
 
 # The package version; default image tags follow it (a test keeps it equal to pyproject.toml's).
 VERSION = "0.1.0"
 
-BACKENDS = ("sglang", "vllm", "trtllm")
+BACKENDS = tuple(engine_registry.names(has_manifests=True))  # engines with images: vllm, sglang, trtllm
 MODES = ("agg", "disagg")
 ROUTER_MODES = ("kv", "round-robin", "random", "least-loaded")
 # How prefill/decode coordination is written: a CoordinatedPolicy document (both API versions), or the

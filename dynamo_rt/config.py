@@ -3,15 +3,17 @@
 Every flag of every process is added with :func:`flag`, which records its environment variable; a value
 given on the command line wins over the environment, which wins over the default. ``parse_args(argv)``
 functions take argv (and optionally an env mapping) so tests and the manifest checker can parse real
-command lines without touching ``os.environ``.
+command lines without touching ``os.environ``. Where one flag picks a part with flags of its own (the worker's
+``--engine``), the part's own parser parses what the first one does not know (:attr:`Parser.then`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, overload
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_NATS = "nats://127.0.0.1:4222"
@@ -29,13 +31,47 @@ def parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {v!r}")
 
 
+_N = TypeVar("_N")
+_HELP = ("-h", "--help")
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that knows each flag's environment twin."""
+    """An ArgumentParser that knows each flag's environment twin.
+
+    ``then``: a function from what this parser parsed to a second parser (the chosen engine's), which parses
+    the arguments this one does not know; so each flag has one owner. What neither knows is an error of the
+    second parser, and ``--help`` prints both parsers' flags.
+    """
 
     def __init__(self, *args: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.env_twins: dict[str, str] = {}
+        self.then: Callable[[argparse.Namespace], argparse.ArgumentParser] | None = None
+
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None = None,
+                         namespace: None = None) -> tuple[argparse.Namespace, list[str]]: ...
+
+    @overload
+    def parse_known_args(self, args: Iterable[str] | None, namespace: _N) -> tuple[_N, list[str]]: ...
+
+    @overload
+    def parse_known_args(self, *, namespace: _N) -> tuple[_N, list[str]]: ...
+
+    def parse_known_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        if self.then is None:
+            return super().parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        # Help waits for the second parser: which one it is depends on the flags (--engine E --help).
+        ns, rest = super().parse_known_args([a for a in argv if a not in _HELP], namespace)
+        second = self.then(ns)
+        if any(a in _HELP for a in argv):
+            self.print_help()
+            print()
+            second.print_help()
+            self.exit()
+        return second.parse_args(rest, ns), []
 
 
 def flag(

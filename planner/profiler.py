@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ import httpx
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.errors import DynamoError, Unavailable
 from planner.profile import PROFILE_FORMAT, Profile
+from workers import registry as engine_registry
 
 log = logging.getLogger("planner.profiler")
 
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--url", env="DYN_PROFILE_URL", default=None,
          help="profile the stack behind this frontend (default: start a stack of its own)")
     flag(p, "--model", env="DYN_PROFILE_MODEL", default=None, help="served model name (default: the first)")
-    flag(p, "--engine", env="DYN_PROFILE_ENGINE", default="mocker", choices=["mocker", "reference", "vllm"],
+    flag(p, "--engine", env="DYN_PROFILE_ENGINE", default="mocker", choices=engine_registry.names(runs_on_cpu=True),
          help="engine of the workers it starts")
     flag(p, "--worker-model", env="DYN_PROFILE_WORKER_MODEL", default="tiny", help="model of the workers it starts")
     flag(p, "--mode", env="DYN_PROFILE_MODE", default="disagg", choices=["disagg", "agg"],
@@ -212,17 +212,15 @@ async def measure(args: argparse.Namespace, url: str, model: str, context_length
 
 def mocker_analytic(worker_args: Sequence[str], isls: Sequence[float], conc: Sequence[float]) -> dict[str, Any]:
     """The mocker timing model's own TTFT and ITL at the sweep's points (seconds at speedup 1)."""
-    # By name: the worker packages are not part of dynamo_rt's type-checked surface.
-    worker_main: Any = importlib.import_module("workers.main")
-    engine: Any = importlib.import_module("workers.mocker.engine")
-    a = worker_main.parse_args(["--engine", "mocker", *worker_args], env={})
-    tm = engine.TimingModel(prefill_ms_per_token=a.prefill_ms_per_token, prefill_base_ms=a.prefill_base_ms,
-                     decode_ms_base=a.decode_ms_base, decode_ms_per_seq=a.decode_ms_per_seq,
-                     transfer_ms_per_block=a.transfer_ms_per_block)
+    from workers.main import parse_args
+    from workers.mocker.flags import timing_model
+
+    a = parse_args(["--engine", "mocker", *worker_args], env={})
+    tm = timing_model(a)
     return {"timing": {"prefill_ms_per_token": tm.prefill_ms_per_token, "prefill_base_ms": tm.prefill_base_ms,
                        "decode_ms_base": tm.decode_ms_base, "decode_ms_per_seq": tm.decode_ms_per_seq,
                        "transfer_ms_per_block": tm.transfer_ms_per_block, "max_num_seqs": a.max_num_seqs},
-            "prefill_ttft_s": [tm.prefill_ms(i) / 1e3 for i in isls],
+            "prefill_ttft_s": [tm.prefill_ms(int(i)) / 1e3 for i in isls],
             "decode_concurrency": list(conc),
             "decode_itl_s": [tm.step_ms(min(c, a.max_num_seqs), 0) / 1e3 for c in conc]}
 

@@ -33,6 +33,7 @@ from planner.core import AGG, DECODE, PREFILL, Decision, Planner, PlannerConfig,
 from planner.metrics import FrontendMetricsSource, MetricsSource
 from planner.predictors import PREDICTORS
 from planner.profile import Profile
+from workers import registry as engine_registry
 
 log = logging.getLogger("planner")
 
@@ -193,7 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--log-format", env="DYN_LOG_FORMAT", default="text", choices=["text", "json"], help="log format")
     # local connector
     flag(p, "--worker-engine", env="DYN_PLANNER_WORKER_ENGINE", default="mocker",
-         choices=["reference", "mocker", "vllm", "sglang", "trtllm"], help="engine of local workers")
+         choices=engine_registry.names(), help="engine of local workers")
     flag(p, "--worker-model", env="DYN_PLANNER_WORKER_MODEL", default="tiny",
          help="model folder of local workers, or 'tiny'")
     flag(p, "--worker-args", env="DYN_PLANNER_WORKER_ARGS", default="",

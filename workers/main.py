@@ -1,8 +1,11 @@
 """The worker process: ``dynamo-rt worker --engine E --mode M --model PATH`` (also ``python -m workers``).
 
 One entry function (:func:`run`) per process: it parses flags, builds the engine, connects to NATS and
-etcd, serves until SIGTERM/SIGINT, then leaves discovery and drains. Engine-specific flags come from
-``workers.<engine>.flags`` (``add_flags`` / ``build_engine``), so a new engine is a new folder.
+etcd, serves until SIGTERM/SIGINT, then leaves discovery and drains. The worker's own flags are here; the
+chosen engine's flags, its parser and its build function come from the engine registry
+(:mod:`workers.registry`), so a new engine is a new folder. A node of rank > 0 of a multi-node instance runs
+its engine headless instead (:class:`~workers.common.engine.MultiNodeFollower`). A bad flag value ends the
+process with one line naming the flag and status 2.
 """
 
 from __future__ import annotations
@@ -10,29 +13,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
-import json
 import logging
-import os
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
-from dynamo_rt.errors import DynamoError
+from dynamo_rt.errors import ConfigError, DynamoError
 from dynamo_rt.heap import freeze_startup_heap
 from dynamo_rt.protocol import Mode
-from workers.common.engine import Engine, ModelInfo
+from workers import registry
+from workers.common.engine import Engine, MultiNodeFollower
+from workers.common.gpu_flags import extra_engine_args
+from workers.common.model_info import model_info_from_dir
 
 log = logging.getLogger("workers")
 
-ENGINES = ("reference", "mocker", "vllm", "sglang", "trtllm")
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: Parser) -> None:
+    """The worker's own flags; the chosen engine's parser (``p.then``) parses the engine's."""
     add_runtime_flags(p)
-    flag(p, "--engine", env="DYN_ENGINE", default="reference", choices=ENGINES, help="engine to run")
+    flag(p, "--engine", env="DYN_ENGINE", default=registry.names()[0], choices=registry.names(),
+         help="engine to run (`--engine E --help` lists E's flags)")
     flag(p, "--mode", env="DYN_MODE", default="agg", choices=[m.value for m in Mode],
          help="agg, prefill or decode")
     flag(p, "--model", env="DYN_MODEL", default="tiny",
@@ -43,43 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--ep-size", env="DYN_EP_SIZE", type=int, default=1, help="expert-parallel size (GPU engines)")
     flag(p, "--dp-size", env="DYN_DP_SIZE", type=int, default=1, help="data-parallel size (GPU engines)")
     flag(p, "--nnodes", env="DYN_NNODES", type=int, default=1, help="nodes of one multi-node instance")
-    flag(p, "--node-rank", env="DYN_NODE_RANK", type=int, default=0, help="this node's rank")
+    flag(p, "--node-rank", env="DYN_NODE_RANK", type=int, default=0,
+         help="this node's rank; a node of rank > 0 runs its engine headless for the leader (serves nothing)")
     flag(p, "--dist-init-addr", env="DYN_DIST_INIT_ADDR", default=None,
          help="HOST:PORT of the multi-node leader")
     flag(p, "--extra-engine-args", env="DYN_EXTRA_ENGINE_ARGS", default=None,
-         help="JSON object of engine keyword arguments passed through as is")
+         help="JSON object of engine keyword arguments passed through as is (vLLM, SGLang, TRT-LLM)")
     flag(p, "--graceful-timeout", env="DYN_GRACEFUL_TIMEOUT", type=float, default=30.0,
          help="seconds to let in-flight requests finish on SIGTERM")
-    flag(p, "--block-size", env="DYN_BLOCK_SIZE", type=int, default=16, help="tokens per KV block")
-    for name in ENGINES:
-        mod = _flags_module(name)
-        if mod is not None and hasattr(mod, "add_flags"):
-            mod.add_flags(_SharedFlags(p, p.add_argument_group(f"{name} engine")))
-
-
-class _SharedFlags:
-    """What an engine's ``add_flags`` sees: flags another engine already declared (--max-num-seqs...) are
-    shared, not declared twice."""
-
-    def __init__(self, parser: argparse.ArgumentParser, group: Any) -> None:
-        self._parser = parser
-        self._group = group
-        self.env = getattr(parser, "env", os.environ)
-
-    def add_argument(self, *names: str, **kwargs: Any) -> Any:
-        if any(n in self._parser._option_string_actions for n in names):
-            return None
-        return self._group.add_argument(*names, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._group, name)
-
-
-def _flags_module(engine: str) -> Any:
-    try:
-        return importlib.import_module(f"workers.{engine}.flags")
-    except ImportError:
-        return None
+    env = p.env
+    p.then = lambda ns: registry.engine_parser(ns.engine, env)
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -89,6 +65,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
 
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The worker's flags and the chosen engine's, in one namespace."""
     return build_parser(env).parse_args(argv)
 
 
@@ -99,51 +76,49 @@ def resolve_model(model: str) -> Path:
         return ensure_tiny_model()
     p = Path(model)
     if not (p / "config.json").is_file():
-        raise SystemExit(f"--model {model}: no config.json there (a Hugging Face model folder is expected)")
+        raise ConfigError("--model", f"{model}: no config.json there (a Hugging Face model folder is expected)")
     return p
 
 
-def model_info_from_dir(path: Path, served_name: str | None, block_size: int = 16) -> ModelInfo:
-    """What engines without their own loader (the mocker) publish, read from an HF folder."""
-    cfg = json.loads((path / "config.json").read_text())
-    gen: dict[str, Any] = {}
-    if (path / "generation_config.json").is_file():
-        gen = json.loads((path / "generation_config.json").read_text())
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return ModelInfo(
-        name=served_name or path.name,
-        path=str(path),
-        context_length=int(cfg.get("max_position_embeddings", 4096)),
-        block_size=block_size,
-        eos_token_ids=eos_ids,
-        bos_token_id=gen.get("bos_token_id", cfg.get("bos_token_id")),
-    )
+def check_args(args: argparse.Namespace) -> None:
+    """What the parsers cannot check alone (raises :class:`ConfigError`)."""
+    extra_engine_args(args)
+    if args.nnodes < 1:
+        raise ConfigError("--nnodes", f"must be at least 1, not {args.nnodes}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError("--node-rank", f"must be from 0 to --nnodes - 1 ({args.nnodes - 1}), not {args.node_rank}")
 
 
 def build_engines(args: argparse.Namespace, model_path: Path) -> list[Engine]:
-    mod = _flags_module(args.engine)
-    if mod is None:
-        raise SystemExit(f"engine {args.engine!r} is not available in this installation")
+    """The chosen engine's instances (not started) for the model folder ``model_path``."""
+    spec = registry.spec(args.engine)
     args.model = str(model_path)
-    if args.engine == "mocker":
-        info = model_info_from_dir(model_path, args.served_model_name, getattr(args, "block_size", 16) or 16)
-        if hasattr(mod, "build_engines"):
-            return list(mod.build_engines(args, info))
-        return [mod.build_engine(args, info)]
-    return [mod.build_engine(args)]
+    engines = list(spec.build(args, model_info_from_dir(model_path, args.served_model_name)))
+    if not engines:
+        raise ConfigError("--engine", f"engine {args.engine!r} built no engine from these flags")
+    return engines
 
 
-async def serve(args: argparse.Namespace) -> None:
+def follower(args: argparse.Namespace) -> bool:
+    """A node of rank > 0 of a multi-node instance."""
+    return bool(args.nnodes > 1 and args.node_rank > 0)
+
+
+def engines_for(args: argparse.Namespace) -> list[Engine]:
+    """The model folder resolved (``tiny``: the built-in model, served as ``dynamo-tiny``), then the engines."""
+    if args.model == "tiny" and not args.served_model_name:
+        args.served_model_name = "dynamo-tiny"
+    return build_engines(args, resolve_model(args.model))
+
+
+async def serve(args: argparse.Namespace, engines: list[Engine] | None = None) -> None:
     from dynamo_rt.discovery import Registry
     from dynamo_rt.metrics import start_metrics_server
     from dynamo_rt.transport import NatsOptions, Transport, redact_servers
     from workers.common.runtime import WorkerMetrics, WorkerRuntime
 
-    if args.model == "tiny" and not args.served_model_name:
-        args.served_model_name = "dynamo-tiny"
-    model_path = resolve_model(args.model)
-    engines = build_engines(args, model_path)
+    if engines is None:
+        engines = engines_for(args)
     transport = Transport(NatsOptions(
         servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
         creds=args.nats_creds, ca=args.nats_ca, cert=args.nats_cert, key=args.nats_key,
@@ -157,12 +132,11 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         for eng in engines:
-            registry = Registry(args.etcd_endpoints, args.namespace, user=args.etcd_user,
-                                password=args.etcd_password, ca=args.etcd_ca, cert=args.etcd_cert,
-                                key=args.etcd_key)
-            await registry.start()
+            etcd = Registry(args.etcd_endpoints, args.namespace, user=args.etcd_user, password=args.etcd_password,
+                            ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key)
+            await etcd.start()
             await eng.start()
-            rt = WorkerRuntime(eng, engine_name=args.engine, mode=Mode(args.mode), registry=registry,
+            rt = WorkerRuntime(eng, engine_name=args.engine, mode=Mode(args.mode), registry=etcd,
                                transport=transport, metrics=metrics)
             await rt.start()
             runtimes.append(rt)
@@ -184,18 +158,42 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, args.log_format, role=f"worker[{args.engine}/{args.mode}]")
     try:
-        import uvloop
+        check_args(args)
+        engines = None
+        if follower(args):
+            engines = engines_for(args)
+            if isinstance(engines[0], MultiNodeFollower):
+                # Rank > 0 of a multi-node instance: this node's part of the engine, for the leader, until
+                # killed; it registers nothing (the leader is the instance). Engines without a follower mode
+                # (TensorRT-LLM: MPI starts its ranks) serve as usual.
+                log.info("node %d of %d: running %s headless for the leader at %s", args.node_rank, args.nnodes,
+                         args.engine, args.dist_init_addr)
+                engines[0].run_headless()
+                return 0
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(serve(args))
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(serve(args, engines))
+    except ConfigError as exc:
+        return config_error(exc)
     except DynamoError as exc:  # a start-up failure (bad credentials, server down): one line, no traceback
         log.error("%s", exc)
         return 1
     return 0
 
 
+def config_error(exc: ConfigError) -> int:
+    """A bad flag: one line naming it, status 2 (as argparse's own errors)."""
+    print(f"dynamo-rt worker: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(parse_args(argv))
+    try:
+        args = parse_args(argv)
+    except ConfigError as exc:
+        return config_error(exc)
+    return run(args)

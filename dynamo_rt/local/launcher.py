@@ -33,6 +33,7 @@ from typing import Any
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.local import commands
 from dynamo_rt.local.harness import DRAIN, ChildExited, NotReady, Stack
+from workers import registry as engine_registry
 
 log = logging.getLogger("dynamo_rt.up")
 
@@ -42,7 +43,7 @@ PLANNER_WORKER_WAIT = 120.0  # the frontend's --worker-wait-timeout under --plan
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--engine", env="DYN_UP_ENGINE", default="reference",
-         choices=["reference", "mocker", "vllm", "sglang", "trtllm"], help="engine of the workers")
+         choices=engine_registry.names(), help="engine of the workers")
     flag(p, "--model", env="DYN_MODEL", default="tiny", help="model folder, or 'tiny' (built-in)")
     flag(p, "--served-model-name", env="DYN_SERVED_MODEL_NAME", default=None, help="name clients use")
     flag(p, "--disagg", env="DYN_UP_DISAGG", default=False, is_bool=True,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dynamo_rt.errors import ConfigError
 from tests.engines.standin import worker_argvs
 from tests.stack import ROOT
 from workers.main import parse_args
@@ -17,7 +18,7 @@ from workers.vllm.flags import connector_config, engine_kwargs
 
 def test_engine_flag_modules_import_no_engine() -> None:
     code = ("import sys, workers.main as m; "
-            "[m.parse_args(['--engine', e, '--model', '/m']) for e in ('vllm', 'sglang', 'trtllm')]; "
+            "[m.parse_args(['--engine', e, '--model', '/m'], env={}) for e in ('vllm', 'sglang', 'trtllm')]; "
             "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('vllm', 'sglang', 'tensorrt_llm', 'zmq')); "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -51,19 +52,22 @@ def test_vllm_extra_engine_args_apply_last() -> None:
 
 
 def test_shared_gpu_engine_flags_map_to_each_engine() -> None:
-    """``workers.common.gpu_flags``: one declaration of each shared flag and env twin, whichever engine is chosen;
+    """``workers.common.gpu_flags``: each adapter's parser declares each shared flag once, with the same env twin;
     each adapter maps the values to its engine's own names, ``--extra-engine-args`` last."""
     from workers.common.gpu_flags import extra_engine_args
-    from workers.main import build_parser
+    from workers.registry import engine_parser
     from workers.sglang.flags import engine_kwargs as sglang_kwargs
     from workers.trtllm.flags import engine_kwargs as trtllm_kwargs
 
-    helps = [a.help or "" for a in build_parser({})._actions]
-    for name, twin in (("--model-dtype", "DYN_MODEL_DTYPE"), ("--max-model-len", "DYN_MAX_MODEL_LEN"),
-                       ("--enforce-eager", "DYN_ENFORCE_EAGER"),
-                       ("--gpu-memory-utilization", "DYN_GPU_MEMORY_UTILIZATION"), ("--kv-events", "DYN_KV_EVENTS")):
-        declared = [h for h in helps if f"[env {twin};" in h]
-        assert len(declared) == 1, name
+    for engine in ("vllm", "sglang", "trtllm"):
+        p = engine_parser(engine, {})
+        helps = [a.help or "" for a in p._actions]
+        for name, twin in (("--model-dtype", "DYN_MODEL_DTYPE"), ("--max-model-len", "DYN_MAX_MODEL_LEN"),
+                           ("--enforce-eager", "DYN_ENFORCE_EAGER"), ("--block-size", "DYN_BLOCK_SIZE"),
+                           ("--gpu-memory-utilization", "DYN_GPU_MEMORY_UTILIZATION"),
+                           ("--kv-events", "DYN_KV_EVENTS")):
+            declared = [h for h in helps if f"[env {twin};" in h]
+            assert len(declared) == 1 and p.env_twins[name] == twin, (engine, name)
     env = {"DYN_MODEL_DTYPE": "float16", "DYN_MAX_MODEL_LEN": "1024", "DYN_ENFORCE_EAGER": "1",
            "DYN_GPU_MEMORY_UTILIZATION": "0.5", "DYN_KV_EVENTS": "0", "DYN_EXTRA_ENGINE_ARGS": '{"seed": 3}'}
     for engine in ("vllm", "sglang", "trtllm"):
@@ -81,6 +85,6 @@ def test_shared_gpu_engine_flags_map_to_each_engine() -> None:
     t = trtllm_kwargs(parse_args(["--engine", "trtllm", "--model", "/m"], env=env))
     assert (t["dtype"], t["max_seq_len"], t["cuda_graph_config"], t["kv_cache_config"]["free_gpu_memory_fraction"],
             t["seed"]) == ("float16", 1024, None, 0.5, 3)
-    for bad in ("[1]", "{nope"):
-        with pytest.raises(SystemExit):
+    for bad, why in (("[1]", "a JSON object is expected"), ("{nope", "not JSON")):
+        with pytest.raises(ConfigError, match=f"--extra-engine-args: {why}"):
             extra_engine_args(parse_args(["--engine", "vllm", "--model", "/m", "--extra-engine-args", bad]))

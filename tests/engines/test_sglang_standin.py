@@ -23,10 +23,10 @@ from dynamo_rt import errors, kvhash
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, SamplingParams, StopConditions
 from tests.conftest import arun
 from tests.engines.standin import collect, engine_args, req, tokens, worker_argvs
+from workers.common.kv_events import KvHashMap
 from workers.main import parse_args
 from workers.sglang.engine import SglangEngine
 from workers.sglang.flags import engine_kwargs, resolve_mode
-from workers.vllm.kv_events import KvHashMap
 
 PAGE = 16
 
@@ -304,5 +304,5 @@ def test_sglang_flags_from_the_manifests_parse() -> None:
     # SGLang's own --disaggregation-mode (the seed's flag) sets --mode; a contradiction is refused.
     args = parse_args(["--engine", "sglang", "--disaggregation-mode", "decode", "--model", "/m"])
     assert resolve_mode(args) == "decode"
-    with pytest.raises(SystemExit):
+    with pytest.raises(errors.ConfigError, match="--disaggregation-mode"):
         resolve_mode(parse_args(["--engine", "sglang", "--mode", "prefill", "--disaggregation-mode", "decode"]))

@@ -55,12 +55,12 @@ def test_profile_cli_with_its_own_stack(tmp_path: Path) -> None:
     tm = TimingModel()
     analytic = doc["analytic"]
     assert analytic["timing"] == {"prefill_ms_per_token": 0.07, "prefill_base_ms": 2.0, "decode_ms_base": 10.0,
-                                  "decode_ms_per_seq": 0.1, "transfer_ms_per_block": 0.08, "max_num_seqs": 128}
+                                  "decode_ms_per_seq": 0.1, "transfer_ms_per_block": 0.08, "max_num_seqs": 256}
     assert analytic["prefill_ttft_s"] == [tm.prefill_ms(64) / 1e3, tm.prefill_ms(128) / 1e3]
     conc = doc["decode"][0]["concurrency"]
     assert analytic["decode_concurrency"] == conc
     assert analytic["decode_itl_s"] == [tm.step_ms(c, 0) / 1e3 for c in conc]  # type: ignore[arg-type]
-    assert doc["max_concurrency"] == 128
+    assert doc["max_concurrency"] == 256
     loaded = Profile.load(out)
     assert loaded.prefill_isl == (64.0, 128.0) and loaded.meta["engine"] == "mocker"
     assert "profile written to" in proc.stderr

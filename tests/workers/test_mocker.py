@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from dynamo_rt.config import Parser
-from dynamo_rt.errors import ErrorCode, InvalidRequest, Unavailable
+from dynamo_rt.errors import ConfigError, ErrorCode, InvalidRequest, Unavailable
 from dynamo_rt.kvhash import block_hashes
 from dynamo_rt.protocol import GenerateRequest, KvEvent, KvTransferParams, SamplingParams, StopConditions
 from workers.common.engine import Engine, EngineOutput, ModelInfo
@@ -495,7 +495,7 @@ def test_context_length_flag_overrides_the_card() -> None:
     add_flags(p0)
     default = build_engine(p0.parse_args(["--num-blocks", "2048"]), INFO)
     assert default.info.context_length == 4096
-    with pytest.raises(ValueError, match="--context-length must be at least 1"):
+    with pytest.raises(ConfigError, match="--context-length: must be at least 1"):
         build_engine(p0.parse_args(["--context-length", "0"]), INFO)
 
     async def main() -> None:

@@ -4,13 +4,20 @@ The runtime (``workers.common.runtime``) owns etcd registration, the NATS endpoi
 an engine only turns :class:`~dynamo_rt.protocol.GenerateRequest` into a stream of :class:`EngineOutput`.
 Cancellation is the consumer closing the async iterator (``aclose``) or cancelling the task iterating it:
 an engine must free the request's KV blocks in its ``finally``.
+
+Optional abilities are small protocols below the :class:`Engine` one; the runtime checks them with
+``isinstance`` (each is ``runtime_checkable``), so mypy checks what an engine declares against what the runtime
+uses: :class:`OwnsKvPool` (NIXL hand-off of its own KV pool, ``workers.common.kv_handoff``),
+:class:`TieredCache` (host / disk tiers in a router resync), :class:`NamedInstance` (learns its instance id),
+:class:`AdvertisesInstance` (extra fields of its instance record), :class:`MultiNodeFollower` (nodes of rank > 0
+of a multi-node instance, ``workers.main``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from dynamo_rt.protocol import GenerateRequest, KvEvent, KvTransferParams, TokenLogprob
 
@@ -75,3 +82,78 @@ class Engine(Protocol):
     async def release_pin(self, pin_id: str) -> bool:
         """Prefill side of disagg: free blocks pinned for a decode worker. False if unknown."""
         ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optional abilities
+
+# Fills the given local blocks with a prefill worker's blocks (raises a DynamoError when it cannot).
+KvLoader = Callable[[KvTransferParams, list[int]], Awaitable[None]]
+
+
+class Device(Protocol):
+    """Where a KV pool lives (a ``torch.device``)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def index(self) -> int | None: ...
+
+
+class KvPoolMemory(Protocol):
+    """One contiguous KV pool: ``num_blocks`` blocks of ``block_bytes`` bytes from ``data_ptr()``."""
+
+    @property
+    def block_bytes(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def device(self) -> Device: ...
+
+    def data_ptr(self) -> int: ...
+
+
+@runtime_checkable
+class OwnsKvPool(Protocol):
+    """An engine whose KV pool the runtime registers with NIXL (prefill side) and whose decode requests pull
+    their prompt's blocks through ``kv_loader`` (set by the runtime). ``pool`` is None until started."""
+
+    kv_loader: KvLoader | None
+
+    @property
+    def pool(self) -> KvPoolMemory | None: ...
+
+
+@runtime_checkable
+class TieredCache(Protocol):
+    """An engine with KV tiers below its pool (host memory, disk), keyed by the same block hashes."""
+
+    def cached_block_hashes_by_tier(self) -> dict[str, list[int]]:
+        """Tier name -> every block hash it holds (for a router resync)."""
+        ...
+
+
+@runtime_checkable
+class NamedInstance(Protocol):
+    """An engine that puts its instance id into the ``KvTransferParams`` it returns (set by the runtime)."""
+
+    instance_id: str
+
+
+@runtime_checkable
+class AdvertisesInstance(Protocol):
+    """An engine with fields of its own for its instance record (``InstanceRecord.extra``)."""
+
+    @property
+    def instance_extra(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class MultiNodeFollower(Protocol):
+    """An engine that runs on every node of a multi-node instance: nodes of rank > 0 only run the engine's
+    workers for the leader, until killed; they serve no requests and register nothing."""
+
+    def run_headless(self) -> None: ...

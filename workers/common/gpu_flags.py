@@ -1,10 +1,10 @@
 """Flags and flag helpers shared by the adapters of third-party engines (vLLM, SGLang, TensorRT-LLM).
 
-Place: ``workers.{vllm,sglang,trtllm}.flags`` call :func:`add_gpu_engine_flags` from their ``add_flags`` and
+Place: ``workers.{vllm,sglang,trtllm}.flags`` call :func:`add_gpu_engine_flags` from their ``add_flags`` (so
+each of the three parsers declares these flags once, with the same default and env twin) and
 :func:`extra_engine_args` from their ``engine_kwargs``; each maps the parsed values to its engine's own argument
-names. ``workers.main`` hands every engine's ``add_flags`` a parser wrapper that skips a flag already declared,
-so the first engine declares these and the others share them: one flag, one env twin, whichever ``--engine`` is
-chosen. Cheap to import (no engine import): every worker CLI imports it.
+names. The worker (``workers.main``) checks ``--extra-engine-args`` with :func:`extra_engine_args` whatever the
+engine. Cheap to import (no engine import): every worker CLI imports it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import json
 from typing import Any
 
 from dynamo_rt.config import flag
+from dynamo_rt.errors import ConfigError
 
 
-def add_gpu_engine_flags(parser: Any) -> None:
-    """The flags every third-party engine maps (``parser``: an ``argparse`` parser or group)."""
+def add_gpu_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every third-party engine maps."""
+    flag(parser, "--block-size", env="DYN_BLOCK_SIZE", type=int, default=16,
+         help="tokens per KV block (the engine's page size, so its KV events hash the blocks the router hashes)")
     flag(parser, "--model-dtype", env="DYN_MODEL_DTYPE", default="auto",
          help="vLLM / SGLang / TRT-LLM dtype (auto, float32, bfloat16, float16); float32 on CPU")
     flag(parser, "--max-model-len", env="DYN_MAX_MODEL_LEN", type=int, default=None,
@@ -28,6 +31,12 @@ def add_gpu_engine_flags(parser: Any) -> None:
          help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
     flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
          help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
+    # The manifests give every engine's prefill workers the reference engine's host KV tier; these engines
+    # have host tiers of their own (--extra-engine-args), so the flags are accepted and not used.
+    flag(parser, "--kv-host-tier-path", env="DYN_KV_HOST_TIER_PATH", default=None,
+         help="the reference engine's host KV tier file: accepted, not used by vLLM / SGLang / TRT-LLM")
+    flag(parser, "--kv-host-tier-gib", env="DYN_KV_HOST_TIER_GIB", type=float, default=4.0,
+         help="the reference engine's host KV tier size: accepted, not used by vLLM / SGLang / TRT-LLM")
 
 
 def model_dtype(args: argparse.Namespace) -> str:
@@ -42,7 +51,7 @@ def extra_engine_args(args: argparse.Namespace) -> dict[str, Any]:
     try:
         extra = json.loads(args.extra_engine_args)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--extra-engine-args: not JSON ({exc})") from exc
+        raise ConfigError("--extra-engine-args", f"not JSON ({exc})") from exc
     if not isinstance(extra, dict):
-        raise SystemExit("--extra-engine-args: a JSON object is expected")
+        raise ConfigError("--extra-engine-args", f"a JSON object is expected, not {args.extra_engine_args}")
     return extra

@@ -1,24 +1,25 @@
 """Wires an engine's KV pool to NIXL: publish it (prefill side), pull from peers (decode side).
 
-An engine takes part when it exposes ``pool`` (``data_ptr()``, ``block_bytes``, ``num_blocks``, ``device``)
-and a ``kv_loader`` attribute (the reference engine does; vLLM / SGLang / TRT-LLM use their own hand-off and
-the mocker simulates it). The pool is registered once; its :class:`~dynamo_rt.protocol.NixlRecord` goes to
-``/{ns}/nixl/{instance_id}``. A decode request carrying ``KvTransferParams`` makes the engine call the loader
-with its freshly allocated local blocks: the loader looks the prefill worker's record up in etcd (once per
-peer), READs the blocks (one descriptor per contiguous run) and returns; a failure makes the engine prefill
-locally, so the request still completes. The prefill pin is released by the runtime after the first token.
+An engine takes part when it is :class:`~workers.common.engine.OwnsKvPool` (the reference engine is; vLLM /
+SGLang / TRT-LLM use their own hand-off and the mocker simulates it). The pool is registered once; its
+:class:`~dynamo_rt.protocol.NixlRecord` goes to ``/{ns}/nixl/{instance_id}``. A decode request carrying
+``KvTransferParams`` makes the engine call the loader with its freshly allocated local blocks: the loader looks
+the prefill worker's record up in etcd (once per peer), READs the blocks (one descriptor per contiguous run)
+and returns; a failure makes the engine prefill locally, so the request still completes. The prefill pin is
+released by the runtime after the first token.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TypeGuard
 
 import msgspec
 
 from dynamo_rt import errors
 from dynamo_rt.discovery import Registry, nixl_key
 from dynamo_rt.protocol import KvTransferParams, NixlRecord
+from workers.common.engine import Engine, KvPoolMemory, OwnsKvPool
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +27,25 @@ PULL_TIMEOUT = 10.0
 
 
 class KvHandoff:
-    def __init__(self, engine: Any, registry: Registry) -> None:
+    def __init__(self, engine: OwnsKvPool, registry: Registry) -> None:
         from dynamo_rt.kv import KvTransfer
 
+        pool: KvPoolMemory | None = engine.pool
+        if pool is None:
+            raise errors.KvTransferError("the engine has no KV pool yet (start it first)")
         self.engine = engine
         self.registry = registry
-        pool = engine.pool
-        memory = "VRAM" if getattr(pool.device, "type", "cpu") == "cuda" else "DRAM"
+        memory = "VRAM" if pool.device.type == "cuda" else "DRAM"
         self.kt = KvTransfer(f"{registry.namespace}-{registry.instance_id}", memory=memory,
-                             device_id=getattr(pool.device, "index", None) or 0)
+                             device_id=pool.device.index or 0)
         self.record = self.kt.register_pool(pool.data_ptr(), pool.block_bytes, pool.num_blocks)
         self.pulls = 0
         self.failures = 0
 
     @staticmethod
-    def supported(engine: Any) -> bool:
-        pool = getattr(engine, "pool", None)
-        return pool is not None and hasattr(pool, "data_ptr") and hasattr(engine, "kv_loader")
+    def supported(engine: Engine) -> TypeGuard[OwnsKvPool]:
+        """The engine owns a KV pool, allocated by now (call after ``start``)."""
+        return isinstance(engine, OwnsKvPool) and engine.pool is not None
 
     async def start(self) -> None:
         await self.registry.register_nixl(self.record)

@@ -47,7 +47,7 @@ from dynamo_rt.transport import (
     kv_events_subject,
     load_subject,
 )
-from workers.common.engine import Engine
+from workers.common.engine import AdvertisesInstance, Engine, NamedInstance, TieredCache
 from workers.common.kv_handoff import KvHandoff
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         info = self.engine.info
-        if hasattr(self.engine, "instance_id"):
+        if isinstance(self.engine, NamedInstance):
             self.engine.instance_id = self.instance_id  # engines that fill KvTransferParams.instance_id
         files = await self._publish_tokenizer()
         digest = hashlib.sha256(b"".join(k.encode() + v.encode() for k, v in sorted(files.items()))).hexdigest()
@@ -129,9 +129,10 @@ class WorkerRuntime:
         self._endpoints.append(await self.transport.serve(
             instance_subject(self.ns, COMPONENT, "kv_blocks", self.instance_id), self._kv_blocks))
         self.engine.set_kv_event_sink(self._on_kv_events)
-        if self.mode in (Mode.PREFILL, Mode.DECODE) and KvHandoff.supported(self.engine):
+        engine = self.engine
+        if self.mode in (Mode.PREFILL, Mode.DECODE) and KvHandoff.supported(engine):
             try:
-                self.kv = KvHandoff(self.engine, self.registry)
+                self.kv = KvHandoff(engine, self.registry)
                 await self.kv.start()
             except errors.DynamoError as exc:
                 log.warning("NIXL KV hand-off unavailable (%s): decode requests will prefill locally", exc)
@@ -140,7 +141,7 @@ class WorkerRuntime:
             instance_id=self.instance_id, namespace=self.ns, component=COMPONENT, endpoint="generate",
             subject=self.subject, mode=self.mode, engine=self.engine_name, model=info.name,
             kv_block_size=info.block_size, max_context=info.context_length, host=socket.gethostname(),
-            pid=os.getpid(), extra=self.extra,
+            pid=os.getpid(), extra=self._instance_extra(),
         )
         card = ModelCard(
             name=info.name, context_length=info.context_length, kv_block_size=info.block_size,
@@ -153,6 +154,12 @@ class WorkerRuntime:
         self._tasks.append(asyncio.create_task(self._publish_load_loop(), name="load-publisher"))
         log.info("worker %s serving model %r (%s, mode %s) on %s", self.instance_id, info.name,
                  self.engine_name, self.mode.value, self.subject)
+
+    def _instance_extra(self) -> dict[str, Any]:
+        """The record's ``extra``: the engine's own fields (an SGLang prefill worker's bootstrap address), then
+        the caller's."""
+        own = self.engine.instance_extra if isinstance(self.engine, AdvertisesInstance) else {}
+        return {**own, **self.extra}
 
     async def stop(self, *, grace: float = 30.0) -> None:
         """Leave discovery, let in-flight requests finish for up to ``grace`` seconds, then stop."""
@@ -242,9 +249,8 @@ class WorkerRuntime:
             outcome = "cancelled"
             raise
         finally:
-            close = getattr(outs, "aclose", None)  # an async generator: run its finally blocks now, not at GC
-            if close is not None:
-                await close()
+            if isinstance(outs, AsyncGenerator):  # run its finally blocks now, not at GC
+                await outs.aclose()
             if kv is not None and kv.pin_id:
                 self._release_remote(kv.instance_id, kv.pin_id)
             m.active.labels(model).dec()
@@ -279,9 +285,8 @@ class WorkerRuntime:
         hashes = self.engine.cached_block_hashes()
         # seq: the last batch this snapshot includes (-1: none yet)
         snap: dict[str, Any] = {"seq": self._kv_seq - 1, "hashes": hashes}
-        by_tier = getattr(self.engine, "cached_block_hashes_by_tier", None)
-        if by_tier is not None:
-            snap["tiers"] = by_tier()  # lower tiers (host / disk) of engines that have them
+        if isinstance(self.engine, TieredCache):
+            snap["tiers"] = self.engine.cached_block_hashes_by_tier()  # lower tiers (host / disk)
         yield Data(seq=0, token_ids=[], payload=encode(snap))
         yield Final(seq=0, finish_reason="stop")
 

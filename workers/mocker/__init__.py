@@ -1,5 +1,6 @@
 """Mocker worker: a simulated engine (timing model + real KV block accounting) for router, planner and
-load tests. :class:`MockerEngine` is the engine; :mod:`workers.mocker.flags` builds it from the CLI."""
+load tests. :class:`MockerEngine` is the engine; :mod:`workers.mocker.flags` is its spec for the engine
+registry (flags and factory)."""
 
 from workers.mocker.engine import MockerEngine, RequestStats, TimingModel
 

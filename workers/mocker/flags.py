@@ -1,7 +1,9 @@
-"""Command-line flags of the mocker engine (each with a ``DYN_MOCKER_*`` twin) and the engine factory.
+"""The mocker's engine spec: its command-line flags (each with a ``DYN_MOCKER_*`` twin) and the engine factory.
 
-The worker runtime adds these to its own parser (:func:`add_flags`) and calls :func:`build_engines`;
-``--num-workers N`` gives N independent engines in one process, each registered as its own instance.
+Place: :data:`SPEC` is what the engine registry (``workers.registry``) loads for ``--engine mocker``: the
+worker's parser hands the flags it does not know to a parser of :func:`add_flags`, then calls
+:func:`build_engines`; ``--num-workers N`` gives N independent engines in one process, each registered as its
+own instance. :func:`timing_model` is the timing model these flags describe (the profiler's analytic figures).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import os
 
 from dynamo_rt.config import flag
+from dynamo_rt.errors import ConfigError
 from workers.common.engine import ModelInfo
-from workers.mocker.engine import MockerEngine
+from workers.mocker.engine import MockerEngine, TimingModel
+from workers.registry import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,12 @@ def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[MockerEngin
     if vocab is None:
         vocab = _config_vocab(info.path) or DEFAULT_VOCAB
     if args.num_workers < 1:
-        raise ValueError("--num-workers must be at least 1")
+        raise ConfigError("--num-workers", f"must be at least 1, not {args.num_workers}")
+    info = dataclasses.replace(info, block_size=args.block_size)
     context = getattr(args, "context_length", None)
     if context is not None:
         if context < 1:
-            raise ValueError("--context-length must be at least 1")
+            raise ConfigError("--context-length", f"must be at least 1, not {context}")
         info = dataclasses.replace(info, context_length=context)
     return [
         MockerEngine(
@@ -113,6 +118,13 @@ def build_engine(args: argparse.Namespace, info: ModelInfo) -> MockerEngine:
     return build_engines(ns, info)[0]
 
 
+def timing_model(args: argparse.Namespace) -> TimingModel:
+    """The timing model of parsed mocker flags (at speedup 1)."""
+    return TimingModel(prefill_ms_per_token=args.prefill_ms_per_token, prefill_base_ms=args.prefill_base_ms,
+                       decode_ms_base=args.decode_ms_base, decode_ms_per_seq=args.decode_ms_per_seq,
+                       transfer_ms_per_block=args.transfer_ms_per_block)
+
+
 def _config_vocab(path: str) -> int | None:
     file = os.path.join(path, "config.json") if path else ""
     if not file or not os.path.isfile(file):
@@ -120,3 +132,12 @@ def _config_vocab(path: str) -> int | None:
     with open(file) as f:
         v = json.load(f).get("vocab_size")
     return int(v) if isinstance(v, int) else None
+
+
+SPEC = EngineSpec(
+    name="mocker",
+    description="simulated engine: a timing model and real KV block accounting (router, planner and load tests)",
+    add_flags=add_flags,
+    build=build_engines,
+    runs_on_cpu=True,
+)

@@ -1,24 +1,26 @@
-"""Command-line flags of the reference engine and the factory the worker CLI calls.
+"""The reference engine's spec: its command-line flags and the factory the worker calls.
 
-Place: ``workers.main`` calls :func:`add_flags` on its parser (flags another engine already declared, such
-as ``--max-num-seqs`` or the runtime's ``--block-size``, are shared) and :func:`build_engine` with the
-parsed namespace (``args.model`` is the resolved model folder, ``args.served_model_name`` the public name).
-Every flag has an environment twin (:func:`dynamo_rt.config.flag`).
+Place: :data:`SPEC` is what the engine registry (``workers.registry``) loads for ``--engine reference``: the
+worker's parser hands the flags it does not know to a parser of :func:`add_flags`, then calls
+:func:`build_engine` with the parsed namespace (``args.model`` is the resolved model folder,
+``args.served_model_name`` the public name). Every flag has an environment twin (:func:`dynamo_rt.config.flag`).
+Cheap to import: torch is imported when the engine is built.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dynamo_rt.config import flag
+from workers.common.engine import ModelInfo
+from workers.registry import EngineSpec
 
 if TYPE_CHECKING:  # the engine imports torch: only `--engine reference` pays for that
     from workers.reference.engine import ReferenceEngine
 
 
-def add_flags(parser: Any) -> None:
-    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
+def add_flags(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--device", env="DYN_REF_DEVICE", default="cpu",
          help="torch device of the reference engine (cpu, cuda, cuda:1)")
     flag(parser, "--dtype", env="DYN_REF_DTYPE", default="float32",
@@ -95,5 +97,19 @@ def build_engine(args: argparse.Namespace) -> ReferenceEngine:
     )
 
 
+def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[ReferenceEngine]:
+    """One engine; it reads its model card from the folder itself (``info`` is not needed)."""
+    return [build_engine(args)]
+
+
 def _gib(v: float | None) -> int | None:
     return None if v is None else int(v * 2**30)
+
+
+SPEC = EngineSpec(
+    name="reference",
+    description="our torch engine (paged KV cache, continuous batching, prefix caching; CPU and CUDA)",
+    add_flags=add_flags,
+    build=build_engines,
+    runs_on_cpu=True,
+)

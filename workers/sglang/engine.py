@@ -24,7 +24,7 @@ whole answer, first token included (SGLang sends it along with the KV). An SGLan
 by itself: without bootstrap parameters it fails the request (no local fallback as with vLLM).
 
 KV events: SGLang publishes vLLM-shaped ``BlockStored`` / ``BlockRemoved`` events over ZMQ
-(``kv_events_config``); :class:`workers.vllm.kv_events.ZmqEventSubscriber` maps them to our block hashes.
+(``kv_events_config``); :class:`workers.common.kv_events.ZmqEventSubscriber` maps them to our block hashes.
 Load: SGLang's load snapshots (``tokenizer_manager.get_loads()``, 0.5.2x) when present, else our own count.
 """
 
@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import secrets
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,9 @@ from typing import Any
 from dynamo_rt import errors
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
-from workers.vllm.kv_events import KvHashMap, ZmqEventSubscriber
+from workers.common.kv_events import KvHashMap, ZmqEventSubscriber
+from workers.common.model_info import model_info_from_dir
+from workers.common.net import local_address
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,6 @@ BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 # How long a prefill request started by an early hand-off may wait for its decode partner and finish.
 HANDOFF_TIMEOUT = 600.0
 LOAD_POLL_INTERVAL = 1.0
-
-
-def local_address() -> str:
-    """This host's address as other hosts see it (the pod IP in Kubernetes); loopback as a last resort."""
-    with contextlib.suppress(OSError):
-        return socket.gethostbyname(socket.gethostname())
-    return "127.0.0.1"
 
 
 def _sglang_engine(**kwargs: Any) -> Any:
@@ -80,8 +74,6 @@ class SglangEngine:
                  bootstrap_host: str | None = None, kv_events: bool = True,
                  engine_factory: Callable[..., Any] = _sglang_engine,
                  event_decoder: Callable[[], Callable[[bytes], Any]] = _sglang_batch_decoder) -> None:
-        from workers.main import model_info_from_dir
-
         self.mode = mode
         self.engine_kwargs = dict(engine_kwargs)
         self.kv_events = kv_events

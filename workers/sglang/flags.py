@@ -1,8 +1,9 @@
-"""Command-line flags of the SGLang engine (each with an environment twin) and the factory the worker CLI calls.
+"""The SGLang engine's spec: its command-line flags (each with an env twin) and the factory the worker calls.
 
-Place: ``workers.main`` adds these to its parser and calls :func:`build_engine`. This module must stay cheap to
-import (every worker CLI imports it; SGLang is not installed on CPU hosts): SGLang is imported only when the
-engine starts.
+Place: :data:`SPEC` is what the engine registry (``workers.registry``) loads for ``--engine sglang``: the worker's
+parser hands the flags it does not know to a parser of :func:`add_flags`, then builds with :func:`build_engines`.
+This module must stay cheap to import (every worker CLI imports it; SGLang is not installed on CPU hosts): SGLang is
+imported only when the engine starts.
 
 The common flags map to SGLang's ``ServerArgs`` fields (names of SGLang 0.5.23,
 ``sglang/srt/arg_groups/fields/*.py``; the same names since 0.4): ``--tp`` -> ``tp_size``, ``--ep-size`` ->
@@ -24,7 +25,10 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from dynamo_rt.errors import ConfigError
+from workers.common.engine import ModelInfo
 from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
+from workers.registry import EngineSpec
 
 if TYPE_CHECKING:
     from workers.sglang.engine import SglangEngine
@@ -32,9 +36,8 @@ if TYPE_CHECKING:
 _MODES = {"null": "agg", "prefill": "prefill", "decode": "decode"}
 
 
-def add_flags(parser: Any) -> None:
-    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_gpu_engine_flags(parser)  # --block-size, --model-dtype, --max-model-len, ... (as the other adapters)
     flag(parser, "--disaggregation-mode", env="DYN_SGLANG_DISAGGREGATION_MODE", default=None,
          choices=sorted(_MODES), help="SGLang's name for --mode (null = agg); must agree with --mode if both given")
     flag(parser, "--disaggregation-transfer-backend", env="DYN_SGLANG_TRANSFER_BACKEND", default="nixl",
@@ -55,7 +58,7 @@ def resolve_mode(args: argparse.Namespace) -> str:
         return str(args.mode)
     mode = _MODES[dm]
     if args.mode not in ("agg", mode):
-        raise SystemExit(f"--disaggregation-mode {dm} contradicts --mode {args.mode}")
+        raise ConfigError("--disaggregation-mode", f"{dm} contradicts --mode {args.mode}")
     return mode
 
 
@@ -86,7 +89,7 @@ def engine_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         kw["disable_cuda_graph"] = True
     if args.nnodes > 1:
         if not args.dist_init_addr:
-            raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+            raise ConfigError("--dist-init-addr", "--nnodes > 1 needs the leader's HOST:PORT")
         kw.update(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     if mode != "agg":
         kw["disaggregation_mode"] = mode
@@ -111,3 +114,17 @@ def build_engine(args: argparse.Namespace) -> SglangEngine:
         bootstrap_host=args.bootstrap_host,
         kv_events=bool(args.kv_events),
     )
+
+
+def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[SglangEngine]:
+    """One engine; it reads its model card from the folder (and SGLang's server args once started)."""
+    return [build_engine(args)]
+
+
+SPEC = EngineSpec(
+    name="sglang",
+    description="sglang.Engine in the worker process (GPU hosts); SGLang's bootstrap-room KV hand-off",
+    add_flags=add_flags,
+    build=build_engines,
+    has_manifests=True,
+)

@@ -41,7 +41,8 @@ from typing import Any
 from dynamo_rt import errors
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
-from workers.vllm.kv_events import KvHashMap
+from workers.common.kv_events import KvHashMap
+from workers.common.model_info import model_info_from_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ class TrtllmEngine:
 
     def __init__(self, *, model_path: str, served_model_name: str | None, mode: str, engine_kwargs: dict[str, Any],
                  kv_events: bool = True, api: Callable[[], Any] = tensorrt_llm_api) -> None:
-        from workers.main import model_info_from_dir
-
         self.mode = mode
         self.engine_kwargs = dict(engine_kwargs)
         self.kv_events = kv_events

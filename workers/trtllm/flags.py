@@ -1,8 +1,9 @@
-"""Command-line flags of the TensorRT-LLM engine (each with an environment twin) and the factory the CLI calls.
+"""The TensorRT-LLM engine's spec: its command-line flags (each with an env twin) and the factory the worker calls.
 
-Place: ``workers.main`` adds these to its parser and calls :func:`build_engine`. This module must stay cheap to
-import (every worker CLI imports it; TensorRT-LLM is not installable on CPU hosts): TensorRT-LLM is imported only
-when the engine starts.
+Place: :data:`SPEC` is what the engine registry (``workers.registry``) loads for ``--engine trtllm``: the worker's
+parser hands the flags it does not know to a parser of :func:`add_flags`, then builds with :func:`build_engines`.
+This module must stay cheap to import (every worker CLI imports it; TensorRT-LLM is not installable on CPU hosts):
+TensorRT-LLM is imported only when the engine starts.
 
 The common flags map to the LLM API's arguments (``tensorrt_llm.LLM(**kwargs)``, PyTorch backend, names of
 TensorRT-LLM 1.x ``tensorrt_llm/llmapi/llm_args.py``): ``--tp`` -> ``tensor_parallel_size``, ``--ep-size`` ->
@@ -22,15 +23,16 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from workers.common.engine import ModelInfo
 from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
+from workers.registry import EngineSpec
 
 if TYPE_CHECKING:
     from workers.trtllm.engine import TrtllmEngine
 
 
-def add_flags(parser: Any) -> None:
-    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_gpu_engine_flags(parser)  # --block-size, --model-dtype, --max-model-len, ... (as the other adapters)
     flag(parser, "--cache-transceiver-backend", env="DYN_TRTLLM_CACHE_TRANSCEIVER_BACKEND", default="NIXL",
          choices=["DEFAULT", "NIXL", "UCX", "MPI"],
          help="TRT-LLM prefill / decode workers: the KV cache transceiver's backend")
@@ -73,3 +75,17 @@ def build_engine(args: argparse.Namespace) -> TrtllmEngine:
 
     return TrtllmEngine(model_path=args.model, served_model_name=args.served_model_name, mode=args.mode,
                         engine_kwargs=engine_kwargs(args), kv_events=bool(args.kv_events))
+
+
+def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[TrtllmEngine]:
+    """One engine; it reads its model card from the folder."""
+    return [build_engine(args)]
+
+
+SPEC = EngineSpec(
+    name="trtllm",
+    description="TensorRT-LLM's LLM API in the worker process (GPU hosts); its cache transceiver hand-off",
+    add_flags=add_flags,
+    build=build_engines,
+    has_manifests=True,
+)

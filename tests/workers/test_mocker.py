@@ -290,6 +290,30 @@ def test_eviction_events_replay_to_cached_state() -> None:
     run(main)
 
 
+def test_eviction_is_one_removed_event_per_allocation_tail_first() -> None:
+    """As the reference engine (the same workers.common.blocks manager): an admission that evicts says so
+    in ONE removed event, and a released prefix loses its tail before its head."""
+
+    async def main() -> None:
+        e = mocker(num_blocks=16)
+        events: list[KvEvent] = []
+        e.set_kv_event_sink(events.extend)
+        await e.start()
+        a = prompt_of(100, seed=21)
+        await collect(e, req("a", a, max_tokens=1))  # 7 blocks, 6 full ones cached
+        ha = block_hashes(a, BS)
+        assert [(ev.kind, ev.block_hashes, ev.parent_hash) for ev in events] == [("stored", ha, None)]
+        events.clear()
+        b = prompt_of(200, seed=22)
+        await collect(e, req("b", b, max_tokens=1))  # 13 blocks: the 10 free ones and 3 evicted
+        assert [(ev.kind, ev.block_hashes) for ev in events] == [
+            ("removed", [ha[5], ha[4], ha[3]]), ("stored", block_hashes(b, BS))]
+        assert sorted(e.cached_block_hashes()) == sorted(ha[:3] + block_hashes(b, BS))
+        await e.stop()
+
+    run(main)
+
+
 def test_preemption_keeps_outputs_exact() -> None:
     async def main() -> None:
         solo = mocker(block_size=4, num_blocks=64)

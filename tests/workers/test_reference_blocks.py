@@ -1,10 +1,12 @@
 """Reference engine KV block accounting: blocks return to baseline after finish and cancellation, a tiny
-pool (eviction + preemption) keeps outputs exact, and KV events carry the router's block hashes."""
+pool (eviction + preemption) keeps outputs exact, KV events carry the router's block hashes, and the mocker
+emits the same KV events (both use workers.common.blocks)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from dynamo_rt import kvhash
 from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, KvEvent, SamplingParams, StopConditions
 from tests.conftest import arun, until
+from workers.common.engine import ModelInfo
+from workers.mocker import MockerEngine
 from workers.reference.engine import ReferenceEngine
 
 
@@ -220,5 +224,44 @@ def test_random_load_with_cancellations_never_hangs_and_stays_exact(tiny: Path) 
         finally:
             await big.stop()
             await small.stop()
+
+    arun(main(), timeout=120)
+
+
+def test_mocker_emits_the_reference_engines_kv_events(tiny: Path) -> None:
+    """Both engines drive workers.common.blocks: the same requests, one at a time, on pools of the same
+    size give the same KV event sequence (stored runs with their parents, one removed event per allocation,
+    cleared at stop). Their tokens differ, so each hash is named by (request, block index) first."""
+    base = _prompt(48, 300)
+    prompts = [base[: 16 * (i % 4)] + _prompt(10 + 9 * i, 310 + i) for i in range(10)] + [base, base[:33]]
+    max_tokens = [3 + (7 * i) % 20 for i in range(len(prompts))]
+
+    async def run(eng: Any) -> list[tuple[str, list[tuple[int, int]], tuple[int, int] | None]]:
+        events: list[KvEvent] = []
+        eng.set_kv_event_sink(events.extend)
+        await eng.start()
+        name: dict[int, tuple[int, int]] = {}
+        try:
+            for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True)):
+                out = await _tokens(eng, _req(f"r{i}", p, m))
+                for j, h in enumerate(kvhash.block_hashes((p + out)[:-1], 16)):
+                    name.setdefault(h, (i, j))
+        finally:
+            await eng.stop()
+        await asyncio.sleep(0.05)  # the reference engine hands its last batch to the loop
+
+        def n(h: int | None) -> tuple[int, int] | None:
+            return None if h is None else name[h]
+
+        return [(e.kind, [name[h] for h in e.block_hashes], n(e.parent_hash)) for e in events]
+
+    async def main() -> None:
+        ref = await run(ReferenceEngine(tiny, num_blocks=12))
+        mock = await run(MockerEngine(ModelInfo(name="m", path="", context_length=4096, block_size=16),
+                                      num_blocks=12, speedup=0, vocab_size=2048))
+        assert ref == mock
+        kinds = {k for k, _, _ in ref}
+        assert kinds == {"stored", "removed", "cleared"}, kinds
+        assert sum(1 for k, _, _ in ref if k == "removed") >= 3
 
     arun(main(), timeout=120)

@@ -69,8 +69,9 @@ import torch
 from dynamo_rt import kvhash
 from dynamo_rt.errors import DynamoError, ErrorCode, InvalidRequest, Unavailable
 from dynamo_rt.protocol import FinishReason, GenerateRequest, KvEvent, KvTransferParams, TokenLogprob
+from workers.common.blocks import BlockManager
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
-from workers.reference.kv_cache import BlockManager, KvPool
+from workers.reference.kv_cache import KvPool
 from workers.reference.kvbm import KvTiers, OnboardJob, TierConfig, model_fingerprint, open_tiers
 from workers.reference.model import (
     DecoderModel,

@@ -11,7 +11,7 @@ thread never copies a block and never waits on disk I/O:
 
 Tiers, fastest first
   primary  the engine's :class:`~workers.reference.kv_cache.KvPool` (device memory on a GPU, the paged pool
-           on a CPU host), managed by :class:`~workers.reference.kv_cache.BlockManager`;
+           on a CPU host), managed by :class:`~workers.common.blocks.BlockManager`;
   host     one file in shared memory (``/dev/shm/...``; an emptyDir with medium Memory in Kubernetes),
            mapped with ``mmap``. It survives the process: a worker restarted in place serves its prefixes;
   disk     one file in a folder, read and written with ``pread`` / ``pwrite`` by the disk thread only.

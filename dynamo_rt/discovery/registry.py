@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -329,7 +329,7 @@ class Registry:
         return await self._unary(lambda t: etcd.range(prefix, timeout=t))
 
     # -- watch
-    def watch_prefix(self, prefix: str, *, sync_marks: bool = False) -> AsyncIterator[WatchEvent]:
+    def watch_prefix(self, prefix: str, *, sync_marks: bool = False) -> AsyncGenerator[WatchEvent, None]:
         """The current state under ``prefix`` as ``put`` events, then every change, forever (until the
         registry closes).
 

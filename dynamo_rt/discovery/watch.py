@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
 from dynamo_rt.discovery.etcd import unauthenticated
@@ -27,7 +27,7 @@ MIN_BACKOFF = 0.05
 MAX_BACKOFF = 1.0  # reconnect quickly after an etcd restart: a retry per second costs nothing
 
 
-async def follow(reg: Registry, prefix: str, *, sync_marks: bool = False) -> AsyncIterator[WatchEvent]:
+async def follow(reg: Registry, prefix: str, *, sync_marks: bool = False) -> AsyncGenerator[WatchEvent, None]:
     """See :meth:`Registry.watch_prefix`."""
     reg._client()  # fail now, not by retrying forever, when the registry is not started
     known: dict[str, tuple[bytes, int]] = {}  # key -> (value, mod revision) as delivered

@@ -63,8 +63,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Flag defaults are read from their environment twins while the parser is built.
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+    except ConfigError as exc:
+        return config_error(f"dynamo-rt {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "dynamo-rt", exc)
     prog = f"dynamo-rt {args.command}"
     if args._import_error is not None:
         print(f"{prog}: error: cannot import {args._module}: {_one_line(args._import_error)}", file=sys.stderr)

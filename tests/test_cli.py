@@ -85,3 +85,13 @@ def test_import_error_of_a_role_in_a_real_process(tmp_path: Path) -> None:
 def test_a_bad_frontend_flag_ends_the_process_with_one_line(args: list[str], env: dict[str, str], line: str) -> None:
     p = _run(args, env=env)
     assert (p.returncode, p.stdout, p.stderr) == (2, "", line + "\n")
+
+
+def test_a_config_error_while_reading_env_twins_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    body = ("from dynamo_rt.errors import ConfigError\n"
+            "def add_arguments(p):\n    raise ConfigError('--widgets', 'DYN_WIDGETS is not a number')\n")
+    monkeypatch.syspath_prepend(str(_standin(tmp_path, "standin_env_role", body)))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "standin", ("standin_env_role", "a stand-in role"))
+    assert cli.main(["standin"]) == 2
+    assert capsys.readouterr().err == "dynamo-rt standin: error: --widgets: DYN_WIDGETS is not a number\n"

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"  # 400: the request cannot be served as sent
+    UNAUTHORIZED = "invalid_api_key"  # 401: missing or wrong API key (OpenAI's code word for it)
     CONTEXT_LENGTH = "context_length_exceeded"  # 400: prompt (+ max_tokens) longer than the model's context
     NOT_FOUND = "not_found"  # 404: unknown model / instance
     TOO_LARGE = "request_too_large"  # 413
@@ -25,6 +26,7 @@ class ErrorCode(StrEnum):
 _STATUS = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.CONTEXT_LENGTH: 400,
+    ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.OVERLOADED: 429,
@@ -36,6 +38,7 @@ _STATUS = {
 
 _TYPE = {
     400: "invalid_request_error",
+    401: "authentication_error",  # the openai SDK raises AuthenticationError on the status
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -76,6 +79,12 @@ class DynamoError(Exception):
 
 class InvalidRequest(DynamoError):
     code = ErrorCode.INVALID_REQUEST
+
+
+class Unauthorized(DynamoError):
+    """The caller did not present the API key the frontend requires."""
+
+    code = ErrorCode.UNAUTHORIZED
 
 
 class NotFound(DynamoError):
@@ -133,6 +142,11 @@ class KvTransferError(DynamoError):
     code = ErrorCode.UNAVAILABLE
 
 
+def internal(exc: BaseException) -> DynamoError:
+    """What a client is told of an unexpected exception (a bug): its type, never its text."""
+    return DynamoError(f"internal error: {type(exc).__name__}")
+
+
 def from_wire(code: str, message: str) -> DynamoError:
     """Rebuild a typed error from an :class:`~dynamo_rt.protocol.Error` frame."""
     try:
@@ -142,6 +156,7 @@ def from_wire(code: str, message: str) -> DynamoError:
     cls: type[DynamoError] = {
         ErrorCode.INVALID_REQUEST: InvalidRequest,
         ErrorCode.CONTEXT_LENGTH: InvalidRequest,
+        ErrorCode.UNAUTHORIZED: Unauthorized,
         ErrorCode.NOT_FOUND: NotFound,
         ErrorCode.UNAVAILABLE: Unavailable,
         ErrorCode.TIMEOUT: DeadlineExceeded,

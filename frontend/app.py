@@ -30,7 +30,16 @@ from dynamo_rt import errors
 from frontend import openai_protocol as op
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
-from frontend.serving import DONE, Dispatcher, Prepared, complete, error_body, new_request_id, stream_response
+from frontend.serving import (
+    DONE,
+    Dispatcher,
+    Prepared,
+    complete,
+    error_body,
+    error_event,
+    new_request_id,
+    stream_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +129,16 @@ class OpenAIResponse(Response):
         self._stream = stream
         self._on_disconnect = on_disconnect
         self._admission = admission
+        self._disconnected = False  # the client went away (its disconnect cancelled this response)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
-        disconnected = False
 
         async def watch() -> None:
-            nonlocal disconnected
             while True:
                 msg = await receive()
                 if msg["type"] == "http.disconnect":
-                    disconnected = True
+                    self._disconnected = True
                     if task is not None:
                         task.cancel()
                     return
@@ -149,11 +157,14 @@ class OpenAIResponse(Response):
                             resp = json_response(body)
                         except errors.DynamoError as exc:
                             resp = error_response(exc)
+                        except Exception as exc:  # a bug: still the one error shape, not the server's own 500
+                            log.exception("unhandled error")
+                            resp = error_response(errors.internal(exc))
                         await resp(scope, receive, send)
             except errors.DynamoError as exc:  # admission refused before anything was sent
                 await error_response(exc)(scope, receive, send)
         except asyncio.CancelledError:
-            if not disconnected:
+            if not self._disconnected:
                 raise
             if self._on_disconnect:
                 self._on_disconnect()
@@ -161,27 +172,49 @@ class OpenAIResponse(Response):
             watcher.cancel()
 
     async def _send_stream(self, send: Send, body: AsyncIterator[bytes]) -> None:
+        """Send the SSE body. Once the headers are out, every stream ends with a finish_reason or an error
+        event, then ``[DONE]``: the body generator maps the errors it knows; what escapes it (a bug, a
+        cancellation by the server rather than the client) is turned into an error event here."""
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})
         if self._on_stream_start is not None:
             self._on_stream_start()
         ended = ok = False
+        failure: errors.DynamoError | None = None
+        cancelled: asyncio.CancelledError | None = None
         try:
-            async for chunk in body:
-                # The chunk ending in [DONE] is the last one: it goes out with the end of the body, one write.
-                ended = chunk.endswith(DONE)
-                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-                if ended:
-                    break
-            ok = True
+            try:
+                async for chunk in body:
+                    # The chunk ending in [DONE] is the last one: it goes out with the end of the body, one write.
+                    ended = chunk.endswith(DONE)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                    if ended:
+                        break
+                ok = True
+                if not ended:
+                    failure = errors.DynamoError("internal error: the stream ended without a finish reason")
+            except asyncio.CancelledError as exc:
+                if self._disconnected:
+                    raise  # nobody is reading
+                # Cancelled by the server (uvicorn past its graceful-shutdown timeout), not by the client.
+                cancelled = exc
+                failure = errors.Unavailable("the frontend is shutting down; this stream was stopped")
+            except Exception as exc:
+                log.exception("stream failed after its headers were sent")
+                failure = errors.internal(exc)
+            if not ended:
+                # Before the body's clean-up below, which may wait on NATS while the server stops.
+                tail = error_event(failure) + DONE if failure is not None else DONE
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             with contextlib.suppress(Exception):
                 await body.aclose()  # type: ignore[attr-defined]
             if self._on_stream_end is not None:
                 self._on_stream_end(ok)
-        if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if cancelled is not None:
+            raise cancelled
 
 
 class Frontend:
@@ -293,6 +326,9 @@ class Frontend:
             except errors.DynamoError as exc:
                 self.metrics.requests.labels(endpoint, str(exc.status)).inc()
                 raise
+            except Exception:
+                self.metrics.requests.labels(endpoint, "500").inc()
+                raise
             finally:
                 gauge.dec()
                 self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
@@ -359,7 +395,7 @@ class FastPath:
             resp = await self.fe.handle(kind, Request(scope, receive))
         except Exception as exc:  # the same mapping as the app's catch-all handler
             log.exception("unhandled error")
-            resp = error_response(errors.DynamoError(f"internal error: {type(exc).__name__}"))
+            resp = error_response(errors.internal(exc))
         await resp(scope, receive, send)
 
 
@@ -406,7 +442,7 @@ def build_app(fe: Frontend) -> FastAPI:
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(errors.DynamoError(f"internal error: {type(exc).__name__}"))
+        return error_response(errors.internal(exc))
 
     if fe.cfg.api_key:
         key = fe.cfg.api_key.encode()
@@ -418,9 +454,7 @@ def build_app(fe: Frontend) -> FastAPI:
             auth = request.headers.get("authorization", "")
             given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
             if not hmac.compare_digest(given, key):
-                body = {"error": {"message": "invalid or missing API key", "type": "authentication_error",
-                                  "param": None, "code": "invalid_api_key"}}
-                return json_response(body, 401)
+                return error_response(errors.Unauthorized("invalid or missing API key"))
             return await call_next(request)
 
     @app.post("/v1/chat/completions", openapi_extra=body_spec("ChatCompletionRequest"))

@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
+from dynamo_rt.errors import ConfigError
 
 log = logging.getLogger("frontend")
 
@@ -61,6 +62,29 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
 
 def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> argparse.Namespace:
     return build_parser(env).parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Values argparse cannot check by type: ConfigError naming the flag (the process exits with one line)."""
+
+    def at_least(name: str, lo: float, *, above: bool = False) -> None:
+        v = getattr(args, name.lstrip("-").replace("-", "_"))
+        if v < lo or (above and v == lo):
+            raise ConfigError(name, f"must be {'>' if above else '>='} {lo:g}, got {v:g}")
+
+    if not 0 <= args.http_port <= 65535:
+        raise ConfigError("--http-port", f"must be a TCP port (0..65535; 0 picks a free one), got {args.http_port}")
+    for name in ("--kv-host-hit-weight", "--kv-disk-hit-weight"):
+        v = getattr(args, name[2:].replace("-", "_"))
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
+    for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
+                 "--max-concurrency", "--max-queue", "--worker-wait-timeout"):
+        at_least(name, 0)
+    at_least("--max-body-bytes", 0, above=True)
+    at_least("--request-timeout", 0, above=True)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
 
 
 @contextlib.asynccontextmanager
@@ -138,6 +162,7 @@ async def serve(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from dynamo_rt.logs import setup_logging
 
+    check_args(args)
     setup_logging(args.log_level, args.log_format, role="frontend")
     try:
         import uvloop
@@ -150,4 +175,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(parse_args(argv))
+    from dynamo_rt.cli import config_error
+
+    try:
+        return run(parse_args(argv))
+    except ConfigError as exc:
+        return config_error("dynamo-rt frontend", exc)

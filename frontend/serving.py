@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,16 @@ from frontend.models import ModelManager, ServedModel
 log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+
+# Test-only fault hook: with this set to N in the frontend's environment, a choice raises RuntimeError once N
+# tokens of it have arrived, standing in for a frontend bug in the middle of a stream
+# (tests/frontend/test_stream_errors.py). Read once per Dispatcher; nothing sets it outside tests.
+TEST_FAULT_ENV = "DYN_TEST_FAULT_RAISE_AFTER_TOKENS"
+
+
+def _test_fault_after_tokens() -> int | None:
+    raw = os.environ.get(TEST_FAULT_ENV, "")
+    return int(raw) if raw else None
 
 
 @dataclass
@@ -112,6 +123,7 @@ class Dispatcher:
         self.request_timeout = request_timeout
         self.disagg_threshold = disagg_threshold
         self.migration_limit = migration_limit
+        self.test_fault_after_tokens = _test_fault_after_tokens()
 
     async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int, *, generated: int = 0,
                    exclude: set[str] | None = None
@@ -324,6 +336,7 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                            skip_special_tokens=p.skip_special_tokens,
                            include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
+    fault = engine.test_fault_after_tokens
     m = engine.metrics
     itl = m.itl.labels(sm.name)  # looked up once, observed per frame
     t_start = last = time.perf_counter()
@@ -370,6 +383,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                             itl.observe((now - last) / len(ids))
                         last = now
                         res.token_ids.extend(ids)
+                        if fault is not None and len(res.token_ids) >= fault:
+                            raise RuntimeError(f"test fault ({TEST_FAULT_ENV}) after {len(res.token_ids)} tokens")
                         if lps and want_lp:
                             res.logprobs.extend(lps)
                         delta, reason = proc.process(ids)
@@ -424,7 +439,7 @@ def _migratable(exc: errors.DynamoError) -> bool:
 
 
 async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[bytes]:
-    """The SSE body of a streaming request. Errors after the first byte become an error event."""
+    """The SSE body of a streaming request: it ends with a finish_reason or an error event, then [DONE]."""
     t = ChunkTemplates(p)
     pre = p.model.pre
     queue: Sink = asyncio.Queue()
@@ -481,6 +496,9 @@ async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[byte
             yield DONE
     except errors.DynamoError as exc:
         yield error_event(exc) + DONE
+    except Exception as exc:  # a bug after the headers went out: the client still gets an error, then [DONE]
+        log.exception("request %s: stream failed", p.request_id)
+        yield error_event(errors.internal(exc)) + DONE
     finally:
         for tk in tasks:
             if not tk.done():

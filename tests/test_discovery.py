@@ -4,6 +4,7 @@ process, revoke on close, and recovery from etcd restarts (with and without its 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -19,12 +20,12 @@ from dynamo_rt.discovery import (
     DiscoveryView,
     Registry,
     WatchEvent,
-    _history_lost,
     instance_key,
     model_key,
     new_instance_id,
     nixl_key,
 )
+from dynamo_rt.discovery.watch import _history_lost
 from dynamo_rt.errors import DiscoveryError
 from dynamo_rt.local.services import EtcdServer, etcd_binary
 from dynamo_rt.protocol import InstanceRecord, Mode, ModelCard, NixlRecord
@@ -370,18 +371,15 @@ def test_etcd_wiped_lease_recreated_and_view_rebuilt(tmp_path: Path, ns: str, sa
 
 
 def test_history_lost_detects_a_rewritten_history() -> None:
-    class Header:
-        cluster_id = 7
-
     known = {"/a": (b"1", 5), "/b": (b"2", 6)}
     # Same history, later writes: resume.
-    assert not _history_lost(known, 6, 7, {"/a": (b"1", 5), "/b": (b"3", 9)}, 9, Header)
-    assert not _history_lost(known, 6, 7, {"/a": (b"1", 5)}, 8, Header)  # /b deleted after rev 6
+    assert not _history_lost(known, 6, 7, {"/a": (b"1", 5), "/b": (b"3", 9)}, 9, 7)
+    assert not _history_lost(known, 6, 7, {"/a": (b"1", 5)}, 8, 7)  # /b deleted after rev 6
     # Other cluster, or a revision behind ours: lost.
-    assert _history_lost(known, 6, 8, {"/a": (b"1", 5)}, 9, Header)
-    assert _history_lost(known, 6, 7, {"/a": (b"1", 2)}, 3, Header)
+    assert _history_lost(known, 6, 8, {"/a": (b"1", 5)}, 9, 7)
+    assert _history_lost(known, 6, 7, {"/a": (b"1", 2)}, 3, 7)
     # Revision already past ours, but a key written at or before it that we never saw: rewritten.
-    assert _history_lost(known, 6, 7, {"/a": (b"1", 2), "/c": (b"x", 4), "/b": (b"2", 7)}, 9, Header)
+    assert _history_lost(known, 6, 7, {"/a": (b"1", 2), "/c": (b"x", 4), "/b": (b"2", 7)}, 9, 7)
 
 
 def _etcdctl(url: str, *args: str) -> None:
@@ -411,3 +409,29 @@ def test_user_password_auth_survives_restart(fresh_etcd: EtcdServer, ns: str) ->
             await view.close()
 
     arun(main(), 60)
+
+
+_FORK_PROBE = """
+import os, sys
+import dynamo_rt, dynamo_rt.errors, dynamo_rt.config
+before = (os.environ.get("GRPC_ENABLE_FORK_SUPPORT"), "grpc" in sys.modules)
+import dynamo_rt.discovery
+from grpc._cython import cygrpc
+print(before, os.environ["GRPC_ENABLE_FORK_SUPPORT"], cygrpc._GRPC_ENABLE_FORK_SUPPORT)
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    (None, "(None, False) false False"),  # off, set by the etcd client module just before grpc loads
+    ("true", "('true', False) true True"),  # an explicit setting is kept
+])  # fmt: skip
+def test_grpc_fork_handlers_are_set_where_grpc_is_imported(env: str | None, expected: str) -> None:
+    """The package import leaves the environment alone; the etcd client module sets the fork setting before
+    grpc is first imported, so grpc itself reads it."""
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    if env is not None:
+        environ["GRPC_ENABLE_FORK_SUPPORT"] = env
+    environ["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", _FORK_PROBE], env=environ, cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == expected, out.stderr

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
+from dynamo_rt.errors import ConfigError
+
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 DEFAULT_NAMESPACE = "dynamo"
@@ -91,7 +93,10 @@ def flag(
     raw = environ.get(env)
     value = default
     if raw is not None and raw != "":
-        value = parse_bool(raw) if is_bool else type(raw)
+        try:
+            value = parse_bool(raw) if is_bool else type(raw)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(name, f"{env}={raw!r} is not a valid value ({exc})") from None
     if isinstance(parser, Parser):
         parser.env_twins[name] = env
     h = f"{help} [env {env}; default {default!r}]"

@@ -95,3 +95,18 @@ def test_a_config_error_while_reading_env_twins_is_one_line(
     monkeypatch.setitem(cli.SUBCOMMANDS, "standin", ("standin_env_role", "a stand-in role"))
     assert cli.main(["standin"]) == 2
     assert capsys.readouterr().err == "dynamo-rt standin: error: --widgets: DYN_WIDGETS is not a number\n"
+
+
+@pytest.mark.parametrize(("args", "env", "line"), [
+    (["-m", "workers", "--engine", "mocker"], {"DYN_MOCKER_MAX_NUM_SEQS": "x"},
+     "dynamo-rt worker: error: --max-num-seqs: DYN_MOCKER_MAX_NUM_SEQS='x' is not a valid value "
+     "(invalid literal for int() with base 10: 'x')"),
+    (["-m", "frontend"], {"DYN_HTTP_PORT": "80a"},
+     "dynamo-rt frontend: error: --http-port: DYN_HTTP_PORT='80a' is not a valid value "
+     "(invalid literal for int() with base 10: '80a')"),
+    (["-m", "dynamo_rt", "up"], {"DYN_UP_DISAGG": "maybe"},
+     "dynamo-rt up: error: --disagg: DYN_UP_DISAGG='maybe' is not a valid value (not a boolean: 'maybe')"),
+])  # fmt: skip
+def test_a_badly_typed_env_twin_names_its_flag_and_variable(args: list[str], env: dict[str, str], line: str) -> None:
+    p = _run(args, env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (2, "", line + "\n")

@@ -1,1 +1,12 @@
-"""frontend."""
+"""The frontend role: the OpenAI-compatible HTTP API in front of the workers (CPU only).
+
+- :mod:`frontend.main`: the process (``dynamo-rt frontend`` / ``python -m frontend``) and its flags.
+- :mod:`frontend.app`: the HTTP routes and error mapping (FastAPI surface, raw ASGI on the token path).
+- :mod:`frontend.openai_protocol`: request bodies decoded, validated, mapped to sampling structs.
+- :mod:`frontend.models`: discovery records -> served models, each with its preprocessor and routers.
+- :mod:`frontend.preprocess`: chat template and tokenizer (no ``transformers``).
+- :mod:`frontend.serving`: the :class:`~frontend.serving.Dispatcher` (route, remote prefill, call, migrate)
+  and the streamed / whole responses.
+- :mod:`frontend.detok`: token ids -> text (incremental detokenization, stop strings).
+- :mod:`frontend.metrics`: ``dynamo_frontend_*`` Prometheus metrics.
+"""

@@ -10,12 +10,9 @@ tiers own two threads, so the step thread never copies a block and never waits o
 * the disk thread: host -> disk spills, primary -> disk offloads when there is no host tier, and onboards
   whose chain touches the disk tier (it may block on I/O; nobody waits on it).
 
-Tiers, fastest first
-  primary  the engine's :class:`~workers.reference.kv_cache.KvPool` (device memory on a GPU, the paged pool
-           on a CPU host), managed by :class:`~workers.reference.kv_cache.BlockManager`;
-  host     one file in shared memory (``/dev/shm/...``; an emptyDir with medium Memory in Kubernetes),
-           mapped with ``mmap``. It survives the process: a worker restarted in place serves its prefixes;
-  disk     one file in a folder, read and written with ``pread`` / ``pwrite`` by the disk thread only.
+Tiers, fastest first: primary (the engine's :class:`~workers.reference.kv_cache.KvPool`, device memory on a
+GPU); host (a file in shared memory, ``/dev/shm`` or an emptyDir with medium Memory in Kubernetes, which
+survives the process: a worker restarted in place serves its prefixes); disk (a file in a folder).
 
 How blocks move (keys are the chained block hashes of :mod:`dynamo_rt.kvhash`)
   offload  write-through: every block the engine registers in its prefix cache is queued for the first lower

@@ -20,16 +20,13 @@ Scheduling (one step)
   decode, recompute after preemption and the disagg fallback are all that one rule.
 
 Other holders of blocks
-  * A decode request whose prompt KV a loader provides (``wants_load``) gets its prompt's blocks at
-    admission and waits in ``LOADING`` (:attr:`Step.loads` tells the engine); :meth:`Scheduler.loaded`
-    then runs it from its first token, or sends it back to prefill locally.
-  * A prefill-only request's prompt blocks stay referenced under a pin id (:meth:`Scheduler.pin_prompt`)
-    until :meth:`Scheduler.release_pin` or the pin's deadline.
-  * Lower tiers: admission looks past the primary prefix hit into the tiers; a hit there is pinned,
-    primary blocks are allocated and the sequence waits in ``ONBOARDING`` while a tier thread fills them
-    (then :meth:`Scheduler.onboarded`). A small host-only run (``onboard_sync_bytes``) is copied at once
-    instead: the blocks join the primary prefix cache and the sequence is admitted in the same step.
-    Queued offloads that alone hold blocks are dropped when the scheduler is short of blocks.
+  * ``LOADING``: a decode request whose prompt KV a loader provides gets its prompt's blocks at admission
+    (:attr:`Step.loads`); :meth:`Scheduler.loaded` then runs it from its first token, or prefills locally.
+  * Pins: a prefill-only request's prompt blocks, until :meth:`Scheduler.release_pin` or the deadline.
+  * ``ONBOARDING``: admission looks past the primary prefix hit into the lower tiers; a hit there is
+    pinned, primary blocks are allocated and a tier thread fills them (then :meth:`Scheduler.onboarded`).
+    A small host-only run (``onboard_sync_bytes``) is copied at once and admitted in the same step.
+    Queued tier offloads that alone hold blocks are dropped when the scheduler is short of blocks.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ async def measure(path: Path, ps: list[list[int]], new: int, repeat: int, thread
     )
     await eng.start()
     our_threads = eng.torch_threads or torch.get_num_threads()
-    used_native = eng.model is not None and eng.model.native is not None  # stop() drops it
+    used_native = eng.model is not None and eng.native_decode is not None  # stop() drops it
     hf = load_baseline(path, new)
     freeze_startup_heap()  # as the worker does after start-up (both sides gain: no full collections)
 

@@ -73,7 +73,7 @@ def tiny_hf(tiny: Path) -> Any:
 def _check_path(eng: ReferenceEngine, native: bool) -> None:
     """The decode path under test is the one in use (native needs the C compiler, present on CI hosts)."""
     assert eng.model is not None
-    assert (eng.model.native is not None) == native
+    assert (eng.native_decode is not None) == native
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])

@@ -36,7 +36,7 @@ async def _run(native: bool, prompts: list[list[int]], threads: int | None = Non
     eng = ReferenceEngine(ensure_tiny_model(), num_blocks=96, max_batch_tokens=512, native=native, threads=threads)
     await eng.start()
     try:
-        assert eng.model is not None and (eng.model.native is not None) == native
+        assert eng.model is not None and (eng.native_decode is not None) == native
 
         async def one(i: int, p: list[int]) -> list[EngineOutput]:
             req = GenerateRequest(request_id=f"r{i}", token_ids=p, sampling=SamplingParams(temperature=0.0, logprobs=5),
@@ -90,7 +90,7 @@ def test_no_compiler_means_torch_path(monkeypatch: pytest.MonkeyPatch, tmp_path:
         eng = ReferenceEngine(ensure_tiny_model(), num_blocks=16)
         await eng.start()
         try:
-            assert eng.model is not None and eng.model.native is None
+            assert eng.model is not None and eng.native_decode is None
             req = GenerateRequest(request_id="x", token_ids=[11, 12, 13], sampling=SamplingParams(temperature=0.0),
                                   stop=StopConditions(max_tokens=4, ignore_eos=True))
             return [t async for o in eng.generate(req) for t in o.token_ids]

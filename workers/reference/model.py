@@ -1,10 +1,12 @@
 """The reference engine's model: a Llama / Qwen2 / Mistral-family decoder over a paged, block-major KV pool.
 
-Place: ``workers.reference.engine`` builds one :class:`StepBatch` per scheduler step (every token of every
+Place: ``workers.reference.batch`` builds one :class:`StepBatch` per scheduler step (every token of every
 scheduled sequence, flattened) and calls :meth:`DecoderModel.forward`, which returns the logits of the rows
-that sample. The model is plain tensors, not ``nn.Module``: the forward is written for one packed batch
-(matmuls over all tokens at once) and reads / writes K and V through flat row indices into the pool
-(``workers.reference.kv_cache``), so no per-sequence Python runs inside a layer except for prefill chunks.
+that sample. (An all-decode step may run on ``workers.reference.native`` instead, which reads this model's
+weights; this module does not know it.) The model is plain tensors, not ``nn.Module``: the forward is
+written for one packed batch (matmuls over all tokens at once) and reads / writes K and V through flat row
+indices into the pool (``workers.reference.kv_cache``), so no per-sequence Python runs inside a layer except
+for prefill chunks.
 
 Numerics follow ``transformers``' Llama / Qwen2 code (RMSNorm in fp32, RoPE tables computed in fp32 with the
 same inverse-frequency formulas for default / linear / dynamic / llama3 / yarn), so fp32 greedy output is
@@ -20,16 +22,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
 from dynamo_rt.errors import DynamoError
-
-if TYPE_CHECKING:
-    from workers.reference.native import NativeDecode, NativeStep
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,6 @@ class StepBatch:
     decode_len: int  # T: padded context length of the decode rows
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor | None  # [S] int64 rows whose logits are returned; None: every row
-    native: NativeStep | None = None  # an all-decode step for the native path (the fields above unused)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -311,7 +309,6 @@ class DecoderModel:
         self._rope_len = 0
         self._complex_rope = dtype == torch.float32
         self.packed = False
-        self.native: NativeDecode | None = None  # set by the engine when the native decode step is built
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -451,11 +448,8 @@ class DecoderModel:
         ``[len(sample_rows), vocab]``.
 
         Written for a small model, where per-op overhead rather than arithmetic bounds a decode step: one
-        fused q/k/v and one gate/up matmul per layer, indices precomputed per layer by the engine, views
+        fused q/k/v and one gate/up matmul per layer, indices precomputed per layer by the batch builder, views
         taken with ``narrow`` / ``unbind``, the linear kernel chosen once per step."""
-        if b.native is not None:
-            assert self.native is not None
-            return self.native.run(b.native, pool)
         cfg = self.cfg
         n_tok = b.input_ids.shape[0]
         H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

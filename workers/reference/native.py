@@ -1,7 +1,10 @@
 """The native decode step (decode.c): built with the system C compiler on first use, loaded with ctypes.
 
 A step whose every row decodes one token (fp32, CPU) runs as one C call instead of ~30 torch operators a
-layer; prefill chunks and every other device / dtype keep the torch path in model.py. The library is
+layer; prefill chunks and every other device / dtype keep the torch path in model.py. The dependency runs
+one way: :class:`NativeDecode` reads a loaded :class:`~workers.reference.model.DecoderModel`'s weights,
+config and RoPE table; the model never refers to it, and ``workers.reference.batch`` picks the path per
+step. The library is
 compiled with ``-march=native`` into ``${XDG_CACHE_HOME:-~/.cache}/dynamo-rt/native`` (or
 ``$DYN_NATIVE_CACHE``), keyed by the source, the compiler's version and the CPU, so a container image or
 a shared home built elsewhere never loads code for another CPU. No compiler, a failed build or

@@ -154,7 +154,7 @@ def test_pins_hold_the_prompt_blocks_until_released_or_expired() -> None:
     s.pin_prompt(b)
     assert s.bm.num_used == 2 and s.next_pin_deadline() is not None
     s.expire_pins(time.monotonic())
-    assert s.pins == {} and s.bm.num_used == 0
+    assert s.bm.pins == {} and s.bm.num_used == 0
 
 
 def test_a_kv_load_gets_blocks_then_runs_from_its_first_token_or_prefills_locally() -> None:

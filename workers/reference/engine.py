@@ -444,7 +444,7 @@ class ReferenceEngine:
                 return {"used": 0, "free": 0, "evictable": 0, "cached": 0, "pins": 0}
             bm = sched.bm
             out = {"used": bm.num_used, "free": len(bm.free), "evictable": len(bm.evictable),
-                   "cached": len(bm.cache), "pins": len(sched.pins), "onboarding": len(sched.onboarding)}
+                   "cached": len(bm.cache), "pins": len(bm.pins), "onboarding": len(sched.onboarding)}
             if self._tiers is not None:
                 out.update(self._tiers.snapshot())
             return out

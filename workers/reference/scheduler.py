@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,12 +102,6 @@ class Step(Generic[S]):
     loads: list[S]  # decode sequences whose blocks were just allocated: their KV load may start
 
 
-@dataclass(slots=True)
-class Pin:
-    blocks: list[int]
-    deadline: float
-
-
 class Scheduler(Generic[S]):
     """Queues, block ownership and the step decision. Not thread-safe: the engine serialises calls."""
 
@@ -133,7 +126,6 @@ class Scheduler(Generic[S]):
         self.loading: set[S] = set()
         self.onboarding: set[S] = set()
         self.inflight: set[S] = set()  # part of the step being computed
-        self.pins: dict[str, Pin] = {}
         self.preemptions = 0
 
     # ----------------------------------------------------------------------------------------- queries
@@ -149,7 +141,7 @@ class Scheduler(Generic[S]):
         return sum(len(s.blocks) for s in self.running if s.num_computed >= s.prompt_len)
 
     def next_pin_deadline(self) -> float | None:
-        return min((p.deadline for p in self.pins.values()), default=None)
+        return self.bm.next_pin_deadline()
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -197,9 +189,7 @@ class Scheduler(Generic[S]):
         self.onboarding.clear()
         for s in seqs:
             self.finish(s)
-        for pin in self.pins.values():
-            self.bm.release(pin.blocks)
-        self.pins.clear()
+        self.bm.unpin_all()
         self.inflight.clear()
         self.bm.clear()
         return seqs
@@ -241,23 +231,17 @@ class Scheduler(Generic[S]):
         blocks = seq.blocks[:n_prompt]
         if len(seq.blocks) > n_prompt:
             self.bm.release(seq.blocks[n_prompt:])
-        pin_id = uuid.uuid4().hex
-        self.pins[pin_id] = Pin(blocks=blocks, deadline=time.monotonic() + self.pin_timeout)
+        pin_id = self.bm.pin(blocks, time.monotonic() + self.pin_timeout)
         seq.blocks = []
         seq.state = SeqState.FINISHED
         return pin_id, list(blocks)
 
     def release_pin(self, pin_id: str) -> bool:
-        pin = self.pins.pop(pin_id, None)
-        if pin is None:
-            return False
-        self.bm.release(pin.blocks)
-        return True
+        return self.bm.unpin(pin_id)
 
     def expire_pins(self, now: float) -> None:
-        for pid in [p for p, pin in self.pins.items() if pin.deadline <= now]:
+        for pid in self.bm.expire_pins(now):
             log.info("pin %s timed out: freeing its blocks", pid)
-            self.bm.release(self.pins.pop(pid).blocks)
 
     # ----------------------------------------------------------------------------------------- the step
 

@@ -54,6 +54,12 @@ def add_arguments(p: Parser) -> None:
          help="JSON object of engine keyword arguments passed through as is (vLLM, SGLang, TRT-LLM)")
     flag(p, "--graceful-timeout", env="DYN_GRACEFUL_TIMEOUT", type=float, default=30.0,
          help="seconds to let in-flight requests finish on SIGTERM")
+    flag(p, "--kv-verify-checksum", env="DYN_KV_VERIFY_CHECKSUM", default=False, is_bool=True,
+         help="disaggregation over NIXL: prefill workers send a CRC-32 of every pinned KV block, decode workers "
+              "check the blocks they pull against it (a mismatch is a failed pull: the prompt is prefilled "
+              "locally). Costs a pass over the prompt's KV on both sides; for tests")
+    flag(p, "--test-fault-kv-corrupt", env="DYN_TEST_FAULT_KV_CORRUPT", type=int, default=0,
+         help="TEST ONLY fault: corrupt one received block in each of the next N KV pulls")
     env = p.env
     p.then = lambda ns: registry.engine_parser(ns.engine, env)
 
@@ -137,7 +143,8 @@ async def serve(args: argparse.Namespace, engines: list[Engine] | None = None) -
             await etcd.start()
             await eng.start()
             rt = WorkerRuntime(eng, engine_name=args.engine, mode=Mode(args.mode), registry=etcd,
-                               transport=transport, metrics=metrics)
+                               transport=transport, metrics=metrics, kv_verify_checksum=args.kv_verify_checksum,
+                               fault_corrupt_pulls=args.test_fault_kv_corrupt)
             await rt.start()
             runtimes.append(rt)
         freeze_startup_heap()  # the engine's step thread would otherwise pay for full collections

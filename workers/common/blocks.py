@@ -50,6 +50,7 @@ class BlockManager:
         self.free: deque[int] = deque(range(num_blocks))  # unreferenced, not cached
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, cached; oldest first
         self.pins: dict[str, Pin] = {}
+        self.pins_expired = 0  # pins freed by their deadline (counted by whoever expires them)
         self.events: list[KvEvent] = []
 
     # ----------------------------------------------------------------------------------------- queries
@@ -186,6 +187,7 @@ class BlockManager:
         gone = [p for p, pin in self.pins.items() if pin.deadline <= now]
         for p in gone:
             self.release(self.pins.pop(p).blocks)
+        self.pins_expired += len(gone)
         return gone
 
     def next_pin_deadline(self) -> float | None:

@@ -128,6 +128,15 @@ class OwnsKvPool(Protocol):
 
 
 @runtime_checkable
+class CountsPins(Protocol):
+    """A prefill engine that counts the pins it freed by timeout, no decode worker having released them (the
+    runtime exports the count)."""
+
+    @property
+    def pins_expired(self) -> int: ...
+
+
+@runtime_checkable
 class TieredCache(Protocol):
     """An engine with KV tiers below its pool (host memory, disk), keyed by the same block hashes."""
 

@@ -47,7 +47,7 @@ from dynamo_rt.transport import (
     kv_events_subject,
     load_subject,
 )
-from workers.common.engine import AdvertisesInstance, Engine, NamedInstance, TieredCache
+from workers.common.engine import AdvertisesInstance, CountsPins, Engine, NamedInstance, OwnsKvPool, TieredCache
 from workers.common.kv_handoff import KvHandoff
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,28 @@ class WorkerMetrics:
         self.prompt_tokens = Counter("dynamo_worker_prompt_tokens", "Prompt tokens", ["model"], registry=r)
         self.ttft = Histogram("dynamo_worker_time_to_first_token_seconds", "Worker-side TTFT", ["model"],
                               registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # Disaggregation (our NIXL hand-off, workers.common.kv_handoff). Decode side: a request that carried
+        # KV transfer parameters ends as one pull or one fallback (its prompt recomputed here).
+        self.kv_pulls = Counter("dynamo_worker_kv_pulls", "Prompt KV pulled from a prefill worker over NIXL",
+                                ["model"], registry=r)
+        self.kv_pulled_bytes = Counter("dynamo_worker_kv_pulled_bytes", "Bytes of KV pulled over NIXL", ["model"],
+                                       registry=r)
+        self.kv_pull_failures = Counter("dynamo_worker_kv_pull_failures",
+                                        "Pulls that failed (read error, prefill worker gone, checksum mismatch)",
+                                        ["model", "reason"], registry=r)
+        self.kv_fallbacks = Counter("dynamo_worker_kv_local_prefill_fallbacks",
+                                    "Decode requests with KV transfer parameters whose prompt was prefilled locally "
+                                    "(the pull failed or could not be tried)", ["model"], registry=r)
+        self.kv_pull_seconds = Histogram("dynamo_worker_kv_pull_seconds",
+                                         "NIXL read time of one request's prompt blocks (successful pulls)", ["model"],
+                                         registry=r, buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
+                                                              0.05, 0.1, 0.25, 1))
+        # Prefill side: every pin ends released by its decode worker or expired (pin timeout).
+        self.kv_pins_released = Counter("dynamo_worker_kv_pins_released",
+                                        "Pinned prompt blocks released by a decode worker", ["model"], registry=r)
+        self.kv_pins_expired = Counter("dynamo_worker_kv_pins_expired",
+                                       "Pinned prompt blocks freed by the pin timeout (never released)", ["model"],
+                                       registry=r)
 
 
 class WorkerRuntime:
@@ -95,6 +117,8 @@ class WorkerRuntime:
         transport: Transport,
         metrics: WorkerMetrics | None = None,
         extra: dict[str, Any] | None = None,
+        kv_verify_checksum: bool = False,
+        fault_corrupt_pulls: int = 0,
     ) -> None:
         self.engine = engine
         self.engine_name = engine_name
@@ -105,6 +129,9 @@ class WorkerRuntime:
         self.instance_id = registry.instance_id
         self.metrics = metrics or WorkerMetrics()
         self.extra = extra or {}
+        self.kv_verify_checksum = kv_verify_checksum
+        self.fault_corrupt_pulls = fault_corrupt_pulls  # test-only fault hook (KvHandoff)
+        self._pins_expired = 0  # the engine's count, last copied to the metrics
         self._endpoints: list[Endpoint] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._kv_seq = 0
@@ -132,7 +159,9 @@ class WorkerRuntime:
         engine = self.engine
         if self.mode in (Mode.PREFILL, Mode.DECODE) and KvHandoff.supported(engine):
             try:
-                self.kv = KvHandoff(engine, self.registry)
+                self.kv = KvHandoff(engine, self.registry, metrics=self.metrics, model=info.name,
+                                    release=self._release_remote, verify_checksum=self.kv_verify_checksum,
+                                    fault_corrupt_pulls=self.fault_corrupt_pulls)
                 await self.kv.start()
             except errors.DynamoError as exc:
                 log.warning("NIXL KV hand-off unavailable (%s): decode requests will prefill locally", exc)
@@ -220,12 +249,16 @@ class WorkerRuntime:
         outcome = "error"
         outs = self.engine.generate(req)
         kv = req.kv_transfer
+        # A decode request whose prompt KV our NIXL loader pulls: it ends as one pull or one local prefill
+        # (fallback), and the loader releases the prefill worker's pin when its read is over.
+        pulls = (kv is not None and kv.first_token >= 0 and not req.prefill_only and self.mode is Mode.DECODE
+                 and isinstance(self.engine, OwnsKvPool))
         try:
             async for out in outs:
                 if first:
                     first = False
-                    if kv is not None and kv.pin_id:
-                        # The engine has pulled the blocks (it cannot produce a token before): free the pin.
+                    if kv is not None and kv.pin_id and not pulls:
+                        # Engines with their own hand-off have the blocks before their first token: free the pin.
                         self._release_remote(kv.instance_id, kv.pin_id)
                         kv = None
                     m.ttft.labels(model).observe(time.monotonic() - t0)
@@ -239,6 +272,8 @@ class WorkerRuntime:
                     outcome = "ok"
                     if out.kv_transfer is not None and not out.kv_transfer.instance_id:
                         out.kv_transfer.instance_id = self.instance_id  # where decode pulls from
+                    if out.kv_transfer is not None and self.kv is not None:
+                        self.kv.add_checksums(out.kv_transfer)
                     yield Final(seq=0, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
                                 completion_tokens=produced, cached_tokens=cached, kv_transfer=out.kv_transfer)
                     return
@@ -251,8 +286,13 @@ class WorkerRuntime:
         finally:
             if isinstance(outs, AsyncGenerator):  # run its finally blocks now, not at GC
                 await outs.aclose()
-            if kv is not None and kv.pin_id:
+            tried = self.kv.take_outcome(kv.pin_id) if pulls and kv is not None and self.kv is not None else None
+            if kv is not None and kv.pin_id and tried is None:
                 self._release_remote(kv.instance_id, kv.pin_id)
+            if pulls and tried is None and outcome == "ok" and produced > 1:
+                # The engine computed the prompt without trying a pull (no NIXL here, or parameters that do
+                # not match the prompt); a failed pull was counted by the loader.
+                m.kv_fallbacks.labels(model).inc()
             m.active.labels(model).dec()
             m.requests.labels(model, outcome).inc()
             m.output_tokens.labels(model).inc(produced)
@@ -277,6 +317,8 @@ class WorkerRuntime:
     async def _release(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         pin_id = msgspec.msgpack.decode(payload, type=str)
         ok = await self.engine.release_pin(pin_id)
+        if ok:
+            self.metrics.kv_pins_released.labels(self.engine.info.name).inc()
         yield Final(seq=0, finish_reason="stop" if ok else None)
 
     async def _kv_blocks(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
@@ -323,6 +365,11 @@ class WorkerRuntime:
         model = self.engine.info.name
         while True:
             lm = self.load_metrics()
+            if isinstance(self.engine, CountsPins):  # before the load goes out: blocks freed are counted
+                expired = self.engine.pins_expired
+                if expired > self._pins_expired:
+                    self.metrics.kv_pins_expired.labels(model).inc(expired - self._pins_expired)
+                self._pins_expired = expired
             self.metrics.kv_used.labels(model).set(lm.kv_blocks_used)
             self.metrics.kv_total.labels(model).set(lm.kv_blocks_total)
             if self.transport.connected:

@@ -114,6 +114,11 @@ class MockerEngine:
         return self._sched.steps
 
     @property
+    def pins_expired(self) -> int:
+        """Pins freed by their timeout (:class:`workers.common.engine.CountsPins`)."""
+        return self._sched.bm.pins_expired
+
+    @property
     def stats(self) -> OrderedDict[str, RequestStats]:
         """Simulated timings of the last finished requests, by request id."""
         return self._sched.stats

@@ -179,6 +179,7 @@ class Scheduler:
 
     def _pin_expired(self, pin_id: str) -> None:
         if self.unpin(pin_id):
+            self.bm.pins_expired += 1
             log.warning("pinned blocks %s expired after %.0f s without a release", pin_id, self.pin_timeout_s)
 
     def unpin(self, pin_id: str) -> bool:

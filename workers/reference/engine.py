@@ -166,6 +166,11 @@ class ReferenceEngine:
         return self._sched.preemptions if self._sched is not None else 0
 
     @property
+    def pins_expired(self) -> int:
+        """Pins freed by ``pin_timeout`` (:class:`workers.common.engine.CountsPins`); an int, read unlocked."""
+        return self._sched.bm.pins_expired if self._sched is not None else 0
+
+    @property
     def steps(self) -> int:
         """Forwards run (tests / bench)."""
         return self._steps_before + (self._thread.steps if self._thread is not None else 0)

@@ -147,7 +147,10 @@ def test_loader_failure_or_absence_falls_back_to_local_prefill(tiny: Path) -> No
         req = _req("f", prompt, 10)
         ref = _toks(await _outs(agg, req))
 
+        tries: list[int] = []
+
         async def broken(params: KvTransferParams, local: list[int]) -> None:
+            tries.append(len(local))
             raise ConnectionError("prefill worker is gone")
 
         for loader in (broken, None):
@@ -158,6 +161,7 @@ def test_loader_failure_or_absence_falls_back_to_local_prefill(tiny: Path) -> No
             assert got == ref
             assert dec.load().kv_blocks_used == 0
             assert await pre.release_pin(first.kv_transfer.pin_id)
+        assert tries == [3]  # the broken loader was tried once; without a loader nothing was
         # A transfer that does not match the prompt is not loaded either.
         calls: list[int] = []
         dec.kv_loader = copy_loader(pre, dec, calls)

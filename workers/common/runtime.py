@@ -251,8 +251,9 @@ class WorkerRuntime:
         kv = req.kv_transfer
         # A decode request whose prompt KV our NIXL loader pulls: it ends as one pull or one local prefill
         # (fallback), and the loader releases the prefill worker's pin when its read is over.
-        pulls = (kv is not None and kv.first_token >= 0 and not req.prefill_only and self.mode is Mode.DECODE
-                 and isinstance(self.engine, OwnsKvPool))
+        # (Our engines always set a pin id: it is how the loader's outcome is found again.)
+        pulls = (kv is not None and bool(kv.pin_id) and kv.first_token >= 0 and not req.prefill_only
+                 and self.mode is Mode.DECODE and isinstance(self.engine, OwnsKvPool))
         try:
             async for out in outs:
                 if first:

@@ -479,7 +479,8 @@ def main() -> int:
     line = headline(results, refs, args)
     if line["one_event_per_token"] is False:
         print("WARNING: a paced stack coalesced tokens (fewer text events than one at a time): the headline is not "
-              "like for like; lower --paced-speedup")
+              "like for like; rerun on a quieter machine, or pace both slower (--paced-speedup 0.5 "
+              "--paced-speedup-ratio 0.2)")
     plot(results)
     print(json.dumps(line))
     return 1 if total_err else 0

@@ -445,6 +445,7 @@ class LoadResult:
             "prompt_tokens": prompt,
             "cached_tokens": cached,
             "events_per_req": sum(r["events"] for r in ok) / len(ok) if ok else 0.0,
+            "text_events_per_req": sum(r.get("text_events", 0) for r in ok) / len(ok) if ok else 0.0,
             "client_cpu_ms_per_req": 1000 * self.client_cpu_s / max(1, len(self.records)),
         }
 
@@ -508,6 +509,7 @@ async def _request(host: str, port: int, path: str, body: bytes, timeout: float)
         "completion_tokens": 0,
         "cached_tokens": 0,
         "events": 0,
+        "text_events": 0,  # events whose delta carries text: tokens / text_events = tokens per event
         "finish_reason": None,
     }
     t0 = time.perf_counter()
@@ -589,6 +591,8 @@ def _parse_body(data: bytes, rec: dict[str, Any]) -> None:
             rec["done"] = True
             continue
         rec["events"] += 1
+        if _DELTA.search(payload):
+            rec["text_events"] += 1
         if b'"error"' in payload and payload.startswith(b'{"error"'):
             rec["error"] = payload[:300].decode(errors="replace")
             continue

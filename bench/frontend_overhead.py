@@ -1,42 +1,70 @@
 """Frontend CPU per request: our frontend + mocker versus NVIDIA Dynamo 1.6.1's frontend + mocker.
 
-Same run, same load: 64 concurrent clients, 2000 streamed chat requests, 32 output tokens (``ignore_eos``),
-~36 prompt tokens (each prompt differs), mockers as fast as they go (ours ``--speedup 0``, Dynamo's
-``--speedup-ratio 0``). Both stacks run on our embedded etcd + nats-server on loopback (one pair per
-stack), both with etcd discovery and the NATS request plane (Dynamo: ``--discovery-backend etcd
---request-plane nats --event-plane nats``), both route round-robin, both serve the tiny model under the
-name ``tiny`` (Dynamo's mocker reads the tokenizer from the same folder, block size 16 like ours).
+Same run, same load: 64 concurrent clients, 2000 streamed chat requests per round, 32 output tokens
+(``ignore_eos``), ~36 prompt tokens (each prompt differs). Both stacks run on our embedded etcd + nats-server
+on loopback (one pair per stack), both with etcd discovery and the NATS request plane (Dynamo:
+``--discovery-backend etcd --request-plane nats --event-plane nats``), both route round-robin, both serve the
+tiny model under the name ``tiny`` (Dynamo's mocker reads the tokenizer from the same folder, block size 16
+like ours). The load generator (``bench/_common.py``) runs in its own process and opens a new connection per
+request (``Connection: close``) for both stacks: Dynamo's HTTP listener does not set TCP_NODELAY, so
+keep-alive would measure Nagle's delay, not the frontend. Each response must be complete (200, 32 completion
+tokens in ``usage``, ``[DONE]``, no error event); anything else is counted as an error.
 
-The load generator (``bench/_common.py``) runs in its own process and opens a new connection per request
-(``Connection: close``) for both stacks: Dynamo's HTTP listener does not set TCP_NODELAY, so keep-alive
-would measure Nagle's delay, not the frontend. Each response must be complete (200, 32 completion tokens
-in ``usage``, ``[DONE]``, no error event); anything else is counted as an error.
+Three phases (``--phases``, all by default), each on its own fresh pair of stacks:
 
-A third stack, "ours, paced mocker" (``--paced-speedup 2``; 0 skips it), runs our mocker at ``--speedup 2``,
-which spaces tokens about as far apart as Dynamo's mocker does at ``--speedup-ratio 0`` on this machine
-(~6-9 ms). At full speed our mocker emits tokens in bursts and our frontend coalesces the frames that are
-ready into one SSE event (~5 events per request against Dynamo's ~30); the paced stack streams one event
-per token like Dynamo, so it is the like-for-like per-token comparison. The JSON line keeps the full-speed
-setup.
+1. **paced** (the JSON headline): both mockers paced to the same inter-token latency, ~20 ms at 64 clients:
+   ours at ``--paced-speedup`` (1: 10 ms + 0.1 ms per running sequence per step), Dynamo's at
+   ``--paced-speedup-ratio`` (0.4: its timing model gives ~8 ms per step at 64 sequences at ratio 1). Tokens
+   then reach both frontends one at a time, so both send one SSE event per token: the like-for-like
+   per-token comparison. Checked, not assumed: before the measured rounds each stack streams
+   ``--reference-requests`` requests one at a time (nothing to coalesce); the measured rounds must send at
+   least 97% as many text-carrying events per request as that reference (:func:`one_event_per_token`), or
+   the bench warns and the JSON line says ``"one_event_per_token": false``. (A reference rather than 32:
+   both detokenizers hold back byte-fallback tokens that do not end a UTF-8 character, so 32 random token
+   ids give ~28 text events on both stacks even one request at a time.)
+2. **full speed**: both mockers as fast as they go (ours ``--speedup 0``, Dynamo's ``--speedup-ratio 0``). Our
+   mocker then emits tokens in bursts and our frontend coalesces the frames that are ready into one SSE
+   event (~3 text events per request against Dynamo's ~28), so this table compares different amounts of
+   work per request; it is printed as the second table and reported in the JSON line's ``full_speed``.
+3. **cpu-only**: NVIDIA's own method for the Dynamo frontend (its ``dynamo-frontend-benchmark`` notes): mock
+   workers effectively infinitely fast (``--speedup 0`` / ``--speedup-ratio 0``), ``--cpu-only-workers``
+   engines (4, ``--num-workers`` in one worker process on both stacks), the frontend process (every thread,
+   and its children) pinned to one core with ``os.sched_setaffinity`` for both stacks alike, everything else
+   (worker, etcd, NATS, the load generator) on the other cores, and a closed loop of
+   ``--cpu-only-concurrency`` clients: req/s at saturation, the frontend's core near 100% busy (printed as
+   ``fe CPU util``; below ~0.9 the frontend was not the bottleneck). The JSON line's ``cpu_only_req_s``.
 
-Measured: req/s, TTFT p50/p99 (first SSE event with non-empty text), and the frontend process's CPU time
-(user+sys of all its threads and descendants, ``/proc/<pid>/stat``, before/after) per request. After a
-warm-up, the measured phase runs ``--rounds`` times (default 2), alternating ours / Dynamo, so background
-load on a shared machine hits both alike; each round is printed and the mean goes into the summary.
+Measured per round: req/s, TTFT p50/p99 (first SSE event with non-empty text), ITL (p50 latency minus p50
+TTFT over 31 tokens), the frontend process's CPU time (user+sys of all its threads and descendants,
+``/proc/<pid>/stat``, before/after) per request and its utilization, the mocker's CPU per request, SSE events
+per request (all ``data:`` events but ``[DONE]``) and tokens per text event. After a warm-up, each phase runs
+``--rounds`` times (default 2); the stack order rotates each round, so background load on a shared machine
+hits both alike; each round is printed and the mean goes into the summary.
 
-Prints a table; the LAST line is JSON: ``{"bench": "frontend_overhead", "ours": <frontend CPU ms/req>,
-"baseline": <Dynamo's>, "ratio": ours/baseline, "unit": "cpu_ms_per_req"}``.
-Run: ``.venv/bin/python bench/frontend_overhead.py [--quick] [--ours-only] [--profile]``.
+Prints one table per phase; the LAST line is JSON: ``{"bench": "frontend_overhead", "ours": <paced frontend CPU
+ms/req>, "baseline": <Dynamo's, paced>, "ratio": ours/baseline, "unit": "cpu_ms_per_req", "setup": ...,
+"events_per_req_ours", "events_per_req_baseline" (paced, all SSE events), "tokens_per_event": {"<stack>
+<phase>": completion tokens per text event}, "text_events_vs_one_at_a_time": {stack: paced / reference},
+"one_event_per_token", "full_speed": {"ours", "baseline", "ratio"}, "cpu_only_req_s": {"ours", "baseline",
+"ratio", "workers", "concurrency", "fe_core_util"}}`` (``cpu_only_req_s.ratio`` is ours/Dynamo in req/s: higher
+is better there). On a 2-core machine the cpu-only phase leaves one core to the worker, etcd, NATS and the
+load generator, which then bound req/s before the frontend's core fills (``fe_core_util`` well below 1): the
+figure means something from ~4 cores up.
+Run: ``.venv/bin/python bench/frontend_overhead.py [--quick] [--ours-only] [--phases paced full cpu-only]
+[--profile]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +76,7 @@ from _common import (
     PY,
     Stack,
     cpu_seconds,
+    descendants,
     ensure_dynamo_venv,
     exit_on_sigterm,
     run_load,
@@ -58,7 +87,45 @@ from _common import (
 )
 
 MODEL = "tiny"
-OURS, DYNAMO, PACED = "ours", "Dynamo 1.6.1", "ours, paced mocker"
+OURS, DYNAMO = "ours", "Dynamo 1.6.1"
+PHASES = ("paced", "full", "cpu-only")
+PHASE_TITLE = {
+    "paced": "paced mockers, one SSE event per token on both stacks (the headline)",
+    "full": "mockers at full speed (ours coalesces ready tokens into fewer events)",
+    "cpu-only": "NVIDIA's CPU-only method: infinitely fast mockers, frontend pinned to one core, req/s",
+}
+ONE_EVENT_TOLERANCE = 0.03  # loaded text events may fall this far below the one-at-a-time reference
+
+
+# --------------------------------------------------------------------------------------------- accounting
+
+
+def tokens_per_event(completion_tokens: float, text_events: float) -> float:
+    """Completion tokens per SSE event that carries text (1.0: one event per token; NaN without events)."""
+    return completion_tokens / text_events if text_events > 0 else float("nan")
+
+
+def one_event_per_token(loaded_text_events: float, reference_text_events: float,
+                        tolerance: float = ONE_EVENT_TOLERANCE) -> bool:
+    """Whether a loaded run sent (within ``tolerance``) as many text events per request as the same stack
+    does one request at a time, when nothing can be coalesced: then every token that decodes to text got
+    its own event. (The reference, not ``max_tokens``: a token that ends no UTF-8 character is held back by
+    the detokenizer and sent with the next, alike on both stacks.)"""
+    if reference_text_events <= 0:
+        return False
+    return loaded_text_events >= (1.0 - tolerance) * reference_text_events
+
+
+def rotation(names: Sequence[str], round_index: int) -> list[str]:
+    """The run order of round ``round_index``: ``names`` rotated by one per round, so each stack runs in
+    each position equally often."""
+    if not names:
+        return []
+    k = round_index % len(names)
+    return [*names[k:], *names[:k]]
+
+
+# --------------------------------------------------------------------------------------------- stacks
 
 
 def bodies(n: int, max_tokens: int, offset: int = 0) -> list[list[bytes]]:
@@ -78,15 +145,39 @@ def bodies(n: int, max_tokens: int, offset: int = 0) -> list[list[bytes]]:
     return out
 
 
-def start_ours(model_dir: str, speedup: float = 0.0, name: str = OURS) -> Stack:
-    tag = "fe-ours" if speedup == 0 else f"fe-ours-x{speedup:g}"
-    return start_stack("ours", model_dir, MODEL, tag=tag, name=name, worker_args=["--speedup", str(speedup)],
-                       namespace="benchfe")
+def start_ours(model_dir: str, speedup: float, tag: str, workers: int = 1) -> Stack:
+    args = ["--speedup", f"{speedup:g}", "--num-workers", str(workers)]
+    return start_stack("ours", model_dir, MODEL, tag=f"fe-ours-{tag}", name=OURS, worker_args=args,
+                       namespace="benchfe", instances=workers)  # fmt: skip
 
 
-def start_dynamo(model_dir: str) -> Stack:
-    return start_stack("dynamo", model_dir, MODEL, tag="fe-dynamo", name=DYNAMO,
-                       worker_args=["--speedup-ratio", "0", "--block-size", "16"])
+def start_dynamo(model_dir: str, speedup: float, tag: str, workers: int = 1) -> Stack:
+    args = ["--speedup-ratio", f"{speedup:g}", "--block-size", "16", "--num-workers", str(workers)]
+    return start_stack("dynamo", model_dir, MODEL, tag=f"fe-dynamo-{tag}", name=DYNAMO, worker_args=args,
+                       instances=workers)  # fmt: skip
+
+
+def pin(pid: int, cpus: set[int]) -> int:
+    """Pin every thread of ``pid`` and of its descendants to ``cpus``; returns how many threads."""
+    n = 0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(tid), cpus)
+                    n += 1
+    return n
+
+
+@contextlib.contextmanager
+def own_affinity(cpus: set[int]) -> Iterator[None]:
+    """Run the block with this process on ``cpus`` (children started in it, the load generator, inherit it)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int) -> dict[str, Any]:
@@ -94,13 +185,71 @@ def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int
     fe0, w0 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid)
     res = run_load(stack.url, sessions, concurrency)
     fe1, w1 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid)
-    s = res.summary(max_tokens)
+    s: dict[str, Any] = dict(res.summary(max_tokens))
     s["fe_cpu_ms"] = 1000 * (fe1 - fe0) / n
     s["worker_cpu_ms"] = 1000 * (w1 - w0) / n
     s["fe_cpu_util"] = (fe1 - fe0) / res.wall_s
+    s["worker_cpu_util"] = (w1 - w0) / res.wall_s
+    s["itl_ms"] = (s["lat_p50"] - s["ttft_p50"]) / max(1, max_tokens - 1)
+    s["tokens_per_event"] = tokens_per_event(max_tokens, s["text_events_per_req"])
     if s["errors"]:
         say(f"  {stack.name}: {s['errors']} bad responses, e.g. {res.error_samples(3, max_tokens)}")
     return s
+
+
+Starter = Callable[[], Stack]
+
+
+Rounds = dict[str, list[dict[str, Any]]]  # stack name -> one summary per measured round
+
+
+def run_phase(phase: str, starters: list[Starter], args: argparse.Namespace,
+              cpus: tuple[set[int], set[int]] | None = None) -> tuple[Rounds, dict[str, float]]:
+    """Start every stack of ``phase``, warm each up, (paced) take each one's one-at-a-time reference, then
+    ``args.rounds`` measured rounds in rotating order; stop them. With ``cpus`` = (frontend core, other
+    cores), every frontend is pinned to the first and everything else to the second. Returns the rounds
+    per stack name and the reference text events per request per stack name."""
+    cpu_only = phase == "cpu-only"
+    n = args.cpu_only_requests if cpu_only else args.requests
+    conc = args.cpu_only_concurrency if cpu_only else args.concurrency
+    stacks: list[Stack] = []
+    results: dict[str, list[dict[str, Any]]] = {}
+    refs: dict[str, float] = {}
+    place = own_affinity(cpus[1]) if cpus else contextlib.nullcontext()
+    try:
+        with place:
+            for start in starters:
+                st = start()
+                stacks.append(st)
+                if cpus:
+                    fe_threads = pin(st.frontend.pid, cpus[0])
+                    others = sum(pin(p, cpus[1]) for p in [st.worker.pid, *st.services.pids()])
+                    say(f"  {st.name}: frontend pinned to CPU {sorted(cpus[0])} ({fe_threads} threads), worker, "
+                        f"etcd, NATS and the load generator to CPUs {sorted(cpus[1])} ({others} threads)")
+            for st in stacks:
+                say(f"[{phase}] warm-up {st.name}: {args.warmup} requests")
+                w = run_load(st.url, bodies(args.warmup, args.max_tokens, 5_000_000), conc).summary(args.max_tokens)
+                say(f"  {w['ok']}/{w['requests']} ok, mean prompt tokens {w['prompt_tokens'] / max(1, w['ok']):.1f}")
+                if phase == "paced":
+                    r = run_load(st.url, bodies(args.reference_requests, args.max_tokens, 7_000_000), 1)
+                    refs[st.name] = r.summary(args.max_tokens)["text_events_per_req"]
+                    say(f"  reference, one request at a time: {refs[st.name]:.2f} text events per request")
+            by_name = {st.name: st for st in stacks}
+            results = {name: [] for name in by_name}
+            for r in range(args.rounds):
+                for name in rotation(list(by_name), r):
+                    say(f"[{phase}] round {r + 1}/{args.rounds} {name}: {n} requests, {conc} clients")
+                    s = measure(by_name[name], n, conc, args.max_tokens, r * n)
+                    results[name].append(s)
+                    say(f"  {s['req_s']:.0f} req/s, TTFT p50 {s['ttft_p50']:.1f} ms, frontend {s['fe_cpu_ms']:.3f} "
+                        f"CPU ms/req ({s['fe_cpu_util']:.2f} core), {s['events_per_req']:.1f} events/req, "
+                        f"{s['tokens_per_event']:.2f} tokens/text event, errors {s['errors']}")  # fmt: skip
+            if args.profile and phase == "paced":
+                profile_ours(by_name[OURS], n, conc, args.max_tokens)
+    finally:
+        for st in stacks:
+            st.stop()
+    return results, refs
 
 
 def profile_ours(stack: Stack, n: int, concurrency: int, max_tokens: int) -> None:
@@ -164,7 +313,48 @@ def top_frames(raw: Path, n: int = 25) -> None:
         print(f"  {100 * c / total:5.1f}%  {fr}")
 
 
-def plot(rows: dict[str, list[dict[str, Any]]]) -> None:
+def mean_of(results: dict[str, list[dict[str, Any]]], name: str, key: str) -> float:
+    return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and b == b else float("nan")
+
+
+def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], refs: dict[str, float],
+                args: argparse.Namespace) -> None:
+    """The per-round table and the ours / Dynamo summary of one phase."""
+    headers = ["stack / round", "req/s", "TTFT p50 ms", "TTFT p99 ms", "ITL ms", "fe CPU ms/req", "fe CPU util",
+               "mocker CPU ms", "SSE ev/req", "text ev/req", "tok/text ev", "errors"]  # fmt: skip
+    rows = [[f"{name} #{i}", s["req_s"], s["ttft_p50"], s["ttft_p99"], s["itl_ms"], s["fe_cpu_ms"], s["fe_cpu_util"],
+             s["worker_cpu_ms"], s["events_per_req"], s["text_events_per_req"], s["tokens_per_event"], s["errors"]]
+            for name, rs in results.items() for i, s in enumerate(rs, 1)]  # fmt: skip
+    print(f"\n=== {phase}: {PHASE_TITLE[phase]}")
+    print(table(headers, rows, 20))
+    print()
+    srows: list[list[object]] = []
+    for key, label in (("fe_cpu_ms", "frontend CPU ms/req"), ("req_s", "req/s"), ("ttft_p50", "TTFT p50 ms"),
+                       ("ttft_p99", "TTFT p99 ms"), ("itl_ms", "ITL ms (p50 lat - TTFT)"),
+                       ("fe_cpu_util", "frontend CPU util (cores)"), ("worker_cpu_ms", "mocker CPU ms/req"),
+                       ("events_per_req", "SSE events/req"), ("text_events_per_req", "text events/req"),
+                       ("tokens_per_event", "tokens/text event"), ("errors", "errors")):  # fmt: skip
+        a, b = mean_of(results, OURS, key), mean_of(results, DYNAMO, key)
+        srows.append([label, a, b, ratio(a, b)])
+    if refs:
+        a, b = refs.get(OURS, float("nan")), refs.get(DYNAMO, float("nan"))
+        srows.append(["text ev/req, 1 at a time", a, b, ratio(a, b)])
+        checks = [one_event_per_token(mean_of(results, nm, "text_events_per_req"), refs[nm]) if nm in refs else "-"
+                  for nm in (OURS, DYNAMO)]  # fmt: skip
+        srows.append(["one event per token?", *checks, ""])
+    print(table(["metric (mean of rounds)", "ours", "Dynamo", "ours/Dynamo"], srows, 28))
+    if phase == "cpu-only":
+        util = min((mean_of(results, nm, "fe_cpu_util") for nm in results), default=float("nan"))
+        if util < 0.9:
+            print(f"NOTE: a frontend used {util:.2f} of its core: it was not the only bottleneck (load generator or "
+                  f"mocker starved on {os.cpu_count()} CPUs?); raise --cpu-only-concurrency or use a bigger machine")
+
+
+def plot(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
     try:
         import matplotlib
 
@@ -173,147 +363,126 @@ def plot(rows: dict[str, list[dict[str, Any]]]) -> None:
     except ImportError:
         say("matplotlib not installed: no plot")
         return
-    names = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
-    for ax, key, title in zip(
-        axes,
-        ("fe_cpu_ms", "req_s", "ttft_p50"),
-        ("frontend CPU ms / request", "requests / s", "TTFT p50 ms"),
-        strict=True,
-    ):
-        vals = [statistics.mean(r[key] for r in rows[nm]) for nm in names]
-        ax.bar(names, vals, color=["tab:blue", "tab:gray", "tab:cyan"][: len(names)])
-        ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(title)
-    fig.suptitle("frontend overhead: 64 clients, 32-token streamed chat, mocker at full speed")
+    panels = [(ph, key, title) for ph, key, title in (
+        ("paced", "fe_cpu_ms", "paced: frontend CPU ms / request"),
+        ("full", "fe_cpu_ms", "full speed: frontend CPU ms / request"),
+        ("cpu-only", "req_s", "CPU-only, 1 frontend core: req/s"),
+    ) if ph in results]  # fmt: skip
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (ph, key, title) in zip(axes[0], panels, strict=True):
+        names = list(results[ph])
+        ax.bar(names, [mean_of(results[ph], nm, key) for nm in names], color=["tab:blue", "tab:gray"][: len(names)])
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("frontend overhead: 32-token streamed chat, ours vs NVIDIA Dynamo 1.6.1")
     save_plot(fig, "frontend_overhead")
+
+
+def headline(results: dict[str, dict[str, list[dict[str, Any]]]], refs: dict[str, float],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON line: the paced (like-for-like) figure as ours / baseline / ratio, the rest beside it."""
+
+    def r4(x: float) -> float | None:
+        return None if x != x else round(x, 4)
+
+    paced = results.get("paced", {})
+    ours, base = mean_of(paced, OURS, "fe_cpu_ms"), mean_of(paced, DYNAMO, "fe_cpu_ms")
+    line: dict[str, Any] = {
+        "bench": "frontend_overhead", "ours": r4(ours), "baseline": r4(base), "ratio": r4(ratio(ours, base)),
+        "unit": "cpu_ms_per_req",
+        "setup": f"paced: ours --speedup {args.paced_speedup:g}, Dynamo --speedup-ratio {args.paced_speedup_ratio:g} "
+                 f"(ITL ms {mean_of(paced, OURS, 'itl_ms'):.1f} / {mean_of(paced, DYNAMO, 'itl_ms'):.1f}), "
+                 f"{args.concurrency} clients, {args.max_tokens} tokens",
+        "events_per_req_ours": r4(mean_of(paced, OURS, "events_per_req")),
+        "events_per_req_baseline": r4(mean_of(paced, DYNAMO, "events_per_req")),
+        "tokens_per_event": {f"{nm} {ph}": r4(mean_of(results[ph], nm, "tokens_per_event"))
+                             for ph in ("paced", "full", "cpu-only") if ph in results for nm in results[ph]},
+        "text_events_vs_one_at_a_time": {nm: r4(ratio(mean_of(paced, nm, "text_events_per_req"), refs[nm]))
+                                         for nm in paced if nm in refs},
+        "one_event_per_token": all(one_event_per_token(mean_of(paced, nm, "text_events_per_req"), refs[nm])
+                                   for nm in paced if nm in refs) if paced else None,
+    }  # fmt: skip
+    if "full" in results:
+        a, b = mean_of(results["full"], OURS, "fe_cpu_ms"), mean_of(results["full"], DYNAMO, "fe_cpu_ms")
+        line["full_speed"] = {"ours": r4(a), "baseline": r4(b), "ratio": r4(ratio(a, b))}
+    if "cpu-only" in results:
+        a, b = mean_of(results["cpu-only"], OURS, "req_s"), mean_of(results["cpu-only"], DYNAMO, "req_s")
+        line["cpu_only_req_s"] = {"ours": r4(a), "baseline": r4(b), "ratio": r4(ratio(a, b)),
+                                  "workers": args.cpu_only_workers, "concurrency": args.cpu_only_concurrency,
+                                  "fe_core_util": {nm: r4(mean_of(results["cpu-only"], nm, "fe_cpu_util"))
+                                                   for nm in results["cpu-only"]}}  # fmt: skip
+    return line
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=2000, help="requests per measured round")
+    ap.add_argument("--requests", type=int, default=2000, help="requests per measured round (paced, full)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=300, help="requests before measuring")
-    ap.add_argument("--rounds", type=int, default=2, help="measured rounds per stack (alternating)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 300 requests, 1 round")
+    ap.add_argument("--rounds", type=int, default=2, help="measured rounds per stack (rotating order)")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="phases to run, in order")
+    ap.add_argument("--paced-speedup", type=float, default=1.0,
+                    help="paced phase: our mocker's --speedup (1: 10 ms + 0.1 ms per running sequence per step, "
+                         "~20 ms between tokens at 64 clients)")  # fmt: skip
+    ap.add_argument("--paced-speedup-ratio", type=float, default=0.4,
+                    help="paced phase: Dynamo's mocker's --speedup-ratio (0.4: its timing model's ~8 ms per step at "
+                         "64 sequences stretched to ~20 ms, like ours)")  # fmt: skip
+    ap.add_argument("--reference-requests", type=int, default=32,
+                    help="paced phase: requests streamed one at a time for the events-per-request reference")
+    ap.add_argument("--cpu-only-workers", type=int, default=4, help="cpu-only phase: mocker engines per stack")
+    ap.add_argument("--cpu-only-concurrency", type=int, default=128, help="cpu-only phase: clients")
+    ap.add_argument("--cpu-only-requests", type=int, default=2000, help="cpu-only phase: requests per round")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 300 requests per round, 1 round")
     ap.add_argument("--ours-only", action="store_true", help="skip NVIDIA Dynamo")
-    ap.add_argument("--profile", action="store_true", help="also py-spy our frontend under the same load")
-    ap.add_argument(
-        "--paced-speedup",
-        type=float,
-        default=2.0,
-        help="also run ours with the mocker at this --speedup, which paces tokens about as far apart "
-        "as Dynamo's mocker does at --speedup-ratio 0 here, so our frontend gets no chance to "
-        "coalesce them (0: skip)",
-    )
+    ap.add_argument("--profile", action="store_true", help="also py-spy our frontend under the paced load")
     args = ap.parse_args()
     exit_on_sigterm()
     if args.quick:
-        args.requests, args.warmup, args.rounds = 300, 64, 1
+        args.requests, args.cpu_only_requests, args.warmup, args.rounds = 300, 300, 64, 1
 
     from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
-    dyn_py = None if args.ours_only else ensure_dynamo_venv()
-    stacks: list[Stack] = []
-    try:
-        say("starting our frontend + mocker")
-        stacks.append(start_ours(model_dir))
-        if dyn_py is not None:
-            say("starting Dynamo 1.6.1 frontend + mocker")
-            stacks.append(start_dynamo(model_dir))
-        if args.paced_speedup > 0:
-            say(f"starting our frontend + mocker at --speedup {args.paced_speedup:g} (paced tokens)")
-            stacks.append(start_ours(model_dir, args.paced_speedup, PACED))
-        for st in stacks:
-            say(f"warm-up {st.name}: {args.warmup} requests")
-            w = run_load(st.url, bodies(args.warmup, args.max_tokens, 5_000_000), args.concurrency)
-            ws = w.summary(args.max_tokens)
-            say(f"  {ws['ok']}/{ws['requests']} ok, mean prompt tokens {ws['prompt_tokens'] / max(1, ws['ok']):.1f}")
-        results: dict[str, list[dict[str, Any]]] = {st.name: [] for st in stacks}
-        for r in range(args.rounds):
-            for st in stacks:
-                say(f"round {r + 1}/{args.rounds} {st.name}: {args.requests} requests, {args.concurrency} clients")
-                s = measure(st, args.requests, args.concurrency, args.max_tokens, r * args.requests)
-                results[st.name].append(s)
-                say(
-                    f"  {s['req_s']:.0f} req/s, TTFT p50 {s['ttft_p50']:.1f} ms, frontend "
-                    f"{s['fe_cpu_ms']:.3f} CPU ms/req, errors {s['errors']}"
-                )
-        if args.profile:
-            profile_ours(stacks[0], args.requests, args.concurrency, args.max_tokens)
-    finally:
-        for st in stacks:
-            st.stop()
+    if not args.ours_only:
+        ensure_dynamo_venv()
+    allowed = sorted(os.sched_getaffinity(0))
+    fe_core, rest = {allowed[-1]}, set(allowed[:-1]) or set(allowed)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    refs: dict[str, float] = {}
+    for phase in args.phases:
+        speed = args.paced_speedup if phase == "paced" else 0.0
+        dyn_speed = args.paced_speedup_ratio if phase == "paced" else 0.0
+        workers = args.cpu_only_workers if phase == "cpu-only" else 1
+        tag = phase.replace("-", "")
 
-    headers = [
-        "stack / round",
-        "req/s",
-        "TTFT p50 ms",
-        "TTFT p99 ms",
-        "fe CPU ms/req",
-        "fe CPU util",
-        "mocker CPU ms",
-        "SSE ev/req",
-        "errors",
-    ]
-    rows = []
-    for name, rs in results.items():
-        for i, s in enumerate(rs, 1):
-            rows.append(
-                [
-                    f"{name} #{i}",
-                    s["req_s"],
-                    s["ttft_p50"],
-                    s["ttft_p99"],
-                    s["fe_cpu_ms"],
-                    s["fe_cpu_util"],
-                    s["worker_cpu_ms"],
-                    s["events_per_req"],
-                    s["errors"],
-                ]
-            )
+        def ours(speed: float = speed, workers: int = workers, tag: str = tag) -> Stack:
+            return start_ours(model_dir, speed, tag, workers)
+
+        def dyn(speed: float = dyn_speed, workers: int = workers, tag: str = tag) -> Stack:
+            return start_dynamo(model_dir, speed, tag, workers)
+
+        say(f"phase {phase}: {PHASE_TITLE[phase]}; ours --speedup {speed:g}, Dynamo --speedup-ratio {dyn_speed:g}, "
+            f"{workers} engine(s) per stack")  # fmt: skip
+        starters: list[Starter] = [ours] if args.ours_only else [ours, dyn]
+        res, rf = run_phase(phase, starters, args, (fe_core, rest) if phase == "cpu-only" else None)
+        results[phase] = res
+        refs.update(rf)
+
+    for phase in args.phases:
+        print_phase(phase, results[phase], refs if phase == "paced" else {}, args)
+    total_err = sum(s["errors"] for ph in results.values() for rs in ph.values() for s in rs)
     print()
-    print(table(headers, rows, 22))
-
-    def mean(name: str, key: str) -> float:
-        return statistics.mean(s[key] for s in results[name]) if name in results else float("nan")
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b and b == b else float("nan")
-
-    print()
-    sh = ["metric (mean of rounds)", "ours", "Dynamo", "ratio", "ours paced", "paced/Dynamo"]
-    srows = []
-    for key, label in (
-        ("fe_cpu_ms", "frontend CPU ms/req"),
-        ("req_s", "req/s"),
-        ("ttft_p50", "TTFT p50 ms"),
-        ("ttft_p99", "TTFT p99 ms"),
-        ("worker_cpu_ms", "mocker CPU ms/req"),
-        ("events_per_req", "SSE events/req"),
-        ("errors", "errors"),
-    ):
-        a, b, c = mean(OURS, key), mean(DYNAMO, key), mean(PACED, key)
-        srows.append([label, a, b, ratio(a, b), c, ratio(c, b)])
-    print(table(sh, srows, 26))
-    ours, base = mean(OURS, "fe_cpu_ms"), mean(DYNAMO, "fe_cpu_ms")
-    total_err = sum(s["errors"] for rs in results.values() for s in rs)
     if total_err:
         print(f"WARNING: {total_err} incomplete or failed responses")
+    line = headline(results, refs, args)
+    if line["one_event_per_token"] is False:
+        print("WARNING: a paced stack coalesced tokens (fewer text events than one at a time): the headline is not "
+              "like for like; rerun on a quieter machine, or pace both slower (--paced-speedup 0.5 "
+              "--paced-speedup-ratio 0.2)")
     plot(results)
-    print(
-        json.dumps(
-            {
-                "bench": "frontend_overhead",
-                "ours": round(ours, 4),
-                "baseline": None if base != base else round(base, 4),
-                "ratio": None if base != base else round(ratio(ours, base), 4),
-                "unit": "cpu_ms_per_req",
-            }
-        )
-    )
+    print(json.dumps(line))
     return 1 if total_err else 0
 
 

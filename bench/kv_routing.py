@@ -6,9 +6,10 @@ other, each turn appending a user message of ``--turn-tokens`` tokens to the con
 extends the session's previous one. The assistant messages kept in the history are fixed synthetic replies
 of ``--max-tokens`` tokens (the mockers' outputs are random ids, and a fixed history keeps the prompts the
 same for every router and both stacks). Every request streams ``--max-tokens`` tokens (``ignore_eos``).
-Two presets (``--workload``; the flags override them):
+Two presets, both run by default (``--workload all``, chat first; ``--workload chat|long`` runs one; the flags
+override a preset):
 
-* ``long`` (default): 12 turns of 200-500 tokens, mean prompt ~4k tokens (up to ~7.5k), the mockers
+* ``long``: 12 turns of 200-500 tokens, mean prompt ~4k tokens (up to ~7.5k), the mockers
   simulating a 16k-context model (``--context-length 16384``; same tokenizer). Conversations of this size
   (a system prompt with instructions or tools, a dozen turns) are where routing by cache decides TTFT, and
   where the published figures for KV-aware routing were measured.
@@ -16,17 +17,17 @@ Two presets (``--workload``; the flags override them):
   round-robin). Its ratio is bounded near ~0.47 by the mocker's timing model, see the end of this text.
 
 Arrivals, two phases (``--mode``, default both, each on fresh stacks):
-* open loop (the JSON line's phase): sessions arrive as a seeded Poisson process of ``--session-rate``
+* open loop (the headline's phase): sessions arrive as a seeded Poisson process of ``--session-rate``
   sessions/s, however many are already in flight, as users do; a session's turns still run one after the
   other with no think time. Every router and both stacks get the same schedule. The default rate is
-  calibrated at start-up: round-robin runs in-process on the same open loop, time-compressed 8x, a few
+  calibrated at start-up, per workload: round-robin runs in-process on the same open loop, time-compressed 8x, a few
   times (:func:`calibrate`, 15-40 s), which gives its mean simulated *work per request* at that rate beyond
   the ~10 ms per-step floor (prefill: 2 ms + 0.07 ms per uncached token; decode: 0.1 ms per step it runs
   in; :func:`request_work_ms`), hence the request rate the 8 workers can absorb; the session rate loads the
   round-robin fleet to ``--target-util`` (0.8: loaded, not overloaded, as fleets are sized). Each run
   reports its utilization = offered request rate x its own measured mean work per request / 8 workers
   (kv's is lower: it computes fewer tokens for the same requests).
-* closed loop (``--closed-loop``, the bench before open loop): ``--concurrency`` sessions at once, a new one
+* closed loop (``--closed-loop`` alone): ``--concurrency`` sessions at once, a new one
   when one ends. The fleet is never loaded (32 sessions keep round-robin at ~40% utilization), so every
   TTFT is about one prefill pass and queueing, where routing by cache pays most in production, never shows.
 
@@ -36,21 +37,37 @@ one worker process (``--num-workers 8``), behind our frontend with ``--router-mo
 ``--router-mode kv``; then NVIDIA Dynamo 1.6.1's mocker (``--num-workers 8 --speedup-ratio 1
 --block-size 16``, its own timing model) behind its frontend with ``--router-mode kv`` (etcd discovery,
 NATS request and event planes), for its cache hit rate beside ours (its TTFT is on a different timing
-model, so only the hit rate is compared).
+model, so only the hit rate is compared). Both kv routers weigh a worker the same way, overlap weight x
+(prompt blocks not cached there + its pending prefill blocks) + its active blocks, and Dynamo runs at our
+weight (``--kv-overlap-weight``, 4 by default: our frontend's default) through its
+``--router-kv-overlap-score-weight`` (in 1.6.1 a deprecated alias of ``prefill_load_scale``, default 1.0,
+that takes precedence; its log confirms "overlap_score_weight is deprecated; use prefill_load_scale").
+``--dynamo-weight 1 2 4`` sweeps it instead, one Dynamo run per value. The in-process stack (below) runs the
+same routers without Dynamo.
 
 Reported per run: TTFT p50/p99 (first SSE event with text), request and token throughput, the cache hit rate =
 sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens), the utilization, errors (a request
-that fails or streams fewer than ``--max-tokens`` tokens; must be 0) and host CPU. Each phase runs
-``--rounds`` times (default 2, fresh stacks each time). The LAST line printed is JSON ``{"bench":
-"kv_routing", "ours": TTFT p50 with kv, "baseline": TTFT p50 round-robin, "ratio": ..., "unit": "ms", "mode":
-"open-loop", "session_rate": ..., "rr_util": ..., "hit_rate": ours kv, "dynamo_hit_rate": ...}`` (means over
-rounds); with both phases the closed loop's line (``"mode": "closed-loop", "concurrency": ...``) comes just
-before it. Run: ``.venv/bin/python bench/kv_routing.py [--workload long|chat] [--quick] [--ours-only]
-[--open-loop | --closed-loop] [--session-rate R | --target-util U] [--in-process] [--tuned-weight W ...]``.
-``--tuned-weight`` adds one of our kv runs per ``--kv-overlap-weight`` W. ``--in-process`` compares the
-routing policies alone: our ``Router`` and 8 mocker engines in the bench's own process, KV events handed
-straight to the index, the same requests tokenized without the chat template, no frontend, NATS or Dynamo; it
-is much less exposed to host noise, and its JSON line is named ``kv_routing_policy``.
+that fails or streams fewer than ``--max-tokens`` tokens; must be 0) and host CPU.
+
+Variants: every run measures each workload (chat, long) x phase (open loop, closed loop) x stack: the
+in-process stack (our ``Router`` and 8 mocker engines in the bench's own process, KV events handed straight
+to the index, the same requests tokenized without the chat template, no frontend, NATS or Dynamo: the
+routing policies alone, far less exposed to host noise) and the full stack (the processes above, with
+Dynamo). Each variant runs ``--rounds`` times (default 2, fresh workers each time), the order of its runs
+rotated by one each round (:func:`rotation`), and prints its tables as it ends. At the end a table lists
+every variant's kv / round-robin ratio, then one JSON line per variant: ``{"bench": "kv_routing" (full stack)
+or "kv_routing_policy" (in-process), "ours": kv TTFT p50, "baseline": round-robin TTFT p50, "ratio", "unit":
+"ms", "workload", "phase": "open-loop" | "closed-loop", "stack": "full" | "in-process", "session_rate" (open
+loop) or "concurrency" (closed loop), "rr_util", "hit_rate" (ours kv), "rr_hit_rate", "kv_overlap_weight",
+"dynamo_hit_rate" (at our weight), "dynamo_hit_rate_by_weight", "rounds"}`` (means over rounds). The LAST
+line, the headline, is the full stack's open loop on ``long`` (:func:`headline_index`: full stack before
+in-process, open loop before closed, long before chat, among the variants that ran); every other variant's
+line comes before it, chat's included. ``--in-process`` / ``--stack-only`` run one stack, ``--workload``
+one workload, ``--open-loop`` / ``--closed-loop`` one phase; ``--tuned-weight W...`` adds one of our kv runs
+per weight. Run: ``.venv/bin/python bench/kv_routing.py [--quick] [--workload chat|long|all] [--ours-only]
+[--open-loop | --closed-loop] [--in-process | --stack-only] [--session-rate R | --target-util U]
+[--dynamo-weight W ...] [--tuned-weight W ...]``. ``--quick`` (32 sessions of 3 turns, one round, every
+variant) takes ~3-4 minutes.
 
 What bounds the ``chat`` workload's ratio: with this timing model a later turn computes only its new ~250
 tokens, but its prefill still takes a whole forward pass (10 ms floor + 2 ms + 0.07 ms per token, ~30 ms)
@@ -72,6 +89,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,14 +270,19 @@ def run_stack(
     arrivals: list[float] | None = None,
 ) -> dict[str, Any]:
     """Fresh services + workers + frontend, the whole workload once (closed loop, or open loop with
-    ``arrivals``), then everything stopped."""
+    ``arrivals``), then everything stopped. ``weight``: the kv router's overlap weight (ours
+    ``--kv-overlap-weight``, default ``args.kv_overlap_weight``; Dynamo's ``--router-kv-overlap-score-weight``,
+    default its own)."""
     dyn = kind == "dynamo"
     if dyn:
         worker = ["--num-workers", str(WORKERS), "--speedup-ratio", str(args.speedup), "--block-size", "16",
                   "--num-gpu-blocks-override", str(args.num_blocks)]  # fmt: skip
         if args.context_length:
             worker += ["--max-model-len", str(args.context_length)]
-        front: list[str] = []
+        # Dynamo 1.6.1's kv router cost: overlap weight x (prompt blocks - cached blocks + the worker's pending
+        # prefill) + its active decode blocks, like ours; the flag is a deprecated alias of prefill_load_scale
+        # (default 1.0) that takes precedence over it.
+        front: list[str] = [] if weight is None else ["--router-kv-overlap-score-weight", f"{weight:g}"]
     else:
         worker = ["--num-workers", str(WORKERS), "--speedup", str(args.speedup), "--num-blocks", str(args.num_blocks),
                   "--block-size", "16"]  # fmt: skip
@@ -407,7 +430,40 @@ def tokenize_workload(gen: TextGen, sessions: list[list[bytes]]) -> list[list[li
 # --------------------------------------------------------------------------------------------- main
 
 
-def plot(results: dict[str, list[dict[str, Any]]], name: str = "kv_routing") -> None:
+
+RR, KV = "ours round-robin", "ours kv"
+DYNAMO = "Dynamo 1.6.1 kv"
+Run = tuple[str, str, str, float | None]  # (stack kind, router mode, run name, overlap weight or None: default)
+Rounds = dict[str, list[dict[str, Any]]]  # run name -> one summary per round
+
+
+def rotation(runs: Sequence[Run], round_index: int) -> list[Run]:
+    """The run order of round ``round_index``: ``runs`` rotated by one per round, so that no run is always
+    first (cold host caches) or always next to the same neighbour on a shared machine."""
+    if not runs:
+        return []
+    k = round_index % len(runs)
+    return [*runs[k:], *runs[:k]]
+
+
+def headline_index(variants: Sequence[tuple[str, str, str]]) -> int:
+    """Which (workload, phase, stack) variant is the JSON headline: the full stack over in-process, the open
+    loop over the closed loop, ``long`` over ``chat``, in that order of precedence."""
+    return max(range(len(variants)), key=lambda i: (variants[i][2] == "full", variants[i][1] == "open-loop",
+                                                    variants[i][0] == "long"))  # fmt: skip
+
+
+def workload_args(args: argparse.Namespace, workload: str) -> argparse.Namespace:
+    """``args`` with ``workload``'s preset filled in where no flag set the value."""
+    ns = argparse.Namespace(**vars(args))
+    ns.workload = workload
+    for key, value in WORKLOADS[workload].items():
+        if getattr(ns, key) is None:
+            setattr(ns, key, value)
+    return ns
+
+
+def plot(results: Rounds, name: str) -> None:
     try:
         import matplotlib
 
@@ -426,12 +482,16 @@ def plot(results: dict[str, list[dict[str, Any]]], name: str = "kv_routing") -> 
         ax.bar(names, vals, color=colors[: len(names)])
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle("KV-aware routing vs round-robin: prefix-heavy multi-turn chat, 8 mocker workers")
+    fig.suptitle(f"KV-aware routing vs round-robin ({name}): prefix-heavy multi-turn chat, 8 mocker workers")
     save_plot(fig, name)
 
 
-def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], tuned: list[str]) -> None:
-    """The per-run table, the hit rate by turn and the kv / round-robin summary of one phase."""
+def mean_of(results: Rounds, name: str, key: str) -> float:
+    return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
+
+
+def print_phase(title: str, results: Rounds) -> None:
+    """The per-run table, the hit rate by turn and the kv / round-robin summary of one variant."""
     headers = ["run", "TTFT p50 ms", "TTFT p99 ms", "req/s", "out tok/s", "hit rate", "prompt tok", "util",
                "errors", "worker CPU", "fe CPU", "host busy"]  # fmt: skip
     rows = []
@@ -440,57 +500,93 @@ def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], tuned: lis
             rows.append([f"{name} #{i}", s["ttft_p50"], s["ttft_p99"], s["req_s"], s["tok_s"], s["hit_rate"],
                          round(s["prompt_tokens"] / max(1, s["ok"])), s["util"], s["errors"], s["worker_util"],
                          s["frontend_util"], s["host_busy"]])  # fmt: skip
-    print(f"\n=== {phase}")
-    print(table(headers, rows, 24))
-
-    def mean(name: str, key: str) -> float:
-        return statistics.mean(s[key] for s in results[name]) if results.get(name) else float("nan")
-
-    print()
-    print("hit rate by turn (mean of rounds):")
+    print(f"\n=== {title}")
+    print(table(headers, rows, 26))
+    print("\nhit rate by turn (mean of rounds):")
     for name, rs in results.items():
         turns = sorted(rs[0]["turn_hit"])
         cells = "  ".join(f"t{t}: {statistics.mean(x['turn_hit'][t] for x in rs):.2f}" for t in turns)
-        print(f"  {name:<22}{cells}")
+        print(f"  {name:<24}{cells}")
     print()
-    sh = ["metric (mean of rounds)", "kv", "round-robin", "kv / rr",
-          *(h for n in tuned for h in (n.removeprefix("ours "), "/ rr")), "Dynamo kv"]  # fmt: skip
+    others = [n for n in results if n not in (KV, RR)]
+    sh = ["metric (mean of rounds)", "kv", "round-robin", "kv / rr", *(n.replace("1.6.1 ", "") for n in others)]
     srows = []
     for key, label in (("ttft_p50", "TTFT p50 ms"), ("ttft_p99", "TTFT p99 ms"), ("req_s", "req/s"),
                        ("hit_rate", "cache hit rate"), ("util", "fleet utilization"),
                        ("fe_ttft_mean", "frontend-side TTFT ms"), ("host_busy", "host CPU busy"),
                        ("errors", "errors")):  # fmt: skip
-        a, b = mean("ours kv", key), mean("ours round-robin", key)
-        cells: list[object] = [label, a, b, a / b if b else float("nan")]
-        for n in tuned:
-            c = mean(n, key)
-            cells += [c, c / b if b else float("nan")]
-        srows.append([*cells, mean("Dynamo 1.6.1 kv", key)])
+        a, b = mean_of(results, KV, key), mean_of(results, RR, key)
+        srows.append([label, a, b, a / b if b else float("nan"), *(mean_of(results, n, key) for n in others)])
     print(table(sh, srows, 26))
+
+
+def variant_line(wl: argparse.Namespace, phase: str, stack: str, results: Rounds) -> dict[str, Any]:
+    """One variant's JSON line: kv vs round-robin TTFT p50, named by workload, phase and stack."""
+    rr, kv = mean_of(results, RR, "ttft_p50"), mean_of(results, KV, "ttft_p50")
+    line: dict[str, Any] = {"bench": "kv_routing" if stack == "full" else "kv_routing_policy", "ours": round(kv, 3),
+                            "baseline": round(rr, 3), "ratio": round(kv / rr, 4), "unit": "ms",
+                            "workload": wl.workload, "phase": phase, "stack": stack}  # fmt: skip
+    if phase == "open-loop":
+        line["session_rate"] = round(wl.session_rate, 3)
+    else:
+        line["concurrency"] = wl.concurrency
+    line["rr_util"] = round(mean_of(results, RR, "util"), 3)
+    line["hit_rate"] = round(mean_of(results, KV, "hit_rate"), 4)
+    line["rr_hit_rate"] = round(mean_of(results, RR, "hit_rate"), 4)
+    line["kv_overlap_weight"] = wl.kv_overlap_weight
+    dyn = {n.rsplit("w=", 1)[1]: round(mean_of(results, n, "hit_rate"), 4) for n in results if n.startswith(DYNAMO)}
+    if dyn:
+        matched = f"{wl.kv_overlap_weight:g}"
+        line["dynamo_hit_rate"] = dyn.get(matched, next(iter(dyn.values())))
+        line["dynamo_hit_rate_by_weight"] = dyn
+    line["rounds"] = wl.rounds
+    return line
+
+
+def run_variant(wl: argparse.Namespace, phase: str, stack: str, runs: list[Run], model_dir: str,
+                sessions: list[list[bytes]], token_sessions: list[list[list[int]]],
+                arrivals: list[float] | None) -> Rounds:
+    """Every run of one (workload, phase, stack) variant, ``wl.rounds`` times, in rotating order."""
+    results: Rounds = {name: [] for _, _, name, _ in runs}
+    for r in range(wl.rounds):
+        for kind, router, name, weight in rotation(runs, r):
+            say(f"{wl.workload} / {phase} / {stack}, round {r + 1}/{wl.rounds}: {name}")
+            if stack == "in-process":
+                s = run_in_process(router, token_sessions, wl, wl.kv_overlap_weight if weight is None else weight,
+                                   arrivals=arrivals)  # fmt: skip
+            else:
+                tag = f"{wl.workload}-{kind}-{router}" + ("" if weight is None else f"-w{weight:g}")
+                s = run_stack(kind, router, model_dir, sessions, wl, tag, weight, arrivals=arrivals)
+            results[name].append(s)
+            say(f"  TTFT p50 {s['ttft_p50']:.1f} ms, p99 {s['ttft_p99']:.1f} ms, {s['req_s']:.1f} req/s, hit rate "
+                f"{s['hit_rate']:.3f}, utilization {s['util']:.2f}, mean prompt "
+                f"{s['prompt_tokens'] / max(1, s['ok']):.0f} tokens, {s['wall_s']:.0f} s, errors {s['errors']}; "
+                f"CPU: worker {s['worker_util']:.2f}, frontend {s['frontend_util']:.2f}, host "
+                f"{100 * s['host_busy']:.0f}% busy")  # fmt: skip
+    return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=200)
     ap.add_argument("--systems", type=int, default=20, help="shared system prompts")
-    ap.add_argument("--workload", choices=list(WORKLOADS), default="long",
-                    help="preset for --turns / --turn-tokens / --context-length: long (12 turns of 200-500 tokens, "
-                         "mean prompt ~4k, up to ~7.5k, on a simulated 16k-context model) or chat (6 turns of "
-                         "100-300 tokens, prompts ~1.1-2.9k); the flags override it")  # fmt: skip
+    ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all",
+                    help="chat (6 turns of 100-300 tokens, prompts ~1.1-2.9k), long (12 turns of 200-500 tokens, mean "
+                         "prompt ~4k, up to ~7.5k, on a simulated 16k-context model) or all (both, chat first); the "
+                         "flags below override a preset")  # fmt: skip
     ap.add_argument("--turns", type=int, default=None, help="turns per session")
     ap.add_argument("--system-tokens", type=int, nargs=2, default=[1000, 2000], metavar=("MIN", "MAX"))
     ap.add_argument("--turn-tokens", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
     ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     ap.add_argument("--mode", choices=["open-loop", "closed-loop", "both"], default="both",
                     help="measured phase(s): open loop (Poisson session arrivals at --session-rate), closed loop "
-                         "(--concurrency sessions at once), or both, open loop first; the JSON line is open "
-                         "loop's unless only closed loop runs")  # fmt: skip
+                         "(--concurrency sessions at once), or both, open loop first")  # fmt: skip
     ap.add_argument("--open-loop", dest="mode", action="store_const", const="open-loop", help="= --mode open-loop")
     ap.add_argument("--closed-loop", dest="mode", action="store_const", const="closed-loop",
-                    help="= --mode closed-loop (the bench before open loop: its JSON line)")  # fmt: skip
+                    help="= --mode closed-loop")  # fmt: skip
     ap.add_argument("--session-rate", type=float, default=None,
                     help="open loop: sessions/s (Poisson); default: the rate that loads the round-robin fleet to "
-                         "--target-util, calibrated on this workload at start-up")  # fmt: skip
+                         "--target-util, calibrated on each workload at start-up")  # fmt: skip
     ap.add_argument("--target-util", type=float, default=0.8,
                     help="open loop: round-robin fleet utilization the default --session-rate aims at (0.8: "
                          "loaded, not overloaded, as fleets are sized)")  # fmt: skip
@@ -500,132 +596,96 @@ def main() -> int:
     ap.add_argument("--context-length", type=int, default=None,
                     help="the mockers (ours and Dynamo's) simulate a model with this context (0: the tiny model's "
                          "4096)")  # fmt: skip
-    ap.add_argument(
-        "--kv-overlap-weight",
-        type=float,
-        default=4.0,
-        help="our frontend's --kv-overlap-weight in the main kv run (4.0: the frontend's default)",
-    )
-    ap.add_argument(
-        "--tuned-weight",
-        type=float,
-        nargs="*",
-        default=[],
-        metavar="W",
-        help="also run ours kv with each of these --kv-overlap-weight values; reported, not in the JSON line",
-    )
+    ap.add_argument("--kv-overlap-weight", type=float, default=4.0,
+                    help="the kv router's overlap weight in the main kv runs, ours and (matched) Dynamo's "
+                         "(4.0: our frontend's default)")  # fmt: skip
+    ap.add_argument("--tuned-weight", type=float, nargs="*", default=[], metavar="W",
+                    help="also run ours kv with each of these --kv-overlap-weight values; reported, not the ratio")
+    ap.add_argument("--dynamo-weight", type=float, nargs="+", default=None, metavar="W",
+                    help="Dynamo's --router-kv-overlap-score-weight, one Dynamo kv run per value (default: "
+                         "--kv-overlap-weight, matched to ours; e.g. 1 2 4 for a sweep)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 40 sessions, 3 turns, 1 round")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 32 sessions, 3 turns, 1 round")
     ap.add_argument("--ours-only", action="store_true", help="skip NVIDIA Dynamo")
-    ap.add_argument("--in-process", action="store_true",
-                    help="compare routing policies only: our Router and the mockers in this process (no frontend, "
-                         "NATS or Dynamo); the JSON line is then named kv_routing_policy")  # fmt: skip
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--in-process", action="store_true",
+                       help="only the in-process variants: our Router and the mockers in this process (no frontend, "
+                            "NATS or Dynamo); JSON lines named kv_routing_policy")  # fmt: skip
+    where.add_argument("--stack-only", action="store_true", help="only the full-stack variants")
     args = ap.parse_args()
     exit_on_sigterm()
-    for key, value in WORKLOADS[args.workload].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.quick:
-        args.sessions, args.turns, args.rounds, args.concurrency = 40, 3, 1, 16
+        args.sessions, args.turns, args.rounds, args.concurrency = 32, 3, 1, 16
     if args.speedup <= 0:
         ap.error("--speedup must be > 0 (the bench measures time)")
-    phases = {"open-loop": ["open-loop"], "closed-loop": ["closed-loop"], "both": ["open-loop", "closed-loop"]}
-    phases_run = phases[args.mode]
+    workloads = ["chat", "long"] if args.workload == "all" else [args.workload]
+    phases = ["open-loop", "closed-loop"] if args.mode == "both" else [args.mode]
+    stacks = ["in-process"] if args.in_process else ["full"] if args.stack_only else ["in-process", "full"]
+    dyn_weights = args.dynamo_weight or [args.kv_overlap_weight]
+    policy_runs: list[Run] = [("ours", "round-robin", RR, None), ("ours", "kv", KV, None),
+                              *(("ours", "kv", f"ours kv w={w:g}", w) for w in args.tuned_weight if w > 0)]  # fmt: skip
+    dyn_runs: list[Run] = [("dynamo", "kv", f"{DYNAMO} w={w:g}", w) for w in dyn_weights]
+    stack_runs = policy_runs + ([] if args.ours_only else dyn_runs)
 
     from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model())
     gen = TextGen(model_dir)
-    sessions = build_workload(gen, args)
-    n_req = sum(len(s) for s in sessions)
-    say(
-        f"workload: {args.sessions} sessions x {args.turns} turns = {n_req} requests, {args.systems} system "
-        f"prompts of {args.system_tokens[0]}-{args.system_tokens[1]} tokens, turns of "
-        f"{args.turn_tokens[0]}-{args.turn_tokens[1]} tokens, {args.max_tokens} output tokens"
-    )
-    token_sessions = tokenize_workload(gen, sessions) if args.in_process or args.session_rate is None else []
-    if args.in_process:
-        args.ours_only = True
-    arrivals: list[float] | None = None
-    if "open-loop" in phases_run:
-        rule = "given (--session-rate)"
-        if args.session_rate is None:
-            work, args.session_rate = calibrate(token_sessions, args)
-            absorb = WORKERS * 1000 * args.speedup / work
-            rule = (f"calibrated: round-robin does {work:.1f} ms of work per request at that rate (in-process, "
-                    f"prompts without the chat template), so {WORKERS} workers absorb {absorb:.0f} req/s; "
-                    f"x {args.target_util:g} / {args.turns} turns")  # fmt: skip
-        arrivals = poisson_arrivals(args.sessions, args.session_rate, args.seed)
-        say(f"open loop: {args.session_rate:.2f} sessions/s ({args.session_rate * args.turns:.1f} req/s offered), "
-            f"Poisson, last session at {arrivals[-1]:.1f} s; {rule}")  # fmt: skip
-    if "closed-loop" in phases_run:
-        say(f"closed loop: {args.concurrency} sessions at once, no think time")
-    if not args.ours_only:
+    if "full" in stacks and not args.ours_only:
         ensure_dynamo_venv()
-    runs: list[tuple[str, str, str, float | None]] = [
-        ("ours", "round-robin", "ours round-robin", None),
-        ("ours", "kv", "ours kv", None),
-    ]
-    for w in args.tuned_weight:
-        if w > 0:
-            runs.append(("ours", "kv", f"ours kv w={w:g}", w))
-    if not args.ours_only:
-        runs.append(("dynamo", "kv", "Dynamo 1.6.1 kv", None))
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {ph: {name: [] for _, _, name, _ in runs}
-                                                            for ph in phases_run}  # fmt: skip
-    for phase in phases_run:
-        arr = arrivals if phase == "open-loop" else None
-        for r in range(args.rounds):
-            for kind, router, name, weight in runs:
-                say(f"{phase} round {r + 1}/{args.rounds}: {name} ({WORKERS} workers, fresh caches)")
-                tag = name.split()[0].lower() + "-" + router + ("" if weight is None else f"-w{weight:g}")
-                if args.in_process:
-                    w = args.kv_overlap_weight if weight is None else weight
-                    s = run_in_process(router, token_sessions, args, w, arrivals=arr)
-                else:
-                    s = run_stack(kind, router, model_dir, sessions, args, tag, weight, arrivals=arr)
-                results[phase][name].append(s)
-                say(
-                    f"  TTFT p50 {s['ttft_p50']:.1f} ms, p99 {s['ttft_p99']:.1f} ms, {s['req_s']:.1f} req/s, "
-                    f"hit rate {s['hit_rate']:.3f}, utilization {s['util']:.2f}, mean prompt "
-                    f"{s['prompt_tokens'] / max(1, s['ok']):.0f} tokens, {s['wall_s']:.0f} s, errors {s['errors']}; "
-                    f"CPU: worker {s['worker_util']:.2f}, frontend {s['frontend_util']:.2f}, host "
-                    f"{100 * s['host_busy']:.0f}% busy"
-                )
+    variants: list[tuple[argparse.Namespace, str, str, Rounds]] = []
+    for workload in workloads:
+        wl = workload_args(args, workload)
+        sessions = build_workload(gen, wl)
+        n_req = sum(len(s) for s in sessions)
+        say(f"workload {workload}: {wl.sessions} sessions x {wl.turns} turns = {n_req} requests, {wl.systems} system "
+            f"prompts of {wl.system_tokens[0]}-{wl.system_tokens[1]} tokens, turns of {wl.turn_tokens[0]}-"
+            f"{wl.turn_tokens[1]} tokens, {wl.max_tokens} output tokens")  # fmt: skip
+        need_tokens = "in-process" in stacks or ("open-loop" in phases and wl.session_rate is None)
+        token_sessions = tokenize_workload(gen, sessions) if need_tokens else []
+        arrivals: list[float] | None = None
+        if "open-loop" in phases:
+            rule = "given (--session-rate)"
+            if wl.session_rate is None:
+                work, wl.session_rate = calibrate(token_sessions, wl)
+                absorb = WORKERS * 1000 * wl.speedup / work
+                rule = (f"calibrated: round-robin does {work:.1f} ms of work per request at that rate (in-process, "
+                        f"prompts without the chat template), so {WORKERS} workers absorb {absorb:.0f} req/s; "
+                        f"x {wl.target_util:g} / {wl.turns} turns")  # fmt: skip
+            arrivals = poisson_arrivals(wl.sessions, wl.session_rate, wl.seed)
+            say(f"{workload} open loop: {wl.session_rate:.2f} sessions/s ({wl.session_rate * wl.turns:.1f} req/s "
+                f"offered), Poisson, last session at {arrivals[-1]:.1f} s; {rule}")  # fmt: skip
+        for phase in phases:
+            for stack in stacks:
+                runs = policy_runs if stack == "in-process" else stack_runs
+                arr = arrivals if phase == "open-loop" else None
+                res = run_variant(wl, phase, stack, runs, model_dir, sessions, token_sessions, arr)
+                variants.append((wl, phase, stack, res))
+                what = (f"{wl.session_rate:.2f} sessions/s Poisson" if phase == "open-loop"
+                        else f"{wl.concurrency} sessions at once")  # fmt: skip
+                print_phase(f"{workload} / {phase} ({what}) / {stack}", res)
+                name = "kv_routing" if stack == "full" else "kv_routing_policy"
+                plot(res, f"{name}_{workload}_{phase.replace('-', '_')}")
 
-    tuned = [name for _, _, name, weight in runs if weight is not None]
-    for phase in phases_run:
-        what = (f"{args.session_rate:.2f} sessions/s Poisson" if phase == "open-loop"
-                else f"{args.concurrency} sessions at once")  # fmt: skip
-        print_phase(f"{phase} ({what})", results[phase], tuned)
-    total_err = sum(s["errors"] for ph in results.values() for rs in ph.values() for s in rs)
+    total_err = sum(s["errors"] for *_, res in variants for rs in res.values() for s in rs)
+    lines = [variant_line(wl, phase, stack, res) for wl, phase, stack, res in variants]
+    print("\n=== every variant: kv vs round-robin TTFT p50 (the JSON lines below, the headline last)")
+    headers = ["workload / phase / stack", "kv p50 ms", "rr p50 ms", "kv / rr", "kv hit", "rr hit", "rr util",
+               "Dynamo hit (w)"]  # fmt: skip
+    rows = [[f"{ln['workload']} / {ln['phase']} / {ln['stack']}", ln["ours"], ln["baseline"], ln["ratio"],
+             ln["hit_rate"], ln["rr_hit_rate"], ln["rr_util"],
+             " ".join(f"{v:.3f} ({w})" for w, v in ln.get("dynamo_hit_rate_by_weight", {}).items()) or "-"]
+            for ln in lines]  # fmt: skip
+    print(table(headers, rows, 34))
     if total_err:
         print(f"WARNING: {total_err} incomplete or failed responses")
-    name = "kv_routing_policy" if args.in_process else "kv_routing"
-    for phase in phases_run:
-        plot(results[phase], name if phase == phases_run[0] else f"{name}_{phase.replace('-', '_')}")
-
-    def mean(phase: str, run: str, key: str) -> float:
-        return statistics.mean(s[key] for s in results[phase][run])
-
+    head = headline_index([(ln["workload"], ln["phase"], ln["stack"]) for ln in lines])
     print()
-    lines = {}
-    for phase in phases_run:
-        rr, kv = mean(phase, "ours round-robin", "ttft_p50"), mean(phase, "ours kv", "ttft_p50")
-        line: dict[str, Any] = {"bench": name, "ours": round(kv, 3), "baseline": round(rr, 3),
-                                "ratio": round(kv / rr, 4), "unit": "ms", "mode": phase}  # fmt: skip
-        if phase == "open-loop":
-            line["session_rate"] = round(args.session_rate, 3)
-        else:
-            line["concurrency"] = args.concurrency
-        line["rr_util"] = round(mean(phase, "ours round-robin", "util"), 3)
-        line["hit_rate"] = round(mean(phase, "ours kv", "hit_rate"), 4)
-        if not args.ours_only:
-            line["dynamo_hit_rate"] = round(mean(phase, "Dynamo 1.6.1 kv", "hit_rate"), 4)
-        lines[phase] = line
-    for phase in reversed(phases_run):  # the first phase (open loop when it runs) prints last
-        print(json.dumps(lines[phase]))
+    for i, ln in enumerate(lines):
+        if i != head:
+            print(json.dumps(ln))
+    print(json.dumps(lines[head]))
     return 1 if total_err else 0
 
 

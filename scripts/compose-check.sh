@@ -159,6 +159,7 @@ leftovers() {
     "$DOCKER" ps -a --filter "label=com.docker.compose.project=$PROJECT" -q
     "$DOCKER" volume ls --filter "label=com.docker.compose.project=$PROJECT" -q
     "$DOCKER" network ls --filter "label=com.docker.compose.project=$PROJECT" -q
+    "$DOCKER" images -q --filter dangling=true --filter label=org.opencontainers.image.title=dynamo-rt
 }
 
 ensure_engine
@@ -213,6 +214,10 @@ PROBE_PY=${PROBE_PY:-.venv/bin/python}
 say "docker-compose down -v"
 "${DC[@]}" down -v --remove-orphans >"$STATE/down.log" 2>&1 || die "compose down failed"
 trap - EXIT
+# Dangling layers of our own earlier builds (final stages carry our OCI title, stand-in-based stages the
+# stand-in's label); other images on the machine are not touched.
+"$DOCKER" image prune -f --filter label=org.opencontainers.image.title=dynamo-rt >/dev/null
+"$DOCKER" image prune -f --filter label=dynamo-rt.standin.ca >/dev/null
 left=$(leftovers)
 [ -z "$left" ] || die "left behind after down: $left"
 say "OK: nothing of project $PROJECT left (containers, volumes, networks); total $(( $(date +%s) - T0 )) s"

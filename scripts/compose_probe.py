@@ -3,10 +3,10 @@
 Against the running disaggregated stack (frontend on 127.0.0.1:8000; the check's second frontend on :8001,
 which never hands a prompt to the prefill worker):
 1. one streamed chat request with the openai SDK; from the workers' /metrics (read inside their containers)
-   it must have gone prefill -> decode with the KV cache pulled over NIXL: the prefill worker's request
-   counter, the decode worker's NIXL pull counter (``dynamo_worker_kv_pulls*`` where the worker exports it,
-   else the decode worker's cached prompt tokens: on a fresh prompt only blocks pulled from the prefill worker
-   count, a local-prefill fallback counts 0) and no prefill fallback on the frontend;
+   it must have gone prefill -> decode with the KV cache pulled over NIXL: the prefill and decode workers'
+   request counters, the decode worker's NIXL pull counter (``dynamo_worker_kv_pulls*``; until the workers
+   export it, issue #19, the decode worker's per-pull debug log line, and no "KV load failed") and no prefill
+   fallback on the frontend;
 2. the hand-off between the two containers: time to first token through :8000 (prefill, NIXL pull, decode)
    against :8001 (the decode worker prefills itself) on fresh prompts of the same length, medians; and the
    NIXL pull rate from the decode worker's per-pull log lines (bytes, ms).
@@ -47,6 +47,11 @@ def metrics(compose: list[str], service: str, port: int) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}"] = s.value
     return samples
+
+
+def decode_logs(compose: list[str]) -> str:
+    return subprocess.run([*compose, "logs", "--no-color", "decode"], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
 
 
 def total(samples: dict[str, float], prefix: str, **labels: str) -> float:
@@ -90,6 +95,7 @@ def main() -> int:
 
     # 1. One streamed request, and the counters that say how it went.
     before = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
+    pulls_before = len(PULL_LINE.findall(decode_logs(compose)))
     front_before = metrics(compose, "frontend", 8000)
     first, text = ttft(disagg, prompt(rng), max_tokens=16)
     after = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
@@ -101,14 +107,13 @@ def main() -> int:
     pull_metric = next((k.split("{")[0] for k in after["decode"]
                         if k.startswith("dynamo_worker_kv_pulls") and "_created" not in k), None)
     if pull_metric is not None:
-        proof = "dynamo_worker_kv_pulls"
+        proof = pull_metric
         pulled = total(after["decode"], pull_metric) - total(before["decode"], pull_metric)
-        ok_pull = pulled == 1
     else:
-        proof = "dynamo_worker_cached_prompt_tokens (decode)"
-        pulled = (total(after["decode"], "dynamo_worker_cached_prompt_tokens")
-                  - total(before["decode"], "dynamo_worker_cached_prompt_tokens"))
-        ok_pull = pulled > 0
+        # Until the workers export their pull counters (issue #19), the decode worker's per-pull debug line.
+        proof = "decode worker log: 'pulled N blocks' lines (no pull counter exported yet)"
+        pulled = len(PULL_LINE.findall(decode_logs(compose))) - pulls_before
+    ok_pull = pulled == 1 and "KV load failed" not in decode_logs(compose)
     fallbacks = (total(front_after, "dynamo_frontend_prefill_fallbacks")
                  - total(front_before, "dynamo_frontend_prefill_fallbacks"))
     print(f"streamed request: {len(text)} chars, TTFT {first * 1e3:.0f} ms; prefill worker +{prefill_reqs:g} "
@@ -123,9 +128,7 @@ def main() -> int:
     for _ in range(ROUNDS):
         t_disagg.append(ttft(disagg, prompt(rng))[0])
         t_local.append(ttft(local, prompt(rng))[0])
-    logs = subprocess.run([*compose, "logs", "--no-color", "decode"], capture_output=True, text=True,
-                          timeout=60, check=True).stdout
-    pulls = [(int(b), float(ms)) for _n, b, _d, ms in PULL_LINE.findall(logs)]
+    pulls = [(int(b), float(ms)) for _n, b, _d, ms in PULL_LINE.findall(decode_logs(compose))]
     nbytes = sum(b for b, _ in pulls)
     secs = sum(ms for _, ms in pulls) / 1e3
     gbps = nbytes / secs / 1e9 if secs else 0.0

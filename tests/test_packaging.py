@@ -284,7 +284,8 @@ def test_dockerfile_cpu_image() -> None:
     venv = [a for i, a in stages()["venv"] if i == "RUN"]
     # torch: the pin of the [engine] extra, from the CPU index by default (a build argument).
     (torch_pin,) = [r for r in pyproject()["project"]["optional-dependencies"]["engine"] if r.startswith("torch")]
-    assert venv[1] == f'pip install --no-cache-dir --index-url "${{TORCH_INDEX_URL}}" --find-links /tmp/wheels {torch_pin}'
+    assert venv[1] == ('pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" --find-links /tmp/wheels '
+                       + torch_pin)
     args = dict(a.split("=", 1) for i, a in stages()["venv"] if i == "ARG" and "=" in a)
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert f'"{WHEEL}[engine,local]"' in venv[2]
@@ -307,3 +308,14 @@ def test_dockerfile_copies_what_the_package_needs() -> None:
                if line.strip() and not line.startswith("#")}
     assert {".venv", ".git"} <= ignored
     assert not ignored & (sources | {"dynamo_rt/local/data", "planner/data"})
+
+
+def test_compose_workers_progress_their_nixl_agent_over_tcp() -> None:
+    """Over UCX/TCP a peer's READ is served by the owner's UCX worker: the compose workers' UCX_TLS must turn
+    the NIXL progress thread on (else every pull times out and decode prefills locally); same-host CMA not."""
+    from workers.common.kv_handoff import owner_must_progress
+
+    for worker in ("prefill", "decode", "worker"):
+        assert owner_must_progress(compose()["services"][worker]["environment"]) is True
+    assert [owner_must_progress(env) for env in ({}, {"UCX_TLS": "cma,tcp"}, {"UCX_TLS": "^tcp"},
+                                                 {"UCX_TLS": "rc,tcp"})] == [False, False, False, True]

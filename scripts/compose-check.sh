@@ -127,7 +127,7 @@ build_cpu() {
     fi
     say "building $CPU_IMAGE (Dockerfile target cpu, log $STATE/build.log)"
     local t=$(date +%s)
-    "$DOCKER" build --target cpu -t "$CPU_IMAGE" --build-arg "PYTHON_IMAGE=$base" "${args[@]}" . \
+    "$DOCKER" build --force-rm --target cpu -t "$CPU_IMAGE" --build-arg "PYTHON_IMAGE=$base" "${args[@]}" . \
         >"$STATE/build.log" 2>&1 || { tail -30 "$STATE/build.log"; die "docker build failed"; }
     local size; size=$("$DOCKER" image inspect -f '{{.Size}}' "$CPU_IMAGE")
     say "built $CPU_IMAGE in $(( $(date +%s) - t )) s: $(( size / 1000000 )) MB"

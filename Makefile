@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: up test lint venv install install-test clean bench
+.PHONY: up test lint venv install install-test clean bench image compose-check
 
 $(VPY):
 	@echo "==> creating $(VENV)"
@@ -43,3 +43,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .state
+
+# The cpu image (Dockerfile target cpu). Where base images cannot be pulled, scripts/compose-check.sh --build
+# builds it on local stand-ins (and starts a Docker engine first when none runs).
+image:
+	scripts/compose-check.sh --build
+
+# docker-compose.yml's disaggregated stack built, started, probed and removed (scripts/compose-check.sh).
+compose-check: $(TEST_STAMP)
+	PROBE_PY=$(VPY) scripts/compose-check.sh

@@ -37,6 +37,7 @@ from deploy.spec import (
     ROUTER_MODES,
     ManifestSpec,
     default_image,
+    parse_tolerations,
     preset,
 )
 from deploy.suggest import GPU_PRESETS, GpuSpec, SuggestInput, format_suggestion, suggest
@@ -78,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(p, "--partition", env="DYN_MANIFEST_PARTITION", type=int, default=0,
          help="initial rollingUpdate.partition of worker roles")
     flag(p, "--kv-host-tier-gib", env="DYN_MANIFEST_KV_HOST_TIER_GIB", type=int, default=DEFAULT_KV_HOST_TIER_GIB,
-         help="GiB of the memory-backed volume holding the prefill workers' host KV tier (0: none)")
+         help="GiB of the memory-backed volume holding the prefill workers' host KV tier, for engines "
+              "that have one (the reference engine; none of the manifest backends) (0: none)")
     for role in ("worker", "prefill", "decode"):
         flag(p, f"--{role}-tp", env=f"DYN_MANIFEST_{role.upper()}_TP", type=int, default=None,
              help=f"{role} tensor-parallel size (default: the preset's)")
@@ -104,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag(p, "--nats-creds-secret", env="DYN_MANIFEST_NATS_CREDS_SECRET", default="",
          help=f"Secret holding a NATS .creds file under key {NATS_CREDS_KEY}: mounted read-only in every role "
               "and passed as DYN_NATS_CREDS")
+    flag(p, "--cpu-image", env="DYN_MANIFEST_CPU_IMAGE", default="",
+         help=f"image of the frontend and the planner (default {default_image('cpu')})")
+    flag(p, "--toleration", env="DYN_MANIFEST_TOLERATION", default="",
+         help="tolerations of the worker pods, key[=value]:Effect[,...] (e.g. nvidia.com/gpu:NoSchedule)")
     flag(p, "--output", env="DYN_MANIFEST_OUTPUT", default="-", help="file to write ('-': stdout)")
     flag(p, "--deps", env="DYN_MANIFEST_DEPS", choices=("etcd", "nats"), default=None,
          help="render the etcd or NATS dependency instead of a RoleBasedGroup")
@@ -173,7 +179,8 @@ def spec_from_args(args: argparse.Namespace) -> ManifestSpec:
         coordination=args.coordination, kv_host_tier_gib=args.kv_host_tier_gib, planner=args.planner,
         planner_ttft=args.planner_ttft_target, planner_itl=args.planner_itl_target,
         planner_interval=args.planner_interval, credentials_secret=args.credentials_secret,
-        nats_creds_secret=args.nats_creds_secret,
+        nats_creds_secret=args.nats_creds_secret, cpu_image=args.cpu_image,
+        tolerations=parse_tolerations(args.toleration),
     )
 
 

@@ -22,10 +22,16 @@ WORKLOAD_KIND = "RoleInstanceSet"
 GROUP_RESOURCE = "rolebasedgroups"
 ADAPTER_RESOURCE = "rolebasedgroupscalingadapters"
 POLICY_RESOURCE = "coordinatedpolicies"
+# A scaling adapter's status.phase once the controller has tied it to its role (NotBound before).
+ADAPTER_BOUND = "Bound"
 
 # Pod labels the current controller stamps (v1alpha1-era keys were rolebasedgroup.workloads.x-k8s.io/name|role).
 GROUP_LABEL = "rbg.workloads.x-k8s.io/group-name"
 ROLE_LABEL = "rbg.workloads.x-k8s.io/role-name"
+
+# Group annotation: gang-schedule every role's pods (api/workloads/constants/annotation.go); RBG derives the
+# per-RoleInstance gang annotation from it.
+GANG_SCHEDULING_ANNOTATION = "rbg.workloads.x-k8s.io/group-gang-scheduling"
 
 # Env RBG injects into every pod, and into each pod of a leader/worker group (RoleInstanceSet with a size).
 GROUP_NAME_ENV = "RBG_GROUP_NAME"

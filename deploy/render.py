@@ -21,10 +21,24 @@ Service ``s-{group}-frontend``, every pod scraped). It runs as the ServiceAccoun
 ``manifests/planner/rbac.yml`` creates and binds, and reads the engine's performance profile
 (``dynamo-rt profile`` output) from the ConfigMap ``{group}-planner-profile``.
 
-KV host tier: prefill workers get a memory-backed emptyDir (``KV_HOST_TIER_VOLUME``) and worker flags pointing
-the KV block manager's host tier (``workers.reference.kvbm``) at a file in it. An emptyDir lives as long as
-the pod, and an in-place update (``InPlaceIfPossible``, image-only change) restarts the container inside the
-same pod, so the new process finds the file and serves the prefixes the old one cached.
+KV host tier: only for engines whose KV block manager has a host tier (``KV_HOST_TIER_ENGINES``: the reference
+engine, ``workers.reference.kvbm``); vLLM, SGLang and TensorRT-LLM ignore the flags, so their pods get neither
+the memory volume nor its memory request. Where rendered, prefill workers get a memory-backed emptyDir
+(``KV_HOST_TIER_VOLUME``) and flags pointing the tier at a file in it; an emptyDir lives as long as the pod,
+and an in-place update restarts the container inside the same pod, so the new process finds the cached
+prefixes.
+
+Pods (from RBG's sources, v0.8.0-alpha.5):
+- the frontend's ClusterIP Service is ``{group}-api``: RBG treats an existing Service named ``{group}-{role}``
+  as the role's legacy headless Service (pkg/utils/service_utils.go) and would force ``clusterIP: None`` on it;
+- frontend and planner run the cpu image without the model volume (the frontend gets tokenizers from NATS);
+- workers serve metrics on a fixed port once the engine has registered: readiness on it, and a long startup
+  probe while weights load (the leader pod only, for multi-node roles: followers serve nothing);
+- workers request cpu and memory (memory: engine host memory + /dev/shm + the KV host tier, all memory-backed)
+  and, with an RDMA resource, add ``IPC_LOCK`` so the engine can pin memory for the NIC;
+- multi-node groups carry RBG's gang-scheduling annotation, so a leader/worker group is placed whole or not
+  at all; ``--toleration`` adds tolerations (GPU node taints) to the worker pods;
+- the CoordinatedPolicy comes before the RoleBasedGroup, so the group's first reconcile already sees it.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from deploy.rbg import (
     API_GROUP,
     DECODE_ROLE,
     FRONTEND_ROLE,
+    GANG_SCHEDULING_ANNOTATION,
     GROUP_KIND,
     GROUP_LABEL,
     LWP_GROUP_SIZE_ENV,
@@ -67,6 +82,14 @@ KV_HOST_TIER_VOLUME = "kv-host-tier"
 KV_HOST_TIER_MOUNT = "/kv-host-tier"
 KV_HOST_TIER_FILE = f"{KV_HOST_TIER_MOUNT}/host.kv"
 KV_HOST_TIER_ROLES = (PREFILL_ROLE,)
+KV_HOST_TIER_ENGINES = ("reference",)  # engines with a host KV tier; none of the manifest backends has one
+
+FRONTEND_SERVICE_SUFFIX = "api"  # never a role name: {group}-{role} is RBG's legacy headless Service name
+WORKER_METRICS_PORT = 9090
+# Engine host memory per GPU (process, CUDA context, weight staging), on top of /dev/shm and the KV host tier.
+ENGINE_HOST_GIB_PER_GPU = 24
+WORKER_CPU_PER_GPU = 4
+STARTUP_PROBE_SECONDS = 1800  # large models load for tens of minutes
 
 # Worker role name -> the worker's --mode.
 ROLE_MODE = {AGG_ROLE: "agg", PREFILL_ROLE: "prefill", DECODE_ROLE: "decode"}
@@ -94,6 +117,11 @@ NATS_CREDS_KEY = "user.creds"
 NON_ROOT_UID = 1000
 SCRATCH_VOLUME = "tmp"
 
+def frontend_service_name(group: str) -> str:
+    """The frontend's ClusterIP Service: ``{group}-api``, never ``{group}-{role}`` (see the module docstring)."""
+    return f"{group}-{FRONTEND_SERVICE_SUFFIX}"
+
+
 def meta(name: str, namespace: str | None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """An object's ``metadata``: the namespace only when given, so kubectl's current one applies."""
     meta: dict[str, Any] = {"name": name}
@@ -120,7 +148,8 @@ def _non_root_context() -> dict[str, Any]:
 
 
 def _base_template(spec: ManifestSpec) -> dict[str, Any]:
-    """The shared PodTemplateSpec: image, discovery endpoints, credentials, model volume. Roles patch it."""
+    """The shared PodTemplateSpec: image, discovery endpoints, credentials. Roles patch it (workers add the
+    model volume, frontend and planner the cpu image)."""
     env = [
         {"name": "DYN_ETCD_ENDPOINTS", "value": spec.etcd_url},
         {"name": "DYN_NATS_ENDPOINTS", "value": spec.nats_url},
@@ -128,10 +157,8 @@ def _base_template(spec: ManifestSpec) -> dict[str, Any]:
         {"name": "DYN_LOG", "value": "info"},
         *_secret_env(spec, SECRET_ENV_ALL_ROLES),
     ]
-    volumes: list[dict[str, Any]] = [
-        {"name": "model", "persistentVolumeClaim": {"claimName": spec.model_pvc, "readOnly": True}},
-    ]
-    mounts = [{"name": "model", "mountPath": spec.model_path, "readOnly": True}]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
     if spec.nats_creds_secret:
         # Not optional: a process told to use a creds file that is absent exits at start with a clear error.
         volumes.append({"name": NATS_CREDS_VOLUME, "secret": {"secretName": spec.nats_creds_secret,
@@ -155,11 +182,12 @@ def _base_template(spec: ManifestSpec) -> dict[str, Any]:
     }
 
 
-def _unprivileged(patch: dict[str, Any], env: list[dict[str, Any]]) -> dict[str, Any]:
-    """``patch`` (one container) run as a non-root user on a read-only root filesystem: HOME and the temp
-    folder point at a scratch emptyDir, ``env`` is added."""
+def _unprivileged(spec: ManifestSpec, patch: dict[str, Any], env: list[dict[str, Any]]) -> dict[str, Any]:
+    """``patch`` (one container) on the cpu image, run as a non-root user on a read-only root filesystem: HOME
+    and the temp folder point at a scratch emptyDir, ``env`` is added."""
     pod = patch["spec"]
     container = pod["containers"][0]
+    container["image"] = spec.cpu_image_ref
     pod.setdefault("volumes", []).append({"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}})
     container.setdefault("volumeMounts", []).append({"name": SCRATCH_VOLUME, "mountPath": "/tmp"})
     container["env"] = [{"name": "HOME", "value": "/tmp"}, *env]
@@ -172,7 +200,7 @@ def frontend_args(spec: ManifestSpec) -> list[str]:
 
 
 def _frontend_patch(spec: ManifestSpec) -> dict[str, Any]:
-    return _unprivileged({
+    return _unprivileged(spec, {
         "spec": {
             "containers": [
                 {
@@ -217,7 +245,7 @@ def planner_args(spec: ManifestSpec) -> list[str]:
 
 
 def _planner_patch(spec: ManifestSpec) -> dict[str, Any]:
-    return _unprivileged({
+    return _unprivileged(spec, {
         "spec": {
             "serviceAccountName": PLANNER_SERVICE_ACCOUNT,
             # Not optional: without a profile of the real engine the planner would size pools by guesswork,
@@ -245,14 +273,15 @@ def kv_host_tier_file_gib(volume_gib: int) -> int:
 
 
 def _has_kv_host_tier(spec: ManifestSpec, role: str) -> bool:
-    return role in KV_HOST_TIER_ROLES and kv_host_tier_file_gib(spec.kv_host_tier_gib) > 0
+    return (spec.backend in KV_HOST_TIER_ENGINES and role in KV_HOST_TIER_ROLES
+            and kv_host_tier_file_gib(spec.kv_host_tier_gib) > 0)
 
 
 def worker_args(spec: ManifestSpec, role: str, shape: RoleShape) -> list[str]:
     args = [
         "worker", "--engine", spec.backend, "--mode", ROLE_MODE[role],
         "--model", spec.model_path, "--served-model-name", spec.served_model_name,
-        "--tp", str(shape.tp),
+        "--tp", str(shape.tp), "--metrics-port", str(WORKER_METRICS_PORT),
     ]
     if shape.ep > 1:
         args += ["--ep-size", str(shape.ep)]
@@ -270,27 +299,76 @@ def worker_args(spec: ManifestSpec, role: str, shape: RoleShape) -> list[str]:
     return args
 
 
+def worker_memory_gib(spec: ManifestSpec, role: str, shape: RoleShape) -> int:
+    """A worker pod's memory request (= limit): engine host memory, /dev/shm and the KV host tier, the last two
+    memory-backed emptyDirs that count against the pod's memory."""
+    tier = spec.kv_host_tier_gib if _has_kv_host_tier(spec, role) else 0
+    return ENGINE_HOST_GIB_PER_GPU * shape.gpus_per_pod + gib(spec.shm_size) + tier
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+
 def _worker_patch(spec: ManifestSpec, role: str, shape: RoleShape) -> dict[str, Any]:
     amount = {GPU_RESOURCE: str(shape.gpus_per_pod)}
     # KV hand-off (disagg) and cross-node tensor parallelism want the RDMA NIC.
-    if spec.rdma_resource and (spec.mode == "disagg" or shape.nodes > 1):
+    rdma = bool(spec.rdma_resource and (spec.mode == "disagg" or shape.nodes > 1))
+    if rdma:
         amount[spec.rdma_resource] = "1"
+    memory = f"{worker_memory_gib(spec, role, shape)}Gi"
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "args": worker_args(spec, role, shape),
-        "resources": {"requests": dict(amount), "limits": dict(amount)},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "ports": [{"name": "metrics", "containerPort": WORKER_METRICS_PORT, "protocol": "TCP"}],
+        # No cpu limit: throttling a token loop costs latency; memory request = limit, so it is not evicted
+        # before pods that use less than they asked for.
+        "resources": {"requests": {"cpu": str(WORKER_CPU_PER_GPU * max(shape.gpus_per_pod, 1)), "memory": memory,
+                                   **amount},
+                      "limits": {"memory": memory, **amount}},
+        "volumeMounts": [{"name": "model", "mountPath": spec.model_path, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
     }
+    if rdma:
+        # Registering memory with the NIC pins it (mlock): beyond the default RLIMIT_MEMLOCK without IPC_LOCK.
+        container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
     if shape.nodes > 1:
-        container["ports"] = [{"name": "dist-init", "containerPort": DIST_INIT_PORT, "protocol": "TCP"}]
+        container["ports"].append({"name": "dist-init", "containerPort": DIST_INIT_PORT, "protocol": "TCP"})
+    else:
+        container.update(_worker_probes())
     # NCCL and the engines' worker processes exchange tensors through /dev/shm.
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
+    volumes = [{"name": "model", "persistentVolumeClaim": {"claimName": spec.model_pvc, "readOnly": True}},
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}]
     if _has_kv_host_tier(spec, role):
         # Outlives the container (not the pod): an in-place update keeps the KV blocks it holds.
         volumes.append({"name": KV_HOST_TIER_VOLUME,
                         "emptyDir": {"medium": "Memory", "sizeLimit": f"{spec.kv_host_tier_gib}Gi"}})
         container["volumeMounts"].append({"name": KV_HOST_TIER_VOLUME, "mountPath": KV_HOST_TIER_MOUNT})
-    return {"spec": {"volumes": volumes, "containers": [container]}}
+    pod: dict[str, Any] = {"volumes": volumes, "containers": [container]}
+    if spec.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    return {"spec": pod}
+
+
+def _worker_probes() -> dict[str, Any]:
+    """The worker's metrics server starts once its engine has registered (workers/main.py), so a 200 on it
+    means "serving"; the startup probe holds readiness and liveness off while weights load."""
+    return {
+        "startupProbe": _probe("/metrics", "metrics", 10, STARTUP_PROBE_SECONDS // 10),
+        "readinessProbe": _probe("/metrics", "metrics", 10, 3),
+    }
+
+
+def _leader_patch() -> dict[str, Any]:
+    """Multi-node roles: only the leader pod registers and serves metrics, so only it gets the probes."""
+    return {"spec": {"containers": [{"name": CONTAINER_NAME, **_worker_probes()}]}}
+
+
+def gib(size: str) -> int:
+    """``32Gi`` -> 32 (the generator writes sizes in whole GiB)."""
+    if not size.endswith("Gi") or not size[:-2].isdigit():
+        raise ValueError(f"size {size!r}: expected whole GiB such as 32Gi")
+    return int(size[:-2])
 
 
 def _rollout(spec: ManifestSpec) -> dict[str, Any]:
@@ -313,7 +391,7 @@ def _role(spec: ManifestSpec, name: str, replicas: int, patch: dict[str, Any],
     if spec.api_version == "v1alpha1":
         role["workload"] = {"apiVersion": f"{API_GROUP}/{POLICY_API_VERSION}", "kind": WORKLOAD_KIND}
         if nodes > 1:
-            role["leaderWorkerSet"] = {"size": nodes}
+            role["leaderWorkerSet"] = {"size": nodes, "patchLeaderTemplate": _leader_patch()}
     if shape is not None:
         # The planner (or an HPA) scales worker roles through the adapter's /scale subresource.
         role["scalingAdapter"] = {"enable": True}
@@ -324,7 +402,7 @@ def _role(spec: ManifestSpec, name: str, replicas: int, patch: dict[str, Any],
     else:
         pattern: dict[str, Any] = {"templateRef": {"name": TEMPLATE_NAME, "patch": patch}}
         if nodes > 1:
-            role["leaderWorkerPattern"] = {"size": nodes, **pattern}
+            role["leaderWorkerPattern"] = {"size": nodes, **pattern, "leaderTemplatePatch": _leader_patch()}
         else:
             role["standalonePattern"] = pattern
     return role
@@ -362,25 +440,31 @@ def build_documents(spec: ManifestSpec) -> list[dict[str, Any]]:
     disagg = spec.mode == "disagg"
     if disagg and spec.coordination == "inline":
         rbg_spec["coordination"] = [_coordination_rule()]
-    docs: list[dict[str, Any]] = [{
-        "apiVersion": f"{API_GROUP}/{spec.api_version}",
-        "kind": GROUP_KIND,
-        "metadata": meta(name, spec.namespace, APP_LABELS),
-        "spec": rbg_spec,
-    }]
+    docs: list[dict[str, Any]] = []
     if disagg and spec.coordination == "policy":
         # The policy binds to the group of the same name and namespace (v1alpha2 moved coordination out of
-        # the group; the CoordinatedPolicy API serves v1alpha1 groups too).
+        # the group; the CoordinatedPolicy API serves v1alpha1 groups too). It comes first, so the group's
+        # first reconcile already finds it and the roles never start uncoordinated.
         docs.append({
             "apiVersion": f"{API_GROUP}/{POLICY_API_VERSION}",
             "kind": POLICY_KIND,
             "metadata": meta(name, spec.namespace, APP_LABELS),
             "spec": {"policies": [_coordination_rule()]},
         })
+    group_meta = meta(name, spec.namespace, APP_LABELS)
+    if spec.multinode:
+        # A leader/worker group placed in part holds GPUs and never starts: RBG creates a PodGroup per group.
+        group_meta["annotations"] = {GANG_SCHEDULING_ANNOTATION: "true"}
+    docs.append({
+        "apiVersion": f"{API_GROUP}/{spec.api_version}",
+        "kind": GROUP_KIND,
+        "metadata": group_meta,
+        "spec": rbg_spec,
+    })
     docs.append({
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": meta(f"{name}-frontend", spec.namespace, APP_LABELS),
+        "metadata": meta(frontend_service_name(name), spec.namespace, APP_LABELS),
         "spec": {
             "type": "ClusterIP",
             "selector": {GROUP_LABEL: name, ROLE_LABEL: FRONTEND_ROLE},

@@ -86,6 +86,8 @@ class ManifestSpec:
     planner_interval: float = DEFAULT_PLANNER_INTERVAL
     credentials_secret: str = DEFAULT_CREDENTIALS_SECRET  # "": no Secret references
     nats_creds_secret: str = ""  # a Secret holding a NATS .creds file under key user.creds; "": none
+    cpu_image: str = ""  # frontend and planner; "": dynamo-rt:<version>-cpu
+    tolerations: tuple[dict[str, str], ...] = ()  # added to worker pods (GPU node taints)
 
     @property
     def group_name(self) -> str:
@@ -94,6 +96,10 @@ class ManifestSpec:
     @property
     def image_ref(self) -> str:
         return self.image or default_image(self.backend)
+
+    @property
+    def cpu_image_ref(self) -> str:
+        return self.cpu_image or default_image("cpu")
 
     @property
     def multinode(self) -> bool:
@@ -135,6 +141,25 @@ def preset(backend: str, mode: str, multinode: bool = False, nodes: int = DEFAUL
     return ManifestSpec(backend=backend, mode=mode, roles=roles, api_version=api_version)
 
 
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def parse_tolerations(text: str) -> tuple[dict[str, str], ...]:
+    """``key[=value]:Effect[,...]`` -> Kubernetes tolerations (``Exists`` without a value, else ``Equal``)."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        taint, sep, effect = item.rpartition(":")
+        key, eq, value = taint.partition("=")
+        if not sep or not key or effect not in TOLERATION_EFFECTS:
+            raise InvalidRequest(f"toleration {item!r}: expected key[=value]:{'|'.join(TOLERATION_EFFECTS)}",
+                                 param="toleration")
+        tol = {"key": key, "operator": "Equal" if eq else "Exists"}
+        if eq:
+            tol["value"] = value
+        out.append({**tol, "effect": effect})
+    return tuple(out)
+
+
 def validate_spec(spec: ManifestSpec) -> None:
     """Reject inputs that would render a group RBG or the engines refuse."""
     if spec.backend not in BACKENDS:
@@ -154,6 +179,8 @@ def validate_spec(spec: ManifestSpec) -> None:
         raise InvalidRequest("partition must be >= 0", param="partition")
     if spec.planner_ttft <= 0 or spec.planner_itl <= 0 or spec.planner_interval <= 0:
         raise InvalidRequest("planner TTFT / ITL targets and interval must be > 0", param="planner_ttft_target")
+    if not (spec.shm_size.endswith("Gi") and spec.shm_size[:-2].isdigit()):
+        raise InvalidRequest("shm size must be whole GiB, such as 32Gi", param="shm_size")
     if spec.kv_host_tier_gib < 0:
         raise InvalidRequest("kv host tier size must be >= 0 GiB", param="kv_host_tier_gib")
     for role, shape in spec.roles:

@@ -8,7 +8,8 @@ For each role the connector writes where RBG wants the number:
 - the role enables a scaling adapter (``roles[].scalingAdapter.enable``): RBG created a
   RoleBasedGroupScalingAdapter ``{group}-{role}`` and refuses ``replicas`` edits on the group that disagree
   with it, so the connector patches the adapter's ``scale`` subresource (``{"spec": {"replicas": n}}``,
-  a JSON merge patch);
+  a JSON merge patch), and only once the adapter's ``status.phase`` is ``Bound``: before that RBG's adapter
+  controller has not tied it to the role, and a number written there would not reach the role;
 - otherwise: one JSON patch on the group, ``test`` of ``/spec/roles/{i}/name`` (so a reordered role list
   is refused instead of resizing the wrong role) and ``replace`` of ``/spec/roles/{i}/replicas``; every role
   without an adapter goes into that one patch, so the API server applies them together.
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deploy.rbg import (
+    ADAPTER_BOUND,
     ADAPTER_RESOURCE,
     API_GROUP,
     GROUP_RESOURCE,
@@ -182,8 +184,11 @@ class RbgConnector:
     def rbg_path(self) -> str:
         return f"{self._base()}/{GROUP_RESOURCE}/{self.group}"
 
+    def adapter_path(self, role: str) -> str:
+        return f"{self._base()}/{ADAPTER_RESOURCE}/{adapter_name(self.group, role)}"
+
     def scale_path(self, role: str) -> str:
-        return f"{self._base()}/{ADAPTER_RESOURCE}/{adapter_name(self.group, role)}/scale"
+        return f"{self.adapter_path(role)}/scale"
 
     @property
     def policy_path(self) -> str:
@@ -205,6 +210,16 @@ class RbgConnector:
                 self._policy_readable = False
                 return None
             raise
+
+    async def _bound(self, role: str) -> bool:
+        """The role's scaling adapter exists and RBG has bound it to the role."""
+        try:
+            adapter = await self.client.get(self.adapter_path(role))
+        except KubeApiError as exc:
+            if exc.http_status != 404:
+                raise
+            return False
+        return bool((adapter.get("status") or {}).get("phase") == ADAPTER_BOUND)
 
     async def current(self) -> Replicas:
         return await self._replicas(await self.client.get(self.rbg_path))
@@ -254,6 +269,10 @@ class RbgConnector:
             ops = replicas_patch(rbg, direct)
             self.writes.append((f"PATCH {self.rbg_path}", JSON_PATCH, ops))
             await self.client.patch(self.rbg_path, ops, JSON_PATCH)
+        unbound = [r for r in via_adapter if not await self._bound(r)]
+        if unbound:
+            held = {r: via_adapter.pop(r) for r in unbound}
+            log.info("holding %s: the scaling adapters of %s are not Bound yet", held, unbound)
         # Growing: the role that is furthest behind its target first, so the pair never skews the other way.
         for role, n in sorted(via_adapter.items(), key=lambda kv: kv[1] - role_replicas(rbg, kv[0]), reverse=True):
             body = scale_body(n)

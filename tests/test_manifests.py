@@ -24,14 +24,19 @@ import yaml
 
 from deploy.catalog import catalog, check, render, write_all
 from deploy.manifests import _suggest_input, add_arguments, main, spec_from_args
-from deploy.rbg import GROUP_LABEL, ROLE_LABEL
+from deploy.rbg import GANG_SCHEDULING_ANNOTATION, GROUP_LABEL, ROLE_LABEL, legacy_service_name
 from deploy.render import (
     CONTAINER_NAME,
+    KV_HOST_TIER_ENGINES,
     LIVENESS_PATH,
     READINESS_PATH,
     ROLE_MODE,
+    WORKER_METRICS_PORT,
     _coordination_rule,
     build_documents,
+    frontend_service_name,
+    worker_args,
+    worker_memory_gib,
 )
 from deploy.spec import (
     BACKENDS,
@@ -43,6 +48,7 @@ from deploy.spec import (
     VERSION,
     RoleShape,
     default_image,
+    parse_tolerations,
     preset,
 )
 from deploy.suggest import Suggestion, suggest
@@ -57,7 +63,7 @@ CRDS = REPO.parent / "shared" / "rbg-crds"
 FLAGS_RELIED_ON = {
     "frontend": ["--http-port", "--router-mode"],
     "worker": ["--engine", "--mode", "--model", "--served-model-name", "--tp", "--ep-size", "--nnodes",
-               "--node-rank", "--dist-init-addr"],
+               "--node-rank", "--dist-init-addr", "--metrics-port"],
     "planner": ["--connector", "--rbg-api-version", "--mode", "--model", "--frontend-url", "--frontend-resolve-all",
                 "--profile", "--ttft-target", "--itl-target", "--adjustment-interval", "--min-prefill",
                 "--max-prefill", "--min-decode", "--max-decode", "--metrics-port"],
@@ -161,6 +167,11 @@ def errors_of(v: jsonschema.Draft7Validator, doc: Any) -> list[str]:
 
 def load(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def group_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == "RoleBasedGroup"]
+    return doc
 
 
 def rbg_of(path: Path) -> dict[str, Any]:
@@ -353,7 +364,8 @@ def test_documents_validate_strictly(path: Path) -> None:
     kinds = [d["kind"] for d in docs]
     version = "v1alpha2" if path.parent.name == "v1alpha2" else "v1alpha1"
     disagg = path.stem.startswith("disagg")
-    expected = ["RoleBasedGroup"] + (["CoordinatedPolicy"] if disagg else [])
+    # The policy first: the group's first reconcile must find it (else the roles start uncoordinated).
+    expected = (["CoordinatedPolicy"] if disagg else []) + ["RoleBasedGroup"]
     assert kinds == [*expected, "Service"]
     for doc in docs:
         if doc["kind"] == "Service":
@@ -386,12 +398,18 @@ def test_patches_and_effective_pod_templates_validate(path: Path) -> None:
         assert errors_of(template_validator(version, False), tmpl) == [], name
         (container,) = tmpl["spec"]["containers"]
         assert container["name"] == CONTAINER_NAME
-        assert container["image"] == default_image(path.parts[-2 if version == "v1alpha1" else -3])
+        backend = path.parts[-2 if version == "v1alpha1" else -3]
+        worker = name not in ("frontend", "planner")
+        # Workers run the engine's image with the model; frontend and planner the cpu image without it.
+        assert container["image"] == default_image(backend if worker else "cpu"), name
         assert container["command"] == ["dynamo-rt"]
         mounts = {vm["name"]: vm["mountPath"] for vm in container.get("volumeMounts", [])}
         volumes = {v["name"] for v in tmpl["spec"].get("volumes", [])}
         assert set(mounts) <= volumes
-        assert mounts["model"] == DEFAULT_MODEL_PATH
+        if worker:
+            assert mounts["model"] == DEFAULT_MODEL_PATH
+        else:
+            assert "model" not in mounts and "model" not in volumes, name
 
 
 def test_strict_check_catches_typos() -> None:
@@ -479,7 +497,7 @@ def test_main_check_write_and_render(tmp_path: Path, capsys: pytest.CaptureFixtu
     decoder = containers_by_role(out)["decoder"]
     assert decoder["args"][decoder["args"].index("--tp") + 1] == "4"
     assert "--ep-size" not in decoder["args"]
-    assert decoder["resources"]["limits"] == {"nvidia.com/gpu": "4", "rdma/hca": "1"}
+    assert decoder["resources"]["limits"] == {"nvidia.com/gpu": "4", "rdma/hca": "1", "memory": "128Gi"}
     # The checked-in file's own header command reproduces it.
     same = tmp_path / "same.yaml"
     assert main(_parser().parse_args(["--backend", "sglang", "--mode", "disagg", "--output", str(same)])) == 0
@@ -550,9 +568,10 @@ def test_seed_topology_disagg() -> None:
             assert rbg["spec"]["roleTemplates"][0]["name"] == "dynamo-common"
             c = containers_by_role(path)
             assert c["prefill"]["args"][c["prefill"]["args"].index("--tp") + 1] == "4"
-            assert c["prefill"]["resources"]["limits"] == {"nvidia.com/gpu": "4", "rdma/hca": "1"}
+            # memory: 24 GiB engine host memory per GPU + 32 GiB /dev/shm (no KV host tier for these engines).
+            assert c["prefill"]["resources"]["limits"] == {"nvidia.com/gpu": "4", "rdma/hca": "1", "memory": "128Gi"}
             assert c["decoder"]["args"][c["decoder"]["args"].index("--ep-size") + 1] == "8"
-            assert c["decoder"]["resources"]["limits"] == {"nvidia.com/gpu": "8", "rdma/hca": "1"}
+            assert c["decoder"]["resources"]["limits"] == {"nvidia.com/gpu": "8", "rdma/hca": "1", "memory": "224Gi"}
             assert "resources" not in c["frontend"] or "nvidia.com/gpu" not in str(c["frontend"]["resources"])
             for role in roles[1:3]:
                 assert role["rolloutStrategy"]["rollingUpdate"]["type"] == "InPlaceIfPossible"
@@ -623,9 +642,11 @@ def test_seed_kubectl_patch_paths_resolve(path: Path) -> None:
         assert admission_problems(doc) == []
     assert effective_templates(doc)["prefill" if "prefill" in effective_templates(doc) else "worker"][
         "spec"]["containers"][0]["image"] == "registry.example/dynamo-rt:0.2.0-x"
-    # Every role takes its image from roleTemplates/0, so the one patch updates them all.
-    assert {t["spec"]["containers"][0]["image"] for t in effective_templates(doc).values()} == {
-        "registry.example/dynamo-rt:0.2.0-x"}
+    # Every worker role takes its image from roleTemplates/0, so the one patch updates them all; frontend and
+    # planner keep the cpu image.
+    images = {r: t["spec"]["containers"][0]["image"] for r, t in effective_templates(doc).items()}
+    assert {i for r, i in images.items() if r not in ("frontend", "planner")} == {"registry.example/dynamo-rt:0.2.0-x"}
+    assert {i for r, i in images.items() if r in ("frontend", "planner")} == {default_image("cpu")}
     # The seed's in-place example says /spec/roleTemplate/0/... (singular): no such field.
     with pytest.raises(KeyError):
         json_pointer(rbg, "/spec/roleTemplate/0/template/spec/containers/0/image")
@@ -736,6 +757,9 @@ def test_frontend_and_planner_run_unprivileged_workers_keep_the_engine_user() ->
                 assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
                 assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in t["spec"]["volumes"]
                 assert {"name": "HOME", "value": "/tmp"} in c["env"]
+            elif "rdma/hca" in c["resources"]["limits"]:
+                # Registering memory with the NIC pins it: IPC_LOCK, else mlock fails past RLIMIT_MEMLOCK.
+                assert sc == {"capabilities": {"add": ["IPC_LOCK"]}}, (path, role)
             else:
                 assert sc is None, (path, role)
 
@@ -837,10 +861,10 @@ def test_planner_flags() -> None:
 
     base = ["--backend", "vllm", "--mode"]
     no = spec_from_args(_parser().parse_args([*base, "disagg", "--no-planner"]))
-    assert [r["name"] for r in build_documents(no)[0]["spec"]["roles"]] == ["frontend", "prefill", "decoder"]
+    assert [r["name"] for r in group_of(build_documents(no))["spec"]["roles"]] == ["frontend", "prefill", "decoder"]
     agg = spec_from_args(_parser().parse_args([*base, "agg", "--planner", "--planner-ttft-target", "0.3",
                                                  "--planner-interval", "15", "--worker-replicas", "10"]))
-    rbg = build_documents(agg)[0]
+    rbg = group_of(build_documents(agg))
     assert [r["name"] for r in rbg["spec"]["roles"]] == ["frontend", "worker", "planner"]
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == [] and admission_problems(rbg) == []
     args = effective_templates(rbg)["planner"]["spec"]["containers"][0]["args"]
@@ -906,7 +930,7 @@ def test_suggest_budget_moe_multinode_and_render() -> None:
     args = _parser().parse_args(s.command.split()[2:])
     spec = spec_from_args(args)
     assert dict(spec.roles) == {"prefill": s.prefill, "decoder": s.decode}
-    rbg = build_documents(spec)[0]
+    rbg = group_of(build_documents(spec))
     assert errors_of(validator("RoleBasedGroup", "v1alpha1"), rbg) == []
     assert admission_problems(rbg) == []
     agg = _suggest(["--params-b", "8", "--gpu", "l40s", "--mode", "agg", "--total-gpus", "8",
@@ -931,3 +955,171 @@ def test_suggest_main_prints_reasoning(capsys: pytest.CaptureFixture[str]) -> No
     assert out.startswith("(no --gpu preset: compute and bandwidth default to H100's)\nReasoning:\n")
     assert "  prefill: tp=4 ep=1 replicas=15 pods/replica=1 GPUs/pod=4\n" in out
     assert out.endswith("Render it with:\n  " + _suggest(["--params-b", "70", "--gpu-mem-gb", "80"]).command + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests: what RBG's controller would reject or mishandle (issue #17, from RBG v0.8.0-alpha.5's sources)
+
+
+def _custom_renders() -> list[list[dict[str, Any]]]:
+    """Renders beyond the catalog: another group name, a planner on agg, multi-node agg with tolerations."""
+    specs = [
+        dataclasses.replace(preset("vllm", "disagg"), name="pd-7"),
+        dataclasses.replace(preset("sglang", "agg"), planner=True, name="x"),
+        dataclasses.replace(preset("trtllm", "agg", multinode=True, api_version="v1alpha2"),
+                            tolerations=parse_tolerations("nvidia.com/gpu:NoSchedule")),
+    ]
+    return [build_documents(s) for s in specs]
+
+
+def test_no_generated_service_takes_an_rbg_legacy_service_name() -> None:
+    """RBG treats an existing Service named {group}-{role} as the role's legacy headless Service
+    (pkg/utils/service_utils.go): it would force clusterIP None on ours (immutable: every reconcile fails)."""
+    all_docs = [load(p) for p in RBG_FILES] + _custom_renders()
+    for docs in all_docs:
+        group = group_of(docs)
+        name = group["metadata"]["name"]
+        legacy = {legacy_service_name(name, r["name"]) for r in group["spec"]["roles"]}
+        services = [d for d in docs if d["kind"] == "Service"]
+        assert services and all(s["metadata"]["name"] not in legacy for s in services), name
+        (svc,) = services
+        assert svc["metadata"]["name"] == frontend_service_name(name) == f"{name}-api"
+        assert svc["spec"]["selector"] == {GROUP_LABEL: name, ROLE_LABEL: "frontend"}
+    # The check can fail: the old name is a legacy name.
+    assert legacy_service_name("dynamo-pd", "frontend") == "dynamo-pd-frontend"
+
+
+@pytest.mark.parametrize("path", RBG_FILES, ids=lambda p: str(p.relative_to(MANIFESTS)))
+def test_worker_probes_resources_and_capabilities(path: Path) -> None:
+    rbg = rbg_of(path)
+    version = rbg["apiVersion"].split("/")[1]
+    templates = effective_templates(rbg)
+    for role in rbg["spec"]["roles"]:
+        if role["name"] in ("frontend", "planner"):
+            continue
+        c = templates[role["name"]]["spec"]["containers"][0]
+        # A fixed metrics port, passed on the command line and declared as a named port.
+        assert c["args"][c["args"].index("--metrics-port") + 1] == str(WORKER_METRICS_PORT)
+        assert {"name": "metrics", "containerPort": WORKER_METRICS_PORT, "protocol": "TCP"} in c["ports"]
+        # Probes on it: the metrics server starts only after registration. Multi-node: the leader only.
+        size = group_size(role, version)
+        if size > 1:
+            assert "readinessProbe" not in c and "startupProbe" not in c
+            lw = role["leaderWorkerSet"] if version == "v1alpha1" else role["leaderWorkerPattern"]
+            key = "patchLeaderTemplate" if version == "v1alpha1" else "leaderTemplatePatch"
+            (probed,) = lw[key]["spec"]["containers"]
+            assert errors_of(template_validator(version, True), lw[key]) == []
+            c = merge(c, probed)
+        ready, startup = c["readinessProbe"], c["startupProbe"]
+        assert ready["httpGet"] == startup["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # weights load for long
+        # Not BestEffort: cpu and memory requested; memory limit = request >= engine + shm (+ KV tier).
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        gpus = int(lim["nvidia.com/gpu"])
+        assert req["memory"] == lim["memory"] and "cpu" in req and "cpu" not in lim
+        shm = next(v for v in templates[role["name"]]["spec"]["volumes"] if v["name"] == "dshm")
+        assert int(lim["memory"][:-2]) >= int(shm["emptyDir"]["sizeLimit"][:-2]) + 24 * gpus
+        # rdma/hca comes with IPC_LOCK.
+        assert ("rdma/hca" in lim) == (c.get("securityContext") == {"capabilities": {"add": ["IPC_LOCK"]}})
+        # No KV host tier: none of these engines uses one.
+        assert not any("kv-host-tier" in a for a in c["args"])
+        assert all(v["name"] != "kv-host-tier" for v in templates[role["name"]]["spec"]["volumes"])
+
+
+def test_kv_host_tier_only_for_engines_that_use_it() -> None:
+    assert "reference" in KV_HOST_TIER_ENGINES and not set(BACKENDS) & set(KV_HOST_TIER_ENGINES)
+    # The reference engine (no image of its own in the catalog) gets the tier and its memory.
+    spec = dataclasses.replace(preset("vllm", "disagg"), backend="reference")
+    shape = dict(spec.roles)["prefill"]
+    args = worker_args(spec, "prefill", shape)
+    assert args[args.index("--kv-host-tier-gib") + 1] == "62"
+    assert worker_memory_gib(spec, "prefill", shape) == 24 * 4 + 32 + 64
+    assert worker_memory_gib(preset("vllm", "disagg"), "prefill", shape) == 24 * 4 + 32
+
+
+def test_frontend_and_planner_on_the_cpu_image_without_the_model() -> None:
+    spec = dataclasses.replace(preset("sglang", "disagg"), image="reg/x:1", cpu_image="reg/cpu:1")
+    t = effective_templates(group_of(build_documents(spec)))
+    assert {r: c["spec"]["containers"][0]["image"] for r, c in t.items()} == {
+        "frontend": "reg/cpu:1", "prefill": "reg/x:1", "decoder": "reg/x:1", "planner": "reg/cpu:1"}
+    for role in ("frontend", "planner"):
+        assert all(v["name"] != "model" for v in t[role]["spec"].get("volumes", []))
+
+
+def test_multinode_gang_scheduling_and_tolerations() -> None:
+    for path in RBG_FILES:
+        rbg = rbg_of(path)
+        annotations = rbg["metadata"].get("annotations", {})
+        if "multinode" in path.stem:
+            assert annotations == {GANG_SCHEDULING_ANNOTATION: "true"}
+        else:
+            assert annotations == {}
+    docs = _custom_renders()[2]
+    t = effective_templates(group_of(docs))
+    assert t["worker"]["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "tolerations" not in t["frontend"]["spec"]
+    assert errors_of(template_validator("v1alpha2", False), t["worker"]) == []
+    assert parse_tolerations("a=b:NoExecute,c:PreferNoSchedule") == (
+        {"key": "a", "operator": "Equal", "value": "b", "effect": "NoExecute"},
+        {"key": "c", "operator": "Exists", "effect": "PreferNoSchedule"})
+    for bad in ("nvidia.com/gpu", "x:Never", ":NoSchedule"):
+        with pytest.raises(InvalidRequest):
+            parse_tolerations(bad)
+
+
+def _cel_rules(schema: Any, doc: Any, where: str) -> list[tuple[str, str, str, Any]]:
+    """(where, rule, message, self) for every x-kubernetes-validations rule, walking the schema with the doc."""
+    out: list[tuple[str, str, str, Any]] = []
+    if not isinstance(schema, dict):
+        return out
+    for v in schema.get("x-kubernetes-validations", []):
+        out.append((where, v["rule"], v.get("message", ""), doc))
+    if isinstance(doc, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in doc:
+                out += _cel_rules(sub, doc[key], f"{where}/{key}")
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key, value in doc.items():
+                out += _cel_rules(schema["additionalProperties"], value, f"{where}/{key}")
+    if isinstance(doc, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(doc):
+            out += _cel_rules(schema["items"], item, f"{where}/{i}")
+    return out
+
+
+def cel_violations(doc: dict[str, Any]) -> list[str]:
+    """The CRD's CEL rules that ``doc`` breaks, evaluated by a real CEL implementation (cel-python)."""
+    import celpy  # the test extra's cel-python
+
+    version = doc["apiVersion"].split("/")[1]
+    env = celpy.Environment()
+    bad = []
+    rules = _cel_rules(crd_schemas()[(doc["kind"], version)], doc, doc["kind"])
+    for where, rule, message, node in rules:
+        result = env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(node)})
+        if result is not celpy.celtypes.BoolType(True) and result != celpy.celtypes.BoolType(True):
+            bad.append(f"{where}: {message} ({result!r})")
+    return bad
+
+
+def test_cel_rules_hold_on_every_manifest() -> None:
+    checked = 0
+    for docs in [load(p) for p in RBG_FILES] + _custom_renders():
+        for doc in docs:
+            if doc["kind"] == "Service":
+                continue
+            assert cel_violations(doc) == [], doc["metadata"]["name"]
+            checked += 1
+    assert checked >= len(RBG_FILES)
+    # The evaluator catches what the rules forbid, in both versions.
+    v2 = rbg_of(MANIFESTS / "vllm" / "v1alpha2" / "disagg.yaml")
+    bad = copy.deepcopy(v2)
+    bad["spec"]["roles"][1]["leaderWorkerPattern"] = {"size": 2, "templateRef": {"name": "dynamo-common",
+                                                                                "patch": {}}}
+    assert cel_violations(bad) == ["RoleBasedGroup/spec/roles/1: standalonePattern and leaderWorkerPattern are "
+                                   "mutually exclusive (BoolType(False))"]
+    v1 = copy.deepcopy(rbg_of(MANIFESTS / "vllm" / "disagg.yaml"))
+    v1["spec"]["roles"][1]["workload"]["kind"] = "LeaderWorkerSet"
+    assert [v.split(" (")[0] for v in cel_violations(v1)] == [
+        "RoleBasedGroup/spec/roles/1: templateRef is not supported for LeaderWorkerSet workloads"]

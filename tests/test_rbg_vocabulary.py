@@ -43,7 +43,7 @@ def _kubeconfig(tmp_path: Path) -> Path:
 
 def _planner_of(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[RbgConnector, Any]:
     """The connector the rendered planner role builds, started as RBG starts it."""
-    rbg = docs[0]
+    (rbg,) = [d for d in docs if d["kind"] == "RoleBasedGroup"]
     (planner,) = [r for r in rbg["spec"]["roles"] if r["name"] == "planner"]
     patch = planner.get("templatePatch") or planner["standalonePattern"]["templateRef"]["patch"]
     args = patch["spec"]["containers"][0]["args"]
@@ -60,7 +60,7 @@ def _planner_of(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[RbgConnecto
 def test_planner_connector_names_what_the_render_wrote(api_version: str, mode: str, tmp_path: Path) -> None:
     spec = dataclasses.replace(preset("vllm", mode, api_version=api_version), name="pd-7", planner=True)
     docs = build_documents(spec)
-    rbg = docs[0]
+    (rbg,) = [d for d in docs if d["kind"] == "RoleBasedGroup"]
     conn, ns = _planner_of(docs, tmp_path)
     rendered_roles = {r["name"]: r for r in rbg["spec"]["roles"]}
     worker_roles = [r["name"] for r in rbg["spec"]["roles"] if "scalingAdapter" in r]

@@ -136,7 +136,9 @@ def adapter_object(rbg: dict[str, Any], role: dict[str, Any]) -> dict[str, Any]:
     group = rbg["metadata"]["name"]
     return {"apiVersion": rbg["apiVersion"], "kind": "RoleBasedGroupScalingAdapter",
             "metadata": {"name": f"{group}-{role['name']}", "namespace": "default"},
-            "spec": {"replicas": role.get("replicas", 1), "scaleTargetRef": {"name": group, "role": role["name"]}}}
+            "spec": {"replicas": role.get("replicas", 1), "scaleTargetRef": {"name": group, "role": role["name"]}},
+            # The adapter controller binds it to the role once both exist (phase NotBound before).
+            "status": {"phase": "Bound"}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,6 +265,9 @@ class StandinApiServer:
                     return 422, _status(422, f"role {r_new['name']} is scaled by its scaling adapter")
             return self._commit_rbg(new)
         prefix = f"{base}/rolebasedgroupscalingadapters/"
+        if method == "GET" and path.startswith(prefix) and "/" not in path[len(prefix):]:
+            found = self.adapters.get(path[len(prefix):])
+            return (200, found) if found is not None else (404, _status(404, f"{path} not found"))
         if path.startswith(prefix) and path.endswith("/scale"):
             name = path[len(prefix):-len("/scale")]
             adapter = self.adapters.get(name)
@@ -390,6 +395,29 @@ def test_standin_scales_through_scaling_adapters(standin: StandinApiServer, sa_d
         ("PATCH", f"{base}/dynamo-pd-decoder/scale", "application/merge-patch+json", {"spec": {"replicas": 2}}),
     ]
     assert all(schema_errors(a) == [] for a in standin.adapters.values())
+
+
+@pytest.mark.parametrize("standin", ["vllm/v1alpha2/disagg.yaml"], indirect=True)
+def test_standin_writes_no_adapter_before_it_is_bound(standin: StandinApiServer, sa_dir: Path) -> None:
+    """RBG ties an adapter to its role asynchronously (status.phase NotBound -> Bound): a number written to an
+    unbound adapter would not reach the role, so the connector holds that role until the next round."""
+    standin.adapters["dynamo-pd-prefill"]["status"]["phase"] = "NotBound"
+
+    async def main() -> dict[str, int]:
+        conn = RbgConnector(_in_cluster_client(standin, sa_dir), group="dynamo-pd", namespace="default",
+                            pools=(PREFILL, DECODE), api_version=standin.version)
+        await conn.apply({PREFILL: 4, DECODE: 2})
+        standin.adapters["dynamo-pd-prefill"]["status"]["phase"] = "Bound"
+        await conn.apply({PREFILL: 4, DECODE: 2})
+        out = await conn.current()
+        await conn.close()
+        return out
+
+    assert arun(main()) == {PREFILL: 4, DECODE: 2}
+    base = f"/apis/workloads.x-k8s.io/{standin.version}/namespaces/default/rolebasedgroupscalingadapters"
+    writes = [(m, p) for m, p, _c, _b in standin.requests if m == "PATCH"]
+    # Round 1: the decoder only; round 2: prefill, now Bound.
+    assert writes == [("PATCH", f"{base}/dynamo-pd-decoder/scale"), ("PATCH", f"{base}/dynamo-pd-prefill/scale")]
 
 
 @pytest.mark.parametrize("standin", ["sglang/disagg.yaml"], indirect=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import msgspec
@@ -40,6 +41,17 @@ CHECKSUM_KEY = "block_crc32"  # KvTransferParams.opaque: one CRC-32 per block id
 
 PullOutcome = Literal["pulled", "failed", "cancelled"]
 ReleasePin = Callable[[str, str], None]  # (prefill instance id, pin id)
+
+
+def owner_must_progress(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this worker's NIXL agent needs its progress thread: when ``UCX_TLS`` (which UCX itself reads)
+    leaves out CMA, a peer's READ is served by this process's UCX worker (TCP emulates the GET with active
+    messages), and nothing else here progresses it between requests, so the read would time out. That is the
+    case between containers or pods (no shared PID namespace); on one host UCX's default CMA reads are
+    one-sided and the thread would only cost CPU."""
+    tls = env.get("UCX_TLS", "")
+    # "^x,y" excludes transports (CMA stays available); "all" and "sm" include CMA.
+    return bool(tls) and not tls.startswith("^") and not {"cma", "sm", "all"} & set(tls.split(","))
 
 
 class KvHandoff:
@@ -68,7 +80,7 @@ class KvHandoff:
         self.fault_corrupt_pulls = fault_corrupt_pulls
         memory = "VRAM" if pool.device.type == "cuda" else "DRAM"
         self.kt = KvTransfer(f"{registry.namespace}-{registry.instance_id}", memory=memory,
-                             device_id=pool.device.index or 0)
+                             device_id=pool.device.index or 0, progress_thread=owner_must_progress())
         self.record = self.kt.register_pool(pool.data_ptr(), pool.block_bytes, pool.num_blocks)
         self.pulls = 0
         self.failures = 0

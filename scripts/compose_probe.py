@@ -1,0 +1,162 @@
+"""The compose check's requests and measurements (run by scripts/compose-check.sh once /health is 200).
+
+Against the running disaggregated stack (frontend on 127.0.0.1:8000; the check's second frontend on :8001,
+which never hands a prompt to the prefill worker):
+1. one streamed chat request with the openai SDK; from the workers' /metrics (read inside their containers)
+   it must have gone prefill -> decode with the KV cache pulled over NIXL: the prefill and decode workers'
+   request counters, the decode worker's NIXL pull counter (``dynamo_worker_kv_pulls*``; until the workers
+   export it, issue #19, the decode worker's per-pull debug log line, and no "KV load failed") and no prefill
+   fallback on the frontend;
+2. the hand-off between the two containers: time to first token through :8000 (prefill, NIXL pull, decode)
+   against :8001 (the decode worker prefills itself) on fresh prompts of the same length, medians; and the
+   NIXL pull rate from the decode worker's per-pull log lines (bytes, ms).
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "dynamo-tiny"
+ROUNDS = 5
+PROMPT_WORDS = 600  # ~1.5k tokens of the tiny model: a hand-off of a few MB
+PULL_LINE = re.compile(r"pulled (\d+) blocks \((\d+) bytes, (\d+) descriptors\) from \S+ in ([\d.]+) ms")
+SCRAPE = ("import sys, urllib.request; "
+          "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
+
+
+def metrics(compose: list[str], service: str, port: int) -> dict[str, float]:
+    """Sample name (with labels) -> value, read inside the service's container (no port is published)."""
+    out = subprocess.run([*compose, "exec", "-T", service, "python", "-c", SCRAPE.format(port=port)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    samples: dict[str, float] = {}
+    for fam in text_string_to_metric_families(out):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def decode_logs(compose: list[str]) -> str:
+    return subprocess.run([*compose, "logs", "--no-color", "decode"], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+
+
+def total(samples: dict[str, float], prefix: str, **labels: str) -> float:
+    want = [f"{k}={v}" for k, v in labels.items()]
+    return sum(v for k, v in samples.items()
+               if k.startswith(prefix + "{") or k.startswith(prefix + "_total{")
+               if all(w in k for w in want))
+
+
+def prompt(rng: random.Random) -> str:
+    words = ["alpha", "river", "stone", "cloud", "seven", "garden", "tiger", "maple", "copper", "violet", "north"]
+    return " ".join(rng.choice(words) + str(rng.randrange(1000)) for _ in range(PROMPT_WORDS))
+
+
+def ttft(client: OpenAI, text: str, max_tokens: int = 8) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    first = None
+    out = []
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
+                                            max_tokens=max_tokens, stream=True, temperature=0)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - t0
+            out.append(chunk.choices[0].delta.content)
+    if first is None:
+        raise SystemExit("stream ended without a token")
+    return first, "".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compose", required=True, help="the docker-compose command line, with its -p and -f flags")
+    ap.add_argument("--up-seconds", type=float, default=0.0)
+    ap.add_argument("--build-figures", default="")
+    args = ap.parse_args()
+    compose = shlex.split(args.compose)
+    rng = random.Random(17)
+    disagg = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", timeout=120)
+    local = OpenAI(base_url="http://127.0.0.1:8001/v1", api_key="none", timeout=120)
+
+    # 1. One streamed request, and the counters that say how it went.
+    before = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
+    pulls_before = len(PULL_LINE.findall(decode_logs(compose)))
+    front_before = metrics(compose, "frontend", 8000)
+    first, text = ttft(disagg, prompt(rng), max_tokens=16)
+    after = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
+    front_after = metrics(compose, "frontend", 8000)
+    prefill_reqs = (total(after["prefill"], "dynamo_worker_requests", outcome="ok")
+                    - total(before["prefill"], "dynamo_worker_requests", outcome="ok"))
+    decode_reqs = (total(after["decode"], "dynamo_worker_requests", outcome="ok")
+                   - total(before["decode"], "dynamo_worker_requests", outcome="ok"))
+    pull_metric = next((k.split("{")[0] for k in after["decode"]
+                        if k.startswith("dynamo_worker_kv_pulls") and "_created" not in k), None)
+    if pull_metric is not None:
+        proof = pull_metric
+        pulled = total(after["decode"], pull_metric) - total(before["decode"], pull_metric)
+    else:
+        # Until the workers export their pull counters (issue #19), the decode worker's per-pull debug line.
+        proof = "decode worker log: 'pulled N blocks' lines (no pull counter exported yet)"
+        pulled = len(PULL_LINE.findall(decode_logs(compose))) - pulls_before
+    ok_pull = pulled == 1 and "KV load failed" not in decode_logs(compose)
+    fallbacks = (total(front_after, "dynamo_frontend_prefill_fallbacks")
+                 - total(front_before, "dynamo_frontend_prefill_fallbacks"))
+    print(f"streamed request: {len(text)} chars, TTFT {first * 1e3:.0f} ms; prefill worker +{prefill_reqs:g} "
+          f"request(s), decode worker +{decode_reqs:g}, {proof} +{pulled:g}, frontend prefill fallbacks "
+          f"+{fallbacks:g}")
+    if not (prefill_reqs == 1 and decode_reqs == 1 and ok_pull and fallbacks == 0):
+        print("FAIL: the request did not go prefill -> decode with a NIXL pull", file=sys.stderr)
+        return 1
+
+    # 2. The hand-off: added TTFT (same prompt length, fresh prompts) and the NIXL pull rate.
+    t_disagg, t_local = [], []
+    for _ in range(ROUNDS):
+        t_disagg.append(ttft(disagg, prompt(rng))[0])
+        t_local.append(ttft(local, prompt(rng))[0])
+    pulls = [(int(b), float(ms)) for _n, b, _d, ms in PULL_LINE.findall(decode_logs(compose))]
+    nbytes = sum(b for b, _ in pulls)
+    secs = sum(ms for _, ms in pulls) / 1e3
+    gbps = nbytes / secs / 1e9 if secs else 0.0
+    med_d, med_l = statistics.median(t_disagg), statistics.median(t_local)
+    build_s, size = (Path(args.build_figures).read_text().split() if args.build_figures
+                     and Path(args.build_figures).is_file() else ("0", "0"))
+    print(f"{'measure':<44} {'value':>12}")
+    rows = [
+        ("compose up -> /health 200, s", f"{args.up_seconds:.0f}"),
+        ("cpu image size, MB", f"{int(size) / 1e6:.0f}"),
+        ("cpu image build (this run), s", build_s),
+        (f"TTFT via prefill + NIXL pull, median of {ROUNDS}, ms", f"{med_d * 1e3:.1f}"),
+        (f"TTFT decode prefills itself, median of {ROUNDS}, ms", f"{med_l * 1e3:.1f}"),
+        ("added TTFT of the hand-off, ms", f"{(med_d - med_l) * 1e3:+.1f}"),
+        ("NIXL pulls logged by the decode worker", str(len(pulls))),
+        ("bytes per pull (mean)", f"{nbytes / max(len(pulls), 1):.0f}"),
+        ("NIXL pull time (mean), ms", f"{secs * 1e3 / max(len(pulls), 1):.2f}"),
+        ("NIXL pull rate between containers, GB/s", f"{gbps:.2f}"),
+    ]
+    for name, value in rows:
+        print(f"{name:<44} {value:>12}")
+    print(json.dumps({"bench": "compose_check", "transport": "UCX tcp between containers", "proof": proof,
+                      "up_to_ready_s": args.up_seconds, "image_bytes": int(size), "build_s": int(build_s),
+                      "ttft_disagg_ms": round(med_d * 1e3, 1), "ttft_local_ms": round(med_l * 1e3, 1),
+                      "added_ttft_ms": round((med_d - med_l) * 1e3, 1), "pulls": len(pulls),
+                      "pull_bytes_mean": nbytes // max(len(pulls), 1), "pull_gbps": round(gbps, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

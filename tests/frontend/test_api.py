@@ -273,7 +273,8 @@ def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
     """A conversation over SEGMENT_MIN_CHARS: every turn's prompt_tokens equal transformers' count, and the
     pieces an earlier turn tokenized (system prompt, earlier user messages) come from the frontend's cache,
     as /metrics counts: 2 misses on turn 1, then 1 miss + 2 hits, then 1 miss + 3 hits."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the test extra: a missing install fails, never skips
+
     from dynamo_rt.local.tinymodel import ensure_tiny_model
 
     tok = transformers.AutoTokenizer.from_pretrained(str(ensure_tiny_model()))

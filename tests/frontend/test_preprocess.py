@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers  # the test extra: a missing install fails, never skips
 
 from dynamo_rt.errors import DynamoError, InvalidRequest
 from frontend.openai_protocol import parse_chat, template_messages
 from frontend.preprocess import TOKENIZER_FILES, Preprocessor
 from tests.frontend import tokenizer_dir
-
-transformers = pytest.importorskip("transformers")
 
 KINDS = ["tiny", "chatml", "llama3", "inst"]
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+import transformers  # the test extra: a missing install fails, never skips
 
 from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import ReferenceEngine
-
-transformers = pytest.importorskip("transformers")
 
 LENGTHS = (1, 15, 16, 17, 32, 33, 100)
 NEW = 12

@@ -75,10 +75,10 @@ def _nats_error(exc: BaseException, what: str) -> errors.TransportError:
 
 @dataclass(slots=True)
 class _Active:
-    task: asyncio.Task[None]
     reply_to: str
     last_sent: float
     seq: int = 0
+    task: asyncio.Task[None] | None = None  # set right after the entry is booked
 
 
 class Endpoint:
@@ -109,9 +109,17 @@ class Endpoint:
             return
         if msg.reply:
             await self.transport.nc.publish(msg.reply, b"")
+        if env.request_id in self.active:
+            # Two callers reusing one request id would share one cancel subject and one book entry: refuse the
+            # second with a typed error rather than let the first's end drop the second's entry.
+            await self.transport.nc.publish(env.reply_to, encode(Error(
+                seq=0, code=str(errors.ErrorCode.INVALID_REQUEST),
+                message=f"request id {env.request_id!r} is already in flight on this worker")))
+            return
         ctx = RequestContext(request_id=env.request_id, deadline=env.deadline, subject=self.subject)
-        task = asyncio.create_task(self._run(env, ctx), name=f"req:{env.request_id}")
-        self.active[env.request_id] = _Active(task=task, reply_to=env.reply_to, last_sent=time.monotonic())
+        act = _Active(reply_to=env.reply_to, last_sent=time.monotonic())
+        self.active[env.request_id] = act
+        act.task = asyncio.create_task(self._run(env, ctx, act), name=f"req:{env.request_id}")
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -119,7 +127,7 @@ class Endpoint:
         except Exception:
             return
         act = self.active.get(req.request_id)
-        if act is not None:
+        if act is not None and act.task is not None:
             log.debug("cancel %s", req.request_id)
             act.task.cancel()
 
@@ -129,8 +137,7 @@ class Endpoint:
         act.last_sent = time.monotonic()
         await self.transport.nc.publish(act.reply_to, encode(frame))
 
-    async def _run(self, env: RequestEnvelope, ctx: RequestContext) -> None:
-        act = self.active[env.request_id]  # stored by _on_request before this task first runs
+    async def _run(self, env: RequestEnvelope, ctx: RequestContext, act: _Active) -> None:
         try:
             remaining = env.deadline - time.time()
             if remaining <= 0:
@@ -153,7 +160,8 @@ class Endpoint:
             log.exception("handler failed for %s", env.request_id)
             await self._send_error(act, errors.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
-            self.active.pop(env.request_id, None)
+            if self.active.get(env.request_id) is act:
+                del self.active[env.request_id]
 
     async def _send_error(self, act: _Active, code: str, message: str) -> None:
         with contextlib.suppress(Exception):
@@ -177,7 +185,7 @@ class Endpoint:
         if self._hb_task is not None:
             self._hb_task.cancel()
         if cancel_inflight:
-            tasks = [a.task for a in self.active.values()]
+            tasks = [a.task for a in self.active.values() if a.task is not None]
             for t in tasks:
                 t.cancel()
             if tasks:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,8 @@ class ModelManager:
                         continue
                     subject = instance_subject(self.view.namespace, "backend", "kv_blocks", iid)
                     try:
-                        stream = await self.transport.call(subject, f"resync-{iid}", b"", timeout=10)
+                        rid = f"resync-{iid}-{uuid.uuid4().hex[:12]}"  # unique: several frontends resync at once
+                        stream = await self.transport.call(subject, rid, b"", timeout=10)
                         async for frame in stream:
                             payload = getattr(frame, "payload", b"")
                             if payload:

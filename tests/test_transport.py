@@ -123,6 +123,40 @@ def test_handler_errors_arrive_typed(nats_server: object) -> None:
     arun(main(), 30)
 
 
+def test_a_request_id_already_in_flight_is_refused_and_the_first_stream_completes(nats_server: object) -> None:
+    """Two callers reusing one id (several frontends resyncing one worker once did) must not share its book
+    entry: the second gets a typed 400, the first streams to its end, and the id is free again after."""
+    release = asyncio.Event()
+
+    async def slow(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        yield Data(seq=0, token_ids=[7])
+        await release.wait()
+        yield Final(seq=0, finish_reason="stop")
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.dup.1", slow)
+            first = await client.call("t.dup.1", "same-id", b"")
+            assert (await first.__anext__()).token_ids == [7]  # type: ignore[union-attr]
+            second = await client.call("t.dup.1", "same-id", b"")
+            with pytest.raises(errors.InvalidRequest, match="already in flight") as ei:
+                await second.__anext__()
+            assert ei.value.status == 400
+            release.set()
+            assert [f.finish_reason async for f in first] == ["stop"]  # type: ignore[union-attr]
+            release.clear()
+            third = await client.call("t.dup.1", "same-id", b"")  # the first's end freed the id
+            assert (await third.__anext__()).token_ids == [7]  # type: ignore[union-attr]
+            release.set()
+            assert [f.finish_reason async for f in third] == ["stop"]  # type: ignore[union-attr]
+        finally:
+            await client.close()
+            await server.close()
+
+    arun(main(), 30)
+
+
 def test_no_worker_fails_fast(nats_server: object) -> None:
     async def main() -> None:
         client = Transport(nats_server.url)  # type: ignore[attr-defined]

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -101,7 +99,6 @@ def test_kv_workload_presets_fill_only_unset_flags() -> None:
     assert (quick.turns, quick.turn_tokens) == (3, [200, 500])
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to be observable")
 def test_pin_sets_affinity_of_every_thread_and_child() -> None:
     cpu = max(os.sched_getaffinity(0))
     code = ("import subprocess, sys, time; "

@@ -237,7 +237,8 @@ class ManagedProcess:
             if not listening:
                 return False  # nobody listens yet
             if not listening & _socket_inodes(child.pid) and child.alive():
-                raise PortTaken(f"{self.name}: port {port} on {self.host} is held by another process (address already in use)")
+                raise PortTaken(f"{self.name}: port {port} on {self.host} is held by another process "
+                                "(address already in use)")
         return True
 
     def _health_json(self, url: str, context: ssl.SSLContext | None = None) -> object:

@@ -50,6 +50,7 @@ from _common import (
     cpu_seconds,
     ensure_dynamo_venv,
     exit_on_sigterm,
+    report,
     run_load,
     save_plot,
     say,
@@ -303,8 +304,7 @@ def main() -> int:
     if total_err:
         print(f"WARNING: {total_err} incomplete or failed responses")
     plot(results)
-    print(
-        json.dumps(
+    report(
             {
                 "bench": "frontend_overhead",
                 "ours": round(ours, 4),
@@ -312,7 +312,6 @@ def main() -> int:
                 "ratio": None if base != base else round(ratio(ours, base), 4),
                 "unit": "cpu_ms_per_req",
             }
-        )
     )
     return 1 if total_err else 0
 

@@ -85,6 +85,7 @@ from _common import (
     host_busy,
     host_cpu,
     pct,
+    report,
     run_load,
     save_plot,
     say,
@@ -625,7 +626,7 @@ def main() -> int:
             line["dynamo_hit_rate"] = round(mean(phase, "Dynamo 1.6.1 kv", "hit_rate"), 4)
         lines[phase] = line
     for phase in reversed(phases_run):  # the first phase (open loop when it runs) prints last
-        print(json.dumps(lines[phase]))
+        report(lines[phase])
     return 1 if total_err else 0
 
 

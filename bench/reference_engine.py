@@ -15,14 +15,14 @@ wall time from submit to last token (prefill included). Prints a table and a las
 
     .venv/bin/python bench/reference_engine.py [--new 64] [--prompt-len 32] [--threads N] [--repeat 3]
 
-(No PNG plot: matplotlib is not a dependency of this project.)
+Plot: bench/out/reference_engine.png (with the ``bench`` extra's matplotlib). ``--profile`` instead times
+each op of one batch-8 native decode step, for this CPU's build and for the build an AVX2-only CPU gets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from bench._common import plot_bars, report
 from dynamo_rt.heap import freeze_startup_heap
 from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {"bench": "reference_engine_profile", "threads": threads,
                "step_us": {r["variant"]: round(r["step_us"], 1) for r in rows},
                "ops_us": {r["variant"]: {k: round(v, 1) for k, v in r["ops_us"].items()} for r in rows}}
-        print(json.dumps(out))
-        return out
+        plot_bars("reference_engine_profile", f"native decode step per op, batch 8, {threads} thread(s)",
+                  {op: {r["variant"]: r["ops_us"][op] for r in rows} for op in rows[0]["ops_us"]}, "CPU us / step")
+        return report(out, native=True, threads=threads)
     ps = prompts(max(BATCHES), args.prompt_len)
     our_threads, native, mine, per_threads = asyncio.run(
         measure(path, ps, args.new, args.repeat, args.threads, cores, not args.no_native)
@@ -212,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": round(mine[8] / base[8], 2),
         "unit": "tok_per_s",
     }
-    print(json.dumps(result))
-    return result
+    plot_bars("reference_engine", "decode tok/s: ours vs transformers generate, tiny model, CPU",
+              {f"batch {b}": {"ours": mine[b], "transformers (best threads)": base[b]} for b in BATCHES}, "tok/s")
+    return report(result, native=native, threads=our_threads or None)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ The frontend's resident memory (``VmRSS``) is sampled every 10 s; the start valu
 (10 % of the run, 15-60 s: allocator pools, tokenizer caches and connection buffers grow to their working
 size first), the end value at the end. The run passes with zero errors and RSS end / start under 1.10.
 
-Prints a table; the LAST line is JSON: ``{"bench": "soak", "ours": <errors>, "baseline": 0,
-"ratio": <RSS end / start>, "unit": "errors"}``. Plot of RSS and throughput over time: bench/out/soak.png.
+Prints a table; the LAST line is JSON. The claim is "memory flat", so the baseline is the same frontend
+measured in the same run at the end of the warm-up: ``{"bench": "soak", "ours": <RSS at end, MB>,
+"baseline": <RSS at warm-up end, MB>, "ratio": <end / start>, "unit": "rss_mb", "errors": <count>,
+"requests": <completed>, "req_s_early": ..., "req_s_late": ...}`` (completed requests per second over the
+first and the last 20 % of the measured part: a frontend that slows down as it runs shows there). No
+number here is a constant (an earlier ``"baseline": 0`` was one). Plot of RSS and throughput over time:
+bench/out/soak.png.
 Run: ``.venv/bin/python bench/soak.py [--minutes 10] [--streams 256]``.
 """
 
@@ -40,6 +45,8 @@ from bench._common import (
     exit_on_sigterm,
     free_port,
     ours_env,
+    pyplot,
+    report,
     save_plot,
     say,
     table,
@@ -114,13 +121,8 @@ class Soak:
 
 
 def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     ts = [s[0] for s in samples]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
@@ -134,6 +136,18 @@ def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
     b.set_xlabel("seconds")
     fig.suptitle("soak: concurrent streams on mocker workers")
     save_plot(fig, "soak")
+
+
+def window_rate(samples: list[tuple[float, float, int]], lo: float, hi: float) -> float:
+    """Completed requests per second between fractions ``lo`` and ``hi`` of the sampled span (NaN if the
+    window holds fewer than two samples)."""
+    if len(samples) < 2:
+        return float("nan")
+    t0, t1 = samples[0][0], samples[-1][0]
+    inside = [s for s in samples if t0 + lo * (t1 - t0) - 1e-9 <= s[0] <= t0 + hi * (t1 - t0) + 1e-9]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return float("nan")
+    return (inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
 
 
 def main() -> int:
@@ -171,10 +185,12 @@ def main() -> int:
     errors = sum(soak.errors.values())
     ratio = end[1] / start[1] if start[1] else float("nan")
     duration = end[0]
+    early, late = window_rate(after or soak.samples, 0.0, 0.2), window_rate(after or soak.samples, 0.8, 1.0)
     rows: list[list[Any]] = [
         ["requests completed", soak.ok], ["errors", errors], ["requests/s", soak.ok / max(1e-9, duration)],
         ["frontend RSS at warm-up end (MB)", start[1]], ["frontend RSS at end (MB)", end[1]],
         ["frontend RSS peak (MB)", peak], ["RSS end / start", ratio],
+        ["req/s, first 20 % after warm-up", early], ["req/s, last 20 %", late],
         ["processes alive at end", f"{sum(alive.values())}/{len(alive)}"],
     ]
     print(table(["soak", "value"], rows, first_width=36))
@@ -183,7 +199,9 @@ def main() -> int:
     plot(soak.samples, warmup)
     passed = errors == 0 and ratio < 1.10 and all(alive.values())
     say("PASS" if passed else "FAIL")
-    print(json.dumps({"bench": "soak", "ours": errors, "baseline": 0, "ratio": round(ratio, 4), "unit": "errors"}))
+    report({"bench": "soak", "ours": round(end[1], 1), "baseline": round(start[1], 1), "ratio": round(ratio, 4),
+            "unit": "rss_mb", "errors": errors, "requests": soak.ok, "req_s_early": round(early, 2),
+            "req_s_late": round(late, 2)})
     return 0 if passed else 1
 
 

@@ -82,9 +82,9 @@ def profile(path: Path, threads: int, batch: int = 8, position: int = 64, steps:
     return rows
 
 
-def print_profile(rows: list[dict[str, Any]], threads: int) -> None:
+def print_profile(rows: list[dict[str, Any]], threads: int, batch: int = 8) -> None:
     ops = list(rows[0]["ops_us"])
-    print(f"native decode step, batch 8 at position 64, {threads} thread(s): CPU microseconds per step")
+    print(f"native decode step, batch {batch} at position 64, {threads} thread(s): CPU microseconds per step")
     print(f"{'op':<12}" + "".join(f"{r['variant']:>12}" for r in rows))
     for op in ops:
         print(f"{op:<12}" + "".join(f"{r['ops_us'][op]:>12.1f}" for r in rows))
@@ -179,17 +179,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-native", action="store_true", help="ours without the native decode step (torch only)")
     ap.add_argument("--profile", action="store_true",
                     help="only profile the native decode step per op (this CPU's build and an AVX2 build)")
+    ap.add_argument("--profile-batch", type=int, default=8, help="rows of the profiled step")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     path = ensure_tiny_model()
     if args.profile:
         threads = args.threads or max(1, cores - 1)
-        rows = profile(path, threads)
-        print_profile(rows, threads)
-        out = {"bench": "reference_engine_profile", "threads": threads,
+        rows = profile(path, threads, batch=args.profile_batch)
+        print_profile(rows, threads, args.profile_batch)
+        out = {"bench": "reference_engine_profile", "threads": threads, "batch": args.profile_batch,
                "step_us": {r["variant"]: round(r["step_us"], 1) for r in rows},
                "ops_us": {r["variant"]: {k: round(v, 1) for k, v in r["ops_us"].items()} for r in rows}}
-        plot_bars("reference_engine_profile", f"native decode step per op, batch 8, {threads} thread(s)",
+        plot_bars("reference_engine_profile", f"native decode step per op, batch {args.profile_batch}, "
+                  f"{threads} thread(s)",
                   {op: {r["variant"]: r["ops_us"][op] for r in rows} for op in rows[0]["ops_us"]}, "CPU us / step")
         return report(out, native=True, threads=threads)
     ps = prompts(max(BATCHES), args.prompt_len)

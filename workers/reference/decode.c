@@ -13,8 +13,8 @@
  *
  * Matmuls: weights are packed by native.py into panels [N/16][K][16] (N a multiple of 16), so one pass
  * over a panel serves up to 8 rows: 8 vector accumulators of 16 floats, one weight load per k. GCC's
- * vector extensions keep this portable; the one place tuned to a vector width is that 8-row tile, which
- * without AVX-512 runs as two 8-column passes (16 registers hold 8 accumulators, not 16).
+ * vector extensions keep this portable; the matmul tile is the one place written per vector width:
+ * v16 with AVX-512, tile_v8 (8-float vectors) without it.
  * drt_vector_bits() says which width a build has; bench/reference_engine.py --profile times each op of a
  * step (a -DDRT_PROFILE build) for this CPU's build and for an AVX2 one.
  *
@@ -49,6 +49,62 @@ typedef struct {
     const float *const *lw; /* layers * LAYER_PTRS pointers (biases may be NULL) */
 } drt_model;
 
+#if !defined(__AVX512F__)
+/* acc[m] (m < mm <= 8) = rows r0 + m * ldx (K long) times one panel wf [K][16], in 8-float vectors.
+ * Without AVX-512 a v16 is two registers, and the v16 code below spills: the 8-row tile needs 16
+ * accumulators + the weight, more than the 16 registers an AVX2 CPU has (or 32 NEON ones: v16 is four
+ * there), and even a one-row v16 loop came out ~9x slower than the AVX-512 build here (bench/reference_engine.py --profile, "no-avx512"). So: the
+ * 8-row tile as two passes of 8 columns (8 accumulators + 1 weight each; the second pass reads the panel
+ * again, from cache), fewer rows 4 or 1 at a time over both halves. Each output element sums the same
+ * products in the same order as the v16 code. */
+static void tile_v8(int mm, int K, const float *r0, int ldx, const float *wf, v16 *acc) {
+    if (mm == MB) {
+        const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
+                    *r6 = r5 + ldx, *r7 = r6 + ldx;
+        for (int half = 0; half < 2; half++) {
+            const float *wh = wf + half * (NB / 2);
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+            for (int k = 0; k < K; k++) {
+                v8 wk = *(const v8 *)(wh + (size_t)k * NB); /* v8 is aligned(4): any float address */
+                a0 += r0[k] * wk; a1 += r1[k] * wk; a2 += r2[k] * wk; a3 += r3[k] * wk;
+                a4 += r4[k] * wk; a5 += r5[k] * wk; a6 += r6[k] * wk; a7 += r7[k] * wk;
+            }
+            /* One memcpy per accumulator (an array of their addresses kept them in memory). */
+            const size_t off = half * sizeof(v8);
+            memcpy((char *)&acc[0] + off, &a0, sizeof a0); memcpy((char *)&acc[1] + off, &a1, sizeof a1);
+            memcpy((char *)&acc[2] + off, &a2, sizeof a2); memcpy((char *)&acc[3] + off, &a3, sizeof a3);
+            memcpy((char *)&acc[4] + off, &a4, sizeof a4); memcpy((char *)&acc[5] + off, &a5, sizeof a5);
+            memcpy((char *)&acc[6] + off, &a6, sizeof a6); memcpy((char *)&acc[7] + off, &a7, sizeof a7);
+        }
+        return;
+    }
+    int m = 0;
+    for (; m + 4 <= mm; m += 4) {
+        const float *q0 = r0 + (size_t)m * ldx, *q1 = q0 + ldx, *q2 = q1 + ldx, *q3 = q2 + ldx;
+        v8 l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0}, h0 = {0}, h1 = {0}, h2 = {0}, h3 = {0};
+        for (int k = 0; k < K; k++) {
+            v8 wl = *(const v8 *)(wf + (size_t)k * NB), wh = *(const v8 *)(wf + (size_t)k * NB + NB / 2);
+            l0 += q0[k] * wl; h0 += q0[k] * wh; l1 += q1[k] * wl; h1 += q1[k] * wh;
+            l2 += q2[k] * wl; h2 += q2[k] * wh; l3 += q3[k] * wl; h3 += q3[k] * wh;
+        }
+        memcpy(&acc[m], &l0, sizeof l0); memcpy((char *)&acc[m] + sizeof(v8), &h0, sizeof h0);
+        memcpy(&acc[m + 1], &l1, sizeof l1); memcpy((char *)&acc[m + 1] + sizeof(v8), &h1, sizeof h1);
+        memcpy(&acc[m + 2], &l2, sizeof l2); memcpy((char *)&acc[m + 2] + sizeof(v8), &h2, sizeof h2);
+        memcpy(&acc[m + 3], &l3, sizeof l3); memcpy((char *)&acc[m + 3] + sizeof(v8), &h3, sizeof h3);
+    }
+    for (; m < mm; m++) {
+        const float *q = r0 + (size_t)m * ldx;
+        v8 lo = {0}, hi = {0};
+        for (int k = 0; k < K; k++) {
+            lo += q[k] * *(const v8 *)(wf + (size_t)k * NB);
+            hi += q[k] * *(const v8 *)(wf + (size_t)k * NB + NB / 2);
+        }
+        memcpy(&acc[m], &lo, sizeof lo);
+        memcpy((char *)&acc[m] + sizeof(v8), &hi, sizeof hi);
+    }
+}
+#endif
+
 /* Columns [16 p0, 16 p1) of y[m, :] (row stride ldy) = x[m, :K] (row stride ldx) @ W^T (+ b) (+ y if
  * accumulate), m < M. */
 static void linear_panels(int M, int K, const float *x, int ldx, const float *wp, const float *bias, float *y,
@@ -61,30 +117,8 @@ static void linear_panels(int M, int K, const float *x, int ldx, const float *wp
             int mm = M - m0 < MB ? M - m0 : MB;
             const float *r0 = x + (size_t)m0 * ldx;
             v16 acc[MB] = {{0}};
+#if defined(__AVX512F__)
             if (mm == MB) {
-#if !defined(__AVX512F__)
-                /* Without AVX-512 a v16 is two registers: 8 rows x 16 columns would need 16 accumulators +
-                 * the weight, more than the 16 an AVX2 CPU has, and the spills made this tile ~5x slower
-                 * (bench/reference_engine.py --profile, "no-avx512"). Two passes of 8 columns instead: 8
-                 * accumulators + 1 weight each; the second pass reads the panel again, from cache. */
-                const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
-                            *r6 = r5 + ldx, *r7 = r6 + ldx;
-                for (int half = 0; half < 2; half++) {
-                    const float *wh = (const float *)w + half * (NB / 2);
-                    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-                    for (int k = 0; k < K; k++) {
-                        v8 wk = *(const v8 *)(wh + (size_t)k * NB); /* v8 is aligned(4): any float address */
-                        a0 += r0[k] * wk; a1 += r1[k] * wk; a2 += r2[k] * wk; a3 += r3[k] * wk;
-                        a4 += r4[k] * wk; a5 += r5[k] * wk; a6 += r6[k] * wk; a7 += r7[k] * wk;
-                    }
-                    /* One memcpy per accumulator (an array of their addresses kept them in memory). */
-                    const size_t off = half * sizeof(v8);
-                    memcpy((char *)&acc[0] + off, &a0, sizeof a0); memcpy((char *)&acc[1] + off, &a1, sizeof a1);
-                    memcpy((char *)&acc[2] + off, &a2, sizeof a2); memcpy((char *)&acc[3] + off, &a3, sizeof a3);
-                    memcpy((char *)&acc[4] + off, &a4, sizeof a4); memcpy((char *)&acc[5] + off, &a5, sizeof a5);
-                    memcpy((char *)&acc[6] + off, &a6, sizeof a6); memcpy((char *)&acc[7] + off, &a7, sizeof a7);
-                }
-#else
                 v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
                 const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
                             *r6 = r5 + ldx, *r7 = r6 + ldx;
@@ -95,7 +129,6 @@ static void linear_panels(int M, int K, const float *x, int ldx, const float *wp
                 }
                 acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
                 acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
-#endif
             } else if (mm >= 4) {
                 v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                 const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx;
@@ -118,6 +151,9 @@ static void linear_panels(int M, int K, const float *x, int ldx, const float *wp
                     acc[m] = a;
                 }
             }
+#else
+            tile_v8(mm, K, r0, ldx, (const float *)w, acc);
+#endif
             for (int m = 0; m < mm; m++) {
                 float *out = y + (size_t)(m0 + m) * ldy + p * NB;
                 v16 v = acc[m];

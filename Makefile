@@ -4,6 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: up test lint venv install install-test clean bench image compose-check
@@ -39,8 +40,17 @@ lint: $(TEST_STAMP)
 test: $(TEST_STAMP) lint
 	$(VENV)/bin/pytest -m "not long and not vllm" $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	@for b in bench/*.py; do echo "==> $$b"; $(VPY) $$b || exit 1; done
+# The test extras too: reference_engine.py's baseline is transformers, fuzz.py drives schemathesis.
+$(BENCH_STAMP): $(TEST_STAMP) pyproject.toml
+	@echo "==> installing bench extras (matplotlib, for the plots)"
+	$(VPY) -m pip install -q -e '.[engine,local,test,bench]'
+	@touch $@
+
+# Every bench (or BENCHES="transport_rtt reference_engine"); each one's last JSON line goes to
+# bench/out/results.jsonl, and the READMEs' benchmark table is rewritten from that file (failed benches
+# show as failed rows; the target still fails).
+bench: $(BENCH_STAMP)
+	@$(VPY) bench/report.py run $(BENCHES); rc=$$?; $(VPY) bench/report.py write && exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info .state

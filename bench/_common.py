@@ -79,6 +79,20 @@ def say(msg: str) -> None:
 
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (said once) where matplotlib is missing
+    (it is in the ``bench`` extra: ``pip install -e '.[bench]'``, which ``make bench`` does)."""
+    try:
+        import matplotlib
+    except ImportError:
+        say("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_plot(fig: Any, name: str) -> Path:
     """Lay out ``fig`` and write it to bench/out/<name>.png (git-ignored); says where."""
     fig.tight_layout()
@@ -87,6 +101,89 @@ def save_plot(fig: Any, name: str) -> Path:
     fig.savefig(path, dpi=110)
     say(f"plot: {path}")
     return path
+
+
+def plot_bars(name: str, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> Path | None:
+    """Grouped bars (one group per x label, one bar per series: ``{"batch 8": {"ours": 9e3, "baseline":
+    3e3}}``) saved as bench/out/<name>.png; None without matplotlib. For benches whose table is a few
+    numbers side by side."""
+    plt = pyplot()
+    if plt is None or not groups:
+        return None
+    series = list(dict.fromkeys(k for g in groups.values() for k in g))
+    fig, ax = plt.subplots(figsize=(min(10.0, max(4.0, 0.9 * len(groups) * max(1, len(series)) ** 0.5 + 2)), 3.6))
+    width = 0.8 / max(1, len(series))
+    for i, sname in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, [g.get(sname, 0.0) for g in groups.values()], width, label=sname)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    return save_plot(fig, name)
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            k, _, v = line.partition(":")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def machine_info(native: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """What ran the bench: CPU model (with family/model numbers: a hypervisor may show only "AMD EPYC"),
+    usable cores (this process's affinity) of those online, the widest x86 vector ISA, and with ``native``
+    the reference engine's native decode kernel (:func:`workers.reference.native.kernel_info`: compiler,
+    flags, what ``-march=native`` resolved to, vector width) and its thread count (``threads``, default the
+    engine's: usable cores minus one). ``native=False`` (the bench runs no reference engine on the CPU):
+    ``"native": None``."""
+    import platform
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), platform.machine())
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    out: dict[str, Any] = {"cpu": cpu, "cores": usable, "online": os.cpu_count() or usable,
+                           "isa": isa.replace("avx512f", "avx512"), "native": None}
+    if native:
+        from workers.reference.native import kernel_info
+
+        out["native"] = {**kernel_info(), "threads": threads or max(1, usable - 1)}
+    return out
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One printable line of :func:`machine_info`."""
+    line = f"machine: {info['cpu']}, {info['cores']} usable cores of {info['online']}, {info['isa']}"
+    k = info.get("native")
+    if not k:
+        return line + "; native decode kernel: not used"
+    if not k.get("vector_bits"):
+        return line + f"; native decode kernel: unavailable (torch operators), {k['threads']} thread(s)"
+    return (line + f"; native decode kernel: {k['cc']}, {k['flags']} (native = {k['march_native']}), "
+            f"{k['vector_bits']}-bit vectors, {k['threads']} thread(s)")
+
+
+def report(result: dict[str, Any], native: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Print the machine line, then ``result`` with ``"machine"`` added as the bench's LAST line (one JSON
+    object); returns it. ``make bench`` keeps that line in bench/out/results.jsonl for bench/report.py."""
+    info = machine_info(native, threads)
+    print(machine_line(info))
+    out = {**result, "machine": info}
+    print(json.dumps(out), flush=True)
+    return out
 
 def free_port() -> int:
     import socket

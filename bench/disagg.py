@@ -10,7 +10,6 @@ below the length where remote prefill stops costing more than it saves, prefill 
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import plot_bars, report
 from dynamo_rt.local.services import LocalServices
 from tests.stack import Stack
 
@@ -67,9 +67,11 @@ def main() -> None:
         finally:
             agg.stop()
             dis.stop()
+    plot_bars("disagg", "TTFT p50: aggregated vs disaggregated (NIXL hand-off), tiny model, CPU",
+              {f"{n} tok": {"agg": a, "disagg": b} for n, a, b in rows}, "ms")
     n, a50, b50 = rows[-1]
-    print(json.dumps({"bench": "disagg_handoff", "ours": round(b50, 2), "baseline": round(a50, 2),
-                      "ratio": round(b50 / a50, 3), "unit": "ms", "prompt_tokens": n}))
+    report({"bench": "disagg_handoff", "ours": round(b50, 2), "baseline": round(a50, 2),
+            "ratio": round(b50 / a50, 3), "unit": "ms", "prompt_tokens": n}, native=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ from _common import (
     descendants,
     ensure_dynamo_venv,
     exit_on_sigterm,
+    report,
     run_load,
     save_plot,
     say,
@@ -482,7 +483,7 @@ def main() -> int:
               "like for like; rerun on a quieter machine, or pace both slower (--paced-speedup 0.5 "
               "--paced-speedup-ratio 0.2)")
     plot(results)
-    print(json.dumps(line))
+    report(line)
     return 1 if total_err else 0
 
 

@@ -7,7 +7,10 @@ no 5xx (nor a dropped connection), and every 4xx body is an OpenAI error ``{"err
 "param", "code"}}``. The short version of this run is tests/reliability/test_fuzz.py (in CI).
 
 Prints a table of answers and each distinct problem with a request that shows it; the LAST line is JSON:
-``{"bench": "fuzz", "ours": <problems>, "baseline": 0, "ratio": <5xx share of all cases>, "unit": "problems"}``.
+``{"bench": "fuzz", "ours": <distinct problems>, "baseline": null, "ratio": null, "unit": "problems",
+"cases": ..., "server_errors": ..., "server_error_share": ..., "cases_per_s": ...}``. A fuzz run checks a
+property (no 5xx, every 4xx an OpenAI error body); nothing else answers the same cases, so there is no
+baseline and no ratio, and the line says so instead of printing a constant (it printed ``"baseline": 0``).
 Run: ``.venv/bin/python bench/fuzz.py [--examples 1000] [--seed N]``.
 """
 
@@ -20,7 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import PY, Proc, Services, cleanup, exit_on_sigterm, free_port, ours_env, say, table, wait_model
+from bench._common import (
+    PY,
+    Proc,
+    Services,
+    cleanup,
+    exit_on_sigterm,
+    free_port,
+    ours_env,
+    plot_bars,
+    say,
+    table,
+    wait_model,
+)
+from bench._common import report as report_line
 from dynamo_rt.local import commands
 from tests.reliability.fuzzing import fuzz
 
@@ -60,9 +76,12 @@ def main() -> int:
         print(f"PROBLEM {p.operation} [{p.mode}] -> {p.status}: {p.why}\n  request: {p.request}\n"
               f"  response: {p.response}")
     say("PASS" if not problems and alive and not tracebacks else "FAIL")
-    ratio = report.server_errors / max(1, report.cases)
-    print(json.dumps({"bench": "fuzz", "ours": len(problems), "baseline": 0, "ratio": round(ratio, 6),
-                      "unit": "problems"}))
+    plot_bars("fuzz", f"fuzz: answers to {report.cases} schema cases",
+              {f"HTTP {status}": {"answers": float(n)} for status, n in sorted(report.statuses.items())}, "answers")
+    report_line({"bench": "fuzz", "ours": len(problems), "baseline": None, "ratio": None, "unit": "problems",
+                 "cases": report.cases, "server_errors": report.server_errors,
+                 "server_error_share": round(report.server_errors / max(1, report.cases), 6),
+                 "cases_per_s": round(report.cases / max(1e-9, report.seconds), 1)})
     return 0 if not problems and alive and not tracebacks else 1
 
 

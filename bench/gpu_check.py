@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import math
 import shutil
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from bench._common import plot_bars, report
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from workers.reference.engine import ReferenceEngine
 
@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         log("no CUDA device here: run with --device cpu --small")
         return 2
     result = asyncio.run(run(args))
-    print(json.dumps(result))
+    plot_bars("gpu_check", f"reference engine on {args.device} vs transformers, tok/s",
+              {k: {"tok/s": float(v)} for k, v in result.get("tok_per_s", {}).items()}, "tok/s")
+    report(result, native=args.device == "cpu")
     return 0 if result["ok"] else 1
 
 

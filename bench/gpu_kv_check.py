@@ -45,6 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import plot_bars, report  # noqa: E402
+
 MIB = 1 << 20
 BLOCK = 2 * MIB  # 32 layers * 2 (K, V) * 8 KV heads * 128 * 2 B (bf16) * 16 tokens
 MARK = "GPUKV "
@@ -290,17 +292,12 @@ def main() -> None:
             f"{r['DtoD copy']:>10.1f} {ratio:>6.2f}"
         )
     head = rows[0]
-    print(
-        json.dumps(
-            {
-                "bench": "gpu_kv_check",
-                "ours": round(head["worker thread"], 1),
-                "baseline": round(head["DtoD copy"], 1),
-                "ratio": round(head["worker thread"] / head["DtoD copy"], 3),
-                "unit": "GB_per_s",
-            }
-        )
-    )
+    plot_bars("gpu_kv_check", "GPU KV read over NIXL vs a device-to-device copy, GB/s",
+              {f"{r['mib']} MiB": {k: r[k] for k in ("calling thread", "worker thread", "DtoD copy")} for r in rows},
+              "GB/s")
+    report({"bench": "gpu_kv_check", "ours": round(head["worker thread"], 1),
+            "baseline": round(head["DtoD copy"], 1),
+            "ratio": round(head["worker thread"] / head["DtoD copy"], 3), "unit": "GB_per_s"})
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ from _common import (
     host_busy,
     host_cpu,
     pct,
+    report,
     run_load,
     save_plot,
     say,
@@ -685,7 +686,7 @@ def main() -> int:
     for i, ln in enumerate(lines):
         if i != head:
             print(json.dumps(ln))
-    print(json.dumps(lines[head]))
+    report(lines[head])
     return 1 if total_err else 0
 
 

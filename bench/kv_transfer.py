@@ -52,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import plot_bars, report  # noqa: E402
 from dynamo_rt.kv import KvTransfer, coalesce  # noqa: E402
 from dynamo_rt.protocol import NixlRecord  # noqa: E402
 
@@ -377,17 +378,11 @@ def main() -> None:
                 ours, memcpy = f"{g['ours']:.2f}/{g['ours_best']:.2f}", f"{g['memcpy']:.2f}/{g['memcpy_best']:.2f}"
                 print(f"{name:>30} {ours:>11} {memcpy:>11} {ratios:>22}", flush=True)
     head = next((r for r in rows if r["mib"] == 256), rows[0])
-    print(
-        json.dumps(
-            {
-                "bench": "kv_transfer",
-                "ours": round(head["ours_best"], 2),
-                "baseline": round(head["memcpy_best"], 2),
-                "ratio": round(head["ours_best"] / head["memcpy_best"], 3),
-                "unit": "GB_per_s",
-            }
-        )
-    )
+    plot_bars("kv_transfer", "KV hand-off read: NIXL (ours) vs CMA vs memcpy, median GB/s",
+              {f"{int(r['mib'])} MiB": {"ours (NIXL)": r["ours"], "cma": r["cma"], "memcpy": r["memcpy"]}
+               for r in rows}, "GB/s")
+    report({"bench": "kv_transfer", "ours": round(head["ours_best"], 2), "baseline": round(head["memcpy_best"], 2),
+            "ratio": round(head["ours_best"] / head["memcpy_best"], 3), "unit": "GB_per_s"})
 
 
 if __name__ == "__main__":

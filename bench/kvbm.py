@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench._common import OUT_DIR, pct, say, table
+from bench._common import OUT_DIR, pct, report, say, table
 from dynamo_rt.local.tinymodel import ensure_tiny_model, make_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from workers.reference.engine import ReferenceEngine
@@ -310,8 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"bench": "kvbm", "ours": round(o50 * 1e3, 3), "baseline": round(b50 * 1e3, 3),
               "ratio": round(o50 / b50, 3), "unit": "ms"}
-    print(json.dumps(result))
-    return result
+    return report(result, native=True)
 
 
 if __name__ == "__main__":

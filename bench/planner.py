@@ -40,6 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import report  # noqa: E402
 from dynamo_rt.local import commands  # noqa: E402
 from dynamo_rt.local.harness import Stack  # noqa: E402
 from dynamo_rt.local.services import LocalServices, free_port  # noqa: E402
@@ -419,9 +420,9 @@ async def main_async(args: argparse.Namespace) -> int:
         "runs": {r.name: {"replica_s": r.replica_s, "stats": r.stats, "timeline": r.timeline,
                           "samples": [asdict(s) for s in r.samples], "decisions": r.decisions} for r in runs}}))
     plot(OUT / "planner.png", runs, trace, args)
-    print(json.dumps({"bench": "planner", "ours": round(ours.replica_s, 1), "baseline": round(base.replica_s, 1),
-                      "ratio": round(ratio, 3), "unit": "replica_s", "sla_attainment": round(ours.stats["sla"], 4),
-                      "baseline_sla_attainment": round(base.stats["sla"], 4)}))
+    report({"bench": "planner", "ours": round(ours.replica_s, 1), "baseline": round(base.replica_s, 1),
+            "ratio": round(ratio, 3), "unit": "replica_s", "sla_attainment": round(ours.stats["sla"], 4),
+            "baseline_sla_attainment": round(base.stats["sla"], 4)})
     return 0
 
 

@@ -15,14 +15,14 @@ wall time from submit to last token (prefill included). Prints a table and a las
 
     .venv/bin/python bench/reference_engine.py [--new 64] [--prompt-len 32] [--threads N] [--repeat 3]
 
-(No PNG plot: matplotlib is not a dependency of this project.)
+Plot: bench/out/reference_engine.png (with the ``bench`` extra's matplotlib). ``--profile`` instead times
+each op of one batch-8 native decode step, for this CPU's build and for the build an AVX2-only CPU gets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -34,12 +34,64 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from bench._common import plot_bars, report
 from dynamo_rt.heap import freeze_startup_heap
 from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from workers.reference.engine import ReferenceEngine
 
 BATCHES = (1, 8, 32)
+# Kernel builds --profile compares: this CPU's own, and the same source without AVX-512 (what a CPU with
+# AVX2 only, say an EPYC Zen 3 of the same machine kind, compiles with -march=native).
+VARIANTS = (("native", ()), ("no-avx512", ("-mno-avx512f",)))
+
+
+def profile(path: Path, threads: int, batch: int = 8, position: int = 64, steps: int = 300) -> list[dict[str, Any]]:
+    """Per-op microseconds of one native decode step (``batch`` rows at ``position``), for each kernel build
+    of :data:`VARIANTS` (a ``-DDRT_PROFILE`` build times each op; the plain build gives the step time)."""
+    from workers.reference.model import DecoderModel, ModelConfig
+    from workers.reference.native import NativeDecode, NativeStep, kernel_info, load_variant, read_profile
+
+    cfg = ModelConfig.load(path)
+    model = DecoderModel.load(path, cfg, torch.device("cpu"), torch.float32)
+    bs = 16
+    nb = position // bs + 1
+    pool = torch.zeros((batch * nb, cfg.num_layers, bs, 2, cfg.num_kv_heads, cfg.head_dim))
+    step = NativeStep(list(range(10, 10 + batch)), [position] * batch,
+                      [[r * nb + i for i in range(nb)] for r in range(batch)])
+    rows = []
+    for name, extra in VARIANTS:
+        row: dict[str, Any] = {"variant": name}
+        for prof in (False, True):
+            lib = load_variant((*extra, "-DDRT_PROFILE") if prof else extra)
+            nd = NativeDecode(model, bs, lib, threads=threads)
+            for _ in range(30):
+                nd.run(step, pool)
+            read_profile(lib)
+            t0 = time.thread_time()  # CPU time of this thread (the step's, with one thread): robust to load
+            for _ in range(steps):
+                nd.run(step, pool)
+            us = (time.thread_time() - t0) / steps * 1e6
+            nd.close()
+            if prof:
+                row["ops_us"] = read_profile(lib)[1]
+            else:
+                row["step_us"] = us
+                row["kernel"] = kernel_info(lib, extra)
+        rows.append(row)
+    return rows
+
+
+def print_profile(rows: list[dict[str, Any]], threads: int, batch: int = 8) -> None:
+    ops = list(rows[0]["ops_us"])
+    print(f"native decode step, batch {batch} at position 64, {threads} thread(s): CPU microseconds per step")
+    print(f"{'op':<12}" + "".join(f"{r['variant']:>12}" for r in rows))
+    for op in ops:
+        print(f"{op:<12}" + "".join(f"{r['ops_us'][op]:>12.1f}" for r in rows))
+    print(f"{'step (plain)':<12}" + "".join(f"{r['step_us']:>12.1f}" for r in rows))
+    for r in rows:
+        k = r["kernel"]
+        print(f"  {r['variant']}: {k['cc']}, {k['flags']} (native = {k['march_native']}), {k['vector_bits']}-bit")
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -125,9 +177,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--repeat", type=int, default=3, help="runs per point; the best is kept")
     ap.add_argument("--no-native", action="store_true", help="ours without the native decode step (torch only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile the native decode step per op (this CPU's build and an AVX2 build)")
+    ap.add_argument("--profile-batch", type=int, default=8, help="rows of the profiled step")
     args = ap.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     path = ensure_tiny_model()
+    if args.profile:
+        threads = args.threads or max(1, cores - 1)
+        rows = profile(path, threads, batch=args.profile_batch)
+        print_profile(rows, threads, args.profile_batch)
+        out = {"bench": "reference_engine_profile", "threads": threads, "batch": args.profile_batch,
+               "step_us": {r["variant"]: round(r["step_us"], 1) for r in rows},
+               "ops_us": {r["variant"]: {k: round(v, 1) for k, v in r["ops_us"].items()} for r in rows}}
+        plot_bars("reference_engine_profile", f"native decode step per op, batch {args.profile_batch}, "
+                  f"{threads} thread(s)",
+                  {op: {r["variant"]: r["ops_us"][op] for r in rows} for op in rows[0]["ops_us"]}, "CPU us / step")
+        return report(out, native=True, threads=threads)
     ps = prompts(max(BATCHES), args.prompt_len)
     our_threads, native, mine, per_threads = asyncio.run(
         measure(path, ps, args.new, args.repeat, args.threads, cores, not args.no_native)
@@ -150,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": round(mine[8] / base[8], 2),
         "unit": "tok_per_s",
     }
-    print(json.dumps(result))
-    return result
+    plot_bars("reference_engine", "decode tok/s: ours vs transformers generate, tiny model, CPU",
+              {f"batch {b}": {"ours": mine[b], "transformers (best threads)": base[b]} for b in BATCHES}, "tok/s")
+    return report(result, native=native, threads=our_threads or None)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,14 @@ The frontend's resident memory (``VmRSS``) is sampled every 10 s; the start valu
 (10 % of the run, 15-60 s: allocator pools, tokenizer caches and connection buffers grow to their working
 size first), the end value at the end. The run passes with zero errors and RSS end / start under 1.10.
 
-Prints a table; the LAST line is JSON: ``{"bench": "soak", "ours": <errors>, "baseline": 0,
-"ratio": <RSS end / start>, "unit": "errors"}``. Plot of RSS and throughput over time: bench/out/soak.png.
+Prints a table; the LAST line is JSON. The claim is "memory flat", so the baseline is the same frontend
+measured in the same run at the end of the warm-up: ``{"bench": "soak", "ours": <RSS at end, MB>,
+"baseline": <RSS at warm-up end, MB>, "ratio": <end / start>, "unit": "rss_mb", "errors": <count>,
+"requests": <completed>, "req_s_early": ..., "req_s_late": ...}`` (completed requests per second over the
+first and the last fifth of the 10 s samples after the warm-up: a frontend that slows down as it runs shows
+there). No
+number here is a constant (an earlier ``"baseline": 0`` was one). Plot of RSS and throughput over time:
+bench/out/soak.png.
 Run: ``.venv/bin/python bench/soak.py [--minutes 10] [--streams 256]``.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -40,6 +47,8 @@ from bench._common import (
     exit_on_sigterm,
     free_port,
     ours_env,
+    pyplot,
+    report,
     save_plot,
     say,
     table,
@@ -114,13 +123,8 @@ class Soak:
 
 
 def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     ts = [s[0] for s in samples]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
@@ -134,6 +138,21 @@ def plot(samples: list[tuple[float, float, int]], warmup: float) -> None:
     b.set_xlabel("seconds")
     fig.suptitle("soak: concurrent streams on mocker workers")
     save_plot(fig, "soak")
+
+
+def finite(x: float) -> float | None:
+    """``x`` rounded for the JSON line, None for NaN (too short a run to have the window)."""
+    return round(x, 2) if x == x else None
+
+
+def window_rate(samples: list[tuple[float, float, int]], late: bool) -> float:
+    """Completed requests per second over the first (or, ``late``, the last) fifth of ``samples``, at least
+    two of them; NaN with fewer than two samples."""
+    n = max(2, math.ceil(len(samples) / 5))
+    win = samples[-n:] if late else samples[:n]
+    if len(win) < 2 or win[-1][0] <= win[0][0]:
+        return float("nan")
+    return (win[-1][2] - win[0][2]) / (win[-1][0] - win[0][0])
 
 
 def main() -> int:
@@ -171,10 +190,12 @@ def main() -> int:
     errors = sum(soak.errors.values())
     ratio = end[1] / start[1] if start[1] else float("nan")
     duration = end[0]
+    early, late = window_rate(after or soak.samples, False), window_rate(after or soak.samples, True)
     rows: list[list[Any]] = [
         ["requests completed", soak.ok], ["errors", errors], ["requests/s", soak.ok / max(1e-9, duration)],
         ["frontend RSS at warm-up end (MB)", start[1]], ["frontend RSS at end (MB)", end[1]],
         ["frontend RSS peak (MB)", peak], ["RSS end / start", ratio],
+        ["req/s, first fifth after warm-up", early], ["req/s, last fifth", late],
         ["processes alive at end", f"{sum(alive.values())}/{len(alive)}"],
     ]
     print(table(["soak", "value"], rows, first_width=36))
@@ -183,7 +204,9 @@ def main() -> int:
     plot(soak.samples, warmup)
     passed = errors == 0 and ratio < 1.10 and all(alive.values())
     say("PASS" if passed else "FAIL")
-    print(json.dumps({"bench": "soak", "ours": errors, "baseline": 0, "ratio": round(ratio, 4), "unit": "errors"}))
+    report({"bench": "soak", "ours": round(end[1], 1), "baseline": round(start[1], 1), "ratio": round(ratio, 4),
+            "unit": "rss_mb", "errors": errors, "requests": soak.ok, "req_s_early": finite(early),
+            "req_s_late": finite(late)})
     return 0 if passed else 1
 
 

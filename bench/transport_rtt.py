@@ -7,7 +7,6 @@ JSON line ``{"bench": "transport_rtt", "ours": p50 ms, "baseline": bare p50 ms, 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import plot_bars, report
 from dynamo_rt.local.services import NatsServer
 from dynamo_rt.protocol import Data, Final
 from dynamo_rt.transport import RequestContext, Transport
@@ -81,8 +81,12 @@ async def main(url: str) -> None:
     await client.close()
     await server.close()
     p50, base = pct(ours, 0.5), pct(bare, 0.5)
-    print(json.dumps({"bench": "transport_rtt", "ours": round(p50, 4), "baseline": round(base, 4),
-                      "ratio": round(p50 / base, 3), "unit": "ms"}))
+    plot_bars("transport_rtt", "NATS request plane round trip", {
+        "p50": {"bare NATS": base, "ours 1 token": p50, "ours 32-token stream": pct(s32, 0.5)},
+        "p99": {"bare NATS": pct(bare, 0.99), "ours 1 token": pct(ours, 0.99), "ours 32-token stream": pct(s32, 0.99)},
+    }, "ms")
+    report({"bench": "transport_rtt", "ours": round(p50, 4), "baseline": round(base, 4),
+            "ratio": round(p50 / base, 3), "unit": "ms"})
 
 
 if __name__ == "__main__":

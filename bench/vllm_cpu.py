@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
-from _common import save_plot, table  # noqa: E402
+from _common import report, save_plot, table  # noqa: E402
 
 from dynamo_rt.local.services import EtcdServer, NatsServer  # noqa: E402
 from dynamo_rt.protocol import (  # noqa: E402
@@ -267,13 +267,13 @@ def main() -> int:
     print()
     print(table(["measure", "prefill/decode", "agg (baseline)", "ratio"], rows, first_width=34))
     plot(agg, pd)
-    print(json.dumps({"bench": "vllm_cpu", "ours": round(ms(pd[128]["total"]), 2),
+    report({"bench": "vllm_cpu", "ours": round(ms(pd[128]["total"]), 2),
                       "baseline": round(ms(agg[128]["total"]), 2),
                       "ratio": round(ms(pd[128]["total"]) / ms(agg[128]["total"]), 3), "unit": "ms",
                       "ttft_ms": {str(n): {"prefill_decode": round(ms(pd[n]["ttft"]), 1),
                                            "agg": round(ms(agg[n]["ttft"]), 1)} for n in LENGTHS},
                       "legs_ms": {str(n): {k: round(ms(v), 1) for k, v in leg[n].items()} for n in LENGTHS},
-                      "startup_s": {"agg": round(t_agg, 1), "prefill_decode": round(t_pd, 1)}}))
+                      "startup_s": {"agg": round(t_agg, 1), "prefill_decode": round(t_pd, 1)}})
     return 0
 
 

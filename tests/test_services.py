@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,71 @@ def test_spawns_survive_busy_etcd_clients(tmp_path: Path) -> None:
 
         codes = arun(main(), 120)
     assert codes == [0] * 200
+
+
+# ------------------------------------------------------------------------------------------ port races
+# The seam: ``ManagedProcess.pick_port`` chooses each port not given by the caller. Making it return a port
+# another server already holds is the race "two servers picked the same free port", every time.
+
+
+def _picks(*ports: int) -> Callable[[str], int]:
+    """A ``pick_port`` that hands out ``ports`` first, then really free ports."""
+    it = iter(ports)
+    return lambda host: next(it, None) or free_port()
+
+
+def test_nats_binds_its_own_ports_and_reports_them(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats", jetstream=False) as nats:
+        assert nats.port and nats.monitor_port and nats.port != nats.monitor_port
+        assert _nats_info(nats.host, nats.port)["port"] == nats.port
+        port, monitor = nats.port, nats.monitor_port
+        nats.restart()
+        assert (nats.port, nats.monitor_port) == (port, monitor)  # kept across a restart
+
+
+@pytest.mark.parametrize("which", ["client", "monitor"])
+def test_etcd_picking_a_nats_port_retries_on_new_ports(tmp_path: Path, which: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dynamo_rt.local.services")
+    with NatsServer(tmp_path / "nats", jetstream=False) as nats:
+        taken = nats.port if which == "client" else nats.monitor_port
+        etcd = EtcdServer(tmp_path / "etcd")
+        etcd.pick_port = _picks(taken)  # etcd's client port := one the nats-server listens on
+        with etcd:
+            assert etcd.client_port != taken
+            assert _etcd_health(etcd.client_url)["health"] == "true"
+            assert _nats_info(nats.host, nats.port)["port"] == nats.port  # nats untouched
+        assert "etcd: port taken" in caplog.text  # seen (a stranger listens, or bind failed), retried
+
+
+def test_two_etcds_given_the_same_ports_both_come_up_on_distinct_ports(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # Another etcd answers /health exactly like ours would: only "who holds the port" tells them apart.
+    client, peer = free_port(), free_port()
+    first, second = EtcdServer(tmp_path / "a"), EtcdServer(tmp_path / "b")
+    first.pick_port, second.pick_port = _picks(client, peer), _picks(client, peer)
+    caplog.set_level(logging.INFO, logger="dynamo_rt.local.services")
+    with first, second:
+        assert (first.client_port, first.peer_port) == (client, peer)
+        assert second.client_port not in (client, peer) and second.peer_port not in (client, peer)
+        assert _etcd_health(first.client_url)["health"] == "true"
+        assert _etcd_health(second.client_url)["health"] == "true"
+        assert first.pid != second.pid
+        assert "etcd: port taken" in caplog.text
+
+
+def test_a_fixed_port_held_by_another_server_is_an_error_naming_it(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats", jetstream=False) as nats:
+        etcd = EtcdServer(tmp_path / "etcd", client_port=nats.port, peer_port=free_port())
+        with pytest.raises(ServiceError, match="address already in use") as err:
+            etcd.start(timeout=10)
+        assert str(nats.port) in str(err.value)
+        assert etcd.client_port == nats.port and not etcd.alive
+
+
+def test_local_services_started_together_many_times_never_collide(tmp_path: Path) -> None:
+    for i in range(3):
+        with LocalServices(tmp_path / f"s{i}") as s:
+            ports = {s.etcd.client_port, s.etcd.peer_port, s.nats.port, s.nats.monitor_port}
+            assert len(ports) == 4
+            assert _etcd_health(s.etcd.client_url)["health"] == "true"

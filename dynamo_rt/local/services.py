@@ -6,6 +6,13 @@ real nats-server), so a laptop or CI box needs no system installs. Each server i
 directory), and ``start()`` returns once it answers its health endpoint. Ports chosen at the first start are
 kept across ``restart()``, so clients reconnect to the same address (the chaos tests rely on that).
 
+Ports and races: nats-server binds port 0 itself (``-p -1 -m -1``) and reports what it got in a ports file,
+so it never races anyone. etcd cannot report a port it picked, so we pick its ports (bind-to-0-then-close,
+:func:`free_port`) and another server started at the same moment can take one first. Before any health
+probe, :meth:`ManagedProcess._check_ports` asks the kernel (``/proc/net/tcp``) who listens on each port:
+a stranger there (say a nats-server, or another etcd whose ``/health`` would look just like ours) is a
+collision, and the start is retried on new ports instead of probing someone else's server.
+
 Both servers can run with TLS (:class:`TlsFiles`: a server certificate, and optionally client certificates
 required) and with authentication (etcd: a ``root`` user and password; nats-server: a user and password,
 or a token). Secrets go to the servers through a 0600 config file or stdin, never on a command line.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client
 import importlib.util
 import json
 import logging
@@ -31,7 +39,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +62,49 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class PortTaken(ServiceError):
+    """Another process listens on a port a server was started on (a race between port pickers)."""
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (any address), or None where ``/proc/net/tcp`` is missing
+    (not Linux: the caller cannot tell who listens)."""
+    found: set[str] | None = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = found if found is not None else set()
+        for line in lines:
+            f = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the socket's inode.
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(f[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds open (empty once it is gone)."""
+    out: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    out.add(target[8:-1])
+    return out
+
+
+def port_holder(port: int, pid: int) -> bool | None:
+    """Who listens on TCP ``port``: True if process ``pid`` does (maybe among others), False if only other
+    processes do, None if nobody listens yet, or this system cannot tell."""
+    listening = _listening_inodes(port)
+    if not listening:
+        return None
+    return bool(listening & _socket_inodes(pid))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,18 +209,45 @@ class ManagedProcess:
         self._child: Child | None = None
         self._requested = ports
         self._ports_fixed = all(ports)  # ports were given by the caller or survived a successful start
+        # The seam that picks a free port for each 0 in ``ports`` (tests swap it to force a collision).
+        self.pick_port: Callable[[str], int] = free_port
 
     def _ports(self) -> tuple[int, ...]:
         """The requested ports, a free one in place of each 0 (picked again before each start attempt until a
         start succeeds, since a picked port can be taken before the server binds it)."""
-        return tuple(p or free_port(self.host) for p in self._requested)
+        return tuple(p or self.pick_port(self.host) for p in self._requested)
+
+    def _live_ports(self) -> tuple[int, ...]:
+        """The ports this server listens on once started (0 while not known yet)."""
+        raise NotImplementedError
+
+    def _check_ports(self) -> bool:
+        """True once our child listens on every one of its ports; :class:`PortTaken` as soon as another
+        process listens on one of them (our child cannot bind it, and a health probe there would ask a
+        stranger). Where the system cannot tell who listens, True: the health body has to do."""
+        child = self._child
+        if child is None:
+            return False
+        for port in self._live_ports():
+            if not port:
+                return False  # not known yet (nats-server has not written its ports file)
+            listening = _listening_inodes(port)
+            if listening is None:
+                continue  # cannot tell who listens: the health body has to do
+            if not listening:
+                return False  # nobody listens yet
+            if not listening & _socket_inodes(child.pid) and child.alive():
+                raise PortTaken(f"{self.name}: port {port} on {self.host} is held by another process "
+                                "(address already in use)")
+        return True
 
     def _health_json(self, url: str, context: ssl.SSLContext | None = None) -> object:
         """The JSON body of a health endpoint, or None while the server does not answer it (not listening
-        yet, an HTTP error such as nats-server's 503 while JetStream starts, or a body that is not JSON)."""
+        yet, an HTTP error such as nats-server's 503 while JetStream starts, a body that is not JSON, or a
+        server that does not speak HTTP at all)."""
         try:
             return _http_get_json(url, timeout=1.0, context=context)
-        except (OSError, ValueError):  # urllib's URLError and HTTPError are OSErrors
+        except (OSError, ValueError, http.client.HTTPException):  # URLError, HTTPError are OSErrors
             return None
 
     # -- subclass hooks
@@ -213,10 +291,11 @@ class ManagedProcess:
                 self._pick_ports()
             try:
                 self._spawn_and_wait(timeout)
-            except ServiceError:
-                if attempt == attempts or "address already in use" not in self.log_tail(10):
+            except ServiceError as exc:
+                taken = isinstance(exc, PortTaken) or "address already in use" in self.log_tail(10)
+                if attempt == attempts or not taken:
                     raise
-                log.info("%s: port taken, retrying with new ports", self.name)
+                log.info("%s: port taken (%s), retrying with new ports", self.name, exc)
                 continue
             self._ports_fixed = True
             return self
@@ -227,7 +306,10 @@ class ManagedProcess:
         t0 = time.monotonic()
         self._child = child = Child(self.name, self._command(), cwd=self.state_dir, log=self.log_path)
         try:
-            wait_until(self._healthy, [child], timeout, "healthy", interval=0.1)
+            wait_until(lambda: self._check_ports() and self._healthy(), [child], timeout, "healthy", interval=0.1)
+        except PortTaken:
+            self.kill()
+            raise
         except ChildExited as exc:
             self._child = None
             raise ServiceError(f"{self.name} exited with code {exc.exit_code} while starting:\n{self.log_tail()}"
@@ -317,6 +399,9 @@ class EtcdServer(ManagedProcess):
 
     def _pick_ports(self) -> None:
         self.client_port, self.peer_port = self._ports()
+
+    def _live_ports(self) -> tuple[int, ...]:
+        return self.client_port, self.peer_port
 
     @property
     def client_url(self) -> str:
@@ -448,7 +533,30 @@ class NatsServer(ManagedProcess):
         self._binary = nats_server_binary()
 
     def _pick_ports(self) -> None:
-        self.port, self.monitor_port = self._ports()
+        # nats-server binds the ports it was not given itself (-1: any free one) and reports them: no race.
+        self.port, self.monitor_port = self._requested
+
+    def _live_ports(self) -> tuple[int, ...]:
+        if not (self.port and self.monitor_port):
+            self._read_ports_file()
+        return self.port, self.monitor_port
+
+    @property
+    def _ports_dir(self) -> Path:
+        return self.state_dir / "ports"
+
+    def _read_ports_file(self) -> None:
+        """Take the ports nats-server bound from the file it writes once it listens
+        (``<executable>_<pid>.ports``: ``{"nats": ["nats://host:port"], "monitoring": ["http://host:port"]}``)."""
+        child = self._child
+        if child is None:
+            return
+        for path in self._ports_dir.glob(f"*_{child.pid}.ports"):
+            with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                got = json.loads(path.read_text())
+                port = int(got["nats"][0].rsplit(":", 1)[1])
+                monitor = int(got["monitoring"][0].rsplit(":", 1)[1])
+                self.port, self.monitor_port = port, monitor
 
     @property
     def url(self) -> str:
@@ -459,7 +567,10 @@ class NatsServer(ManagedProcess):
         return f"http://{self.host}:{self.monitor_port}"
 
     def _command(self) -> list[str]:
-        cmd = [str(self._binary), "-a", self.host, "-p", str(self.port), "-m", str(self.monitor_port)]
+        shutil.rmtree(self._ports_dir, ignore_errors=True)  # a stale file from an earlier pid must not be read
+        self._ports_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [str(self._binary), "-a", self.host, "-p", str(self.port or -1), "-m", str(self.monitor_port or -1),
+               "--ports_file_dir", str(self._ports_dir)]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.data_dir)]
         conf = self._config_text()

@@ -9,6 +9,7 @@ without a C compiler runs the torch path.
 from __future__ import annotations
 
 import asyncio
+import platform
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,42 @@ def test_threads_change_nothing_but_speed() -> None:
         assert torch.equal(logits, results[0][0])
         assert torch.equal(pool, results[0][1])
     assert not torch.equal(results[0][1], base)  # the step wrote its K and V
+
+
+def _avx512_cpu() -> bool:
+    flags = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")]
+    return bool(flags) and "avx512f" in flags[0].split()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="-mno-avx512f is an x86 flag")
+def test_avx2_build_computes_the_same_step_and_says_its_width() -> None:
+    """The build an AVX2-only CPU gets (here: -mno-avx512f) runs its own matmul tiles (tile_v8 in decode.c);
+    every output element still sums the same products in the same order: the same logits and pool."""
+    from workers.reference.model import DecoderModel, ModelConfig
+    from workers.reference.native import NativeDecode, NativeStep, kernel_info, load_library, load_variant
+
+    path = ensure_tiny_model()
+    cfg = ModelConfig.load(path)
+    model = DecoderModel.load(path, cfg, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn((64, cfg.num_layers, 16, 2, cfg.num_kv_heads, cfg.head_dim), generator=g)
+    positions = [0, 15, 16, 40, 63, 5, 30, 33, 2]
+    tables = [[r * 5 + i for i in range(p // 16 + 1)] for r, p in enumerate(positions)]
+    ids = [int(t) for t in torch.randint(10, cfg.vocab_size, (len(positions),), generator=g)]
+    default, avx2 = load_library(), load_variant(("-mno-avx512f",))
+    assert default is not None
+    for rows in (9, 6, 1):  # the 8-row tile + 1 row; 4 rows + 2 single rows; one row
+        out = []
+        for lib in (default, avx2):
+            nd = NativeDecode(model, 16, lib, threads=1)
+            try:
+                pool = base.clone()
+                out.append((nd.run(NativeStep(ids[:rows], positions[:rows], tables[:rows]), pool), pool))
+            finally:
+                nd.close()
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-5)
+    assert kernel_info(avx2, ("-mno-avx512f",))["vector_bits"] == 256
+    info = kernel_info()
+    assert info["vector_bits"] == (512 if _avx512_cpu() else 256)
+    assert "-march=native" in str(info["flags"]) and info["march_native"] != "unknown"

@@ -13,12 +13,14 @@
  *
  * Matmuls: weights are packed by native.py into panels [N/16][K][16] (N a multiple of 16), so one pass
  * over a panel serves up to 8 rows: 8 vector accumulators of 16 floats, one weight load per k. GCC's
- * vector extensions keep this portable (AVX-512 or two AVX2 halves, whatever -march=native gives).
+ * vector extensions keep this portable; the matmul tile is the one place written per vector width:
+ * v16 with AVX-512, tile_v8 (8-float vectors) without it.
+ * drt_vector_bits() says which width a build has; bench/reference_engine.py --profile times each op of a
+ * step (a -DDRT_PROFILE build) for this CPU's build and for an AVX2 one.
  *
  * Threads (drt_pool_create, the engine's --threads): each matmul is split by output panels and each layer's
  * attention by rows, so every output element gets the same arithmetic whatever the thread count (bitwise
- * equal results). Measured on this 2-core host, tiny model: batch 8 0.34 -> 0.25 ms a step, batch 32
- * 1.71 -> 0.82 ms with 2 threads.
+ * equal results).
  *
  * Pool layout (kv_cache.py): [blocks, layers, block_size, 2 (K, V), kv_heads, head_dim], fp32.
  */
@@ -47,6 +49,62 @@ typedef struct {
     const float *const *lw; /* layers * LAYER_PTRS pointers (biases may be NULL) */
 } drt_model;
 
+#if !defined(__AVX512F__)
+/* acc[m] (m < mm <= 8) = rows r0 + m * ldx (K long) times one panel wf [K][16], in 8-float vectors.
+ * Without AVX-512 a v16 is two registers, and the v16 code below spills: the 8-row tile needs 16
+ * accumulators + the weight, more than the 16 registers an AVX2 CPU has (or 32 NEON ones: v16 is four
+ * there), and even a one-row v16 loop came out ~9x slower than the AVX-512 build here (bench/reference_engine.py --profile, "no-avx512"). So: the
+ * 8-row tile as two passes of 8 columns (8 accumulators + 1 weight each; the second pass reads the panel
+ * again, from cache), fewer rows 4 or 1 at a time over both halves. Each output element sums the same
+ * products in the same order as the v16 code. */
+static void tile_v8(int mm, int K, const float *r0, int ldx, const float *wf, v16 *acc) {
+    if (mm == MB) {
+        const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
+                    *r6 = r5 + ldx, *r7 = r6 + ldx;
+        for (int half = 0; half < 2; half++) {
+            const float *wh = wf + half * (NB / 2);
+            v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+            for (int k = 0; k < K; k++) {
+                v8 wk = *(const v8 *)(wh + (size_t)k * NB); /* v8 is aligned(4): any float address */
+                a0 += r0[k] * wk; a1 += r1[k] * wk; a2 += r2[k] * wk; a3 += r3[k] * wk;
+                a4 += r4[k] * wk; a5 += r5[k] * wk; a6 += r6[k] * wk; a7 += r7[k] * wk;
+            }
+            /* One memcpy per accumulator (an array of their addresses kept them in memory). */
+            const size_t off = half * sizeof(v8);
+            memcpy((char *)&acc[0] + off, &a0, sizeof a0); memcpy((char *)&acc[1] + off, &a1, sizeof a1);
+            memcpy((char *)&acc[2] + off, &a2, sizeof a2); memcpy((char *)&acc[3] + off, &a3, sizeof a3);
+            memcpy((char *)&acc[4] + off, &a4, sizeof a4); memcpy((char *)&acc[5] + off, &a5, sizeof a5);
+            memcpy((char *)&acc[6] + off, &a6, sizeof a6); memcpy((char *)&acc[7] + off, &a7, sizeof a7);
+        }
+        return;
+    }
+    int m = 0;
+    for (; m + 4 <= mm; m += 4) {
+        const float *q0 = r0 + (size_t)m * ldx, *q1 = q0 + ldx, *q2 = q1 + ldx, *q3 = q2 + ldx;
+        v8 l0 = {0}, l1 = {0}, l2 = {0}, l3 = {0}, h0 = {0}, h1 = {0}, h2 = {0}, h3 = {0};
+        for (int k = 0; k < K; k++) {
+            v8 wl = *(const v8 *)(wf + (size_t)k * NB), wh = *(const v8 *)(wf + (size_t)k * NB + NB / 2);
+            l0 += q0[k] * wl; h0 += q0[k] * wh; l1 += q1[k] * wl; h1 += q1[k] * wh;
+            l2 += q2[k] * wl; h2 += q2[k] * wh; l3 += q3[k] * wl; h3 += q3[k] * wh;
+        }
+        memcpy(&acc[m], &l0, sizeof l0); memcpy((char *)&acc[m] + sizeof(v8), &h0, sizeof h0);
+        memcpy(&acc[m + 1], &l1, sizeof l1); memcpy((char *)&acc[m + 1] + sizeof(v8), &h1, sizeof h1);
+        memcpy(&acc[m + 2], &l2, sizeof l2); memcpy((char *)&acc[m + 2] + sizeof(v8), &h2, sizeof h2);
+        memcpy(&acc[m + 3], &l3, sizeof l3); memcpy((char *)&acc[m + 3] + sizeof(v8), &h3, sizeof h3);
+    }
+    for (; m < mm; m++) {
+        const float *q = r0 + (size_t)m * ldx;
+        v8 lo = {0}, hi = {0};
+        for (int k = 0; k < K; k++) {
+            lo += q[k] * *(const v8 *)(wf + (size_t)k * NB);
+            hi += q[k] * *(const v8 *)(wf + (size_t)k * NB + NB / 2);
+        }
+        memcpy(&acc[m], &lo, sizeof lo);
+        memcpy((char *)&acc[m] + sizeof(v8), &hi, sizeof hi);
+    }
+}
+#endif
+
 /* Columns [16 p0, 16 p1) of y[m, :] (row stride ldy) = x[m, :K] (row stride ldx) @ W^T (+ b) (+ y if
  * accumulate), m < M. */
 static void linear_panels(int M, int K, const float *x, int ldx, const float *wp, const float *bias, float *y,
@@ -59,6 +117,7 @@ static void linear_panels(int M, int K, const float *x, int ldx, const float *wp
             int mm = M - m0 < MB ? M - m0 : MB;
             const float *r0 = x + (size_t)m0 * ldx;
             v16 acc[MB] = {{0}};
+#if defined(__AVX512F__)
             if (mm == MB) {
                 v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
                 const float *r1 = r0 + ldx, *r2 = r1 + ldx, *r3 = r2 + ldx, *r4 = r3 + ldx, *r5 = r4 + ldx,
@@ -92,6 +151,9 @@ static void linear_panels(int M, int K, const float *x, int ldx, const float *wp
                     acc[m] = a;
                 }
             }
+#else
+            tile_v8(mm, K, r0, ldx, (const float *)w, acc);
+#endif
             for (int m = 0; m < mm; m++) {
                 float *out = y + (size_t)(m0 + m) * ldy + p * NB;
                 v16 v = acc[m];
@@ -459,6 +521,44 @@ static void attn_part(void *a, int part, int parts) {
     }
 }
 
+/* What this build compiled for (native.py reports it in every bench): the widest vector unit the compiler
+ * was allowed to use, in bits. v16 is one register at 512; at 256 it is two, and the 8-row tile would need
+ * 16 accumulators + the weight: more than AVX2's 16 registers (see linear_panels). */
+int drt_vector_bits(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX__)
+    return 256;
+#else
+    return 128;
+#endif
+}
+
+/* Per-op time of the decode steps, only in a build with -DDRT_PROFILE (bench/reference_engine.py --profile):
+ * microseconds summed over steps. */
+enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GU, P_SILU, P_DOWN, P_HEAD, P_STEPS, P_N };
+double drt_prof_us[P_N];
+int drt_prof_ops(void) { return P_N; }
+#ifdef DRT_PROFILE
+/* CPU time of the calling thread, not wall time: on a shared host, time the thread waits for a core is not
+ * the kernel's. (With worker threads it includes the caller's spin while it waits for them.) */
+static double cpu_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (double)t.tv_sec * 1e6 + (double)t.tv_nsec / 1e3;
+}
+#define PROF_START double prof_t = cpu_us()
+#define PROF(i)                                                                                              \
+    do {                                                                                                     \
+        double prof_n = cpu_us();                                                                            \
+        drt_prof_us[i] += prof_n - prof_t;                                                                   \
+        prof_t = prof_n;                                                                                     \
+    } while (0)
+#else
+#define PROF_START
+#define PROF(i)
+#endif
+
 /* One decode step of n rows; ``pool_threads`` from drt_pool_create (NULL: the caller's thread only).
  * Returns 0, -1 when out of memory, -2 when a position is past the RoPE table. */
 int drt_decode(const drt_model *m, drt_pool *threads, int n, const int32_t *ids, const int32_t *pos,
@@ -477,22 +577,37 @@ int drt_decode(const drt_model *m, drt_pool *threads, int n, const int32_t *ids,
     float *x = buf, *h = x + (size_t)n * Hd, *qkv = h + (size_t)n * Hd, *attn = qkv + (size_t)n * QKVN,
           *gu = attn + (size_t)n * H * D, *act = gu + (size_t)n * 2 * I, *sc = act + (size_t)n * I;
 
+    PROF_START;
     for (int r = 0; r < n; r++) memcpy(x + (size_t)r * Hd, m->embed + (size_t)ids[r] * Hd, Hd * sizeof(float));
+    PROF(P_EMBED);
 
     for (int l = 0; l < L; l++) {
         const float *const *w = m->lw + (size_t)l * LAYER_PTRS;
         rms_norm(n, Hd, x, w[LN1], m->eps, h);
+        PROF(P_NORM);
         linear(threads, n, QKVN, Hd, h, Hd, w[QKV], w[QKV_B], qkv, QKVN, 0);
+        PROF(P_QKV);
         attn_job aj = {m, n, nb, l, T, pos, tables, pool, qkv, attn, sc, cis};
         pool_run(n > 1 ? threads : NULL, attn_part, &aj);
+        PROF(P_ATTN);
         linear(threads, n, Hd, H * D, attn, H * D, w[O], w[O_B], x, Hd, 1);
+        PROF(P_O);
         rms_norm(n, Hd, x, w[LN2], m->eps, h);
+        PROF(P_NORM);
         linear(threads, n, 2 * I, Hd, h, Hd, w[GU], w[GU_B], gu, 2 * I, 0);
+        PROF(P_GU);
         for (int r = 0; r < n; r++) silu_mul(I, gu + (size_t)r * 2 * I, gu + (size_t)r * 2 * I + I, act + (size_t)r * I);
+        PROF(P_SILU);
         linear(threads, n, Hd, I, act, I, w[DOWN], w[DOWN_B], x, Hd, 1);
+        PROF(P_DOWN);
     }
     rms_norm(n, Hd, x, m->norm, m->eps, h);
+    PROF(P_NORM);
     linear(threads, n, m->vocab, Hd, h, Hd, m->head, NULL, logits, m->vocab, 0);
+    PROF(P_HEAD);
+#ifdef DRT_PROFILE
+    drt_prof_us[P_STEPS] += 1;
+#endif
     free(buf);
     return 0;
 }

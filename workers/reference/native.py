@@ -9,11 +9,15 @@ compiled with ``-march=native`` into ``${XDG_CACHE_HOME:-~/.cache}/dynamo-rt/nat
 ``$DYN_NATIVE_CACHE``), keyed by the source, the compiler's version and the CPU, so a container image or
 a shared home built elsewhere never loads code for another CPU. No compiler, a failed build or
 ``DYN_REF_NATIVE=0`` leave the torch path in use (logged once). The step runs on the engine's thread count
-(``--threads``; its own worker threads, not torch's).
+(``--threads``; its own worker threads, not torch's). :func:`kernel_info` says which build runs (compiler,
+flags, what ``-march=native`` resolved to, the vector width), and every bench prints it
+(``bench/_common.machine_info``): the same source is about twice as slow a step where the CPU has AVX2
+but no AVX-512.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -100,14 +104,16 @@ def _own_folder(folder: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(folder, os.W_OK)
 
 
-def _build() -> Path:
-    """Path of the compiled library for this source, compiler and CPU; compiled now if not cached."""
+def _build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Path of the compiled library for this source, compiler, flags (``CFLAGS`` + ``extra_flags``) and CPU;
+    compiled now if not cached."""
+    flags = (*CFLAGS, *extra_flags)
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, or $CC) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(CFLAGS), _cpu_id(),
+        b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(flags), _cpu_id(),
                                         platform.machine()))
     ).hexdigest()[:16]
     name = f"decode-{key}.so"
@@ -123,7 +129,7 @@ def _build() -> Path:
     os.close(fd)
     t0 = time.monotonic()
     try:
-        res = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                              timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
@@ -131,8 +137,23 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("built the native decode step in %.1fs: %s %s -> %s", time.monotonic() - t0, cc, " ".join(CFLAGS), out)
+    log.info("built the native decode step in %.1fs: %s %s -> %s", time.monotonic() - t0, cc, " ".join(flags), out)
     return out
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the library's C signatures."""
+    fn = lib.drt_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.drt_pool_create.restype = ctypes.c_void_p
+    lib.drt_pool_create.argtypes = [ctypes.c_int]
+    lib.drt_pool_destroy.restype = None
+    lib.drt_pool_destroy.argtypes = [ctypes.c_void_p]
+    lib.drt_vector_bits.restype = ctypes.c_int
+    lib.drt_prof_ops.restype = ctypes.c_int
+    return lib
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -142,21 +163,63 @@ def load_library() -> ctypes.CDLL | None:
         if _lib is not None or _lib_failed is not None:
             return _lib
         try:
-            lib = ctypes.CDLL(str(_build()))
-            fn = lib.drt_decode
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                           ctypes.c_void_p]
-            lib.drt_pool_create.restype = ctypes.c_void_p
-            lib.drt_pool_create.argtypes = [ctypes.c_int]
-            lib.drt_pool_destroy.restype = None
-            lib.drt_pool_destroy.argtypes = [ctypes.c_void_p]
-            _lib = lib
+            _lib = _bind(ctypes.CDLL(str(_build())))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib_failed = str(e)
             log.warning("native decode step unavailable, using torch operators: %s", e)
         return _lib
+
+
+def load_variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
+    """A separate build with more compiler flags (``-DDRT_PROFILE``: per-op timing; ``-mno-avx512f``: what an
+    AVX2-only CPU would run), for bench/reference_engine.py --profile; raises where it cannot be built."""
+    return _bind(ctypes.CDLL(str(_build(extra_flags))))
+
+
+def _resolved_march(cc: str) -> str | None:
+    """What ``-march=native`` means to this compiler on this CPU (GCC: ``-Q --help=target``), e.g. znver3."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True,
+                             timeout=30).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "-march=":
+                return parts[1]
+    return None
+
+
+def kernel_info(lib: ctypes.CDLL | None = None, extra_flags: tuple[str, ...] = ()) -> dict[str, object]:
+    """Which native decode kernel runs here: compiler, flags, what -march=native resolved to, and the vector
+    width the build compiled for (``lib``: a loaded build, default the engine's own; ``vector_bits`` 0 when
+    none could be built)."""
+    cc = _compiler()
+    if lib is None:
+        lib = load_library()
+    version = ""
+    if cc is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout.split("\n", 1)[0]
+    return {
+        "cc": version or (cc or "none"),
+        "flags": " ".join(f for f in (*CFLAGS, *extra_flags) if f not in ("-fPIC", "-shared", "-pthread")),
+        "march_native": (_resolved_march(cc) if cc else None) or "unknown",
+        "vector_bits": int(lib.drt_vector_bits()) if lib is not None else 0,
+    }
+
+
+PROFILE_OPS = ("embed", "rms_norm", "qkv", "attention", "o_proj", "gate_up", "silu_mul", "down", "lm_head")
+
+
+def read_profile(lib: ctypes.CDLL) -> tuple[int, dict[str, float]]:
+    """(steps, microseconds per step of each op) from a ``-DDRT_PROFILE`` build; zeroes the counters."""
+    n = int(lib.drt_prof_ops())
+    arr = (ctypes.c_double * n).in_dll(lib, "drt_prof_us")
+    steps = int(arr[n - 1])
+    out = {op: arr[i] / max(1, steps) for i, op in enumerate(PROFILE_OPS)}
+    for i in range(n):
+        arr[i] = 0.0
+    return steps, out
 
 
 def _panels(w: torch.Tensor) -> torch.Tensor:

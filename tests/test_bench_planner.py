@@ -107,7 +107,7 @@ def test_a_pass_bounds_the_search_to_cheaper_fleets() -> None:
     assert s.best() == (4, 2)
     assert all(p + d < 6 for p, d in s.open())
     assert s.next() == (1, 1)
-    assert FleetSearch.cost((2, 2)) < FleetSearch.cost((3, 1)) < FleetSearch.cost((1, 3))
+    assert FleetSearch.cost((2, 2)) < FleetSearch.cost((1, 3)) < FleetSearch.cost((3, 1))
 
 
 RULE = ReactiveRule(up=3.0, down=1.0, down_intervals=3, min=1, max=8)

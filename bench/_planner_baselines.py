@@ -2,12 +2,14 @@
 checks them). Not a bench: run on its own it does nothing.
 
 - :class:`FleetSearch`: the smallest static fleet (prefill, decode replicas) that meets the SLA on the
-  trace. Fleets are tried cheapest first (total replicas: every replica is one GPU for the whole trace);
-  a measured result rules out others by monotonicity (a fleet no larger than a failing one, pool by pool,
-  fails too) and, when one SLA component alone is below the threshold, by pool: TTFT is the prefill
-  pool's doing and ITL the decode pool's, so a TTFT share below the threshold rules out every fleet with
-  no more prefill replicas, whatever its decode pool (and likewise for ITL and decode). The search ends
-  when no untried fleet cheaper than the cheapest pass is left (proven) or its run budget is spent.
+  trace; cost is total replicas (every replica is one GPU for the whole trace). A measured result rules
+  out others by monotonicity (a fleet no larger than a failing one, pool by pool, fails too) and, when
+  one SLA component alone is below the threshold, by pool: TTFT is the prefill pool's doing and ITL the
+  decode pool's, so a TTFT share below the threshold rules out every fleet with no more prefill
+  replicas, whatever its decode pool (likewise ITL and decode). Until a fleet passes, the search gallops
+  from (1, 1): it doubles the pool whose component failed (both grow by one when only the combination
+  did); then it tries the fleets left that are cheaper than the best pass, cheapest first. It ends when
+  none is left (the best pass is proven the smallest) or its run budget is spent.
 - :func:`reactive_step`: a queue-depth autoscaler's rule for one pool and one interval (HPA-like):
   out at once to ``ceil(depth / up)`` when the mean requests per replica exceeded ``up``, in by one after
   ``down_intervals`` intervals in a row below ``down``.
@@ -127,7 +129,21 @@ class FleetSearch:
         if len(self.verdicts) >= self.max_runs:
             return None
         left = self.open()
-        return left[0] if left else None
+        if not left:
+            return None
+        if self.best() is None and self.verdicts:
+            v = self.verdicts[-1]
+            p, d = v.fleet
+            if v.ttft_failed or v.itl_failed:
+                p, d = 2 * p if v.ttft_failed else p, 2 * d if v.itl_failed else d
+            else:
+                p, d = p + 1, d + 1
+            # Past what the component rules already ruled out, within the limits.
+            p = min(self.max_prefill, max([p, *(u.fleet[0] + 1 for u in self.verdicts if u.ttft_failed)]))
+            d = min(self.max_decode, max([d, *(u.fleet[1] + 1 for u in self.verdicts if u.itl_failed)]))
+            if (p, d) in left:
+                return p, d
+        return left[0]
 
     @property
     def proven(self) -> bool:

@@ -4,9 +4,11 @@ mocker workers, each run ``--runs`` times (3; medians reported):
 1. ours: the planner with the ``local`` connector, starting from its minimum;
 2. static-min: the smallest static fleet (prefill + decode replicas, started before the trace and kept to
    its end) that meets the same SLA on the same trace, found by search
-   (:class:`bench._planner_baselines.FleetSearch`: cheapest fleets first, every run also ruling out the
-   fleets it implies, a run that is certain to miss stops early, at most ``--search-runs`` runs). The
-   search's run of the fleet it settles on is that fleet's first run;
+   (:class:`bench._planner_baselines.FleetSearch`: from (1, 1) it doubles the pool whose SLA component
+   failed until a fleet passes, then tries every fleet left with fewer replicas, cheapest first; each run
+   also rules out the fleets it implies; a run that is certain to miss stops early; at most
+   ``--search-runs`` runs, after which the best pass so far stands, unproven, or with none the largest
+   fleet). The search's run of the fleet it settles on is that fleet's first run;
 3. reactive: a queue-depth autoscaler (:func:`bench._planner_baselines.reactive_step`): every interval,
    per pool, the mean requests at its workers (running + waiting, from their load reports on NATS) per
    replica; above ``up`` the pool grows to ``ceil(depth / up)`` at once, below ``down`` for as many
@@ -614,8 +616,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[RunResult]], search_ru
            search: FleetSearch, static: Fleet, formula: dict[str, int], phases: list[Phase],
            trace: list[Arrival]) -> int:
     budget = miss_budget(len(trace), args.sla)
-    print(f"\nstatic fleet search (cheapest first; a run stops once more than {budget} of its {len(trace)} "
-          "requests certainly missed):")
+    print(f"\nstatic fleet search (a run stops once more than {budget} of its {len(trace)} requests certainly "
+          "missed):")
     rows: list[tuple[str, ...]] = [("fleet", "replicas", "result", "sla", "ttft_ok", "itl_ok", "replica-s")]
     for r in search_runs:
         assert r.fleet is not None

@@ -63,18 +63,26 @@ def _search(s: FleetSearch, truth) -> list[tuple[int, int]]:  # type: ignore[no-
     return tried
 
 
-def test_search_tries_cheapest_first_and_proves_the_minimum() -> None:
+def test_search_gallops_to_a_pass_then_proves_the_minimum() -> None:
     s = FleetSearch(8, 4, max_runs=10)
-    assert _search(s, _truth(3, 2)) == [(1, 1), (2, 2), (3, 2)]
+    # (1,1) fails both components: both pools double; (2,2) fails TTFT: prefill doubles; (4,2) passes;
+    # the one cheaper fleet left (prefill >= 3, decode >= 2, under 6 replicas) is (3,2): it passes.
+    assert _search(s, _truth(3, 2)) == [(1, 1), (2, 2), (4, 2), (3, 2)]
     assert s.best() == (3, 2) and s.proven
 
 
 def test_search_finds_a_lopsided_minimum() -> None:
     s = FleetSearch(8, 4, max_runs=10)
-    # (1,1) fails both; (2,2) fails TTFT; (3,2), (4,2) fail TTFT; (5,2) passes with 7 replicas: nothing
-    # cheaper is left (prefill <= 4 is out, and 5 prefill need at least 2 decode).
-    assert _search(s, _truth(5, 2)) == [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2)]
+    # (4,2) fails TTFT too, (8,2) passes; of the fleets under 10 replicas only (5,2) and up are left.
+    assert _search(s, _truth(5, 2)) == [(1, 1), (2, 2), (4, 2), (8, 2), (5, 2)]
     assert s.best() == (5, 2) and s.proven
+
+
+def test_search_gallop_respects_the_limits_and_the_rules() -> None:
+    s = FleetSearch(6, 3, max_runs=10)
+    # Doubling stops at the limits; after the pass at (6,3) the one cheaper fleet left, (5,3), fails.
+    assert _search(s, _truth(6, 3)) == [(1, 1), (2, 2), (4, 3), (6, 3), (5, 3)]
+    assert s.best() == (6, 3) and s.proven
 
 
 def test_search_stops_at_its_run_budget_unproven() -> None:
@@ -85,8 +93,8 @@ def test_search_stops_at_its_run_budget_unproven() -> None:
 
 def test_search_when_nothing_passes_ends_at_the_largest_fleet() -> None:
     s = FleetSearch(3, 2, max_runs=20)
-    tried = _search(s, lambda f: Verdict(f, False))  # no component alone below: dominance only
-    assert tried[-1] == (3, 2) and len(tried) == len(set(tried))
+    tried = _search(s, lambda f: Verdict(f, False))  # no component alone below: both pools grow by one
+    assert tried == [(1, 1), (2, 2), (3, 2)]
     assert s.best() is None and not s.proven
 
 

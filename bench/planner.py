@@ -1,21 +1,39 @@
-"""Planner bench: a bursty trace (quiet, ramp, peak, quiet) on mocker workers, twice in one run.
+"""Planner bench: the SLA planner against two baselines on one bursty trace (quiet, ramp, peak, quiet) of
+mocker workers, each run ``--runs`` times (3; medians reported):
 
 1. ours: the planner with the ``local`` connector, starting from its minimum;
-2. baseline: a static deployment sized for the peak: per pool, the replicas the planner ran on average
-   while the trace was at its peak, rounded up (what it took there), as ``local`` workers started before
-   the trace and kept to its end. The planner's formula at the nominal peak load (``formula``: the profile
-   alone, before any observed-latency correction) is printed alongside.
+2. static-min: the smallest static fleet (prefill + decode replicas, started before the trace and kept to
+   its end) that meets the same SLA on the same trace, found by search
+   (:class:`bench._planner_baselines.FleetSearch`: from (1, 1) it doubles the pool whose SLA component
+   failed until a fleet passes, then tries every fleet left with fewer replicas, cheapest first; each run
+   also rules out the fleets it implies; a run that is certain to miss stops early; at most
+   ``--search-runs`` runs, after which the best pass so far stands, unproven, or with none the largest
+   fleet). The search's run of the fleet it settles on is that fleet's first run;
+3. reactive: a queue-depth autoscaler (:func:`bench._planner_baselines.reactive_step`): every interval,
+   per pool, the mean requests at its workers (running + waiting, from their load reports on NATS) per
+   replica; above ``up`` the pool grows to ``ceil(depth / up)`` at once, below ``down`` for as many
+   intervals as the planner's scale-down window it shrinks by one. Same interval, limits and connector as
+   the planner. ``up`` is what a replica serves within the target at the planner's ``--max-utilization``
+   (prefill: that share of TTFT target / profile TTFT at the mean ISL; decode: that share of the
+   concurrency whose profile ITL is the target); ``down`` is ``--reactive-down`` x ``up``. Set from the
+   profile, not tuned on this trace.
 
-Same frontend, same etcd / NATS, same trace (seeded Poisson arrivals, prompt and output lengths drawn
-around their means). For each run: SLA attainment (share of requests whose client-side TTFT and mean
-ITL both meet the targets; a failed request misses) and replica-seconds (every worker process from start
-to exit, draining included, over the trace window). Prints a table, saves a plot to
-bench/out/planner.png and the per-request data to bench/out/planner.json, and ends with one JSON line::
+Same frontend, etcd and NATS, same trace (seeded Poisson arrivals, prompt and output lengths drawn around
+their means) for every run; fresh workers per run (cold caches). For each run: SLA attainment (the share
+of requests whose client-side TTFT and mean ITL both meet the targets; a failed request misses) and
+replica-seconds (every worker process from start to exit, draining included, over the trace window; one
+replica stands for one GPU, so these are GPU-seconds too). A fleet meets the SLA when its attainment is
+at least ``--sla`` (0.95), the threshold the planner is judged by. Rounds after the first rotate the
+order of the three. Prints the search, a table of medians, saves a plot to bench/out/planner.png and every
+run to bench/out/planner.json, and ends with one JSON line::
 
-    {"bench": "planner", "ours": ..., "baseline": ..., "ratio": ..., "unit": "replica_s", "sla_attainment": ...}
+    {"bench": "planner", "ours": ..., "baseline": ..., "ratio": ..., "unit": "replica_s",
+     "sla_attainment": ..., "baseline_sla_attainment": ..., "static_fleet": ..., "reactive": ..., ...}
 
-Goal: SLA attainment >= 95 % with ratio <= 0.6. Time is compressed by the mocker's ``--speedup``; every
-figure here is wall time. Usage: ``python bench/planner.py [--quick]``.
+``baseline`` is static-min's median replica-seconds; ``variants`` carries every run of every variant.
+Goal: SLA attainment >= 0.95 with ratio <= 0.6. Time is compressed by the mocker's ``--speedup``; every
+figure here is wall time. ``--time-scale`` sets the trace's length (0.35 of 200 s: 70 s; ``--quick``: 0.25,
+one round, at most 5 search runs instead of 8). Usage: ``python bench/planner.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -28,9 +46,11 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +60,22 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import report  # noqa: E402
+from bench._common import report as report_line  # noqa: E402
+from bench._planner_baselines import (  # noqa: E402
+    Fleet,
+    FleetSearch,
+    ReactiveRule,
+    Sample,
+    Verdict,
+    certain_misses,
+    miss_budget,
+    reactive_step,
+)
 from dynamo_rt.local import commands  # noqa: E402
 from dynamo_rt.local.harness import Stack  # noqa: E402
 from dynamo_rt.local.services import LocalServices, free_port  # noqa: E402
+from dynamo_rt.protocol import LoadMetrics, decode_load  # noqa: E402
+from dynamo_rt.transport import Transport, load_subject  # noqa: E402
 from planner.connectors import LocalConnector, LocalWorker, LocalWorkerSpec  # noqa: E402
 from planner.core import DECODE, PREFILL, Planner, PlannerConfig, PoolLimits  # noqa: E402
 from planner.metrics import FrontendMetricsSource  # noqa: E402
@@ -53,6 +85,8 @@ from planner.sla import decode_replicas, prefill_replicas  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 MODEL = "bench-planner"
+NAMESPACE = "benchplanner"
+VARIANTS = ("ours", "reactive", "static")
 _t0 = time.monotonic()
 
 
@@ -104,23 +138,11 @@ def make_trace(phases: list[Phase], isl: int, osl: int, seed: int) -> list[Arriv
 # Load
 
 
-@dataclass
-class Sample:
-    t: float  # scheduled send time from the trace start
-    isl: int
-    osl: int
-    status: int = 0
-    ttft: float | None = None
-    itl: float | None = None
-    tokens: int = 0
-    error: str = ""
-
-
-async def one(client: httpx.AsyncClient, url: str, a: Arrival) -> Sample:
-    s = Sample(a.t, a.isl, a.osl)
+async def one(client: httpx.AsyncClient, url: str, a: Arrival, s: Sample) -> None:
     rng = random.Random(a.seed)
     body = {"model": MODEL, "prompt": [rng.randrange(100, 1000) for _ in range(a.isl)], "max_tokens": a.osl,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    s.sent = time.monotonic()
     t0 = time.perf_counter()
     first = last = 0.0
     try:
@@ -128,7 +150,7 @@ async def one(client: httpx.AsyncClient, url: str, a: Arrival) -> Sample:
             s.status = r.status_code
             if r.status_code != 200:
                 s.error = (await r.aread()).decode(errors="replace")[:200]
-                return s
+                return
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -141,29 +163,63 @@ async def one(client: httpx.AsyncClient, url: str, a: Arrival) -> Sample:
                     now = time.perf_counter()
                     if not first:
                         first = now
+                        s.ttft = first - t0
                     last = now
     except httpx.HTTPError as exc:
         s.error = repr(exc)[:200]
-        return s
-    if first:
-        s.ttft = first - t0
-        if s.tokens > 1:
-            s.itl = (last - first) / (s.tokens - 1)
-    return s
+        return
+    except asyncio.CancelledError:
+        s.error = "cancelled: the run stopped early"
+        raise
+    finally:
+        s.done = True
+    if first and s.tokens > 1:
+        s.itl = (last - first) / (s.tokens - 1)
 
 
-async def replay(url: str, trace: list[Arrival]) -> tuple[list[Sample], float, float]:
-    """Send the trace open-loop; returns the samples and the wall window [start, end of the last request]."""
+@dataclass
+class Replay:
+    samples: list[Sample]  # every request of the trace; those never sent have sent == 0
+    start: float
+    end: float
+    stopped_at: float | None = None  # seconds into the trace when ``stop_when`` ended the run
+
+
+async def replay(url: str, trace: list[Arrival],
+                 stop_when: Callable[[list[Sample], float], bool] | None = None) -> Replay:
+    """Send the trace open-loop. ``stop_when(samples, now)``, checked every 0.25 s, ends the run early: no
+    more requests go out and those in flight are cancelled."""
     # No keep-alive: a reused httpx pool can start a burst of streams in waves instead of at once.
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=0)
+    samples = [Sample(a.t, a.isl, a.osl) for a in trace]
+    stop = asyncio.Event()
     async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=30), limits=limits) as client:
         start = time.monotonic()
-        tasks = []
-        for a in trace:
-            await asyncio.sleep(max(0.0, start + a.t - time.monotonic()))
-            tasks.append(asyncio.create_task(one(client, url, a)))
-        samples = list(await asyncio.gather(*tasks))
-        return samples, start, time.monotonic()
+
+        async def watch() -> None:
+            while stop_when is not None and not stop.is_set():
+                await asyncio.sleep(0.25)
+                if stop_when(samples, time.monotonic()):
+                    stop.set()
+
+        watcher = asyncio.create_task(watch())
+        tasks: list[asyncio.Task[None]] = []
+        for a, s in zip(trace, samples, strict=True):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, start + a.t - time.monotonic()))
+            if stop.is_set():
+                break
+            tasks.append(asyncio.create_task(one(client, url, a, s)))
+        pending: set[asyncio.Task[None]] = set(tasks)
+        while pending and not stop.is_set():
+            _, pending = await asyncio.wait(pending, timeout=0.25)
+        stopped_at = time.monotonic() - start if stop.is_set() else None
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        return Replay(samples, start, time.monotonic(), stopped_at)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,8 +268,9 @@ class Tracker:
 
 
 def attainment(samples: list[Sample], ttft_target: float, itl_target: float) -> dict[str, float]:
+    samples = [s for s in samples if s.sent]
     n = len(samples)
-    ok = [s for s in samples if s.status == 200 and not s.error and s.ttft is not None]
+    ok = [s for s in samples if s.done and not s.failed]
     ttft_ok = sum(1 for s in ok if s.ttft is not None and s.ttft <= ttft_target)
     itl_ok = sum(1 for s in ok if s.itl is None or s.itl <= itl_target)
     both = sum(1 for s in ok if s.ttft is not None and s.ttft <= ttft_target and (s.itl is None or s.itl <= itl_target))
@@ -223,9 +280,10 @@ def attainment(samples: list[Sample], ttft_target: float, itl_target: float) -> 
     def pct(xs: list[float], q: float) -> float:
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else math.nan
 
-    return {"requests": n, "failed": n - len(ok), "sla": both / n if n else math.nan, "ttft_ok": ttft_ok / n,
-            "itl_ok": itl_ok / n, "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95),
-            "ttft_p99": pct(ttfts, 0.99), "itl_p50": pct(itls, 0.5), "itl_p95": pct(itls, 0.95)}
+    return {"requests": n, "failed": n - len(ok), "sla": both / n if n else math.nan,
+            "ttft_ok": ttft_ok / n if n else math.nan, "itl_ok": itl_ok / n if n else math.nan,
+            "ttft_p50": pct(ttfts, 0.5), "ttft_p95": pct(ttfts, 0.95), "ttft_p99": pct(ttfts, 0.99),
+            "itl_p50": pct(itls, 0.5), "itl_p95": pct(itls, 0.95)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,14 +292,22 @@ def attainment(samples: list[Sample], ttft_target: float, itl_target: float) -> 
 
 @dataclass
 class RunResult:
-    name: str
+    name: str  # "ours", "reactive", "static" or "search"
     replica_s: float
     window: tuple[float, float]
     stats: dict[str, float]
+    fleet: Fleet | None = None  # static runs
+    stopped_at: float | None = None  # a search run that could no longer meet the SLA
+    misses: tuple[int, int, int] = (0, 0, 0)  # (missed, TTFT missed, ITL missed) when it stopped
     samples: list[Sample] = field(default_factory=list)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
     active: list[tuple[float, int, int]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "replica_s": self.replica_s, "fleet": self.fleet, "stopped_at": self.stopped_at,
+                "misses": self.misses, "stats": self.stats, "timeline": self.timeline,
+                "decisions": self.decisions, "samples": [asdict(s) for s in self.samples]}
 
 
 async def wait_instances(url: str, n: int, timeout: float = 120.0) -> None:
@@ -256,33 +322,52 @@ async def wait_instances(url: str, n: int, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{n} workers did not register within {timeout}s")
 
 
+def _result(name: str, args: argparse.Namespace, tracker: Tracker, rp: Replay, **kw: Any) -> RunResult:
+    stats = attainment(rp.samples, args.ttft_target, args.itl_target)
+    stats["loadavg_1m"] = os.getloadavg()[0]
+    return RunResult(name, replica_seconds(tracker.all, tracker.ends, rp.start, rp.end), (rp.start, rp.end), stats,
+                     stopped_at=rp.stopped_at, samples=rp.samples, timeline=tracker.timeline,
+                     active=tracker.active, **kw)
+
+
 async def run_static(args: argparse.Namespace, url: str, spec: LocalWorkerSpec, trace: list[Arrival],
-                     replicas: dict[str, int]) -> RunResult:
+                     fleet: Fleet, name: str, stop_early: bool) -> RunResult:
+    """A fixed fleet for the whole trace; with ``stop_early`` the run ends once it cannot meet the SLA."""
     conn = LocalConnector(spec, (PREFILL, DECODE))
     tracker = Tracker(conn)
     stop = asyncio.Event()
-    await conn.apply(replicas)
+    budget = miss_budget(len(trace), args.sla)
+    missed: list[tuple[int, int, int]] = [(0, 0, 0)]
+
+    def hopeless(samples: list[Sample], now: float) -> bool:
+        missed[0] = certain_misses(samples, now, args.ttft_target, args.itl_target)
+        return missed[0][0] > budget
+
+    await conn.apply({PREFILL: fleet[0], DECODE: fleet[1]})
     track = asyncio.create_task(tracker.run(stop))
     try:
-        await wait_instances(url, sum(replicas.values()))
-        say(f"baseline: static {replicas} ready; replaying {len(trace)} requests")
-        samples, start, end = await replay(url, trace)
+        await wait_instances(url, sum(fleet))
+        say(f"{name}: static fleet prefill {fleet[0]} + decode {fleet[1]} ready; replaying {len(trace)} requests")
+        rp = await replay(url, trace, hopeless if stop_early else None)
     finally:
         await conn.close()
         stop.set()
         await track
-    return RunResult("baseline", replica_seconds(tracker.all, tracker.ends, start, end), (start, end),
-                     attainment(samples, args.ttft_target, args.itl_target), samples, tracker.timeline)
+    return _result(name, args, tracker, rp, fleet=fleet, misses=missed[0])
+
+
+def planner_config(args: argparse.Namespace) -> PlannerConfig:
+    return PlannerConfig(ttft_target=args.ttft_target, itl_target=args.itl_target, predictor=args.predictor,
+                         predictor_window=args.predictor_window, max_utilization=args.max_utilization,
+                         lookahead=args.lookahead, scale_down_window_s=args.scale_down_window,
+                         correction=args.correction, prefill_cv2=args.prefill_cv2,
+                         correction_settle_s=args.correction_settle,
+                         limits={PREFILL: PoolLimits(1, args.max_prefill), DECODE: PoolLimits(1, args.max_decode)})
 
 
 async def run_planner(args: argparse.Namespace, url: str, spec: LocalWorkerSpec, trace: list[Arrival],
                       profile: Profile) -> RunResult:
-    cfg = PlannerConfig(ttft_target=args.ttft_target, itl_target=args.itl_target, predictor=args.predictor,
-                        predictor_window=args.predictor_window, max_utilization=args.max_utilization,
-                        lookahead=args.lookahead,
-                        scale_down_window_s=args.scale_down_window, correction=args.correction,
-                        prefill_cv2=args.prefill_cv2, correction_settle_s=args.correction_settle,
-                        limits={PREFILL: PoolLimits(1, args.max_prefill), DECODE: PoolLimits(1, args.max_decode)})
+    cfg = planner_config(args)
     conn = LocalConnector(spec, cfg.pools)
     tracker = Tracker(conn)
     source = FrontendMetricsSource([url], MODEL)
@@ -294,7 +379,7 @@ async def run_planner(args: argparse.Namespace, url: str, spec: LocalWorkerSpec,
         await wait_instances(url, 2)
         await asyncio.sleep(args.interval * 2)  # a couple of quiet intervals: the predictors start from idle
         say(f"ours: planner ready at {conn.counts()}; replaying {len(trace)} requests")
-        samples, start, end = await replay(url, trace)
+        rp = await replay(url, trace)
     finally:
         stop_planner.set()
         await task
@@ -302,24 +387,124 @@ async def run_planner(args: argparse.Namespace, url: str, spec: LocalWorkerSpec,
         await source.close()
         stop_track.set()
         await track
-    return RunResult("ours", replica_seconds(tracker.all, tracker.ends, start, end), (start, end),
-                     attainment(samples, args.ttft_target, args.itl_target), samples, tracker.timeline,
-                     tracker.active, [d.to_dict() for d in loop.decisions])
+    return _result("ours", args, tracker, rp, decisions=[d.to_dict() for d in loop.decisions])
 
 
-def peak_sizing(ours: RunResult, phases: list[Phase]) -> dict[str, int]:
-    """Per pool, the replicas the planner ran on average while the trace was at its peak, rounded up:
-    what it took there, without the transient spikes of a scale-up."""
-    t = 0.0
-    lo = hi = 0.0
-    for ph in phases:
-        if ph.name == "peak":
-            lo, hi = t, t + ph.seconds
-        t += ph.seconds
-    start = ours.window[0]
-    during = [(p, d) for ts, p, d in ours.active if start + lo <= ts <= start + hi]
-    return {PREFILL: math.ceil(sum(p for p, _ in during) / len(during) - 1e-9),
-            DECODE: math.ceil(sum(d for _, d in during) / len(during) - 1e-9)}
+class LoadBoard:
+    """The latest load report of every worker of the model (``{ns}.load.{model}`` on NATS)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[float, LoadMetrics]] = {}
+
+    def on_load(self, data: bytes, subject: str) -> None:
+        lm = decode_load(data)
+        self.latest[lm.instance_id] = (time.monotonic(), lm)
+
+    def depth(self, mode: str, max_age: float = 3.0) -> float:
+        """Requests at the workers of one mode (running + waiting), from reports at most ``max_age`` old:
+        a worker that exited stops reporting."""
+        now = time.monotonic()
+        return float(sum(lm.active_requests + lm.waiting_requests for t, lm in self.latest.values()
+                         if lm.mode == mode and now - t <= max_age))
+
+
+def reactive_rules(args: argparse.Namespace, profile: Profile) -> dict[str, ReactiveRule]:
+    """Thresholds from the profile at the SLA targets (see the module docstring); flags override them."""
+    u = args.max_utilization
+    up_p = args.reactive_up_prefill or u * args.ttft_target / profile.ttft(args.isl)
+    c_max = profile.concurrency_for_itl(args.itl_target, args.isl + args.osl / 2)
+    up_d = args.reactive_up_decode or u * max(c_max, 1.0)
+    n_down = max(1, math.ceil(args.scale_down_window / args.interval - 1e-9))
+    return {PREFILL: ReactiveRule(up_p, args.reactive_down * up_p, n_down, 1, args.max_prefill),
+            DECODE: ReactiveRule(up_d, args.reactive_down * up_d, n_down, 1, args.max_decode)}
+
+
+async def reactive_loop(conn: LocalConnector, board: LoadBoard, rules: dict[str, ReactiveRule], interval: float,
+                        stop: asyncio.Event, decisions: list[dict[str, Any]]) -> None:
+    """Sample every pool's queue twice a second; once per interval apply :func:`reactive_step` to its mean."""
+    await conn.apply({p: r.min for p, r in rules.items()})
+    streak = dict.fromkeys(rules, 0)
+    sums, n = dict.fromkeys(rules, 0.0), 0
+    next_tick = time.monotonic() + interval
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        for pool in rules:
+            sums[pool] += board.depth(pool)
+        n += 1
+        now = time.monotonic()
+        if now < next_tick:
+            continue
+        counts = conn.counts()
+        target, depth = {}, {}
+        for pool, rule in rules.items():
+            depth[pool] = sums[pool] / n
+            target[pool], streak[pool] = reactive_step(rule, counts[pool], depth[pool], streak[pool])
+        if target != counts:
+            await conn.apply(target)
+            say(f"reactive: {counts} -> {target} (queue per pool {({p: round(v, 1) for p, v in depth.items()})})")
+        decisions.append({"t": now, "current": counts, "target": target, "depth": depth})
+        sums, n = dict.fromkeys(rules, 0.0), 0
+        next_tick = now + interval
+
+
+async def run_reactive(args: argparse.Namespace, url: str, spec: LocalWorkerSpec, trace: list[Arrival],
+                       rules: dict[str, ReactiveRule], nats_url: str) -> RunResult:
+    conn = LocalConnector(spec, tuple(rules))
+    tracker = Tracker(conn)
+    board = LoadBoard()
+    nats = Transport(nats_url)
+    await nats.connect()
+    await nats.subscribe(load_subject(NAMESPACE, MODEL), board.on_load)
+    decisions: list[dict[str, Any]] = []
+    stop_loop, stop_track = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(reactive_loop(conn, board, rules, args.interval, stop_loop, decisions))
+    track = asyncio.create_task(tracker.run(stop_track))
+    try:
+        await wait_instances(url, 2)
+        say(f"reactive: ready at {conn.counts()} ({len(board.latest)} workers reporting load); replaying "
+            f"{len(trace)} requests")
+        rp = await replay(url, trace)
+    finally:
+        stop_loop.set()
+        await task
+        await conn.close()
+        await nats.close()
+        stop_track.set()
+        await track
+    return _result("reactive", args, tracker, rp, decisions=decisions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def verdict(r: RunResult, requests: int, threshold: float) -> Verdict:
+    assert r.fleet is not None
+    if r.stopped_at is not None:
+        budget = miss_budget(requests, threshold)
+        return Verdict(r.fleet, False, r.misses[1] > budget, r.misses[2] > budget)
+    st = r.stats
+    return Verdict(r.fleet, st["sla"] >= threshold, st["ttft_ok"] < threshold, st["itl_ok"] < threshold)
+
+
+def median(xs: list[float]) -> float:
+    finite = [x for x in xs if not math.isnan(x)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def num(x: float, nd: int = 4) -> float | None:
+    return None if math.isnan(x) else round(x, nd)
+
+
+def tell(r: RunResult) -> None:
+    st = r.stats
+    fleet = f" {r.fleet[0]}P+{r.fleet[1]}D" if r.fleet else ""
+    stopped = (f"; stopped at {r.stopped_at:.0f}s: {r.misses[0]} certain misses (TTFT {r.misses[1]}, ITL "
+               f"{r.misses[2]})" if r.stopped_at is not None else "")
+    say(f"{r.name}{fleet}: {r.replica_s:.0f} replica-s, SLA {st['sla']:.3f} (TTFT ok {st['ttft_ok']:.3f}, ITL ok "
+        f"{st['itl_ok']:.3f}), TTFT p95 {st['ttft_p95']:.3f}s, ITL p95 {st['itl_p95'] * 1e3:.1f}ms, failed "
+        f"{st['failed']:.0f}{stopped}; load average {st['loadavg_1m']:.1f} on {os.cpu_count()} CPUs")
 
 
 def plot(path: Path, runs: list[RunResult], trace: list[Arrival], args: argparse.Namespace) -> None:
@@ -338,12 +523,13 @@ def plot(path: Path, runs: list[RunResult], trace: list[Arrival], args: argparse
     for r in runs:
         t0 = r.window[0]
         ts = [t - t0 for t, _, _ in r.timeline]
-        axes[1].step(ts, [p + d for _, p, d in r.timeline], where="post", label=f"{r.name} (P+D)")
-        if r.name == "ours":
-            axes[1].step(ts, [p for _, p, _ in r.timeline], where="post", label="ours prefill", alpha=0.6)
-            axes[1].step(ts, [d for _, _, d in r.timeline], where="post", label="ours decode", alpha=0.6)
+        label = f"{r.name} {r.fleet[0]}P+{r.fleet[1]}D" if r.fleet else r.name
+        axes[1].step(ts, [p + d for _, p, d in r.timeline], where="post", label=f"{label} (P+D)")
+        if r.fleet is None:
+            axes[1].step(ts, [p for _, p, _ in r.timeline], where="post", label=f"{r.name} prefill", alpha=0.5)
+            axes[1].step(ts, [d for _, _, d in r.timeline], where="post", label=f"{r.name} decode", alpha=0.5)
         ok = [(s.t, s.ttft) for s in r.samples if s.ttft is not None]
-        axes[2].scatter([t for t, _ in ok], [v for _, v in ok], s=4, label=r.name, alpha=0.5)
+        axes[2].scatter([t for t, _ in ok], [v for _, v in ok], s=4, label=label, alpha=0.5)
     axes[1].set_ylabel("worker processes")
     axes[1].legend(loc="upper left", fontsize=8)
     axes[2].axhline(args.ttft_target, color="red", lw=0.8, label="TTFT target")
@@ -357,29 +543,35 @@ def plot(path: Path, runs: list[RunResult], trace: list[Arrival], args: argparse
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    scale = 0.5 if args.quick else 1.0
-    phases = [Phase("quiet", 60 * scale, args.quiet_rate, args.quiet_rate),
-              Phase("ramp", 30 * scale, args.quiet_rate, args.peak_rate),
-              Phase("peak", 40 * scale, args.peak_rate, args.peak_rate),
-              Phase("quiet", 70 * scale, args.quiet_rate, args.quiet_rate)]
+    s = args.time_scale
+    phases = [Phase("quiet", 60 * s, args.quiet_rate, args.quiet_rate),
+              Phase("ramp", 30 * s, args.quiet_rate, args.peak_rate),
+              Phase("peak", 40 * s, args.peak_rate, args.peak_rate),
+              Phase("quiet", 70 * s, args.quiet_rate, args.quiet_rate)]
     trace = make_trace(phases, args.isl, args.osl, args.seed)
     profile = Profile.load(args.profile).scaled(args.speedup)
-    # The formula at the nominal peak load (mean lengths), for reference.
+    # The planner's formula at the nominal peak load (mean lengths, no correction), for reference.
     p_peak = prefill_replicas(args.peak_rate, args.isl, profile, args.ttft_target,
                               max_utilization=args.max_utilization, cv2=args.prefill_cv2).replicas
     d_peak = decode_replicas(args.peak_rate, args.osl, profile, args.itl_target, isl=args.isl,
                              max_utilization=args.max_utilization).replicas
     formula = {PREFILL: max(1, p_peak), DECODE: max(1, d_peak)}
+    rules = reactive_rules(args, profile)
     say(f"trace: {len(trace)} requests over {sum(p.seconds for p in phases):.0f}s "
         f"({', '.join(f'{p.name} {p.seconds:.0f}s' for p in phases)}); peak {args.peak_rate} req/s, quiet "
         f"{args.quiet_rate} req/s, ISL ~{args.isl}, OSL ~{args.osl}; mocker speedup {args.speedup}; "
-        f"targets TTFT {args.ttft_target}s ITL {args.itl_target}s; the formula at the peak: {formula}")
+        f"targets TTFT {args.ttft_target}s ITL {args.itl_target}s, SLA met at >= {args.sla}; the planner's "
+        f"formula at the peak: {formula}; reactive thresholds (requests per replica, up / down, "
+        f"{rules[PREFILL].down_intervals} intervals to scale in): prefill {rules[PREFILL].up:.2f} / "
+        f"{rules[PREFILL].down:.2f}, decode {rules[DECODE].up:.1f} / {rules[DECODE].down:.1f}")
     OUT.mkdir(parents=True, exist_ok=True)
     state = Path(tempfile.mkdtemp(prefix="dyn-bench-planner-"))
-    runs: list[RunResult] = []
+    runs: dict[str, list[RunResult]] = {v: [] for v in VARIANTS}
+    search_runs: list[RunResult] = []
+    search = FleetSearch(args.max_prefill, args.max_decode, args.search_runs)
     with LocalServices(state) as svc:
         env = dict(os.environ, DYN_ETCD_ENDPOINTS=svc.etcd.client_url, DYN_NATS_ENDPOINTS=svc.nats.url,
-                   DYN_NAMESPACE="benchplanner", DYN_METRICS_PORT="-1", DYN_LOG="info", PYTHONUNBUFFERED="1")
+                   DYN_NAMESPACE=NAMESPACE, DYN_METRICS_PORT="-1", DYN_LOG="info", PYTHONUNBUFFERED="1")
         port = free_port()
         log_dir = OUT / "logs" / "planner"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -389,46 +581,110 @@ async def main_async(args: argparse.Namespace) -> int:
             spec = LocalWorkerSpec(engine="mocker", model="tiny", served_model_name=MODEL,
                                    extra_args=["--speedup", str(args.speedup)], graceful_timeout=30, env=env,
                                    log_dir=log_dir)
-            for name in ("ours", "baseline"):
-                if name == "baseline":
-                    static = peak_sizing(runs[0], phases)
-                    runs.append(await run_static(args, url, spec, trace, static))
-                else:
-                    runs.append(await run_planner(args, url, spec, trace, profile))
-                r = runs[-1]
-                r.stats["loadavg_1m"] = os.getloadavg()[0]
-                say(f"{r.name}: {r.replica_s:.0f} replica-s, SLA {r.stats['sla']:.3f}, TTFT p95 "
-                    f"{r.stats['ttft_p95']:.3f}s, ITL p95 {r.stats['itl_p95'] * 1e3:.1f}ms, failed "
-                    f"{r.stats['failed']:.0f}; load average {r.stats['loadavg_1m']:.1f} on "
-                    f"{os.cpu_count()} CPUs")
-    by = {r.name: r for r in runs}
-    ours, base = by["ours"], by["baseline"]
-    ratio = ours.replica_s / base.replica_s
-    rows = [("", "ours (planner)", "baseline (static)")]
-    rows.append(("replica-seconds", f"{ours.replica_s:.0f}", f"{base.replica_s:.0f}"))
-    for key, fmt in (("sla", "{:.3f}"), ("ttft_ok", "{:.3f}"), ("itl_ok", "{:.3f}"), ("ttft_p50", "{:.3f}s"),
-                     ("ttft_p95", "{:.3f}s"), ("ttft_p99", "{:.3f}s"), ("itl_p50", "{:.4f}s"),
-                     ("itl_p95", "{:.4f}s"), ("requests", "{:.0f}"), ("failed", "{:.0f}"),
-                     ("loadavg_1m", "{:.1f}")):
-        rows.append((key, fmt.format(ours.stats[key]), fmt.format(base.stats[key])))
-    rows.append(("ratio (ours / baseline replica-s)", f"{ratio:.3f}", ""))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(c.ljust(width[i]) for i, c in enumerate(r)))
+            # Round 1 starts with the search; its run of the fleet it settles on is static-min's first run.
+            while (fleet := search.next()) is not None:
+                r = await run_static(args, url, spec, trace, fleet, "search", stop_early=True)
+                search_runs.append(r)
+                search.record(verdict(r, len(trace), args.sla))
+                tell(r)
+            best = search.best()
+            static: Fleet = best or (args.max_prefill, args.max_decode)
+            if best is not None:
+                runs["static"].append(next(r for r in reversed(search_runs) if r.fleet == best
+                                           and r.stopped_at is None))
+                say(f"search: smallest static fleet meeting the SLA {best[0]}P+{best[1]}D after "
+                    f"{len(search_runs)} runs ({'proven' if search.proven else 'run budget spent, not proven'})")
+            else:
+                say(f"search: no fleet met the SLA in {len(search_runs)} runs; static-min runs the largest, "
+                    f"{static[0]}P+{static[1]}D")
+            for i in range(args.runs):
+                order = VARIANTS[i % 3:] + VARIANTS[:i % 3]
+                for v in order:
+                    if len(runs[v]) > i:
+                        continue
+                    if v == "ours":
+                        r = await run_planner(args, url, spec, trace, profile)
+                    elif v == "reactive":
+                        r = await run_reactive(args, url, spec, trace, rules, svc.nats.url)
+                    else:
+                        r = await run_static(args, url, spec, trace, static, "static", stop_early=False)
+                    runs[v].append(r)
+                    tell(r)
+    return report(args, runs, search_runs, search, static, formula, phases, trace)
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[RunResult]], search_runs: list[RunResult],
+           search: FleetSearch, static: Fleet, formula: dict[str, int], phases: list[Phase],
+           trace: list[Arrival]) -> int:
+    budget = miss_budget(len(trace), args.sla)
+    print(f"\nstatic fleet search (a run stops once more than {budget} of its {len(trace)} requests certainly "
+          "missed):")
+    rows: list[tuple[str, ...]] = [("fleet", "replicas", "result", "sla", "ttft_ok", "itl_ok", "replica-s")]
+    for r in search_runs:
+        assert r.fleet is not None
+        v = verdict(r, len(trace), args.sla)
+        why = "pass" if v.passed else "fail" + (" TTFT" if v.ttft_failed else "") + (" ITL" if v.itl_failed else "")
+        if r.stopped_at is None:
+            got = (f"{r.stats['sla']:.3f}", f"{r.stats['ttft_ok']:.3f}", f"{r.stats['itl_ok']:.3f}")
+        else:
+            got = (f"stopped at {r.stopped_at:.0f}s: {r.misses[0]} missed", f"{r.misses[1]} missed",
+                   f"{r.misses[2]} missed")
+        rows.append((f"{r.fleet[0]}P+{r.fleet[1]}D", str(sum(r.fleet)), why, *got, f"{r.replica_s:.0f}"))
+    print_table(rows)
+    rows = []
+    med = {v: {k: median([r.stats[k] for r in rs]) for k in rs[0].stats} for v, rs in runs.items() if rs}
+    cost = {v: median([r.replica_s for r in rs]) for v, rs in runs.items() if rs}
+    head = {"ours": "ours (planner)", "reactive": "reactive (queue depth)",
+            "static": f"static-min ({static[0]}P+{static[1]}D)"}
+    print(f"\nmedians of {args.runs} run(s) each:")
+    rows.append(("", *(head[v] for v in VARIANTS)))
+    rows.append(("replica-seconds", *(f"{cost[v]:.0f}" for v in VARIANTS)))
+    rows.append(("  per run", *(" / ".join(f"{r.replica_s:.0f}" for r in runs[v]) for v in VARIANTS)))
+    rows.append(("ratio to static-min", *(f"{cost[v] / cost['static']:.3f}" for v in VARIANTS)))
+    rows.append(("sla", *(f"{med[v]['sla']:.3f}" for v in VARIANTS)))
+    rows.append(("  per run", *(" / ".join(f"{r.stats['sla']:.3f}" for r in runs[v]) for v in VARIANTS)))
+    for key, fmt in (("ttft_ok", "{:.3f}"), ("itl_ok", "{:.3f}"), ("ttft_p50", "{:.3f}s"), ("ttft_p95", "{:.3f}s"),
+                     ("ttft_p99", "{:.3f}s"), ("itl_p50", "{:.4f}s"), ("itl_p95", "{:.4f}s"),
+                     ("requests", "{:.0f}"), ("failed", "{:.0f}"), ("loadavg_1m", "{:.1f}")):
+        rows.append((key, *(fmt.format(med[v][key]) for v in VARIANTS)))
+    print_table(rows)
     (OUT / "planner.json").write_text(json.dumps({
         "args": vars(args), "static": static, "formula": formula, "phases": [asdict(p) for p in phases],
-        "runs": {r.name: {"replica_s": r.replica_s, "stats": r.stats, "timeline": r.timeline,
-                          "samples": [asdict(s) for s in r.samples], "decisions": r.decisions} for r in runs}}))
-    plot(OUT / "planner.png", runs, trace, args)
-    report({"bench": "planner", "ours": round(ours.replica_s, 1), "baseline": round(base.replica_s, 1),
-            "ratio": round(ratio, 3), "unit": "replica_s", "sla_attainment": round(ours.stats["sla"], 4),
-            "baseline_sla_attainment": round(base.stats["sla"], 4)})
+        "search": [r.summary() for r in search_runs],
+        "runs": {v: [r.summary() for r in rs] for v, rs in runs.items()}}))
+    plot(OUT / "planner.png", [rs[0] for rs in runs.values() if rs], trace, args)
+    ratio = cost["ours"] / cost["static"]
+    report_line({
+        "bench": "planner", "ours": round(cost["ours"], 1), "baseline": round(cost["static"], 1),
+        "ratio": round(ratio, 3), "unit": "replica_s", "baseline_kind": "smallest static fleet meeting the SLA",
+        "sla_target": args.sla, "sla_attainment": num(med["ours"]["sla"]),
+        "baseline_sla_attainment": num(med["static"]["sla"]),
+        "static_fleet": {PREFILL: static[0], DECODE: static[1]}, "static_fleet_proven": search.proven,
+        "reactive": round(cost["reactive"], 1), "reactive_ratio": round(cost["reactive"] / cost["static"], 3),
+        "reactive_sla_attainment": num(med["reactive"]["sla"]),
+        "sla_met": {v: bool(med[v]["sla"] >= args.sla) for v in VARIANTS}, "runs": args.runs,
+        "search": [[r.fleet[0], r.fleet[1], verdict(r, len(trace), args.sla).passed] for r in search_runs
+                   if r.fleet is not None],
+        "variants": {v: {"replica_s": [round(r.replica_s, 1) for r in rs],
+                         "sla": [num(r.stats["sla"]) for r in rs]} for v, rs in runs.items()},
+        "trace_s": round(sum(p.seconds for p in phases)), "requests": len(trace)})
     return 0
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(width[i]) for i, c in enumerate(r)))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="half-length trace")
+    p.add_argument("--quick", action="store_true",
+                   help="shorter trace (--time-scale 0.25), one round (--runs 1), at most 5 search runs")
+    p.add_argument("--time-scale", type=float, default=None, help="trace length / 200 s (default 0.35)")
+    p.add_argument("--runs", type=int, default=None, help="runs of each variant (default 3)")
+    p.add_argument("--search-runs", type=int, default=None, help="most static runs the search makes (default 8)")
+    p.add_argument("--sla", type=float, default=0.95, help="attainment a run must reach to meet the SLA")
     p.add_argument("--speedup", type=float, default=0.2, help="mocker --speedup (wall time per engine time)")
     p.add_argument("--profile", default="mocker")
     p.add_argument("--isl", type=int, default=512)
@@ -437,7 +693,7 @@ def main() -> int:
     p.add_argument("--peak-rate", type=float, default=15.0)
     p.add_argument("--ttft-target", type=float, default=1.0, help="seconds, wall")
     p.add_argument("--itl-target", type=float, default=0.075, help="seconds, wall")
-    p.add_argument("--interval", type=float, default=3.0, help="planner adjustment interval, seconds")
+    p.add_argument("--interval", type=float, default=3.0, help="adjustment interval (planner and reactive), s")
     p.add_argument("--predictor", default="linear")
     p.add_argument("--predictor-window", type=int, default=4)
     p.add_argument("--lookahead", type=int, default=2, help="intervals ahead (worker start-up time)")
@@ -448,8 +704,14 @@ def main() -> int:
     p.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-prefill", type=int, default=8)
     p.add_argument("--max-decode", type=int, default=4)
+    p.add_argument("--reactive-up-prefill", type=float, default=0.0, help="0: from the profile")
+    p.add_argument("--reactive-up-decode", type=float, default=0.0, help="0: from the profile")
+    p.add_argument("--reactive-down", type=float, default=0.3, help="scale-in threshold as a share of up")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
+    for name, full, quick in (("time_scale", 0.35, 0.25), ("runs", 3, 1), ("search_runs", 8, 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("planner").setLevel(logging.INFO)
     return asyncio.run(main_async(args))

@@ -146,7 +146,7 @@ def test_profile_round_trip_and_shipped(tmp_path: Path) -> None:
     assert (p.prefill_isl, p.prefill_ttft_s, p.decode) == (PROFILE.prefill_isl, PROFILE.prefill_ttft_s, PROFILE.decode)
     assert p.meta["engine"] == "test" and p.meta["format"] == PROFILE_FORMAT
     shipped = Profile.load("mocker")
-    assert shipped.meta["engine"] == "mocker" and shipped.max_concurrency == 128
+    assert shipped.meta["engine"] == "mocker" and shipped.max_concurrency == 256
     # The shipped profile measured the default timing model: TTFT grows with the prompt, ITL with the batch.
     assert list(shipped.prefill_ttft_s) == sorted(shipped.prefill_ttft_s)
     assert list(shipped.decode[0].itl_s) == sorted(shipped.decode[0].itl_s)

@@ -39,7 +39,7 @@ NOT_BENCHES = {"_common", "report"}
 
 def benches() -> list[str]:
     """Every bench script's name (bench/*.py but the helpers), sorted."""
-    return sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_BENCHES)
+    return sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_BENCHES and not p.stem.startswith("_"))
 
 
 def last_json(output: str) -> dict[str, Any] | None:

@@ -31,12 +31,6 @@ def add_gpu_engine_flags(parser: argparse.ArgumentParser) -> None:
          help="vLLM / SGLang / TRT-LLM: fraction of GPU memory for weights + KV cache (default: the engine's)")
     flag(parser, "--kv-events", env="DYN_KV_EVENTS", is_bool=True, default=True,
          help="vLLM / SGLang / TRT-LLM: publish KV block events to the router (as our chained block hashes)")
-    # The manifests give every engine's prefill workers the reference engine's host KV tier; these engines
-    # have host tiers of their own (--extra-engine-args), so the flags are accepted and not used.
-    flag(parser, "--kv-host-tier-path", env="DYN_KV_HOST_TIER_PATH", default=None,
-         help="the reference engine's host KV tier file: accepted, not used by vLLM / SGLang / TRT-LLM")
-    flag(parser, "--kv-host-tier-gib", env="DYN_KV_HOST_TIER_GIB", type=float, default=4.0,
-         help="the reference engine's host KV tier size: accepted, not used by vLLM / SGLang / TRT-LLM")
 
 
 def model_dtype(args: argparse.Namespace) -> str:

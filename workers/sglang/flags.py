@@ -10,11 +10,10 @@ The common flags map to SGLang's ``ServerArgs`` fields (names of SGLang 0.5.23,
 ``ep_size``, ``--dp-size`` -> ``dp_size``, ``--nnodes`` / ``--node-rank`` / ``--dist-init-addr`` -> ``nnodes``
 / ``node_rank`` / ``dist_init_addr``, ``--block-size`` -> ``page_size`` (so SGLang's KV events hash the
 blocks our router hashes), ``--max-model-len`` -> ``context_length``, ``--gpu-memory-utilization`` ->
-``mem_fraction_static``, ``--enforce-eager`` -> ``disable_cuda_graph``, ``--model-dtype`` -> ``dtype``. The
-reference engine's host KV tier flags (``--kv-host-tier-path`` / ``--kv-host-tier-gib``, which the manifests
-pass to every engine) parse but are not used: SGLang's own host tier is ``--extra-engine-args
-'{"enable_hierarchical_cache": true, "hicache_size": GB}'`` (pinned host memory, sized against the pod's memory
-limit). ``--mode prefill|decode`` ->
+``mem_fraction_static``, ``--enforce-eager`` -> ``disable_cuda_graph``, ``--model-dtype`` -> ``dtype``. SGLang's
+own host KV tier is ``--extra-engine-args '{"enable_hierarchical_cache": true, "hicache_size": GB}'`` (pinned
+host memory, sized against the pod's memory limit); the reference engine's ``--kv-host-tier-*`` flags are not
+SGLang's. ``--mode prefill|decode`` ->
 ``disaggregation_mode``; SGLang's own ``--disaggregation-mode`` (the seed's flag) is accepted too and sets
 ``--mode``. ``--extra-engine-args`` (JSON) is applied last, as is.
 """

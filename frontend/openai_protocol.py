@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 # Caps that keep one request from costing the frontend more than a request should.
+# Counts and token ids are 32-bit on every engine. A larger JSON integer is a 400 when the body is decoded,
+# not an OverflowError when the request is encoded for the worker (msgpack holds 64 bits at most).
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 MAX_N = 16  # choices per request
 MAX_STOPS = 16  # OpenAI allows 4; we accept more but bound the per-token stop search
 MAX_STOP_LEN = 512  # characters per stop string: the stop checker holds back up to this much text
@@ -78,9 +82,9 @@ class StreamOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
 class NvExt(msgspec.Struct, kw_only=True, omit_defaults=True):
     """NVIDIA Dynamo's extension object (``"nvext": {...}``)."""
 
-    backend_instance_id: str | int | None = None  # route to this worker instance; int ids are shown as hex
+    backend_instance_id: str | Int64 | None = None  # route to this worker instance; int ids are shown as hex
     ignore_eos: bool | None = None
-    top_k: int | None = None
+    top_k: Int32 | None = None
     repetition_penalty: float | None = None
     greed_sampling: bool | None = None  # force greedy decoding
     annotations: list[str] | None = None
@@ -90,22 +94,22 @@ class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: Int32 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int32 | None = None
     min_p: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # a vLLM extension: extra token ids that end the generation
+    stop_token_ids: list[Int32] | None = None  # a vLLM extension: extra token ids that end the generation
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Int32 = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int32 = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
@@ -117,9 +121,9 @@ class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # the newer name of max_tokens; wins when both are set
+    max_completion_tokens: Int32 | None = None  # the newer name of max_tokens; wins when both are set
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int32 | None = None
     tools: list[dict[str, Any]] | None = None  # handed to the chat template (no tool-call parsing of output)
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -130,11 +134,11 @@ class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
 class CompletionRequest(_Common, kw_only=True, omit_defaults=True):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str | int | list[int]]
-    logprobs: int | None = None
+    prompt: str | list[str | Int32 | list[Int32]]
+    logprobs: Int32 | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int32 | None = None
 
 
 class Sampling(NamedTuple):

@@ -123,6 +123,9 @@ def preflight() -> None:
         cuda = Cuda()
     except (OSError, RuntimeError) as e:
         print(f"SKIP gpu_kv_check: no usable CUDA GPU here ({e})")
+        # Still one JSON line, so `make bench` records a skip rather than a bench that printed no result.
+        print(json.dumps({"bench": "gpu_kv_check", "ours": None, "baseline": None, "ratio": None, "unit": "GB_per_s",
+                          "skipped": f"no usable CUDA GPU ({e})"}))
         raise SystemExit(SKIP) from None
     missing = []
     for mod in ("numpy", "msgspec"):

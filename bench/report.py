@@ -166,7 +166,11 @@ def render(meta: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
         if "error" in r:
             rows.append(f"| {Path(script).stem} | failed | | | | `{script}`: {r['error']} |")
             continue
-        extra = f" ({r['mode']})" if "mode" in r else ""
+        if "skipped" in r:
+            rows.append(f"| {r.get('bench', Path(script).stem)} | skipped | | | | `{script}`: {r['skipped']} |")
+            continue
+        variant = [str(r[k]) for k in ("mode", "workload", "phase", "stack") if k in r]
+        extra = f" ({', '.join(variant)})" if variant else ""
         rows.append(f"| {r.get('bench', Path(script).stem)}{extra} | {fmt(r.get('ours'))} | {fmt(r.get('baseline'))} "
                     f"| {fmt(r.get('ratio'))} | {r.get('unit', '')} | `{script}` |")
     return "\n".join([head, "", *rows])

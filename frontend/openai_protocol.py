@@ -47,9 +47,9 @@ __all__ = [
 
 # Caps that keep one request from costing the frontend more than a request should.
 # Counts and token ids are 32-bit on every engine. A larger JSON integer is a 400 when the body is decoded,
-# not an OverflowError when the request is encoded for the worker (msgpack holds 64 bits at most).
+# not an OverflowError when the request is encoded for the worker (msgpack holds 64 bits at most). An
+# instance id stays unbounded: it becomes a hex string, and one that names no instance is a 404.
 Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 MAX_N = 16  # choices per request
 MAX_STOPS = 16  # OpenAI allows 4; we accept more but bound the per-token stop search
 MAX_STOP_LEN = 512  # characters per stop string: the stop checker holds back up to this much text
@@ -82,7 +82,7 @@ class StreamOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
 class NvExt(msgspec.Struct, kw_only=True, omit_defaults=True):
     """NVIDIA Dynamo's extension object (``"nvext": {...}``)."""
 
-    backend_instance_id: str | Int64 | None = None  # route to this worker instance; int ids are shown as hex
+    backend_instance_id: str | int | None = None  # route to this worker instance; int ids are shown as hex
     ignore_eos: bool | None = None
     top_k: Int32 | None = None
     repetition_penalty: float | None = None

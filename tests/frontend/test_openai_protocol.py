@@ -189,8 +189,6 @@ BAD_CHAT = [
     ({"top_k": 2**40}, "top_k", "invalid value for 'top_k': Expected int <= 2147483647"),
     ({"stop_token_ids": [1, 2**63]}, "stop_token_ids[1]",
      "invalid value for 'stop_token_ids[1]': Expected int <= 2147483647"),
-    ({"nvext": {"backend_instance_id": 2**64}}, "nvext.backend_instance_id",
-     "invalid value for 'nvext.backend_instance_id': Expected int <= 9223372036854775807"),
     ({"stop": [str(i) for i in range(17)]}, "stop", "stop may hold at most 16 strings, got 17"),
     ({"stop": "x" * 513}, "stop", "stop strings must be at most 512 characters, got 513"),
     ({"stop_token_ids": [-1]}, "stop_token_ids", "stop_token_ids must be >= 0, got -1"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dynamo_rt.local import commands
 from dynamo_rt.local.harness import Child, health_instances, stop_all, wait_http
+from tests.workermetrics import samples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,12 +110,7 @@ class Stack:
     def metric(self, name: str) -> float:
         """Sum of a frontend metric's samples (all label values); 0 when it has none."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+            return samples(r.read().decode(), name)
 
     def wait_ready(self, n_instances: int = 1, timeout: float = 120.0) -> None:
         """Until the frontend's ``/health`` counts ``n_instances`` workers; fails at once, with its log, if a

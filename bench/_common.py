@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # also when run as a script (the load generator)
 
 from dynamo_rt.local import commands, harness  # noqa: E402
 from dynamo_rt.local.harness import Child, wait_http  # noqa: E402
+from dynamo_rt.local.services import free_port  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"  # git-ignored: logs, plots, profiles
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -184,14 +185,6 @@ def report(result: dict[str, Any], native: bool = False, threads: int | None = N
     out = {**result, "machine": info}
     print(json.dumps(out), flush=True)
     return out
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def _stat_fields(pid: int) -> list[str] | None:
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,15 +19,10 @@ from pathlib import Path
 
 from dynamo_rt.local import commands
 from dynamo_rt.local.harness import Child, health_instances, stop_all, wait_http
+from dynamo_rt.local.services import free_port
 from tests.workermetrics import samples
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_until_ready(proc: subprocess.Popen[str], timeout: float) -> tuple[str | None, list[str]]:

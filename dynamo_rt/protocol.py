@@ -86,6 +86,18 @@ class NixlRecord(msgspec.Struct, kw_only=True):
 # --------------------------------------------------------------------------------------------- requests
 
 
+class GuidedDecoding(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output, compiled to a token mask per step by the engine.
+
+    ``kind`` is one of "json" (``spec`` a JSON schema, as JSON text), "json_object" (any JSON object),
+    "regex", "choice" (``choices``) or "grammar" (``spec`` an EBNF / Lark grammar).
+    """
+
+    kind: str
+    spec: str = ""
+    choices: list[str] = msgspec.field(default_factory=list)
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
@@ -96,6 +108,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus top k
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit before sampling
+    guided: GuidedDecoding | None = None  # grammar-constrained decoding (structured outputs)
 
 
 class StopConditions(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -127,9 +141,14 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     prefill_only: bool = False
     # Decode request (disagg): pull these blocks instead of prefilling.
     kv_transfer: KvTransferParams | None = None
-    # Tokens generated before a migration; the worker appends them to the prompt for its cache but they
-    # count against max_tokens on the frontend side, not here.
     annotations: list[str] = msgspec.field(default_factory=list)
+    # Replay after a migration: the last ``output_offset`` entries of ``token_ids`` are output the request
+    # already produced on another worker. The worker treats them as output (penalties count them, a
+    # grammar is advanced over them, the seeded random stream resumes at position ``output_offset``).
+    output_offset: int = 0
+    # Tenant salt (hex), derived by the frontend from the authenticated API key; it enters every block
+    # hash so one tenant's cached prefix is never a hit for another.
+    cache_salt: str = ""
 
 
 class RequestEnvelope(msgspec.Struct, kw_only=True):

@@ -180,3 +180,54 @@ def test_mocker_blocks_and_events_carry_the_salted_hashes() -> None:
         assert len(stored) == 15
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_reference_kv_tiers_keep_tenants_apart(tmp_path: Path) -> None:
+    """The reference engine's host and disk tiers are keyed by the salted hashes: a tenant's prefix evicted
+    from the primary pool onboards for that tenant and never for another."""
+    from dynamo_rt.local.tinymodel import ensure_tiny_model
+    from dynamo_rt.protocol import SamplingParams
+    from workers.reference.engine import ReferenceEngine
+
+    a_salt, b_salt = tenants.cache_salt("acme"), tenants.cache_salt("beta")
+    prompt = [10 + (i * 53) % 2000 for i in range(100)]  # 6 full blocks
+    filler = [10 + (i * 71 + 5) % 2000 for i in range(100)]
+
+    async def gen(eng: ReferenceEngine, rid: str, tokens: list[int], salt: str) -> tuple[list[int], int]:
+        r = GenerateRequest(request_id=rid, token_ids=tokens, sampling=SamplingParams(temperature=0.0),
+                            stop=StopConditions(max_tokens=4, ignore_eos=True), cache_salt=salt)
+        outs = [o async for o in eng.generate(r)]
+        return [t for o in outs for t in o.token_ids], outs[0].cached_tokens
+
+    async def idle(eng: ReferenceEngine) -> None:
+        while not eng.tiers_idle():
+            await asyncio.sleep(0.02)
+
+    async def onboarded(eng: ReferenceEngine) -> int:
+        st = eng.block_stats()
+        return int(st["onboarded_host"]) + int(st["onboarded_disk"])
+
+    async def main() -> None:
+        eng = ReferenceEngine(ensure_tiny_model(), num_blocks=8, host_tier_path=str(tmp_path / "host.kv"),
+                              host_tier_blocks=8, disk_tier_path=str(tmp_path / "disk"), disk_tier_blocks=64)
+        await eng.start()
+        try:
+            want, cached = await gen(eng, "a1", prompt, a_salt)
+            assert cached == 0
+            await gen(eng, "f1", filler, "")  # evicts a's blocks from the 8-block primary pool
+            await idle(eng)
+            tiers = eng.cached_block_hashes_by_tier()
+            salted_a = kvhash.block_hashes(prompt, 16, cache_salt=a_salt)
+            assert set(salted_a) <= set(tiers["host"]) | set(tiers["disk"])
+            assert not set(kvhash.block_hashes(prompt, 16)) & set(tiers["host"] + tiers["disk"])
+            n0 = await onboarded(eng)
+            assert await gen(eng, "b1", prompt, b_salt) == (want, 0)  # same output, nothing from a's copies
+            assert await onboarded(eng) == n0
+            await gen(eng, "f2", filler, "")
+            await idle(eng)
+            assert await gen(eng, "a2", prompt, a_salt) == (want, 96)  # a's 6 blocks, back from the tiers
+            assert await onboarded(eng) > n0
+        finally:
+            await eng.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))

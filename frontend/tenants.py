@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from dynamo_rt.errors import ConfigError
+from dynamo_rt.errors import ConfigError, InvalidRequest
 
 # Where FastPath leaves the authenticated tenant for the request handlers (an ASGI scope key).
 TENANT_SCOPE_KEY = "dynamo.tenant"
@@ -32,25 +32,25 @@ _MAX_CLIENT_SALT = 256
 
 
 class KeyRing:
-    """API key -> tenant. Lookups compare every key in constant time (no early exit on a match), so the
-    time taken says nothing about which key, or how much of one, was right."""
+    """API key -> tenant. A key is looked up by its SHA-256 digest, then compared in constant time: the
+    time taken depends on the digest only, so it says nothing about how much of a key was right, and it
+    stays one dict lookup however many keys there are."""
 
     def __init__(self, keys: Mapping[str, str]) -> None:
-        self._keys = [(k.encode(), t) for k, t in keys.items()]
+        self._by_digest = {hashlib.sha256(k.encode()).digest(): (k.encode(), t) for k, t in keys.items()}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._by_digest)
 
     @property
     def tenants(self) -> set[str]:
-        return {t for _, t in self._keys}
+        return {t for _, t in self._by_digest.values()}
 
     def lookup(self, given: bytes) -> str | None:
-        found: str | None = None
-        for key, tenant in self._keys:
-            if hmac.compare_digest(given, key) and found is None:
-                found = tenant
-        return found
+        entry = self._by_digest.get(hashlib.sha256(given).digest())
+        if entry is None or not hmac.compare_digest(given, entry[0]):
+            return None
+        return entry[1]
 
     def authenticate(self, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
         """The tenant of the request's key (raw ASGI headers), None when it has no known key."""
@@ -124,8 +124,6 @@ def check_client_salt(value: str | None) -> str | None:
     """A request's ``cache_salt``: a non-empty string of at most 256 characters (None when absent)."""
     if value is None:
         return None
-    from dynamo_rt.errors import InvalidRequest
-
     if not value or len(value) > _MAX_CLIENT_SALT:
         raise InvalidRequest(f"cache_salt must be a non-empty string of at most {_MAX_CLIENT_SALT} characters",
                              param="cache_salt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors
 from frontend import openai_protocol as op
+from frontend import tenants
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.serving import (
@@ -51,7 +51,7 @@ class FrontendConfig:
     max_queue: int = 1024  # per model, requests waiting for a slot beyond max_concurrency
     queue_timeout: float = 30.0
     request_timeout: float = 600.0
-    api_key: str | None = None
+    keys: tenants.KeyRing | None = None  # API key -> tenant (--api-key / --api-keys-file); None: no auth
     worker_wait_timeout: float = 0.0  # > 0: a request for a model with no ready worker waits this long for one
 
 
@@ -228,17 +228,18 @@ class Frontend:
 
     # ------------------------------------------------------------------ request preparation
 
-    def prepare(self, kind: str, body: bytes) -> Prepared:
+    def prepare(self, kind: str, body: bytes, tenant: str | None = None) -> Prepared:
         if len(body) > self.cfg.max_body_bytes:
             raise errors.DynamoError(f"request body of {len(body)} bytes is over the limit of "
                                      f"{self.cfg.max_body_bytes}", code=errors.ErrorCode.TOO_LARGE)
         req: Any = op.parse_chat(body) if kind == "chat" else op.parse_completion(body)
         sm: ServedModel = self.manager.get(req.model, waiting_ok=self.cfg.worker_wait_timeout > 0)
         pre = sm.pre
+        salt = tenants.cache_salt(tenant, tenants.check_client_salt(req.cache_salt))
         prompt_texts: list[str] = []
         if kind == "chat":
             prompts = [pre.encode_chat(op.template_messages(req), req.add_generation_prompt, req.tools,
-                                       req.chat_template_kwargs)]
+                                       req.chat_template_kwargs, cache_salt=salt)]
         else:
             prompts = []
             for item in op.prompts(req):
@@ -268,7 +269,7 @@ class Frontend:
                         created=int(time.time()), echo=bool(getattr(req, "echo", False)),
                         prompt_texts=prompt_texts, include_stop_str=req.include_stop_str_in_output,
                         skip_special_tokens=req.skip_special_tokens,
-                        deadline=time.time() + self.cfg.request_timeout)
+                        deadline=time.time() + self.cfg.request_timeout, cache_salt=salt)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is known to be over the limit: by its Content-Length
@@ -293,8 +294,9 @@ class Frontend:
             body = await self.read_body(request)
             # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
             # loop, so the streams in flight keep flowing (the tokenizer releases the GIL for long texts).
-            p = await asyncio.to_thread(self.prepare, kind, body) if len(body) > OFFLOAD_BODY_BYTES else \
-                self.prepare(kind, body)
+            tenant = request.scope.get(tenants.TENANT_SCOPE_KEY)
+            p = await asyncio.to_thread(self.prepare, kind, body, tenant) if len(body) > OFFLOAD_BODY_BYTES else \
+                self.prepare(kind, body, tenant)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
@@ -375,12 +377,14 @@ class Frontend:
 # ~0.1 ms; a body this size takes about 1 ms and up).
 OFFLOAD_BODY_BYTES = 8192
 _FAST_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_OPEN_PATHS = frozenset({"/live", "/health", "/metrics"})  # probes and scrapes need no API key
 
 
 class FastPath:
     """The ASGI entry point: the two completion routes go straight to :meth:`Frontend.handle`, skipping
     FastAPI's routing and middleware stack, which otherwise wraps every ``send`` (every SSE chunk) in three
-    closures; every other route, and every request when an API key is set, is FastAPI's."""
+    closures; every other route is FastAPI's. With API keys configured it authenticates every request first
+    (one place, no middleware on the token path) and leaves the tenant in the scope for :meth:`Frontend.handle`."""
 
     def __init__(self, fe: Frontend, app: FastAPI) -> None:
         self.fe = fe
@@ -388,7 +392,14 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = _FAST_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if kind is None or scope["method"] != "POST" or self.fe.cfg.api_key:
+        keys = self.fe.cfg.keys
+        if keys is not None and scope["type"] == "http" and scope.get("path") not in _OPEN_PATHS:
+            tenant = keys.authenticate(scope["headers"])
+            if tenant is None:
+                await error_response(errors.Unauthorized("invalid or missing API key"))(scope, receive, send)
+                return
+            scope[tenants.TENANT_SCOPE_KEY] = tenant
+        if kind is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
@@ -443,19 +454,6 @@ def build_app(fe: Frontend) -> FastAPI:
     async def _any(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(errors.internal(exc))
-
-    if fe.cfg.api_key:
-        key = fe.cfg.api_key.encode()
-
-        @app.middleware("http")
-        async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            if request.url.path in ("/live", "/health", "/metrics"):
-                return await call_next(request)
-            auth = request.headers.get("authorization", "")
-            given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
-            if not hmac.compare_digest(given, key):
-                return error_response(errors.Unauthorized("invalid or missing API key"))
-            return await call_next(request)
 
     @app.post("/v1/chat/completions", openapi_extra=body_spec("ChatCompletionRequest"))
     async def chat(request: Request) -> Response:

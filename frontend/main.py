@@ -51,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--worker-wait-timeout", env="DYN_WORKER_WAIT_TIMEOUT", type=float, default=0.0,
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
-    flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+    flag(p, "--api-key", env="DYN_API_KEY", default=None,
+         help="require this key (Bearer or x-api-key) on /v1 routes; its tenant is 'default'")
+    flag(p, "--api-keys-file", env="DYN_API_KEYS_FILE", default=None,
+         help='JSON file of API keys per tenant, {"tenants": {"acme": ["sk-..."], ...}}: each tenant gets its '
+              "own prefix cache (with --api-key too, that key is tenant 'default')")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -85,6 +89,10 @@ def check_args(args: argparse.Namespace) -> None:
     at_least("--request-timeout", 0, above=True)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
+    if args.api_keys_file is not None:
+        from frontend.tenants import load_keys
+
+        load_keys(args.api_key, args.api_keys_file)  # a malformed file stops the process here, naming the flag
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +105,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     from frontend.metrics import FrontendMetrics
     from frontend.models import ModelManager
     from frontend.serving import Dispatcher
+    from frontend.tenants import load_keys
 
     transport = Transport(NatsOptions(
         servers=args.nats_endpoints, user=args.nats_user, password=args.nats_password, token=args.nats_token,
@@ -119,8 +128,10 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     engine = Dispatcher(manager, transport, metrics, request_timeout=args.request_timeout,
                     disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
-                         max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key,
-                         worker_wait_timeout=args.worker_wait_timeout)
+                         max_queue=args.max_queue, request_timeout=args.request_timeout,
+                         keys=load_keys(args.api_key, args.api_keys_file), worker_wait_timeout=args.worker_wait_timeout)
+    if cfg.keys is not None:  # counts only: a key never reaches a log
+        log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
     try:
         yield Frontend(manager, engine, metrics, cfg)
     finally:

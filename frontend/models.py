@@ -43,8 +43,9 @@ class ServedModel:
     def pool(self, mode: str) -> list[str]:
         return [iid for iid, r in self.instances.items() if r.mode == mode]
 
-    def hashes(self, prompt: list[int]) -> list[int]:
-        return block_hashes(prompt, self.card.kv_block_size)
+    def hashes(self, prompt: list[int], cache_salt: str = "") -> list[int]:
+        """The router's block hashes of ``prompt``: the workers' own, tenant salt included."""
+        return block_hashes(prompt, self.card.kv_block_size, cache_salt=cache_salt)
 
     @property
     def has_decode_pool(self) -> bool:

@@ -114,6 +114,7 @@ class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's field: mixed into the tenant's prefix-cache salt (frontend/tenants.py)
     nvext: NvExt | None = None
 
 

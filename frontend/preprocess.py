@@ -175,36 +175,40 @@ def _position_free(pre: Any) -> bool:
 
 
 class _PieceCache:
-    """LRU of text piece -> token ids, bounded by the characters it keeps; shared by the request threads."""
+    """LRU of text piece -> token ids, bounded by the characters it keeps; shared by the request threads.
+
+    Keyed by (tenant salt, piece): a piece one tenant sent is not a (faster) hit for another."""
 
     def __init__(self, max_chars: int) -> None:
         self.max_chars = max_chars
         self.chars = 0
         self.hits = 0  # lookups (pieces of SEGMENT_CACHE_MIN_PIECE chars and up) found / not found
         self.misses = 0
-        self._d: OrderedDict[str, array[int]] = OrderedDict()
+        self._d: OrderedDict[tuple[str, str], array[int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, piece: str) -> array[int] | None:
+    def get(self, piece: str, salt: str = "") -> array[int] | None:
+        key = (salt, piece)
         with self._lock:
-            ids = self._d.get(piece)
+            ids = self._d.get(key)
             if ids is None:
                 self.misses += 1
             else:
                 self.hits += 1
-                self._d.move_to_end(piece)
+                self._d.move_to_end(key)
             return ids
 
-    def put(self, piece: str, ids: array[int]) -> None:
+    def put(self, piece: str, ids: array[int], salt: str = "") -> None:
         if len(piece) > self.max_chars:
             return
+        key = (salt, piece)
         with self._lock:
-            if piece in self._d:
+            if key in self._d:
                 return
-            self._d[piece] = ids
+            self._d[key] = ids
             self.chars += len(piece)
             while self.chars > self.max_chars:
-                old, _ = self._d.popitem(last=False)
+                (_, old), _ = self._d.popitem(last=False)
                 self.chars -= len(old)
 
     def clear(self) -> None:
@@ -413,12 +417,15 @@ class Preprocessor:
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        cache_salt: str = "",
     ) -> list[int]:
         """Token ids of the rendered chat: ``apply_chat_template(..., tokenize=True)``. The template writes
-        its own BOS when the model wants one, so no special tokens are added here."""
+        its own BOS when the model wants one, so no special tokens are added here. ``cache_salt`` (the
+        tenant's) keys the piece cache."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
         if self._splitter is not None and len(text) >= SEGMENT_MIN_CHARS:
-            return self._encode_pieces(text)
+            return self._encode_pieces(text, cache_salt)
         return self._encode(text, add_special_tokens=False)
 
     def _init_splitter(self) -> None:
@@ -466,7 +473,7 @@ class Preprocessor:
         c = self._pieces
         return c.hits, c.misses, c.chars
 
-    def _encode_pieces(self, text: str) -> list[int]:
+    def _encode_pieces(self, text: str, salt: str = "") -> list[int]:
         """``encode(text, add_special_tokens=False).ids``, piece by piece between raw added tokens, long
         pieces from the cache; the pieces the cache lacks are encoded in one GIL-releasing batch."""
         assert self._splitter is not None
@@ -479,7 +486,7 @@ class Preprocessor:
             elif not part:
                 ids_of.append([])
             else:
-                got = self._pieces.get(part) if len(part) >= SEGMENT_CACHE_MIN_PIECE else None
+                got = self._pieces.get(part, salt) if len(part) >= SEGMENT_CACHE_MIN_PIECE else None
                 ids_of.append(got)
                 if got is None:
                     todo.append(i)
@@ -489,7 +496,7 @@ class Preprocessor:
                 ids = enc.ids
                 ids_of[i] = ids
                 if len(parts[i]) >= SEGMENT_CACHE_MIN_PIECE:
-                    self._pieces.put(parts[i], array("i", ids))
+                    self._pieces.put(parts[i], array("i", ids), salt)
         out: list[int] = []
         for piece_ids in ids_of:
             assert piece_ids is not None  # every slot is filled above

@@ -71,6 +71,7 @@ class Prepared:
     include_stop_str: bool = False
     skip_special_tokens: bool = True
     deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
+    cache_salt: str = ""  # tenant salt (frontend/tenants.py): seeds every block hash of this request
 
     def remaining(self) -> float:
         """Seconds left before the deadline; DeadlineExceeded once it has passed."""
@@ -141,7 +142,8 @@ class Dispatcher:
             stop = StopConditions(max_tokens=stop.max_tokens - generated,
                                   min_tokens=max(0, stop.min_tokens - generated),
                                   stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
-        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name)
+        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name,
+                              cache_salt=p.cache_salt)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers and exclude:
@@ -151,7 +153,7 @@ class Dispatcher:
         if not workers:
             raise errors.Unavailable(f"model {sm.name!r} has no ready worker")
         t0 = time.perf_counter()
-        hashes = sm.hashes(prompt) if sm.routers[pool].mode == "kv" else None
+        hashes = sm.hashes(prompt, p.cache_salt) if sm.routers[pool].mode == "kv" else None
         router = sm.routers[pool]
         pinned = p.pinned if not exclude or p.pinned not in exclude else None  # a failed pin is not kept
         decision = router.select(workers, prompt, sm.loads, pinned, block_hashes=hashes)
@@ -187,7 +189,7 @@ class Dispatcher:
         # The real stop conditions: the prefill worker produces one token either way, and skips the hand-off
         # when that token already ends the request.
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
-                               stop=req.stop, model=req.model, prefill_only=True)
+                               stop=req.stop, model=req.model, prefill_only=True, cache_salt=req.cache_salt)
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")

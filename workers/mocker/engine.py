@@ -232,7 +232,7 @@ class MockerEngine:
             prompt_len=n,
             tokens=list(prompt),
             digest=self._outputs.digest(prompt),
-            hashes=block_hashes(prompt, self.block_size),
+            hashes=block_hashes(prompt, self.block_size, cache_salt=req.cache_salt),  # tenant salt
             stops=frozenset(stops),
             arrival_ms=self._sched.sim_ms,
             stats=RequestStats(prompt_tokens=n),

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dynamo_rt.errors import ErrorCode, InvalidRequest
-from dynamo_rt.kvhash import ROOT_HASH, hash_block
+from dynamo_rt.kvhash import chain_root, hash_block
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.blocks import BlockManager
 from workers.mocker.outputs import OutputModel
@@ -157,7 +157,8 @@ class Scheduler:
         hashes, bs = seq.hashes, self.block_size
         while len(hashes) < upto:  # generated tokens: hash the block now it is full
             j = len(hashes) * bs
-            hashes.append(hash_block(hashes[-1] if hashes else ROOT_HASH, seq.tokens[j : j + bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else chain_root(seq.request.cache_salt),
+                                     seq.tokens[j : j + bs]))
         self.bm.register(list(zip(seq.blocks[first:upto], hashes[first:upto], strict=True)),
                          hashes[first - 1] if first > 0 else None)
         seq.registered = upto

@@ -354,7 +354,7 @@ class Scheduler(Generic[S]):
         bs = self.block_size
         while len(seq.hashes) < n_blocks:
             i = len(seq.hashes)
-            parent = seq.hashes[-1] if seq.hashes else kvhash.ROOT_HASH
+            parent = seq.hashes[-1] if seq.hashes else kvhash.chain_root(seq.req.cache_salt)  # tenant salt
             seq.hashes.append(kvhash.hash_block(parent, seq.tokens[i * bs:(i + 1) * bs]))
 
     def register(self, seq: S) -> None:

@@ -53,6 +53,7 @@ class FrontendConfig:
     request_timeout: float = 600.0
     api_key: str | None = None
     worker_wait_timeout: float = 0.0  # > 0: a request for a model with no ready worker waits this long for one
+    response_ttl: float = 24 * 3600.0  # seconds a stored /v1/responses response lives (NATS KV bucket TTL)
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -405,6 +406,9 @@ def build_asgi(fe: Frontend) -> FastPath:
 
 
 def build_app(fe: Frontend) -> FastAPI:
+    from frontend import messages, responses  # they build on this module
+    from frontend.response_store import ResponseStore
+
     app = FastAPI(title="dynamo-rt", version="0.1.0",
                   description="OpenAI-compatible API of the dynamo-rt disaggregated serving runtime")
     schemas = op.openapi_schemas()
@@ -452,9 +456,12 @@ def build_app(fe: Frontend) -> FastAPI:
             if request.url.path in ("/live", "/health", "/metrics"):
                 return await call_next(request)
             auth = request.headers.get("authorization", "")
-            given = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
+            # Anthropic's SDKs send the key as x-api-key.
+            given = auth[7:].encode() if auth.lower().startswith("bearer ") else \
+                request.headers.get("x-api-key", "").encode()
             if not hmac.compare_digest(given, key):
-                return error_response(errors.Unauthorized("invalid or missing API key"))
+                bad = errors.Unauthorized("invalid or missing API key")
+                return messages.error_response(bad) if request.url.path == "/v1/messages" else error_response(bad)
             return await call_next(request)
 
     @app.post("/v1/chat/completions", openapi_extra=body_spec("ChatCompletionRequest"))
@@ -464,6 +471,9 @@ def build_app(fe: Frontend) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=body_spec("CompletionRequest"))
     async def completions(request: Request) -> Response:
         return await fe.handle("completion", request)
+
+    responses.attach(app, fe, ResponseStore(fe.engine.transport, fe.manager.view.namespace, fe.cfg.response_ttl))
+    messages.attach(app, fe)
 
     @app.get("/v1/models")
     async def models() -> Response:

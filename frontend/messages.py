@@ -171,9 +171,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if t.get("type") not in (None, "custom"):
             raise _bad(f"tools.{i}: tools of type {t.get('type')!r} are not supported (only custom tools)",
                        f"tools.{i}.type")
-        fn = {"name": str(_get(t, "name", f"tools.{i}")), "parameters": _get(t, "input_schema", f"tools.{i}")}
+        fn: dict[str, Any] = {"name": str(_get(t, "name", f"tools.{i}"))}
         if t.get("description"):
             fn["description"] = t["description"]
+        fn["parameters"] = _get(t, "input_schema", f"tools.{i}")  # in OpenAI's key order: templates dump it
         out.append({"type": "function", "function": fn})
     return out
 

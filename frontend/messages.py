@@ -25,7 +25,7 @@ from starlette.responses import Response
 from dynamo_rt import errors
 from frontend.app import Frontend, json_response
 from frontend.serving import Prepared
-from frontend.translate import EndpointResponse, chat_chunks, chat_result, prepare_chat, sse
+from frontend.translate import EndpointResponse, body_schema, chat_chunks, chat_result, prepare_chat, sse
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fn: dict[str, Any] = {"name": str(_get(t, "name", f"tools.{i}"))}
         if t.get("description"):
             fn["description"] = t["description"]
-        fn["parameters"] = _get(t, "input_schema", f"tools.{i}")  # in OpenAI's key order: templates dump it
+        schema = _get(t, "input_schema", f"tools.{i}")
+        if not isinstance(schema, dict):
+            raise _bad(f"tools.{i}.input_schema: must be a JSON schema object", f"tools.{i}.input_schema")
+        fn["parameters"] = schema  # in OpenAI's key order: templates dump it
         out.append({"type": "function", "function": fn})
     return out
 
@@ -381,7 +384,7 @@ async def event_stream(fe: Frontend, p: Prepared, tr: EventTranslator) -> AsyncI
 def attach(app: FastAPI, fe: Frontend) -> None:
     """Add ``POST /v1/messages`` to ``app``."""
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=body_schema(MessagesRequest))
     async def create(request: Request) -> Response:
         try:
             req = parse(await fe.read_body(request))

@@ -25,7 +25,7 @@ from dynamo_rt import errors
 from frontend.app import Frontend, error_response, json_response
 from frontend.response_store import ResponseStore
 from frontend.serving import Prepared
-from frontend.translate import EndpointResponse, chat_chunks, chat_result, prepare_chat, sse
+from frontend.translate import EndpointResponse, body_schema, chat_chunks, chat_result, prepare_chat, sse
 
 ENDPOINT = "responses"
 
@@ -127,7 +127,8 @@ def input_messages(inp: str | list[dict[str, Any]], param: str = "input") -> lis
                          "content": _text(output, f"{at}.output")})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            reasoning = "".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
+            reasoning = "".join(str(p.get("text", "")) for p in parts if isinstance(p, dict)) \
+                if isinstance(parts, list) else ""
         else:
             raise _bad(f"{at}: input items of type {kind!r} are not supported (message, function_call, "
                        "function_call_output and reasoning are)", f"{at}.type")
@@ -142,6 +143,8 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise _bad(f"tools[{i}]: tools of type {t.get('type')!r} are not supported (only 'function')",
                        f"tools[{i}].type")
         _field(t, "name", f"tools[{i}]")
+        if not isinstance(t.get("parameters", {}), dict | None):
+            raise _bad(f"tools[{i}].parameters must be a JSON schema object", f"tools[{i}].parameters")
         out.append({"type": "function", "function": {
             k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}})
     return out
@@ -158,8 +161,10 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     return {"type": "function", "function": {"name": str(_field(choice, "name", "tool_choice"))}}
 
 
-def response_format(fmt: dict[str, Any]) -> dict[str, Any] | None:
+def response_format(fmt: Any) -> dict[str, Any] | None:
     """``text.format`` as chat's ``response_format`` (None for plain text)."""
+    if not isinstance(fmt, dict):
+        raise _bad("text.format must be an object", "text.format")
     kind = fmt.get("type", "text")
     if kind == "text":
         return None
@@ -456,7 +461,7 @@ def attach(app: FastAPI, fe: Frontend, store: ResponseStore) -> None:
         msgs: list[dict[str, Any]] = rec["messages"]
         return msgs
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", openapi_extra=body_schema(ResponsesRequest))
     async def create(request: Request) -> Response:
         try:
             req = parse(await fe.read_body(request))

@@ -73,6 +73,14 @@ async def chat_chunks(fe: Frontend, p: Prepared) -> AsyncIterator[dict[str, Any]
         await gen.aclose()  # type: ignore[attr-defined]
 
 
+def body_schema(struct: type) -> dict[str, Any]:
+    """``openapi_extra`` documenting a route's JSON body as ``struct``'s schema (/openapi.json, the fuzzers)."""
+    import msgspec
+
+    schema = msgspec.json.schema_components([struct])[1][struct.__name__]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One named SSE event (both endpoints name their events, unlike chat)."""
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

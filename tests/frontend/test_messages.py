@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from frontend.serving import TEST_FAULT_ENV
 from tests.stack import Stack
 
 MODEL = "dynamo-tiny"
@@ -23,19 +24,24 @@ KEY = "sk-test-messages"
 
 
 @pytest.fixture(scope="module")
-def stacks(etcd_server: object, nats_server: object) -> Iterator[tuple[Stack, Stack]]:
-    """A frontend without an API key and one with ``--api-key``, one mocker worker."""
+def stacks(etcd_server: object, nats_server: object) -> Iterator[tuple[Stack, Stack, Stack]]:
+    """A frontend without an API key, one with ``--api-key`` and one that fails every request after 3 tokens
+    (the chat path's test fault hook), one mocker worker."""
     etcd, nats = etcd_server.client_url, nats_server.url  # type: ignore[attr-defined]
     a = Stack(etcd, nats, NS)
     a.add_worker("mocker", "agg", "--speedup", "5", "--eos-probability", "0.1", "--served-model-name", MODEL)
     a.start_frontend()
     b = Stack(etcd, nats, NS)
     b.start_frontend("--api-key", KEY)
+    f = Stack(etcd, nats, NS)
+    f.env[TEST_FAULT_ENV] = "3"
+    f.start_frontend()
     try:
-        a.wait_ready(n_instances=1)
-        b.wait_ready(n_instances=1)
-        yield a, b
+        for st in (a, b, f):
+            st.wait_ready(n_instances=1)
+        yield a, b, f
     finally:
+        f.stop()
         b.stop()
         a.stop()
 
@@ -52,8 +58,8 @@ def chat(st: Stack, messages: list[dict[str, object]], max_tokens: int, **kw: ob
             r.usage.completion_tokens)
 
 
-def test_create_matches_chat(stacks: tuple[Stack, Stack]) -> None:
-    a, _ = stacks
+def test_create_matches_chat(stacks: tuple[Stack, Stack, Stack]) -> None:
+    a, _, _ = stacks
     m = client(a).messages.create(model=MODEL, max_tokens=64, system="Be brief.",
                                   messages=[{"role": "user", "content": "Tell me about the sea."}])
     text, reason, prompt_tokens, completion_tokens = chat(
@@ -65,9 +71,9 @@ def test_create_matches_chat(stacks: tuple[Stack, Stack]) -> None:
     assert m.usage.input_tokens == prompt_tokens and m.usage.output_tokens == completion_tokens
 
 
-def test_system_blocks_and_content_blocks(stacks: tuple[Stack, Stack]) -> None:
+def test_system_blocks_and_content_blocks(stacks: tuple[Stack, Stack, Stack]) -> None:
     """Text blocks in ``system`` and in a message are the same prompt as plain strings."""
-    a, _ = stacks
+    a, _, _ = stacks
     c = client(a)
     blocks = c.messages.create(model=MODEL, max_tokens=32, system=[{"type": "text", "text": "Be brief."}],
                                messages=[{"role": "user", "content": [{"type": "text", "text": "Hi "},
@@ -77,8 +83,8 @@ def test_system_blocks_and_content_blocks(stacks: tuple[Stack, Stack]) -> None:
     assert blocks.content == plain.content and blocks.usage.input_tokens == plain.usage.input_tokens
 
 
-def test_stream_matches_create(stacks: tuple[Stack, Stack]) -> None:
-    a, _ = stacks
+def test_stream_matches_create(stacks: tuple[Stack, Stack, Stack]) -> None:
+    a, _, _ = stacks
     c = client(a)
     msgs: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Hello there"}]
     plain = c.messages.create(model=MODEL, max_tokens=64, messages=msgs)
@@ -104,10 +110,10 @@ def test_stream_matches_create(stacks: tuple[Stack, Stack]) -> None:
     assert names[:3] == ["message_start", "ping", "content_block_start"] and names[-1] == "message_stop"
 
 
-def test_stop_sequence(stacks: tuple[Stack, Stack]) -> None:
+def test_stop_sequence(stacks: tuple[Stack, Stack, Stack]) -> None:
     """A stop sequence taken from the middle of the unconstrained output: the text ends before it and the
     response names it, streamed and not."""
-    a, _ = stacks
+    a, _, _ = stacks
     c = client(a)
     for prompt in ("Count with me", "Tell me a story", "Write a long poem", "List ten colours"):
         msgs: list[anthropic.types.MessageParam] = [{"role": "user", "content": prompt}]
@@ -126,10 +132,10 @@ def test_stop_sequence(stacks: tuple[Stack, Stack]) -> None:
     assert text == expect and final.stop_reason == "stop_sequence" and final.stop_sequence == stop
 
 
-def test_tool_use_and_tool_result_reach_the_template(stacks: tuple[Stack, Stack]) -> None:
+def test_tool_use_and_tool_result_reach_the_template(stacks: tuple[Stack, Stack, Stack]) -> None:
     """tool_use / tool_result blocks and tools are the same prompt as the chat request with tool_calls and a
     role=tool message."""
-    a, _ = stacks
+    a, _, _ = stacks
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     m = client(a).messages.create(
         model=MODEL, max_tokens=32,
@@ -153,8 +159,8 @@ def test_tool_use_and_tool_result_reach_the_template(stacks: tuple[Stack, Stack]
         assert m.content[0].text == text  # type: ignore[union-attr]
 
 
-def test_bad_input_anthropic_errors(stacks: tuple[Stack, Stack]) -> None:
-    a, _ = stacks
+def test_bad_input_anthropic_errors(stacks: tuple[Stack, Stack, Stack]) -> None:
+    a, _, _ = stacks
     c = client(a)
     with pytest.raises(anthropic.BadRequestError) as ei:
         c.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": [
@@ -181,8 +187,8 @@ def test_bad_input_anthropic_errors(stacks: tuple[Stack, Stack]) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_api_key_as_x_api_key(stacks: tuple[Stack, Stack]) -> None:
-    _, b = stacks
+def test_api_key_as_x_api_key(stacks: tuple[Stack, Stack, Stack]) -> None:
+    _, b, _ = stacks
     m = client(b, KEY).messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert m.type == "message"
     with pytest.raises(anthropic.AuthenticationError) as ei:
@@ -193,3 +199,27 @@ def test_api_key_as_x_api_key(stacks: tuple[Stack, Stack]) -> None:
     r = httpx.get(b.url + "/v1/models", timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(b.url + "/v1/models", headers={"x-api-key": KEY}, timeout=30).status_code == 200
+
+
+def test_failure_mid_stream_is_an_error_event(stacks: tuple[Stack, Stack, Stack]) -> None:
+    """A failure after the headers went out: an Anthropic ``error`` event ends the stream (the SDK raises it);
+    not streamed, a 500 with Anthropic's api_error body."""
+    _, _, f = stacks
+    c = client(f)
+    msgs: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Tell me a long story"}]
+    raw = httpx.post(f.url + "/v1/messages", json={"model": MODEL, "max_tokens": 64, "stream": True,
+                                                  "messages": msgs}, timeout=60)
+    assert raw.status_code == 200
+    frames = [fr for fr in raw.text.split("\n\n") if fr]
+    assert frames[0].startswith("event: message_start") and frames[-1] == (
+        'event: error\ndata: {"type":"error","error":{"type":"api_error",'
+        '"message":"internal error: RuntimeError"}}')
+    with pytest.raises(anthropic.APIStatusError) as ei:
+        with c.messages.stream(model=MODEL, max_tokens=64, messages=msgs) as s:
+            for _ in s:
+                pass
+    assert ei.value.body == {"type": "error", "error": {"type": "api_error",
+                                                         "message": "internal error: RuntimeError"}}
+    with pytest.raises(anthropic.InternalServerError) as ne:
+        c.messages.create(model=MODEL, max_tokens=64, messages=msgs)
+    assert ne.value.status_code == 500 and ne.value.body["error"]["type"] == "api_error"  # type: ignore[index]

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from frontend.serving import TEST_FAULT_ENV
 from tests.stack import Stack
 
 MODEL = "dynamo-tiny"
@@ -190,3 +191,30 @@ def test_bad_input(stacks: tuple[Stack, Stack]) -> None:
         c.responses.create(model="no-such-model", input="hi")
     r = httpx.post(a.url + "/v1/responses", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_failure_mid_stream(etcd_server: object, nats_server: object, stacks: tuple[Stack, Stack]) -> None:
+    """A frontend whose chat path fails after 3 tokens (its test fault hook): streamed, the events end with
+    ``error`` then ``response.failed``; not streamed, a 500 with an OpenAI error body; nothing is stored."""
+    f = Stack(etcd_server.client_url, nats_server.url, NS)  # type: ignore[attr-defined]
+    f.env[TEST_FAULT_ENV] = "3"
+    f.start_frontend()
+    try:
+        f.wait_ready(n_instances=1)
+        c = client(f)
+        events = list(c.responses.create(model=MODEL, input="Tell me a long story", max_output_tokens=64,
+                                         stream=True))
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert [e.type for e in events][:2] == ["response.created", "response.in_progress"]
+        assert [e.type for e in events][-2:] == ["error", "response.failed"]
+        err, failed = events[-2], events[-1]
+        assert err.message == "internal error: RuntimeError" and err.code == "internal"  # type: ignore[union-attr]
+        resp = failed.response  # type: ignore[union-attr]
+        assert resp.status == "failed" and resp.error is not None and resp.error.code == "server_error"
+        assert httpx.get(f.url + f"/v1/responses/{resp.id}", timeout=30).status_code == 404
+        with pytest.raises(openai.InternalServerError) as ei:
+            c.responses.create(model=MODEL, input="Tell me a long story", max_output_tokens=64)
+        body = ei.value.body
+        assert isinstance(body, dict) and body["message"] == "internal error: RuntimeError"
+    finally:
+        f.stop()

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI for the surface, raw ASGI responses on the token path).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``.
+``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``;
+``/v1/responses`` (:mod:`frontend.responses`) and ``/v1/messages`` (:mod:`frontend.messages`) translate onto chat.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` produced by one
-mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming.
+mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming
+(``/v1/messages`` answers in Anthropic's shape instead).
 """
 
 from __future__ import annotations

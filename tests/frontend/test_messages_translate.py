@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anthropic
 import orjson
 import pydantic
 import pytest
@@ -14,6 +15,11 @@ from anthropic.types import Message, RawMessageStreamEvent
 
 from dynamo_rt import errors
 from frontend import messages as M
+
+try:  # newer anthropic SDKs run on httpx2 and refuse httpx objects
+    import httpx2 as httpx
+except ImportError:
+    import httpx  # type: ignore[no-redef]
 
 EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 
@@ -230,3 +236,31 @@ def test_stream_nothing_generated() -> None:
                                                         chunk({}, finish="stop"), chunk(None, usage=USAGE)])
     assert rebuild(evs)["content"] == [{"type": "text", "text": ""}]
     assert evs[-2]["delta"]["stop_reason"] == "end_turn" and evs[-2]["usage"] == {"output_tokens": 5}
+
+
+def test_sdk_stream_helper_assembles_the_translated_events() -> None:
+    """The anthropic SDK's own stream accumulator (``messages.stream``), fed our translated events over an
+    in-process transport, assembles the same message as the non-streamed translation."""
+    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "The user wants weather."}),
+              chunk({"content": "Let me check."}),
+              chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                     "function": {"name": "w", "arguments": '{"c":'}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+              chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                     "function": {"name": "t", "arguments": "{}"}}]}),
+              chunk({}, finish="tool_calls"), chunk(None, usage=USAGE)]
+    tr = M.EventTranslator("msg_1", "m", 7)
+    body = tr.start() + b"".join(tr.feed(c) for c in chunks) + tr.finish()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    client = anthropic.Anthropic(base_url="http://frontend", api_key="none",
+                                 http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    with client.messages.stream(model="m", max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
+        final = s.get_final_message()
+    got = final.model_dump(exclude_none=True)
+    for block in got["content"]:
+        block.pop("parsed_output", None)
+    want = M.message_obj("msg_1", "m", M.content_blocks(MESSAGE, MESSAGE["content"]), "tool_use", None, 7, 5)
+    assert got == {k: v for k, v in want.items() if v is not None}  # exclude_none dropped stop_sequence

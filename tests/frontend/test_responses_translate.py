@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
+import openai
 import orjson
 import pydantic
 import pytest
@@ -234,3 +236,43 @@ def test_stream_failure_events() -> None:
     failed = evs[-1]["response"]
     assert failed["status"] == "failed" and failed["error"] == {"code": "server_error", "message": "worker gone"}
     assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+
+
+TOOL_CHUNKS = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"reasoning_content": "The user wants weather."}),
+    chunk({"content": "Let me check."}),
+    chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                           "function": {"name": "w", "arguments": '{"c":'}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+    chunk({}, finish="tool_calls"),
+    chunk(None, usage=USAGE),
+]
+
+
+def test_sdk_stream_helper_assembles_the_translated_events() -> None:
+    """The openai SDK's own stream accumulator (``responses.stream``), fed our translated events over an
+    in-process transport, assembles the same response as the non-streamed translation."""
+    tr = R.EventTranslator(turn(stream=True))
+    body = tr.start() + b"".join(tr.feed(c) for c in TOOL_CHUNKS)
+    tail, resp = tr.finish()
+    body += tail + tr.terminal(resp)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    client = openai.OpenAI(base_url="http://frontend/v1", api_key="none",
+                           http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    with client.responses.stream(model="m", input="hi") as s:
+        deltas = [e.type for e in s]
+        final = s.get_final_response()
+    assert deltas[-1] == "response.completed"
+    assert [o.type for o in final.output] == ["reasoning", "message", "function_call"]
+    assert final.output_text == "Let me check."
+    call = final.output[2]
+    assert call.type == "function_call" and (call.call_id, call.name, call.arguments) == ("call_a", "w", '{"c":1}')
+    expected = R.output_items({"role": "assistant", "content": "Let me check.",
+                               "reasoning_content": "The user wants weather.",
+                               "tool_calls": [{"id": "call_a", "type": "function",
+                                               "function": {"name": "w", "arguments": '{"c":1}'}}]})
+    assert strip_ids([o.model_dump(exclude_none=True) for o in final.output]) == strip_ids(expected)

@@ -345,7 +345,11 @@ class EventTranslator:
                     out += self._open({"type": "tool_use", "id": tc.get("id") or new_id("toolu"),
                                        "name": fn.get("name") or "", "input": {}})
                     self.calls[index] = self.index
-                if fn.get("arguments") and self.calls[index] == self.index:
+                if fn.get("arguments"):
+                    if self.calls[index] != self.index:
+                        # Blocks do not interleave here, and the chat path streams one call after the other.
+                        log.warning("tool call %d: arguments after its block closed are dropped", index)
+                        continue
                     out += self._delta({"type": "input_json_delta", "partial_json": fn["arguments"]})
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]

@@ -333,7 +333,9 @@ class EventTranslator:
         if item is None:
             return b""
         idx = self.items.index(item)
-        item["status"] = "completed"
+        # A message cut at max_output_tokens is incomplete, as the non-streamed output says.
+        item["status"] = "incomplete" if item["type"] == "message" and self.finish_reason == "length" \
+            else "completed"
         out = b""
         if item["type"] == "message":
             part = item["content"][0]
@@ -406,9 +408,6 @@ class EventTranslator:
             # Nothing was generated: the response still has its (empty) message, as when not streamed.
             out += self._open(message_item(new_id("msg"), "", "in_progress")) + self._close()
         status, incomplete = finish_status(self.finish_reason)
-        for item in self.items:
-            if item["type"] == "message" and status == "incomplete":
-                item["status"] = "incomplete"
         resp = self.turn.response(status, [_copy(i) for i in self.items], usage_obj(self.usage), incomplete)
         return out, resp
 

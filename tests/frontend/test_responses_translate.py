@@ -216,6 +216,8 @@ def test_stream_length_is_incomplete() -> None:
     assert evs[-1]["type"] == "response.incomplete"
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
     assert resp["output"][0]["status"] == "incomplete"
+    item_done = [e for e in evs if e["type"] == "response.output_item.done"]
+    assert [e["item"]["status"] for e in item_done] == ["incomplete"]  # as in the final response
 
 
 def test_stream_nothing_generated_still_has_a_message() -> None:

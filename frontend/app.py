@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI for the surface, raw ASGI responses on the token path).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``.
+``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``;
+``/v1/responses`` (:mod:`frontend.responses`) and ``/v1/messages`` (:mod:`frontend.messages`) translate onto chat.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` produced by one
-mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming.
+mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming
+(``/v1/messages`` answers in Anthropic's shape instead).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class FrontendConfig:
     request_timeout: float = 600.0
     keys: tenants.KeyRing | None = None  # API key -> tenant (--api-key / --api-keys-file); None: no auth
     worker_wait_timeout: float = 0.0  # > 0: a request for a model with no ready worker waits this long for one
+    response_ttl: float = 24 * 3600.0  # seconds a stored /v1/responses response lives (NATS KV bucket TTL)
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -396,7 +399,13 @@ class FastPath:
         if keys is not None and scope["type"] == "http" and scope.get("path") not in _OPEN_PATHS:
             tenant = keys.authenticate(scope["headers"])
             if tenant is None:
-                await error_response(errors.Unauthorized("invalid or missing API key"))(scope, receive, send)
+                bad = errors.Unauthorized("invalid or missing API key")
+                if scope.get("path") == "/v1/messages":  # Anthropic's clients read Anthropic's error shape
+                    from frontend import messages
+
+                    await messages.error_response(bad)(scope, receive, send)
+                else:
+                    await error_response(bad)(scope, receive, send)
                 return
             scope[tenants.TENANT_SCOPE_KEY] = tenant
         if kind is None or scope["method"] != "POST":
@@ -416,6 +425,9 @@ def build_asgi(fe: Frontend) -> FastPath:
 
 
 def build_app(fe: Frontend) -> FastAPI:
+    from frontend import messages, responses  # they build on this module
+    from frontend.response_store import ResponseStore
+
     app = FastAPI(title="dynamo-rt", version="0.1.0",
                   description="OpenAI-compatible API of the dynamo-rt disaggregated serving runtime")
     schemas = op.openapi_schemas()
@@ -462,6 +474,9 @@ def build_app(fe: Frontend) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=body_spec("CompletionRequest"))
     async def completions(request: Request) -> Response:
         return await fe.handle("completion", request)
+
+    responses.attach(app, fe, ResponseStore(fe.engine.transport, fe.manager.view.namespace, fe.cfg.response_ttl))
+    messages.attach(app, fe)
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--worker-wait-timeout", env="DYN_WORKER_WAIT_TIMEOUT", type=float, default=0.0,
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
+    flag(p, "--response-ttl", env="DYN_RESPONSE_TTL", type=float, default=24 * 3600.0,
+         help="seconds a stored /v1/responses response can be continued (previous_response_id) or fetched")
     flag(p, "--api-key", env="DYN_API_KEY", default=None,
          help="require this key (Bearer or x-api-key) on /v1 routes; its tenant is 'default'")
     flag(p, "--api-keys-file", env="DYN_API_KEYS_FILE", default=None,
@@ -87,6 +89,7 @@ def check_args(args: argparse.Namespace) -> None:
         at_least(name, 0)
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
+    at_least("--response-ttl", 0, above=True)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
     if args.api_keys_file is not None:
@@ -129,7 +132,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                     disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout,
-                         keys=load_keys(args.api_key, args.api_keys_file), worker_wait_timeout=args.worker_wait_timeout)
+                         keys=load_keys(args.api_key, args.api_keys_file), worker_wait_timeout=args.worker_wait_timeout,
+                         response_ttl=args.response_ttl)
     if cfg.keys is not None:  # counts only: a key never reaches a log
         log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
     try:

@@ -113,6 +113,20 @@ def _repair(case: Any, model: str, level: int) -> Any:
     return case
 
 
+def anthropic_error_problem(body: bytes) -> str:
+    """Why ``body`` is not an Anthropic error body ``{"type": "error", "error": {"type", "message"}}``."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return "error body is not JSON"
+    if not isinstance(obj, dict) or obj.get("type") != "error" or not isinstance(obj.get("error"), dict):
+        return "error body is not {'type': 'error', 'error': {...}}"
+    err = obj["error"]
+    if set(err) != {"type", "message"} or not all(isinstance(err[k], str) and err[k] for k in err):
+        return f"error object is not {{type, message}} strings: {sorted(err)}"
+    return ""
+
+
 def _excerpt(data: Any, limit: int = 600) -> str:
     text = data if isinstance(data, str) else json.dumps(data, default=repr)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
@@ -173,7 +187,9 @@ def _run_operation(op: Any, label: str, mode: GenerationMode, n: int, base_url: 
         if status >= 500:
             why = "server error"
         elif status >= 400:
-            why = openai_error_problem(resp.content)
+            # /v1/messages is Anthropic's API: its errors have Anthropic's shape.
+            why = anthropic_error_problem(resp.content) if op.path == "/v1/messages" else \
+                openai_error_problem(resp.content)
         if status >= 400 and status < 500:
             try:
                 report.messages[f"{mode.value} {label} {status} {resp.json()['error']['message'][:70]}"] += 1

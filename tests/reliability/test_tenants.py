@@ -185,6 +185,34 @@ def test_unknown_or_missing_key_is_401(agg: Probe) -> None:
     assert r.status_code == 400 and assert_openai_error(r.json())["param"] == "cache_salt"
 
 
+def test_stored_responses_belong_to_their_tenant(agg: Probe) -> None:
+    """A stored /v1/responses response is continued, fetched and deleted by its own tenant only: another
+    tenant's ``previous_response_id`` / GET / DELETE is the same 404 as an id that never existed."""
+    url = agg.st.url + "/v1/responses"
+    a, b = {"authorization": f"Bearer {KA1}"}, {"authorization": f"Bearer {KB}"}
+    body = {"model": MODEL, "input": "hello", "max_output_tokens": 3, "temperature": 0}
+    r = httpx.post(url, json=body, headers=a, timeout=60)
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    nope = httpx.post(url, json={**body, "previous_response_id": rid}, headers=b, timeout=60)
+    assert nope.status_code == 404 and assert_openai_error(nope.json())["param"] == "previous_response_id"
+    assert httpx.get(f"{url}/{rid}", headers=b, timeout=30).status_code == 404
+    assert httpx.delete(f"{url}/{rid}", headers=b, timeout=30).status_code == 404
+    same = httpx.post(url, json={**body, "previous_response_id": rid}, headers={"x-api-key": KA2}, timeout=60)
+    assert same.status_code == 200, same.text  # another key of the same tenant continues it
+    assert httpx.get(f"{url}/{rid}", headers=a, timeout=30).json()["id"] == rid
+
+
+def test_messages_route_answers_401_in_anthropic_shape(agg: Probe) -> None:
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(agg.st.url + "/v1/messages", json=body, headers={"x-api-key": "sk-nobody"}, timeout=30)
+    assert r.status_code == 401
+    assert r.json() == {"type": "error", "error": {"type": "authentication_error",
+                                                   "message": "invalid or missing API key"}}
+    ok = httpx.post(agg.st.url + "/v1/messages", json=body, headers={"x-api-key": KB}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["type"] == "message"
+
+
 def test_disaggregated_workers_agree_on_the_tenant_salt(etcd_server: Any, nats_server: Any,
                                                        tmp_path: Path) -> None:
     """Prefill and decode workers hash a salted prompt alike (and as the router does): the decode worker

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=30.0,
+         help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
+              "still running then end with an error event and [DONE]")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -79,7 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
     for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
-                 "--max-concurrency", "--max-queue", "--worker-wait-timeout"):
+                 "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--drain-timeout"):
         at_least(name, 0)
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
@@ -134,9 +137,10 @@ async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from frontend.app import build_asgi
+    from frontend.drain import Drain
 
     async with frontend_services(args) as fe:
-        app = build_asgi(fe)  # type: ignore[arg-type]
+        app = Drain(build_asgi(fe))  # type: ignore[arg-type]
         sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))
@@ -147,8 +151,22 @@ async def serve(args: argparse.Namespace) -> None:
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined]
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+
+        async def drain_then_exit() -> None:
+            left = await app.drain(args.drain_timeout)
+            log.info("drained: %d request(s) still running are ended now", left)
+            config.timeout_graceful_shutdown = 1  # then the server cancels them: an error event + [DONE] each
+            server.should_exit = True
+
+        def on_signal() -> None:
+            if stopping:  # a second signal: stop at once
+                server.should_exit = True
+            else:
+                stopping.append(loop.create_task(drain_then_exit()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+            loop.add_signal_handler(sig, on_signal)
         from dynamo_rt.heap import freeze_startup_heap
         from dynamo_rt.transport import redact_servers
 

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -149,7 +148,6 @@ async def serve(args: argparse.Namespace) -> None:
                                 timeout_graceful_shutdown=10, backlog=4096,
                                 proxy_headers=False, server_header=False)
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined]
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Task[None]] = []
 
@@ -161,12 +159,17 @@ async def serve(args: argparse.Namespace) -> None:
 
         def on_signal() -> None:
             if stopping:  # a second signal: stop at once
+                config.timeout_graceful_shutdown = 1
                 server.should_exit = True
             else:
                 stopping.append(loop.create_task(drain_then_exit()))
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+        # uvicorn installs its own handlers while it serves (signal.signal, calling server.handle_exit): ours
+        # replaces that method, so a signal starts the drain instead of closing the listening socket at once.
+        def handle_exit(_sig: int, _frame: object) -> None:
+            loop.call_soon_threadsafe(on_signal)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign,assignment]
         from dynamo_rt.heap import freeze_startup_heap
         from dynamo_rt.transport import redact_servers
 

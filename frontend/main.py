@@ -8,6 +8,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
 from dynamo_rt.errors import ConfigError
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+    flag(p, "--debug-endpoints", env="DYN_DEBUG_ENDPOINTS", default=False, is_bool=True,
+         help="serve GET /debug/kv_index (the KV router's index per worker; for tests and bench/chaos.py)")
     flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=30.0,
          help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
               "still running then end with an error event and [DONE]")
@@ -139,7 +142,12 @@ async def serve(args: argparse.Namespace) -> None:
     from frontend.drain import Drain
 
     async with frontend_services(args) as fe:
-        app = Drain(build_asgi(fe))  # type: ignore[arg-type]
+        asgi: Any = build_asgi(fe)  # type: ignore[arg-type]
+        if args.debug_endpoints:
+            from frontend.debug import DebugRoutes
+
+            asgi = DebugRoutes(asgi, fe.manager)  # type: ignore[attr-defined]
+        app = Drain(asgi)
         sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))

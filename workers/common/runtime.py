@@ -48,6 +48,7 @@ from dynamo_rt.transport import (
     load_subject,
 )
 from workers.common.engine import AdvertisesInstance, CountsPins, Engine, NamedInstance, OwnsKvPool, TieredCache
+from workers.common.kv_events import KvEventFaults
 from workers.common.kv_handoff import KvHandoff
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class WorkerRuntime:
         self._kv_seq = 0
         self._kv_pending: list[KvEvent] = []
         self._kv_flush_scheduled = False
+        self._kv_faults: KvEventFaults[bytes] | None = KvEventFaults.from_env()
         self._draining = False
         self._bg: set[asyncio.Future[None]] = set()
         self.kv: KvHandoff | None = None
@@ -350,8 +352,9 @@ class WorkerRuntime:
         self._kv_seq += 1
         self._kv_pending = []
         subject = kv_events_subject(self.ns, self.engine.info.name)
-        task = asyncio.ensure_future(self.transport.publish(subject, encode(msg)))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        for data in self._kv_faults.outgoing(encode(msg)) if self._kv_faults else [encode(msg)]:  # test-only faults
+            task = asyncio.ensure_future(self.transport.publish(subject, data))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     def load_metrics(self) -> LoadMetrics:
         ld = self.engine.load()

@@ -231,6 +231,7 @@ async def converge(up: Up, workers: Workers, counts: Counts, limit: float = 5.0)
     counts.block_leaks += len(leaks)
     counts.samples += [f"worker {iid}: {live[iid]} KV blocks still in use {limit:g}s after the load" for iid in leaks]
     pending = set(workers.live())
+    why: dict[str, str] = {}
     async with httpx.AsyncClient(timeout=5) as c:
         while pending and time.monotonic() - t0 < limit:
             try:
@@ -240,13 +241,18 @@ async def converge(up: Up, workers: Workers, counts: Counts, limit: float = 5.0)
                 continue
             for iid in list(pending):
                 held = await workers.held(iid)
-                if held is not None and set(index.get("workers", {}).get(iid, [])) == held:
+                indexed = set(index.get("workers", {}).get(iid, []))
+                resync = iid in index.get("pending_resyncs", [])
+                why[iid] = (f"index {len(indexed)} blocks, engine {len(held or ())}, only in index "
+                            f"{len(indexed - (held or set()))}, resync pending {resync}")
+                if held is not None and indexed == held:
                     pending.discard(iid)
                     counts.index_converge_s = max(counts.index_converge_s, time.monotonic() - t0)
             if pending:
                 await asyncio.sleep(0.2)
     counts.index_diverged += len(pending)
-    counts.samples += [f"worker {iid}: router index != engine blocks {limit:g}s after the load" for iid in pending]
+    counts.samples += [f"worker {iid}: router index != engine blocks {limit:g}s after the load ({why.get(iid)})"
+                       for iid in pending]
 
 
 # --------------------------------------------------------------------------------------------- faults

@@ -100,9 +100,19 @@ class Up:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def pid(self, name: str) -> int | None:
-        pids = re.findall(rf"(?:started|restarted) {re.escape(name)} \(pid (\d+)", self.text())
-        return int(pids[-1]) if pids else None
+    def pid(self, name: str, timeout: float = 60.0) -> int | None:
+        """The pid of ``name``'s running process (waits while ``up`` is still backing off a restart)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = re.findall(rf"(?:started|restarted) {re.escape(name)} \(pid (\d+)", self.text())
+            if pids:
+                try:
+                    os.kill(int(pids[-1]), 0)
+                    return int(pids[-1])
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        return None
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -260,7 +270,7 @@ async def converge(up: Up, workers: Workers, counts: Counts, limit: float = 5.0)
 
 async def strike(up: Up, fault: str, rng: random.Random, workers: int) -> str:
     name = {"kill_etcd": "etcd", "kill_nats": "nats"}.get(fault, f"worker-{rng.randrange(workers)}")
-    pid = up.pid(name)
+    pid = await asyncio.to_thread(up.pid, name)
     if pid is None:
         return f"{fault}: no pid of {name}"
     try:
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(counts.ok / counts.sent, 4) if counts.sent else None, "unit": "requests",
             "silent": counts.silent, "mismatched": counts.mismatched, "block_leaks": counts.block_leaks,
             "index_diverged": counts.index_diverged, "index_converge_s": round(counts.index_converge_s, 2),
-            "errors": dict(counts.errors), "faults": dict(faults), **healed, "kv_event_faults": args.kv_faults,
+            "errors": dict(counts.errors), "faults": dict(faults), **healed,
+            "outcomes_by_fault": {k: dict(v) for k, v in counts.by_fault.items()}, "kv_event_faults": args.kv_faults,
             "seed": args.seed, "seconds": round(took, 1), "invariants_ok": broken == 0})
     return 0 if broken == 0 else 1
 

@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
     flag(p, "--debug-endpoints", env="DYN_DEBUG_ENDPOINTS", default=False, is_bool=True,
          help="serve GET /debug/kv_index (the KV router's index per worker; for tests and bench/chaos.py)")
-    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=30.0,
+    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
          help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
               "still running then end with an error event and [DONE]")
 

@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--log-level", env="DYN_LOG", default="info", help="log level")
     flag(p, "--ready-timeout", env="DYN_UP_READY_TIMEOUT", type=float, default=300.0,
          help="seconds to wait for the stack to serve")
-    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=30.0,
+    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
          help="on Ctrl-C / SIGTERM: seconds the streams in flight get to finish before they are ended with an "
               "error event (new requests get 503 meanwhile)")
     flag(p, "--max-restarts", env="DYN_UP_MAX_RESTARTS", type=int, default=10,

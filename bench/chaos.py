@@ -356,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         took = time.monotonic() - t0
         log = up.text()
     # Evidence that the faults struck and were healed: workers started with the KV event faults on, index
-    # resyncs the frontend ran (a gap, a reordered or a dropped batch), restarts up made.
+    # resyncs the frontend ran (a gap, a reordered or a dropped batch), restarts up made, streams moved.
     healed = {"kv_fault_workers": log.count("test-only KV event faults on"),
               "index_resyncs": log.count("resynced KV index of worker"),
-              "index_gaps": log.count("needs a resync"), "restarts": log.count("; restarting in")}
+              "index_gaps": log.count("needs a resync"), "restarts": log.count("; restarting in"),
+              "migrations": log.count("; migrating (attempt")}
     for line in counts.samples[:20]:
         say(f"invariant broken: {line}")
     broken = counts.silent + counts.mismatched + counts.block_leaks + counts.index_diverged

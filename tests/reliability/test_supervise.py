@@ -1,9 +1,10 @@
 """``dynamo-rt up`` supervises: under streamed load on the reference engine, each kind of child is killed in
-turn (a worker, etcd, nats-server, the frontend; disaggregated: a prefill and a decode worker) and every
-stream is read to its end: each ends with a finish_reason or an error event, then ``[DONE]``. The killed
-child is restarted (``up``'s log line, a new pid, the worker registered again) and the stack serves
-afterwards. SIGTERM to ``up`` under load drains: a new request gets 503 with the OpenAI error body, the
-streams in flight end within the drain timeout (finished, or an error event + ``[DONE]``), then ``up`` exits 0.
+turn (a worker, etcd, nats-server, the frontend; disaggregated: a prefill and a decode worker; with
+``--planner``, the planner on mocker workers) and every stream is read to its end: each ends with a
+finish_reason or an error event, then ``[DONE]``. The killed child is restarted (``up``'s log line, a new
+pid, the worker registered again) and the stack serves afterwards. SIGTERM to ``up`` under load drains: a
+new request gets 503 with the OpenAI error body, the streams in flight end within the drain timeout
+(finished, or an error event + ``[DONE]``), then ``up`` exits 0.
 
 The frontend is the one child whose death the client sees at the TCP level: the process that would write
 ``[DONE]`` is gone, so its streams end without one (a client retries; nothing server-side can do better).
@@ -85,9 +86,14 @@ class Up:
         return health_instances(*get_json(self.url + "/health"))
 
     def stop(self) -> None:
+        """SIGTERM (up stops its children, the planner its workers), SIGKILL to the group after 30 s."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 @pytest.fixture
@@ -221,3 +227,21 @@ def test_up_disagg_restarts_prefill_and_decode(tmp_path: Path) -> None:
     finally:
         up.stop()
 
+
+
+def test_up_restarts_the_planner_and_its_workers(tmp_path: Path) -> None:
+    """``--planner`` (mocker workers, the planner's own children): SIGKILL the planner under load. Its workers
+    get their parent-death SIGTERM and drain; every stream ends; up restarts the planner, whose new worker
+    registers, and the stack serves again."""
+    up = Up(tmp_path, "--engine", "mocker", "--planner", "--", "--speedup", "1")
+    try:
+        up.wait_for(lambda: up.instances() == 1, why="the planner's worker registered")
+        old = up.pid("planner")
+        outs = asyncio.run(_load_and(up.url, _kill(old), tokens=400))
+        print("planner", tally(outs))
+        _assert_every_stream_ends(outs)
+        _restarted(up, "planner", old)
+        up.wait_for(lambda: up.text().count("worker ready:") >= 2, why="the new planner's worker registered")
+        _serves(up, "after the planner")
+    finally:
+        up.stop()

@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
 from dynamo_rt.errors import ConfigError
@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--api-keys-file", env="DYN_API_KEYS_FILE", default=None,
          help='JSON file of API keys per tenant, {"tenants": {"acme": ["sk-..."], ...}}: each tenant gets its '
               "own prefix cache (with --api-key too, that key is tenant 'default')")
+    flag(p, "--debug-endpoints", env="DYN_DEBUG_ENDPOINTS", default=False, is_bool=True,
+         help="serve GET /debug/kv_index (the KV router's index per worker; for tests and bench/chaos.py)")
+    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
+         help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
+              "still running then end with an error event and [DONE]")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -85,7 +90,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
     for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
-                 "--max-concurrency", "--max-queue", "--worker-wait-timeout"):
+                 "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--drain-timeout"):
         at_least(name, 0)
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
@@ -149,9 +154,15 @@ async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from frontend.app import build_asgi
+    from frontend.drain import Drain
 
     async with frontend_services(args) as fe:
-        app = build_asgi(fe)  # type: ignore[arg-type]
+        asgi: Any = build_asgi(fe)  # type: ignore[arg-type]
+        if args.debug_endpoints:
+            from frontend.debug import DebugRoutes
+
+            asgi = DebugRoutes(asgi, fe.manager)  # type: ignore[attr-defined]
+        app = Drain(asgi)
         sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))
@@ -160,10 +171,28 @@ async def serve(args: argparse.Namespace) -> None:
                                 timeout_graceful_shutdown=10, backlog=4096,
                                 proxy_headers=False, server_header=False)
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined]
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        stopping: list[asyncio.Task[None]] = []
+
+        async def drain_then_exit() -> None:
+            left = await app.drain(args.drain_timeout)
+            log.info("drained: %d request(s) still running are ended now", left)
+            config.timeout_graceful_shutdown = 1  # then the server cancels them: an error event + [DONE] each
+            server.should_exit = True
+
+        def on_signal() -> None:
+            if stopping:  # a second signal: stop at once
+                config.timeout_graceful_shutdown = 1
+                server.should_exit = True
+            else:
+                stopping.append(loop.create_task(drain_then_exit()))
+
+        # uvicorn installs its own handlers while it serves (signal.signal, calling server.handle_exit): ours
+        # replaces that method, so a signal starts the drain instead of closing the listening socket at once.
+        def handle_exit(_sig: int, _frame: object) -> None:
+            loop.call_soon_threadsafe(on_signal)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign,assignment]
         from dynamo_rt.heap import freeze_startup_heap
         from dynamo_rt.transport import redact_servers
 

@@ -44,9 +44,9 @@ def test_up_agg_and_disagg_workers() -> None:
 def test_up_frontend_waits_for_workers_only_with_the_planner() -> None:
     args = build_parser(env={}).parse_args(["--http-port", "9000", "--router-mode", "kv"])
     assert frontend_command(args) == [PY, "-m", "frontend", "--http-host", "127.0.0.1", "--http-port", "9000",
-                                      "--router-mode", "kv"]
-    args = build_parser(env={}).parse_args(["--planner"])
-    assert frontend_command(args)[-2:] == ["--worker-wait-timeout", "120"]
+                                      "--router-mode", "kv", "--drain-timeout", "10"]
+    args = build_parser(env={}).parse_args(["--planner", "--drain-timeout", "2.5"])
+    assert frontend_command(args)[-4:] == ["--worker-wait-timeout", "120", "--drain-timeout", "2.5"]
 
 
 def test_up_planner_argv() -> None:

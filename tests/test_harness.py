@@ -161,3 +161,51 @@ def test_spawns_from_many_threads_all_run(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(c.wait(10) for c in children) == list(range(8))
+
+
+def test_backoff_doubles_to_the_cap_resets_when_stable_and_gives_up_on_a_loop() -> None:
+    from dynamo_rt.local.supervise import Backoff
+
+    b = Backoff(first=0.5, cap=4.0, stable=60.0, limit=5, window=100.0)
+    b.started(0.0)
+    assert [b.crashed(t) for t in (1.0, 2.0, 3.0, 4.0, 5.0)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert b.crashed(6.0) is None  # the 6th crash within 100 s
+    b = Backoff(first=0.5, cap=30.0, stable=60.0, limit=10, window=300.0)
+    b.started(0.0)
+    assert b.crashed(1.0) == 0.5 and b.crashed(2.0) == 1.0
+    b.started(3.0)
+    assert b.crashed(70.0) == 0.5  # it ran for a stable minute: the delay starts over
+
+
+def test_supervisor_restarts_what_exited_after_its_delay(caplog: pytest.LogCaptureFixture) -> None:
+    from dynamo_rt.local.supervise import Backoff, GaveUp, Supervised, Supervisor
+
+    running = [True]
+    starts: list[float] = []
+    now = [0.0]
+
+    def restart() -> int:
+        starts.append(now[0])
+        running[0] = True
+        return 4242
+
+    sup = Supervisor()
+    sup.add(Supervised("worker-0", lambda: running[0], lambda: None if running[0] else -9, restart,
+                       Backoff(limit=2, window=100.0)), 0.0)
+    caplog.set_level("INFO", logger="dynamo_rt.up")
+    running[0] = False
+    for t in (1.0, 1.2, 1.5):
+        now[0] = t
+        sup.poll(t)
+    assert starts == [1.5]
+    assert "worker-0 exited with code -9; restarting in 0.5s (restart 1)" in caplog.text
+    assert "restarted worker-0 (pid 4242, restart 1)" in caplog.text
+    running[0] = False
+    now[0] = 2.0
+    sup.poll(2.0)
+    assert "restarting in 1.0s (restart 2)" in caplog.text
+    now[0] = 3.0
+    sup.poll(3.0)
+    running[0] = False
+    with pytest.raises(GaveUp, match="worker-0 exited with code -9: 2 restarts within 100s already; giving up"):
+        sup.poll(4.0)

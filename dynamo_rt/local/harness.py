@@ -22,7 +22,8 @@ Which parent-death signal (``death_signal``; one default, :data:`DEATH_SIGNAL`):
 
 A :class:`Stack` is several children started together: :meth:`Stack.wait_http` polls a URL until it says
 ready and fails fast (:class:`ChildExited`: the child's name, exit code and log tail) when any child exits
-first; :meth:`Stack.stop` stops them all under one deadline.
+first; :meth:`Stack.restart` starts an exited one again in its place (``dynamo-rt up``'s supervision,
+:mod:`dynamo_rt.local.supervise`); :meth:`Stack.stop` stops them all under one deadline.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class Child:
         self.argv = list(argv)
         self.log_path = log
         self.death_signal = death_signal
+        self._spawn_kw: dict[str, Any] = {"env": env, "cwd": cwd, "log": log, "death_signal": death_signal}
         out: Any = None
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,10 @@ class Child:
 
     def log_tail(self, lines: int = 40) -> str:
         return read_tail(self.log_path, lines)
+
+    def respawn(self) -> Child:
+        """A new child with the same name, command line, environment and log (this one must have exited)."""
+        return Child(self.name, self.argv, **self._spawn_kw)
 
     def __repr__(self) -> str:
         return f"Child({self.name}, pid {self.proc.pid}, code {self.proc.poll()})"
@@ -297,6 +303,12 @@ class Stack:
     def add(self, child: Child) -> Child:
         self.children.append(child)
         return child
+
+    def restart(self, child: Child) -> Child:
+        """Start an exited ``child`` again (:meth:`Child.respawn`), in its place in the stack."""
+        new = child.respawn()
+        self.children[self.children.index(child)] = new
+        return new
 
     def exited(self) -> Child | None:
         """The first child that is no longer running, if any."""

@@ -12,9 +12,12 @@ local``) is a child instead, starts the minimum (``--workers``, or ``--prefill-w
 pool is at zero (``--worker-wait-timeout``) until the planner's worker registers.
 
 Each role is a :class:`dynamo_rt.local.harness.Child` (its own process group, SIGTERM if ``up`` dies) and
-its command line comes from :mod:`dynamo_rt.local.commands`. One Ctrl-C (SIGINT) or SIGTERM stops every
-child within 10 s. A child that dies on its own takes the stack down with a non-zero exit, so a broken role
-is never hidden.
+its command line comes from :mod:`dynamo_rt.local.commands`. ``up`` supervises (:mod:`dynamo_rt.local.supervise`):
+a worker, the planner, the frontend or the embedded etcd / nats-server that exits is started again after a
+backoff (etcd and NATS on the same ports and data, so the others reconnect), with a log line saying so, while
+the rest keeps serving; a crash loop stops the stack with a non-zero exit. One Ctrl-C (SIGINT) or SIGTERM
+drains: the frontend answers new requests 503 and gives the streams in flight ``--drain-timeout`` seconds
+(the rest end with an error event and ``[DONE]``); only then are the workers and services stopped.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import Parser, flag
 from dynamo_rt.local import commands
-from dynamo_rt.local.harness import DRAIN, ChildExited, NotReady, Stack
+from dynamo_rt.local.harness import DRAIN, Child, ChildExited, NotReady, Stack
+from dynamo_rt.local.supervise import Backoff, GaveUp, Supervised, Supervisor
 from workers import registry as engine_registry
+
+if TYPE_CHECKING:
+    from dynamo_rt.local.services import ManagedProcess
 
 log = logging.getLogger("dynamo_rt.up")
 
@@ -71,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--log-level", env="DYN_LOG", default="info", help="log level")
     flag(p, "--ready-timeout", env="DYN_UP_READY_TIMEOUT", type=float, default=300.0,
          help="seconds to wait for the stack to serve")
+    flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
+         help="on Ctrl-C / SIGTERM: seconds the streams in flight get to finish before they are ended with an "
+              "error event (new requests get 503 meanwhile)")
+    flag(p, "--max-restarts", env="DYN_UP_MAX_RESTARTS", type=int, default=10,
+         help="restarts of one child within --restart-window seconds before up gives up and stops the stack")
+    flag(p, "--restart-window", env="DYN_UP_RESTART_WINDOW", type=float, default=300.0,
+         help="seconds over which --max-restarts is counted")
     p.add_argument("worker_args", nargs=argparse.REMAINDER,
                    help="after --: extra flags passed to every worker (e.g. -- --speedup 10)")
 
@@ -107,7 +121,7 @@ def frontend_command(args: argparse.Namespace) -> list[str]:
     if wait is None and args.planner:
         wait = PLANNER_WORKER_WAIT
     return commands.frontend(args.http_port, host=args.http_host, router_mode=args.router_mode,
-                             worker_wait_timeout=wait)
+                             worker_wait_timeout=wait, extra=["--drain-timeout", f"{args.drain_timeout:g}"])
 
 
 def served_model(status: int, body: Any) -> str | None:
@@ -117,10 +131,11 @@ def served_model(status: int, body: Any) -> str | None:
 
 
 @contextlib.contextmanager
-def services(args: argparse.Namespace, env: dict[str, str]) -> Iterator[None]:
+def services(args: argparse.Namespace, env: dict[str, str]) -> Iterator[list[ManagedProcess]]:
+    """The embedded etcd and nats-server (yielded, to be supervised), or none when endpoints are given."""
     if env.get("DYN_ETCD_ENDPOINTS") and env.get("DYN_NATS_ENDPOINTS"):
         log.info("using etcd %s and NATS %s", env["DYN_ETCD_ENDPOINTS"], env["DYN_NATS_ENDPOINTS"])
-        yield
+        yield []
         return
     from dynamo_rt.local.services import LocalServices
 
@@ -130,7 +145,9 @@ def services(args: argparse.Namespace, env: dict[str, str]) -> Iterator[None]:
         env.setdefault("DYN_ETCD_ENDPOINTS", svc.etcd.client_url)
         env.setdefault("DYN_NATS_ENDPOINTS", svc.nats.url)
         log.info("etcd %s, NATS %s", env["DYN_ETCD_ENDPOINTS"], env["DYN_NATS_ENDPOINTS"])
-        yield
+        for srv in (svc.etcd, svc.nats):
+            log.info("started %s (pid %s)", srv.name, srv.pid)
+        yield [svc.etcd, svc.nats]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
             log.info("preparing the built-in tiny model")
             ensure_tiny_model()  # built once here, not raced by every worker
-        with services(args, env):
+        with services(args, env) as servers:
             try:
                 host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::") else args.http_host
                 url = f"http://{host}:{args.http_port}"
@@ -171,22 +188,58 @@ def run(args: argparse.Namespace) -> int:
                 model = stack.wait_http(url + "/v1/models", served_model, args.ready_timeout)
                 log.info("stack ready in %.1fs", time.monotonic() - t0)
                 print(f"ready: {url} (model {model})", flush=True)
-                while (dead := stack.exited()) is None:
-                    time.sleep(0.5)
-                log.error("%s exited with code %s; stopping the stack", dead.name, dead.returncode)
-                return 1
+                supervise(args, stack, servers)
+                return 1  # only a crash loop ends supervision (Ctrl-C raises KeyboardInterrupt)
             finally:
-                # Children leave discovery and drain while etcd and NATS are still up.
+                # Children leave discovery and drain while etcd and NATS are still up; the frontend first,
+                # so the streams it drains still have their workers.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                front = next((c for c in stack.children if c.name == "frontend"), None)
+                if front is not None:
+                    front.stop(args.drain_timeout + STOP_TIMEOUT)
                 stack.stop()
     except KeyboardInterrupt:
         log.info("stopping")
         return 0
-    except (ChildExited, NotReady) as exc:
+    except (ChildExited, NotReady, GaveUp) as exc:
         log.error("%s", exc)
         return 1
 
 
+def supervise(args: argparse.Namespace, stack: Stack, servers: Sequence[ManagedProcess]) -> None:
+    """Restart what exits until a signal (KeyboardInterrupt) or a crash loop (:class:`GaveUp`)."""
+    sup = Supervisor()
+    now = time.monotonic()
+
+    def backoff() -> Backoff:
+        return Backoff(limit=args.max_restarts, window=args.restart_window)
+
+    for srv in servers:
+        sup.add(_service(srv, backoff()), now)
+    for child in list(stack.children):
+        sup.add(_role(stack, child, backoff()), now)
+    while True:
+        time.sleep(0.5)
+        sup.poll(time.monotonic())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
+
+
+def _service(srv: ManagedProcess, backoff: Backoff) -> Supervised:
+    """etcd or nats-server: started again on the same ports and data directory."""
+    return Supervised(srv.name, lambda: srv.alive, lambda: srv.exit_code, lambda: srv.start().pid, backoff)
+
+
+def _role(stack: Stack, child: Child, backoff: Backoff) -> Supervised:
+    """A role child of ``stack``: a restart replaces it with a new one of the same command line."""
+    cur = child
+
+    def restart() -> int:
+        nonlocal cur
+        cur = stack.restart(cur)
+        return cur.pid
+
+    return Supervised(child.name, lambda: cur.alive(), lambda: cur.returncode, restart, backoff)

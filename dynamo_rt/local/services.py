@@ -277,6 +277,11 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self._child is not None and self._child.alive()
 
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code of the server once it exited on its own (None while it runs or was stopped)."""
+        return self._child.returncode if self._child is not None else None
+
     def log_tail(self, lines: int = 30) -> str:
         return read_tail(self.log_path, lines)
 

@@ -1,6 +1,7 @@
 """Chaos on a real stack under load: etcd and NATS restarted, hundreds of clients hanging up mid-stream,
 prefill and decode workers SIGKILLed. Every request ends as a full answer or a clear OpenAI error, never a
-hang; workers come back into discovery; KV blocks come back to their baseline.
+hang; workers come back into discovery; KV blocks come back to their baseline. The last test is a short
+run of bench/chaos.py (``--quick``) on the reference engine under ``dynamo-rt up``, with its invariants.
 
 The times printed (time to recover) are figures for the report, not asserted.
 """
@@ -8,6 +9,7 @@ The times printed (time to recover) are figures for the report, not asserted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -280,3 +282,42 @@ def test_prefill_and_decode_workers_sigkilled_mid_stream(etcd_server: EtcdServer
         assert procs["prefill"][1].alive() and procs["decode"][1].alive()
     finally:
         st.stop()
+
+
+def test_kv_event_faults_drop_duplicate_and_reorder_seeded() -> None:
+    """The test-only injector of the workers' KV event publisher: seeded, and each kind of fault happens."""
+    from workers.common.kv_events import KvEventFaults
+
+    assert KvEventFaults.from_env({}) is None
+    f = KvEventFaults[int].from_env({"DYN_TEST_KV_EVENTS_FAULT": "drop=0.2,dup=0.2,reorder=0.2,seed=7"})
+    assert f is not None
+    sent = [b for i in range(200) for b in f.outgoing(i)]
+    assert f.counts["drop"] > 10 and f.counts["dup"] > 10 and f.counts["reorder"] > 10, f.counts
+    held = 1 if f._held is not None else 0  # a batch held back at the end has not gone out yet
+    assert len(set(sent)) == 200 - f.counts["drop"] - held  # dropped batches only are missing
+    assert len(sent) == len(set(sent)) + f.counts["dup"]
+    pairs = list(itertools.pairwise(sent))
+    assert sum(1 for a, b in pairs if b < a) == f.counts["reorder"] - held  # each held batch went out late
+    assert any(a == b for a, b in pairs)  # duplicated: the same batch twice in a row
+    g = KvEventFaults[int](0.2, 0.2, 0.2, seed=7)
+    assert [b for i in range(200) for b in g.outgoing(i)] == sent  # same seed, same faults
+
+
+def test_chaos_quick_on_the_reference_engine() -> None:
+    """bench/chaos.py --quick: workers SIGKILLed and SIGSTOPped, etcd / NATS killed (``up`` restarts them),
+    KV events dropped, duplicated and reordered; every request ends with a status and the fault-free text,
+    blocks return to 0, the router's index equals the engines' blocks within 5 s."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.stack import ROOT
+
+    r = subprocess.run([sys.executable, "bench/chaos.py", "--quick", "--seed", "7"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print({k: v for k, v in out.items() if k != "machine"})
+    assert r.returncode == 0 and out["invariants_ok"], r.stdout[-4000:]
+    assert out["silent"] == out["mismatched"] == out["block_leaks"] == out["index_diverged"] == 0
+    assert out["baseline"] > 50 and out["ours"] == out["baseline"]
+    assert sum(out["faults"].values()) >= 2 and out["kv_fault_workers"] >= 2, out

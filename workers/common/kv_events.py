@@ -17,6 +17,10 @@ Blocks whose hash covers something besides tokens (LoRA adapter, multimodal inpu
 KV cache group other than the first, and children of a block this map never saw are left out: the router just
 does not know them (a missed cache hit, never a wrong one). Engine event objects are read by attribute, so
 this module imports no engine.
+
+:class:`KvEventFaults` is a test-only fault injector on the runtime's publishing side (every engine): with
+``DYN_TEST_KV_EVENTS_FAULT="drop=0.1,dup=0.1,reorder=0.1,seed=7"`` outgoing batches are dropped, sent twice
+or held back behind the next one (bench/chaos.py checks that the router's index still converges).
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+import os
+import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 from dynamo_rt import errors
 from dynamo_rt.kvhash import ROOT_HASH, hash_block
 from dynamo_rt.protocol import KvEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+FAULT_ENV = "DYN_TEST_KV_EVENTS_FAULT"
 
 # An engine's storage medium -> our tier. None / "GPU": the engine's own KV pool (vLLM says GPU on CPU hosts too).
 _TIERS = {None: "primary", "GPU": "primary", "CPU": "host", "CPU_PINNED": "host", "STORAGE": "disk", "DISK": "disk",
@@ -207,3 +215,40 @@ class ZmqEventSubscriber:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+
+class KvEventFaults(Generic[T]):
+    """Test-only: what to publish for each outgoing KV event batch (none: dropped; two: duplicated; a batch
+    held back goes out after the next one: reordered). Seeded, so a chaos run repeats."""
+
+    def __init__(self, drop: float = 0.0, dup: float = 0.0, reorder: float = 0.0, seed: int = 0) -> None:
+        self.drop, self.dup, self.reorder = drop, dup, reorder
+        self._rng = random.Random(seed)
+        self._held: T | None = None
+        self.counts = {"drop": 0, "dup": 0, "reorder": 0}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> KvEventFaults[T] | None:
+        spec = env.get(FAULT_ENV)
+        if not spec:
+            return None
+        kv = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+        log.warning("test-only KV event faults on: %s", spec)
+        return cls(float(kv.get("drop", 0)), float(kv.get("dup", 0)), float(kv.get("reorder", 0)),
+                   int(kv.get("seed", 0)))
+
+    def outgoing(self, batch: T) -> list[T]:
+        r = self._rng.random()
+        if r < self.drop:
+            self.counts["drop"] += 1
+            return []
+        if r < self.drop + self.reorder and self._held is None:
+            self.counts["reorder"] += 1
+            self._held = batch
+            return []
+        out = [batch, batch] if r >= 1.0 - self.dup else [batch]
+        self.counts["dup"] += len(out) - 1
+        if self._held is not None:
+            out.append(self._held)
+            self._held = None
+        return out

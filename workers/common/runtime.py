@@ -48,6 +48,7 @@ from dynamo_rt.transport import (
     load_subject,
 )
 from workers.common.engine import AdvertisesInstance, CountsPins, Engine, NamedInstance, OwnsKvPool, TieredCache
+from workers.common.kv_events import KvEventFaults
 from workers.common.kv_handoff import KvHandoff
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ TOKENIZER_FILES = (
 )
 COMPONENT = "backend"
 LOAD_INTERVAL = 1.0
+KV_TAIL_BATCHES = 3  # empty KV event batches after a burst: a trailing loss shows as a seq gap within seconds
 
 
 def models_bucket(namespace: str) -> str:
@@ -137,6 +139,8 @@ class WorkerRuntime:
         self._kv_seq = 0
         self._kv_pending: list[KvEvent] = []
         self._kv_flush_scheduled = False
+        self._kv_faults: KvEventFaults[bytes] | None = KvEventFaults.from_env()
+        self._kv_tail = 0  # empty KV event batches still to send after the last real one
         self._draining = False
         self._bg: set[asyncio.Future[None]] = set()
         self.kv: KvHandoff | None = None
@@ -342,16 +346,20 @@ class WorkerRuntime:
             self._kv_flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_kv_events)
 
-    def _flush_kv_events(self) -> None:
+    def _flush_kv_events(self, tail: bool = False) -> None:
         self._kv_flush_scheduled = False
-        if not self._kv_pending or not self.transport.connected:
+        if not (self._kv_pending or tail) or not self.transport.connected:
             return
         msg = KvEvents(instance_id=self.instance_id, seq=self._kv_seq, events=self._kv_pending)
         self._kv_seq += 1
         self._kv_pending = []
+        # After the last real batch, a few empty ones (one per load report): a batch lost at the end of a burst
+        # has no later batch whose seq would show the router the gap; these do, and it resyncs.
+        self._kv_tail = self._kv_tail - 1 if tail else KV_TAIL_BATCHES
         subject = kv_events_subject(self.ns, self.engine.info.name)
-        task = asyncio.ensure_future(self.transport.publish(subject, encode(msg)))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        for data in self._kv_faults.outgoing(encode(msg)) if self._kv_faults else [encode(msg)]:  # test-only faults
+            task = asyncio.ensure_future(self.transport.publish(subject, data))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     def load_metrics(self) -> LoadMetrics:
         ld = self.engine.load()
@@ -376,4 +384,6 @@ class WorkerRuntime:
             if self.transport.connected:
                 with contextlib.suppress(errors.DynamoError):
                     await self.transport.publish(subject, encode(lm))
+            if self._kv_tail > 0 and not self._kv_pending:
+                self._flush_kv_events(tail=True)
             await asyncio.sleep(LOAD_INTERVAL)

@@ -1,0 +1,94 @@
+"""Every tool-call parser against real-looking outputs: split at every character offset and at random
+multi-split points, the streamed result (content and calls) equals the non-streamed one, which equals the
+expected parse, and no marker or prefix of one ever reaches content when the text held a call."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from frontend.parsers import TOOL_PARSERS, ToolCall, ToolParser, tool_parser
+from tests.frontend.parsers.cases import CASES, Case
+
+ALL = [(name, i, case) for name, cases in CASES.items() for i, case in enumerate(cases)]
+IDS = [f"{name}-{i}" for name, i, _ in ALL]
+
+
+def stream(cls: type[ToolParser], chunks: list[str]) -> tuple[list[str], list[ToolCall]]:
+    p = cls()
+    deltas: list[str] = []
+    calls: list[ToolCall] = []
+    for c in chunks:
+        out = p.feed(c)
+        deltas.append(out.content)
+        calls += out.calls
+    end = p.finish()
+    deltas.append(end.content)
+    calls += end.calls
+    return deltas, calls
+
+
+def as_pairs(calls: list[ToolCall]) -> list[tuple[str, dict[str, Any]]]:
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def check_stream(name: str, case: Case, chunks: list[str]) -> None:
+    text, _content, calls = case
+    cls = tool_parser(name)
+    whole = cls().parse(text)
+    deltas, got_calls = stream(cls, chunks)
+    assert "".join(deltas) == whole.content
+    assert got_calls == whole.calls
+    if calls:
+        # No delta may end with a marker prefix the call then completed, nor hold a marker.
+        for d in deltas:
+            for m in cls.markers:
+                assert m not in d
+
+
+@pytest.mark.parametrize(("name", "i", "case"), ALL, ids=IDS)
+def test_whole_text_parses_as_expected(name: str, i: int, case: Case) -> None:
+    text, content, calls = case
+    out = tool_parser(name)().parse(text)
+    assert out.content == content
+    assert as_pairs(out.calls) == calls
+    if calls:
+        for m in tool_parser(name).markers:
+            assert m not in out.content
+
+
+@pytest.mark.parametrize(("name", "i", "case"), ALL, ids=IDS)
+def test_every_split_offset_streams_the_same(name: str, i: int, case: Case) -> None:
+    text = case[0]
+    for k in range(len(text) + 1):
+        check_stream(name, case, [text[:k], text[k:]])
+    check_stream(name, case, list(text))  # one character per delta
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_random_multi_splits_stream_the_same(data: st.DataObject) -> None:
+    name, _, case = data.draw(st.sampled_from(ALL))
+    text = case[0]
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(text)), max_size=12)))
+    bounds = [0, *cuts, len(text)]
+    check_stream(name, case, [text[a:b] for a, b in itertools.pairwise(bounds)])
+
+
+def test_every_name_is_registered() -> None:
+    assert set(CASES) <= set(TOOL_PARSERS)
+    with pytest.raises(Exception, match="unknown tool-call parser"):
+        tool_parser("nope")
+
+
+def test_content_is_released_before_the_end_when_no_marker_can_start() -> None:
+    # The hold-back only keeps what may still be a marker: ordinary text streams at once.
+    p = tool_parser("hermes")()
+    assert p.feed("Hello wor").content == "Hello wor"
+    assert p.feed("ld <tool").content == "ld"  # " " held (may precede a call), "<tool" may be a marker
+    assert p.feed("box> ok").content == " <toolbox> ok"

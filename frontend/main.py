@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+    flag(p, "--tool-call-parser", env="DYN_TOOL_CALL_PARSER", default=None,
+         help="parse tool calls out of chat output in this format (overrides the model card's): "
+              "hermes, qwen, llama3_json, mistral, deepseek_v3, pythonic")
+    flag(p, "--reasoning-parser", env="DYN_REASONING_PARSER", default=None,
+         help="split reasoning_content from content (overrides the model card's): deepseek_r1, qwen3")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -85,6 +90,12 @@ def check_args(args: argparse.Namespace) -> None:
     at_least("--request-timeout", 0, above=True)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
+    from frontend.parsers import reasoning_parser, tool_parser
+
+    if args.tool_call_parser:
+        tool_parser(args.tool_call_parser)
+    if args.reasoning_parser:
+        reasoning_parser(args.reasoning_parser)
 
 
 @contextlib.asynccontextmanager
@@ -120,7 +131,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                     disagg_threshold=args.disagg_threshold, migration_limit=args.migration_limit)
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key,
-                         worker_wait_timeout=args.worker_wait_timeout)
+                         worker_wait_timeout=args.worker_wait_timeout, tool_call_parser=args.tool_call_parser,
+                         reasoning_parser=args.reasoning_parser)
     try:
         yield Frontend(manager, engine, metrics, cfg)
     finally:

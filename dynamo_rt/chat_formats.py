@@ -19,7 +19,9 @@ _TOOL_MARKERS = (
     ("[TOOL_CALLS]", "mistral"),
     ("<｜tool▁calls▁begin｜>", "deepseek_v3"),
     ("<|python_start|>", "pythonic"),
+    ("[func_name1(", "pythonic"),  # the instruction Meta's Llama 3.2 / 4 templates give for calls
     ("<|python_tag|>", "llama3_json"),
+    ('"parameters": dictionary of argument name', "llama3_json"),  # Llama 3.1's JSON-call instruction
 )
 
 

@@ -21,6 +21,7 @@ parser, its content through the tool-call parser (``frontend/parsers/``), and th
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ FORCED_CALL_PARSER = "hermes"
 
 _warned: set[str] = set()
 
+# Test-only input hook: with this set in the frontend's environment, the choices of a request that gets
+# parsers see this text instead of the model's (cut in 5-character deltas, one per model delta, the rest at
+# the end), so an end-to-end test drives a known tool call through the real HTTP path with a random-weight
+# model (tests/frontend/parsers/test_tools_e2e.py). Read once; nothing sets it outside tests.
+TEST_OUTPUT_ENV = "DYN_TEST_CHAT_OUTPUT"
+_TEST_OUTPUT = os.environ.get(TEST_OUTPUT_ENV) or None
+_TEST_PIECE = 5
+
 
 def _lookup(name: str, table: dict[str, Any], where: str) -> Any:
     cls = table.get(name)
@@ -61,6 +70,7 @@ class OutputPlan:
     tool_parser: type[ToolParser] | None
     reasoning_parser: type[ReasoningParser] | None
     parallel_tool_calls: bool = True  # False: the first call only
+    test_text: str | None = None  # see TEST_OUTPUT_ENV
 
     @property
     def keep_special_tokens(self) -> bool:
@@ -105,7 +115,8 @@ def plan(req: ChatCompletionRequest, card: ModelCard, tool_flag: str | None = No
                                 "--reasoning-parser" if reasoning_flag else f"model card {card.name!r}")
     if tool_cls is None and reasoning_cls is None:
         return None
-    return OutputPlan(tool_cls, reasoning_cls, parallel_tool_calls=req.parallel_tool_calls is not False)
+    return OutputPlan(tool_cls, reasoning_cls, parallel_tool_calls=req.parallel_tool_calls is not False,
+                      test_text=_TEST_OUTPUT)
 
 
 def new_call_id() -> str:
@@ -124,10 +135,11 @@ def _dumps(obj: Any) -> bytes:
 class ChoiceOutput:
     """One choice's parsers: reasoning first, then tool calls over the content that remains."""
 
-    __slots__ = ("calls", "plan", "reasoning", "tools")
+    __slots__ = ("calls", "plan", "reasoning", "test_left", "tools")
 
     def __init__(self, plan: OutputPlan) -> None:
         self.plan = plan
+        self.test_left = plan.test_text  # the test input not fed yet (None: the model's text is fed)
         self.reasoning = plan.reasoning_parser() if plan.reasoning_parser is not None else None
         self.tools = plan.tool_parser() if plan.tool_parser is not None else None
         self.calls: list[tuple[str, ToolCall]] = []  # (id, call) in order
@@ -150,12 +162,20 @@ class ChoiceOutput:
         return out
 
     def feed(self, text: str) -> Parsed:
+        if self.test_left is not None:
+            text, self.test_left = self.test_left[:_TEST_PIECE], self.test_left[_TEST_PIECE:]
         out = self.reasoning.feed(text) if self.reasoning is not None else Parsed(content=text)
         return self._tools(out, final=False)
 
     def finish(self) -> Parsed:
-        out = self.reasoning.finish() if self.reasoning is not None else Parsed()
-        return self._tools(out, final=True)
+        rest, self.test_left = self.test_left, None
+        out = self.feed(rest) if rest else Parsed()
+        end = self.reasoning.finish() if self.reasoning is not None else Parsed()
+        tail = self._tools(end, final=True)
+        out.reasoning += tail.reasoning
+        out.content += tail.content
+        out.calls += tail.calls
+        return out
 
     def reason(self, finish_reason: str | None) -> str | None:
         return "tool_calls" if self.calls else finish_reason

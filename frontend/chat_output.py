@@ -14,8 +14,9 @@ parser, its content through the tool-call parser (``frontend/parsers/``), and th
   ``finish_reason: "tool_calls"`` when a call was made;
 - streamed: OpenAI's delta shapes, one SSE event each: ``{"reasoning_content": ...}``, ``{"content": ...}``,
   a call's first delta ``{"tool_calls": [{index, id, type, function: {name, arguments: ""}}]}``, then its
-  ``{"tool_calls": [{index, function: {arguments}}]}``. A call is sent once its text is complete (the
-  parsers hold it until then), so its arguments come as one fragment.
+  ``{"tool_calls": [{index, function: {arguments}}]}`` fragments. Hermes and DeepSeek calls stream their
+  arguments as the model writes them; the other formats send a call once its text is complete, its
+  arguments in one fragment.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from frontend.parsers import REASONING_PARSERS, TOOL_PARSERS, Parsed, ReasoningParser, ToolCall, ToolParser
+from frontend.parsers import REASONING_PARSERS, TOOL_PARSERS, Parsed, ReasoningParser, ToolParser
+from frontend.parsers.base import assemble
 
 if TYPE_CHECKING:
     from dynamo_rt.protocol import ModelCard, TokenLogprob
@@ -86,13 +88,14 @@ class OutputPlan:
         out = c.feed(text)
         end = c.finish()
         content = out.content + end.content
-        msg: dict[str, Any] = {"role": "assistant", "content": content if content or not c.calls else None}
+        msg: dict[str, Any] = {"role": "assistant", "content": content if content or not c.ids else None}
         if self.reasoning_parser is not None:
             msg["reasoning_content"] = (out.reasoning + end.reasoning) or None
-        if c.calls:
+        if c.ids:
+            calls = assemble(out.calls + end.calls)
             msg["tool_calls"] = [{"id": cid, "type": "function", "function": {"name": call.name,
                                                                                "arguments": call.arguments}}
-                                 for cid, call in c.calls]
+                                 for cid, call in zip(c.ids, calls, strict=True)]
         return msg, c.reason(finish_reason)
 
 
@@ -135,14 +138,14 @@ def _dumps(obj: Any) -> bytes:
 class ChoiceOutput:
     """One choice's parsers: reasoning first, then tool calls over the content that remains."""
 
-    __slots__ = ("calls", "plan", "reasoning", "test_left", "tools")
+    __slots__ = ("ids", "plan", "reasoning", "test_left", "tools")
 
     def __init__(self, plan: OutputPlan) -> None:
         self.plan = plan
         self.test_left = plan.test_text  # the test input not fed yet (None: the model's text is fed)
         self.reasoning = plan.reasoning_parser() if plan.reasoning_parser is not None else None
         self.tools = plan.tool_parser() if plan.tool_parser is not None else None
-        self.calls: list[tuple[str, ToolCall]] = []  # (id, call) in order
+        self.ids: list[str] = []  # the id of each call begun so far, by index
 
     # ------------------------------------------------------------------ parsing
 
@@ -156,9 +159,10 @@ class ChoiceOutput:
             out.content = t.content
             out.calls = t.calls
             if out.calls and not self.plan.parallel_tool_calls:
-                out.calls = out.calls[: max(0, 1 - len(self.calls))]
-        for call in out.calls:
-            self.calls.append((new_call_id(), call))
+                out.calls = [d for d in out.calls if d.index == 0]
+        for d in out.calls:
+            if d.name is not None:
+                self.ids.append(new_call_id())
         return out
 
     def feed(self, text: str) -> Parsed:
@@ -178,7 +182,7 @@ class ChoiceOutput:
         return out
 
     def reason(self, finish_reason: str | None) -> str | None:
-        return "tool_calls" if self.calls else finish_reason
+        return "tool_calls" if self.ids else finish_reason
 
     # ------------------------------------------------------------------ streaming
 
@@ -195,12 +199,12 @@ class ChoiceOutput:
             event({"reasoning_content": out.reasoning})
         if out.content:
             event({"content": out.content})
-        first = len(self.calls) - len(out.calls)
-        for k, call in enumerate(out.calls):
-            cid = self.calls[first + k][0]
-            event({"tool_calls": [{"index": first + k, "id": cid, "type": "function",
-                                   "function": {"name": call.name, "arguments": ""}}]})
-            event({"tool_calls": [{"index": first + k, "function": {"arguments": call.arguments}}]})
+        for d in out.calls:
+            if d.name is not None:
+                event({"tool_calls": [{"index": d.index, "id": self.ids[d.index], "type": "function",
+                                       "function": {"name": d.name, "arguments": ""}}]})
+            if d.arguments:
+                event({"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]})
         if lp is not None:  # nothing visible yet (held back): the logprobs still go out
             event({"content": ""})
         return b"".join(events)

@@ -15,7 +15,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["JsonScanner", "Parsed", "ToolCall", "ToolParser", "releasable", "split_ws_tail", "tool_call"]
+__all__ = [
+    "JsonScanner",
+    "Parsed",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolParser",
+    "assemble",
+    "releasable",
+    "split_ws_tail",
+    "tool_call",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,15 +37,35 @@ class ToolCall:
 
 
 @dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of call ``index``: its first delta carries the name, later ones more argument text."""
+
+    index: int
+    name: str | None
+    arguments: str
+
+
+@dataclass(slots=True)
 class Parsed:
     """What one ``feed`` / ``finish`` made certain."""
 
     content: str = ""
     reasoning: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCallDelta] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.calls)
+
+
+def assemble(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """Whole calls from their deltas, in index order (what a client builds from a stream)."""
+    names: dict[int, str] = {}
+    args: dict[int, list[str]] = {}
+    for d in deltas:
+        if d.name is not None:
+            names[d.index] = d.name
+        args.setdefault(d.index, []).append(d.arguments)
+    return [ToolCall(names[i], "".join(args[i])) for i in sorted(names)]
 
 
 def releasable(buf: str, markers: tuple[str, ...]) -> int:
@@ -177,9 +207,26 @@ class ToolParser:
         self._ws = tail
 
     def _call(self, out: Parsed, call: ToolCall) -> None:
+        """A whole call at once."""
+        out.calls.append(ToolCallDelta(self.calls, call.name, call.arguments))
+        self._close()
+
+    def _open(self, out: Parsed, name: str) -> None:
+        """The start of a call whose arguments follow in pieces (``_args``) until ``_close``."""
+        out.calls.append(ToolCallDelta(self.calls, name, ""))
+
+    def _args(self, out: Parsed, text: str) -> None:
+        if not text:
+            return
+        last = out.calls[-1] if out.calls else None
+        if last is not None and last.index == self.calls:
+            last.arguments += text  # one delta per feed is enough
+        else:
+            out.calls.append(ToolCallDelta(self.calls, None, text))
+
+    def _close(self) -> None:
         self._strip_lead = True
         self.calls += 1
-        out.calls.append(call)
 
     def _raw(self, out: Parsed, text: str) -> None:
         """A would-be call that is not one: the model's text goes out as content, as written."""

@@ -18,15 +18,22 @@ still counts when its body decodes.
 from __future__ import annotations
 
 import json
+import re
 from typing import ClassVar
 
-from frontend.parsers.base import Parsed, ToolCall, ToolParser, releasable, tool_call
+from frontend.parsers.base import JsonScanner, Parsed, ToolCall, ToolParser, releasable, tool_call
 
 __all__ = ["DeepSeekV3Parser", "DelimitedParser", "HermesParser"]
 
 
 class DelimitedParser(ToolParser):
-    """Text, then calls each between ``start`` and ``end``; ``silent`` markers outside calls are dropped."""
+    """Text, then calls each between ``start`` and ``end``; ``silent`` markers outside calls are dropped.
+
+    A call streams: once its body shows the name and the opening brace of the arguments
+    (:meth:`_args_start`), the name goes out, then the argument text as it arrives, up to the closing brace
+    (an end marker inside a JSON string is argument text). A body of another shape waits for the end marker
+    and is decoded whole (:meth:`_body`).
+    """
 
     start: ClassVar[str] = ""
     end: ClassVar[str] = ""
@@ -36,9 +43,16 @@ class DelimitedParser(ToolParser):
         super().__init__()
         self.in_call = False
         self._outside = (self.start, *self.silent)
+        self.scan: JsonScanner | None = None  # set while a call's arguments stream
+        self.sent = 0  # argument text sent so far ends here (an index into buf)
+        self.closed = False  # the arguments' closing brace has been seen
 
     def _body(self, body: str) -> ToolCall | None:
         raise NotImplementedError
+
+    def _args_start(self, body: str) -> tuple[str, int] | None:
+        """(name, index of the arguments' opening brace) once ``body`` shows both; stable as it grows."""
+        return None
 
     def _step(self, out: Parsed, *, final: bool) -> None:
         while True:
@@ -61,7 +75,19 @@ class DelimitedParser(ToolParser):
                 self.buf = buf[at + len(hit):]
                 self.in_call = hit == self.start
                 continue
+            if self.scan is not None:
+                if self._stream_args(out, final):
+                    continue
+                return
             j = buf.find(self.end)
+            head = self._args_start(buf if j < 0 else buf[:j])
+            if head is not None:
+                name, brace = head
+                self._open(out, name)
+                self.scan = JsonScanner(brace)
+                self.sent = brace
+                self.closed = False
+                continue
             if j < 0:
                 if final:
                     call = self._body(buf)
@@ -80,6 +106,37 @@ class DelimitedParser(ToolParser):
             self.buf = buf[j + len(self.end):]
             self.in_call = False
 
+    def _stream_args(self, out: Parsed, final: bool) -> bool:
+        """Send what is certain of a streaming call's arguments; True when the call ended."""
+        scan = self.scan
+        assert scan is not None
+        buf = self.buf
+        while not self.closed:
+            j = buf.find(self.end, scan.pos)
+            limit = j if j >= 0 else (len(buf) if final else max(scan.pos, releasable(buf, (self.end,))))
+            self.closed = scan.end(buf[:limit]) is not None
+            self._args(out, buf[self.sent:scan.pos])
+            self.sent = scan.pos
+            if self.closed:
+                break
+            if j >= 0 and scan.in_str:  # the marker is text inside a JSON string: argument text
+                scan.end(buf[: j + len(self.end)])
+                continue
+            if j >= 0 or final:  # cut off before the closing brace: the call ends with what it has
+                return self._end_call(j if j >= 0 else len(buf))
+            return False
+        j = buf.find(self.end, scan.pos)
+        if j >= 0 or final:  # what sits between the closing brace and the end marker is the format's
+            return self._end_call(j if j >= 0 else len(buf))
+        return False
+
+    def _end_call(self, at: int) -> bool:
+        self.buf = self.buf[at + len(self.end):] if at < len(self.buf) else ""
+        self.scan = None
+        self.in_call = False
+        self._close()
+        return True
+
 
 def _json(text: str) -> object:
     try:
@@ -94,6 +151,16 @@ class HermesParser(DelimitedParser):
     end = "</tool_call>"
     markers = (start, end)
 
+    # {"name": "NAME", "arguments": {   (the name first, as the format's instruction shows it)
+    _head = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*\{')
+
+    def _args_start(self, body: str) -> tuple[str, int] | None:
+        m = self._head.match(body)
+        if m is None:
+            return None
+        name = _json('"' + m.group(1) + '"')
+        return (name, m.end() - 1) if isinstance(name, str) and name else None
+
     def _body(self, body: str) -> ToolCall | None:
         return tool_call(_json(body.strip()), "arguments", "parameters")
 
@@ -105,6 +172,14 @@ class DeepSeekV3Parser(DelimitedParser):
     sep = "<｜tool▁sep｜>"
     silent = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
     markers = (start, end, sep, *silent)
+
+    # V3 / R1: "function<｜tool▁sep｜>NAME\n```json\n{";  V3.1: "NAME<｜tool▁sep｜>{"
+    _head_v3 = re.compile(r"\s*\w*<｜tool▁sep｜>([^\s<]+)\n```json\n\s*\{")
+    _head_v31 = re.compile(r"\s*([^\s<]+)<｜tool▁sep｜>\s*\{")
+
+    def _args_start(self, body: str) -> tuple[str, int] | None:
+        m = self._head_v3.match(body) or self._head_v31.match(body)
+        return (m.group(1), m.end() - 1) if m else None
 
     def _body(self, body: str) -> ToolCall | None:
         head, found, rest = body.partition(self.sep)

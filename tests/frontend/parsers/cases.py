@@ -29,6 +29,11 @@ HERMES: list[Case] = [
     ("Use <tool_call> tags? <tool_call>not json</tool_call> ok", "Use <tool_call> tags? <tool_call>not json"
      "</tool_call> ok", []),
     ("a < b and </tool but <tool_ca", "a < b and </tool but <tool_ca", []),
+    # the end marker inside an argument string is argument text
+    ('<tool_call>{"name": "search", "arguments": {"q": "x</tool_call>y", "n": 1}}</tool_call>', "",
+     [("search", {"q": "x</tool_call>y", "n": 1})]),
+    # arguments first: decoded whole at the end marker
+    ('<tool_call>{"arguments": {}, "name": "get_time"}</tool_call>', "", [T]),
     ('Sure <tool_call>{"name": "get_time", "parameters": {}}</tool_call> and then more text', "Sure and then more text",
      [T]),
 ]

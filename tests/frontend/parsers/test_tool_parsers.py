@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frontend.parsers import TOOL_PARSERS, ToolCall, ToolParser, tool_parser
+from frontend.parsers.base import ToolCallDelta, assemble
 from tests.frontend.parsers.cases import CASES, Case
 
 ALL = [(name, i, case) for name, cases in CASES.items() for i, case in enumerate(cases)]
@@ -22,7 +23,7 @@ IDS = [f"{name}-{i}" for name, i, _ in ALL]
 def stream(cls: type[ToolParser], chunks: list[str]) -> tuple[list[str], list[ToolCall]]:
     p = cls()
     deltas: list[str] = []
-    calls: list[ToolCall] = []
+    calls: list[ToolCallDelta] = []
     for c in chunks:
         out = p.feed(c)
         deltas.append(out.content)
@@ -30,7 +31,7 @@ def stream(cls: type[ToolParser], chunks: list[str]) -> tuple[list[str], list[To
     end = p.finish()
     deltas.append(end.content)
     calls += end.calls
-    return deltas, calls
+    return deltas, assemble(calls)
 
 
 def as_pairs(calls: list[ToolCall]) -> list[tuple[str, dict[str, Any]]]:
@@ -43,7 +44,7 @@ def check_stream(name: str, case: Case, chunks: list[str]) -> None:
     whole = cls().parse(text)
     deltas, got_calls = stream(cls, chunks)
     assert "".join(deltas) == whole.content
-    assert got_calls == whole.calls
+    assert got_calls == assemble(whole.calls)
     if calls:
         # No delta may end with a marker prefix the call then completed, nor hold a marker.
         for d in deltas:
@@ -56,7 +57,7 @@ def test_whole_text_parses_as_expected(name: str, i: int, case: Case) -> None:
     text, content, calls = case
     out = tool_parser(name)().parse(text)
     assert out.content == content
-    assert as_pairs(out.calls) == calls
+    assert as_pairs(assemble(out.calls)) == calls
     if calls:
         for m in tool_parser(name).markers:
             assert m not in out.content
@@ -92,3 +93,31 @@ def test_content_is_released_before_the_end_when_no_marker_can_start() -> None:
     assert p.feed("Hello wor").content == "Hello wor"
     assert p.feed("ld <tool").content == "ld"  # " " held (may precede a call), "<tool" may be a marker
     assert p.feed("box> ok").content == " <toolbox> ok"
+
+
+def test_hermes_and_deepseek_arguments_stream_as_written() -> None:
+    p = tool_parser("hermes")()
+    out = p.feed('Hi <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa')
+    assert out.content == "Hi"
+    assert out.calls == [ToolCallDelta(0, "get_weather", '{"city": "Pa')]
+    # "</tool_c" may be the end marker: held back until the next delta shows it is string text.
+    assert p.feed('ris", "note": "a </tool_c').calls == [ToolCallDelta(0, None, 'ris", "note": "a ')]
+    assert p.feed('all> b"}}\n</tool_call>').calls == [ToolCallDelta(0, None, '</tool_call> b"}')]
+    assert not p.finish()
+    ds = tool_parser("deepseek_v3")()
+    out = ds.feed("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{\"a\": [1,")
+    assert out.calls == [ToolCallDelta(0, "f", '{"a": [1,')]
+
+
+def test_a_streaming_call_cut_off_keeps_what_it_has() -> None:
+    # Announced calls stay calls: their arguments are what the model wrote (OpenAI's own arguments may be
+    # invalid JSON too), streamed or not.
+    text = '<tool_call>{"name": "get_time", "arguments": {"tz": "UT</tool_call> after'
+    whole = tool_parser("hermes")().parse(text)
+    assert assemble(whole.calls) == [ToolCall("get_time", '{"tz": "UT</tool_call> after')]  # inside a string
+    text = '<tool_call>{"name": "get_time", "arguments": {"tz": 1</tool_call> after'
+    whole = tool_parser("hermes")().parse(text)
+    assert assemble(whole.calls) == [ToolCall("get_time", '{"tz": 1')] and whole.content == "after"
+    for k in range(len(text) + 1):
+        deltas, calls = stream(tool_parser("hermes"), [text[:k], text[k:]])
+        assert calls == assemble(whole.calls) and "".join(deltas) == "after"

@@ -113,6 +113,9 @@ def plan(req: ChatCompletionRequest, card: ModelCard, tool_flag: str | None = No
             tool_cls = TOOL_PARSERS[FORCED_CALL_PARSER]
     reasoning_cls: type[ReasoningParser] | None = None
     rname = reasoning_flag or card.reasoning_parser
+    kwargs = req.chat_template_kwargs or {}
+    if kwargs.get("enable_thinking") is False or kwargs.get("thinking") is False:
+        rname = None  # the template closed the think block in the prompt (Qwen3, DeepSeek V3.1): all content
     if rname:
         reasoning_cls = _lookup(rname, REASONING_PARSERS,
                                 "--reasoning-parser" if reasoning_flag else f"model card {card.name!r}")

@@ -47,6 +47,8 @@ def test_plan_picks_card_then_flag() -> None:
     p = plan(req(), card(reasoning="qwen3"), reasoning_flag="deepseek_r1")
     assert p is not None and p.reasoning_parser is reasoning_parser("deepseek_r1")
     assert plan(req(tools=TOOLS), card("no-such-parser")) is None  # warned once, output left as is
+    for off in ({"enable_thinking": False}, {"thinking": False}):
+        assert plan(req(chat_template_kwargs=off), card(reasoning="deepseek_r1")) is None
 
 
 def test_forced_tool_choice_parses_the_grammar_format_without_a_named_parser() -> None:

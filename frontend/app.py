@@ -262,8 +262,8 @@ class Frontend:
             b = nvext.backend_instance_id
             pinned = f"{b:016x}" if isinstance(b, int) else str(b)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        output = chat_output.plan(req, sm.card, self.cfg.tool_call_parser, self.cfg.reasoning_parser) \
-            if kind == "chat" else None
+        output = chat_output.plan(req, sm.card, self.cfg.tool_call_parser, self.cfg.reasoning_parser,
+                                  self.metrics) if kind == "chat" else None
         for pr in prompts:
             self.metrics.input_tokens.labels(sm.name).inc(len(pr))
         self.metrics.model_requests.labels(sm.name).inc()

@@ -34,7 +34,10 @@ from frontend.parsers import REASONING_PARSERS, TOOL_PARSERS, Parsed, ReasoningP
 from frontend.parsers.base import assemble
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from dynamo_rt.protocol import ModelCard, TokenLogprob
+    from frontend.metrics import FrontendMetrics
     from frontend.openai_protocol import ChatCompletionRequest
     from frontend.serving import ChunkTemplates
 
@@ -73,6 +76,8 @@ class OutputPlan:
     reasoning_parser: type[ReasoningParser] | None
     parallel_tool_calls: bool = True  # False: the first call only
     test_text: str | None = None  # see TEST_OUTPUT_ENV
+    calls_made: Counter | None = None  # dynamo_frontend_tool_calls of the model
+    calls_failed: Counter | None = None  # dynamo_frontend_tool_call_parse_failures of the model
 
     @property
     def keep_special_tokens(self) -> bool:
@@ -100,7 +105,7 @@ class OutputPlan:
 
 
 def plan(req: ChatCompletionRequest, card: ModelCard, tool_flag: str | None = None,
-         reasoning_flag: str | None = None) -> OutputPlan | None:
+         reasoning_flag: str | None = None, metrics: FrontendMetrics | None = None) -> OutputPlan | None:
     """The parsers a chat request's output goes through; None when there are none (the lean path)."""
     tools_on = bool(req.tools) and req.tool_choice != "none"
     tool_cls: type[ToolParser] | None = None
@@ -115,14 +120,17 @@ def plan(req: ChatCompletionRequest, card: ModelCard, tool_flag: str | None = No
     rname = reasoning_flag or card.reasoning_parser
     kwargs = req.chat_template_kwargs or {}
     if kwargs.get("enable_thinking") is False or kwargs.get("thinking") is False:
-        rname = None  # the template closed the think block in the prompt (Qwen3, DeepSeek V3.1): all content
+        rname = ""  # the template closed the think block in the prompt (Qwen3, DeepSeek V3.1): all content
     if rname:
         reasoning_cls = _lookup(rname, REASONING_PARSERS,
                                 "--reasoning-parser" if reasoning_flag else f"model card {card.name!r}")
     if tool_cls is None and reasoning_cls is None:
         return None
+    made = failed = None
+    if metrics is not None and tool_cls is not None:
+        made, failed = metrics.tool_calls.labels(card.name), metrics.tool_call_failures.labels(card.name)
     return OutputPlan(tool_cls, reasoning_cls, parallel_tool_calls=req.parallel_tool_calls is not False,
-                      test_text=_TEST_OUTPUT)
+                      test_text=_TEST_OUTPUT, calls_made=made, calls_failed=failed)
 
 
 def new_call_id() -> str:
@@ -179,6 +187,11 @@ class ChoiceOutput:
         out = self.feed(rest) if rest else Parsed()
         end = self.reasoning.finish() if self.reasoning is not None else Parsed()
         tail = self._tools(end, final=True)
+        p = self.plan
+        if p.calls_made is not None and self.ids:
+            p.calls_made.inc(len(self.ids))
+        if p.calls_failed is not None and self.tools is not None and self.tools.failed:
+            p.calls_failed.inc(self.tools.failed)
         out.reasoning += tail.reasoning
         out.content += tail.content
         out.calls += tail.calls

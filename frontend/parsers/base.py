@@ -165,6 +165,7 @@ class ToolParser:
         self.calls = 0  # calls made so far
         self._ws = ""  # whitespace at the end of the content so far, held until text follows it
         self._strip_lead = False  # just after a call: whitespace before the next text is dropped
+        self.failed = 0  # would-be calls (a marker, an opening) that did not decode: sent as content
 
     def feed(self, text: str) -> Parsed:
         self.buf += text
@@ -228,8 +229,10 @@ class ToolParser:
         self._strip_lead = True
         self.calls += 1
 
-    def _raw(self, out: Parsed, text: str) -> None:
-        """A would-be call that is not one: the model's text goes out as content, as written."""
+    def _raw(self, out: Parsed, text: str, failed: bool = True) -> None:
+        """A would-be call that is not one (``failed``), or text that never looked like one: the model's text
+        goes out as content, as written."""
+        self.failed += failed
         self._strip_lead = False
         self._text(out, text)
 

@@ -43,9 +43,9 @@ class Llama3JsonParser(ToolParser):
         self.state = "start"  # start -> calls <-> sep; any -> plain (the rest is content)
         self.scan: JsonScanner | None = None
 
-    def _plain(self, out: Parsed, final: bool) -> None:
+    def _plain(self, out: Parsed, final: bool, failed: bool = False) -> None:
         self.state = "plain"
-        self._raw(out, self.buf)
+        self._raw(out, self.buf, failed)
         self.buf = ""
         if final:
             self._end(out)
@@ -92,18 +92,18 @@ class Llama3JsonParser(ToolParser):
                         self._end(out)
                     return
                 if not stripped.startswith("{"):
-                    return self._plain(out, final)
+                    return self._plain(out, final, failed=True)
                 self.buf = stripped
                 self.scan = JsonScanner(0)
             end = self.scan.end(self.buf)
             if end is None:
                 if final:
-                    return self._plain(out, final)
+                    return self._plain(out, final, failed=True)
                 return
             call = tool_call(_decode(self.buf[:end]), "parameters", "arguments")
             self.scan = None
             if call is None:
-                return self._plain(out, final)
+                return self._plain(out, final, failed=True)
             self._call(out, call)
             self.buf = self.buf[end:]
             self.state = "sep"

@@ -99,9 +99,9 @@ class PythonicParser(ToolParser):
         self.tagged = False
         self.scan = _PyScanner()
 
-    def _plain(self, out: Parsed, final: bool, prefix: str = "") -> None:
+    def _plain(self, out: Parsed, final: bool, prefix: str = "", failed: bool = False) -> None:
         self.state = "plain"
-        self._raw(out, prefix + self.buf)
+        self._raw(out, prefix + self.buf, failed)
         self.buf = ""
         if final:
             self._end(out)
@@ -133,11 +133,11 @@ class PythonicParser(ToolParser):
                 end = self.scan.end(self.buf)
                 if end is None:
                     if final:
-                        return self._plain(out, final, self.start_tag if self.tagged else "")
+                        return self._plain(out, final, self.start_tag if self.tagged else "", failed=True)
                     return
                 calls = _calls(self.buf[:end])
                 if calls is None:
-                    return self._plain(out, final, self.start_tag if self.tagged else "")
+                    return self._plain(out, final, self.start_tag if self.tagged else "", failed=True)
                 for c in calls:
                     self._call(out, c)
                 self.buf = self.buf[end:]

@@ -148,3 +148,20 @@ def test_logprobs_are_never_dropped() -> None:
     held = c.chunk(t, 0, "<tool", b'{"content":[]}')  # held back, but its logprobs go out
     ev = json.loads(held.decode()[6:])
     assert ev["choices"][0]["delta"] == {"content": ""} and ev["choices"][0]["logprobs"] == {"content": []}
+
+
+def test_counters_tell_calls_from_fallbacks() -> None:
+    from frontend.metrics import FrontendMetrics
+
+    m = FrontendMetrics()
+    p = plan(req(tools=TOOLS), card("hermes"), metrics=m)
+    assert p is not None
+    msg, _ = p.message(HERMES_TWO + "<tool_call>not a call</tool_call>", "stop")
+    assert len(msg["tool_calls"]) == 2 and msg["content"].endswith("<tool_call>not a call</tool_call>")
+    assert m.tool_calls.labels("m")._value.get() == 2
+    assert m.tool_call_failures.labels("m")._value.get() == 1
+    c = p.new()  # streamed: counted when the choice ends
+    c.chunk(templates(), 0, HERMES_TWO)
+    assert m.tool_calls.labels("m")._value.get() == 2
+    c.flush(templates(), 0)
+    assert m.tool_calls.labels("m")._value.get() == 4

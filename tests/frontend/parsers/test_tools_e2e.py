@@ -88,6 +88,13 @@ def test_streamed_tool_calls_assemble_to_the_same(client: openai.OpenAI) -> None
     assert reasons[-1] == "tool_calls" and all(r is None for r in reasons[:-1])
 
 
+def test_calls_are_counted(stack: Stack, client: openai.OpenAI) -> None:
+    before = stack.metric("dynamo_frontend_tool_calls_total")
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=4)
+    assert stack.metric("dynamo_frontend_tool_calls_total") == before + 2
+    assert stack.metric("dynamo_frontend_tool_call_parse_failures_total") == 0
+
+
 def test_two_streamed_choices_each_get_the_calls(stack: Stack) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 6, "n": 2, "stream": True,
             "parallel_tool_calls": False}

@@ -151,13 +151,15 @@ class JsonScanner:
 class ToolParser:
     """Base of the tool-call parsers: a text buffer and a ``_step`` that consumes what is certain.
 
-    ``keep_special_tokens``: the format's markers are special tokens of its models' tokenizers, so the
-    frontend must not skip special tokens when it detokenizes (else the parser never sees them).
+    ``keep_special_tokens``: the format's markers are special tokens in some of its models' tokenizers
+    (``[TOOL_CALLS]``, ``<|python_tag|>``, and ``<tool_call>`` in some Hermes-format models), so the frontend
+    must not skip special tokens when it detokenizes or the parser never sees them. Stop tokens stay out of
+    the text either way.
     """
 
     name: ClassVar[str] = ""
     markers: ClassVar[tuple[str, ...]] = ()  # what must never reach content (tests check this)
-    keep_special_tokens: ClassVar[bool] = False
+    keep_special_tokens: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.buf = ""

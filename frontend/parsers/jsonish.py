@@ -36,7 +36,6 @@ class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     tag = "<|python_tag|>"
     markers = (tag,)
-    keep_special_tokens = True  # <|python_tag|> is a special token of the Llama 3 tokenizer
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,7 +114,6 @@ class MistralParser(ToolParser):
     args_tag = "[ARGS]"
     id_tag = "[CALL_ID]"
     markers = (tag, args_tag, id_tag)
-    keep_special_tokens = True  # [TOOL_CALLS] is a control token of Mistral tokenizers
 
     def __init__(self) -> None:
         super().__init__()

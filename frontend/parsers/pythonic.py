@@ -91,7 +91,6 @@ class PythonicParser(ToolParser):
     start_tag = "<|python_start|>"
     end_tag = "<|python_end|>"
     markers = (start_tag, end_tag)
-    keep_special_tokens = True  # Llama 4's python tags are special tokens
 
     def __init__(self) -> None:
         super().__init__()

@@ -71,13 +71,20 @@ def assemble(deltas: list[ToolCallDelta]) -> list[ToolCall]:
 def releasable(buf: str, markers: tuple[str, ...]) -> int:
     """How much of ``buf`` can be released: all of it but the longest tail that is a proper prefix of a
     marker (that tail may still become the marker when the next delta comes)."""
+    n = len(buf)
     keep = 0
     for m in markers:
-        for k in range(min(len(m) - 1, len(buf)), keep, -1):
-            if buf.endswith(m[:k]):
-                keep = k
+        # A held tail starts with the marker's first character, within its length of the end: usually one
+        # C-level find per marker and no slicing (this runs on every delta).
+        i = buf.find(m[0], max(0, n - len(m) + 1))
+        while i >= 0:
+            if n - i <= keep:
                 break
-    return len(buf) - keep
+            if m.startswith(buf[i:]):
+                keep = n - i
+                break
+            i = buf.find(m[0], i + 1)
+    return n - keep
 
 
 def split_ws_tail(text: str) -> tuple[str, str]:
@@ -121,9 +128,10 @@ class JsonScanner:
         self.in_str = False
         self.esc = False
 
-    def end(self, buf: str) -> int | None:
-        """Index just past the value's closing bracket, or None while it is still open."""
-        i, n = self.pos, len(buf)
+    def end(self, buf: str, limit: int | None = None) -> int | None:
+        """Index just past the value's closing bracket, or None while it is still open (looking no further
+        than ``limit``)."""
+        i, n = self.pos, len(buf) if limit is None else limit
         depth, in_str, esc = self.depth, self.in_str, self.esc
         while i < n:
             c = buf[i]

@@ -114,13 +114,13 @@ class DelimitedParser(ToolParser):
         while not self.closed:
             j = buf.find(self.end, scan.pos)
             limit = j if j >= 0 else (len(buf) if final else max(scan.pos, releasable(buf, (self.end,))))
-            self.closed = scan.end(buf[:limit]) is not None
+            self.closed = scan.end(buf, limit) is not None
             self._args(out, buf[self.sent:scan.pos])
             self.sent = scan.pos
             if self.closed:
                 break
             if j >= 0 and scan.in_str:  # the marker is text inside a JSON string: argument text
-                scan.end(buf[: j + len(self.end)])
+                scan.end(buf, j + len(self.end))
                 continue
             if j >= 0 or final:  # cut off before the closing brace: the call ends with what it has
                 return self._end_call(j if j >= 0 else len(buf))

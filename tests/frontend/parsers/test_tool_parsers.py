@@ -121,3 +121,14 @@ def test_a_streaming_call_cut_off_keeps_what_it_has() -> None:
     for k in range(len(text) + 1):
         deltas, calls = stream(tool_parser("hermes"), [text[:k], text[k:]])
         assert calls == assemble(whole.calls) and "".join(deltas) == "after"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(buf=st.text(alphabet="<>/tool_ca[]TOLCS a", max_size=16))
+def test_releasable_holds_exactly_the_longest_marker_prefix(buf: str) -> None:
+    from frontend.parsers.base import releasable
+
+    markers = ("<tool_call>", "</tool_call>", "<<a<<", "[TOOL_CALLS]")
+    keep = max((k for m in markers for k in range(1, min(len(m) - 1, len(buf)) + 1) if buf.endswith(m[:k])),
+               default=0)
+    assert releasable(buf, markers) == len(buf) - keep

@@ -11,7 +11,7 @@ parser, its content through the tool-call parser (``frontend/parsers/``), and th
 
 - non-streamed: ``message.content`` (None when only calls were made), ``message.reasoning_content``,
   ``message.tool_calls = [{id, type: "function", function: {name, arguments}}]`` and
-  ``finish_reason: "tool_calls"`` when a call was made;
+  ``finish_reason: "tool_calls"`` when a call was made (``"length"`` when max_tokens cut a call short);
 - streamed: OpenAI's delta shapes, one SSE event each: ``{"reasoning_content": ...}``, ``{"content": ...}``,
   a call's first delta ``{"tool_calls": [{index, id, type, function: {name, arguments: ""}}]}``, then its
   ``{"tool_calls": [{index, function: {arguments}}]}`` fragments. Hermes and DeepSeek calls stream their
@@ -198,7 +198,11 @@ class ChoiceOutput:
         return out
 
     def reason(self, finish_reason: str | None) -> str | None:
-        return "tool_calls" if self.ids else finish_reason
+        # A call cut off by max_tokens mid-arguments leaves "length" (as OpenAI answers): the client must
+        # know those arguments are incomplete.
+        if not self.ids or (finish_reason == "length" and self.tools is not None and self.tools.cut_off):
+            return finish_reason
+        return "tool_calls"
 
     # ------------------------------------------------------------------ streaming
 

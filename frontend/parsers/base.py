@@ -176,6 +176,7 @@ class ToolParser:
         self._ws = ""  # whitespace at the end of the content so far, held until text follows it
         self._strip_lead = False  # just after a call: whitespace before the next text is dropped
         self.failed = 0  # would-be calls (a marker, an opening) that did not decode: sent as content
+        self.cut_off = False  # the text ended inside a call's arguments (the call is incomplete)
 
     def feed(self, text: str) -> Parsed:
         self.buf += text

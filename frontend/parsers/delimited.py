@@ -123,6 +123,7 @@ class DelimitedParser(ToolParser):
                 scan.end(buf, j + len(self.end))
                 continue
             if j >= 0 or final:  # cut off before the closing brace: the call ends with what it has
+                self.cut_off = j < 0
                 return self._end_call(j if j >= 0 else len(buf))
             return False
         j = buf.find(self.end, scan.pos)

@@ -72,8 +72,11 @@ def test_message_shape() -> None:
     assert all(c["type"] == "function" and c["id"].startswith("call_") and len(c["id"]) == 29 for c in calls)
     assert len({c["id"] for c in calls}) == 2
     # Only calls: content is null, as OpenAI sends it.
-    msg, reason = OutputPlan(tool_parser("hermes"), None).message(HERMES_TWO.split("</think>")[1][10:], "length")
+    msg, reason = OutputPlan(tool_parser("hermes"), None).message(HERMES_TWO.split("</think>")[1][10:], "stop")
     assert msg["content"] is None and reason == "tool_calls" and "reasoning_content" not in msg
+    # Cut off by max_tokens: "length" stays, the last call's arguments are what was written.
+    msg, reason = OutputPlan(tool_parser("hermes"), None).message(HERMES_TWO[:-15], "length")
+    assert reason == "length" and msg["tool_calls"][1]["function"]["arguments"] == "{"
     # No call: the finish reason stays.
     msg, reason = OutputPlan(tool_parser("hermes"), None).message("plain", "length")
     assert msg == {"role": "assistant", "content": "plain"} and reason == "length"

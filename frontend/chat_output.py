@@ -81,8 +81,10 @@ class OutputPlan:
 
     @property
     def keep_special_tokens(self) -> bool:
-        """The tool format's markers are special tokens, which detokenization must keep."""
-        return self.tool_parser is not None and self.tool_parser.keep_special_tokens
+        """The markers may be special tokens of the model's tokenizer, which detokenization must then keep
+        (``<think>`` is one in some reasoning models as well)."""
+        return self.reasoning_parser is not None or (
+            self.tool_parser is not None and self.tool_parser.keep_special_tokens)
 
     def new(self) -> ChoiceOutput:
         return ChoiceOutput(self)

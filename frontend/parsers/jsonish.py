@@ -6,7 +6,7 @@ Llama 3.1 / 3.2 / 3.3 (JSON-based tool calling): the whole reply is the call, op
     {"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}
 
 A reply that does not open with ``{`` or the tag is plain content; text after the last call that is not
-another call goes out as content.
+another call goes out as content. A call that opens with its name streams its parameters as they come.
 
 Mistral: ``[TOOL_CALLS]`` then a JSON list of ``{"name", "arguments"}`` (v0.3 tokenizers), or, in the
 newer tokenizers (v11+), ``[TOOL_CALLS]NAME[ARGS]{...}`` once per call (an optional ``[CALL_ID]id`` after
@@ -37,10 +37,16 @@ class Llama3JsonParser(ToolParser):
     tag = "<|python_tag|>"
     markers = (tag,)
 
+    # {"name": "NAME", "parameters": {   (the name first, as Llama's instruction asks): the call streams
+    _head = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)+)"\s*,\s*"(?:parameters|arguments)"\s*:\s*\{')
+
     def __init__(self) -> None:
         super().__init__()
         self.state = "start"  # start -> calls <-> sep; any -> plain (the rest is content)
-        self.scan: JsonScanner | None = None
+        self.scan: JsonScanner | None = None  # the call object in progress
+        self.args: JsonScanner | None = None  # its arguments, while they stream
+        self.args_done = False
+        self.sent = 0
 
     def _plain(self, out: Parsed, final: bool, failed: bool = False) -> None:
         self.state = "plain"
@@ -94,6 +100,29 @@ class Llama3JsonParser(ToolParser):
                     return self._plain(out, final, failed=True)
                 self.buf = stripped
                 self.scan = JsonScanner(0)
+            if self.args is None:
+                m = self._head.match(self.buf)
+                name = _decode('"' + m.group(1) + '"') if m else None
+                if m and isinstance(name, str):
+                    self._open(out, name)
+                    self.args = JsonScanner(m.end() - 1)
+                    self.sent = m.end() - 1
+                    self.args_done = False
+            if self.args is not None:
+                if not self.args_done:
+                    self.args_done = self.args.end(self.buf) is not None
+                    self._args(out, self.buf[self.sent:self.args.pos])
+                    self.sent = self.args.pos
+                end = self.scan.end(self.buf)  # the call object, around its arguments
+                if end is None and not final:
+                    return
+                if end is None:
+                    self.cut_off = not self.args_done
+                self._close()
+                self.buf = self.buf[end:] if end is not None else ""
+                self.scan = self.args = None
+                self.state = "sep"
+                continue
             end = self.scan.end(self.buf)
             if end is None:
                 if final:

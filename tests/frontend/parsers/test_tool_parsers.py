@@ -132,3 +132,14 @@ def test_releasable_holds_exactly_the_longest_marker_prefix(buf: str) -> None:
     keep = max((k for m in markers for k in range(1, min(len(m) - 1, len(buf)) + 1) if buf.endswith(m[:k])),
                default=0)
     assert releasable(buf, markers) == len(buf) - keep
+
+
+def test_llama3_arguments_stream_as_written() -> None:
+    p = tool_parser("llama3_json")()
+    out = p.feed('<|python_tag|>{"name": "search", "parameters": {"q": "a;b')
+    assert out.content == "" and out.calls == [ToolCallDelta(0, "search", '{"q": "a;b')]
+    assert p.feed('"}}; {"name": "get_time", "parameters": {}}').calls == [
+        ToolCallDelta(0, None, '"}'), ToolCallDelta(1, "get_time", "{}")]
+    assert not p.finish()
+    cut = tool_parser("llama3_json")().parse('{"name": "search", "parameters": {"q": "a')
+    assert assemble(cut.calls) == [ToolCall("search", '{"q": "a')] and cut.content == ""

@@ -14,9 +14,9 @@ parser, its content through the tool-call parser (``frontend/parsers/``), and th
   ``finish_reason: "tool_calls"`` when a call was made (``"length"`` when max_tokens cut a call short);
 - streamed: OpenAI's delta shapes, one SSE event each: ``{"reasoning_content": ...}``, ``{"content": ...}``,
   a call's first delta ``{"tool_calls": [{index, id, type, function: {name, arguments: ""}}]}``, then its
-  ``{"tool_calls": [{index, function: {arguments}}]}`` fragments. Hermes, DeepSeek and Llama 3 JSON calls
-  stream their arguments as the model writes them; Mistral and pythonic calls go out once their text is
-  complete, their arguments in one fragment.
+  ``{"tool_calls": [{index, function: {arguments}}]}`` fragments. Hermes, DeepSeek, Llama 3 JSON and Mistral's
+  ``NAME[ARGS]`` calls stream their arguments as the model writes them; Mistral's JSON list and pythonic
+  calls go out once their text is complete, their arguments in one fragment.
 """
 
 from __future__ import annotations

@@ -150,6 +150,7 @@ class MistralParser(ToolParser):
         self.scan: JsonScanner | None = None
         self.raw = ""  # the would-be call so far, for content if it turns out not to be one
         self.call_name = ""
+        self.sent = 0  # streamed argument text ends here (an index into buf)
 
     def _name_so_far(self, buf: str) -> bool:
         """Whether ``buf`` can still grow into ``NAME[CALL_ID]id[ARGS]`` (a name is short and plain)."""
@@ -233,7 +234,7 @@ class MistralParser(ToolParser):
                 self.call_name = name
                 self.state = "args"
                 continue
-            # args: one JSON object
+            # args: one JSON object, streamed as it comes once its opening brace is seen
             if self.scan is None:
                 stripped = buf.lstrip()
                 if not stripped:
@@ -244,24 +245,18 @@ class MistralParser(ToolParser):
                 if stripped[0] != "{":
                     self._fail(out)
                     continue
-                self.raw += buf[: len(buf) - len(stripped)]
                 self.buf = buf = stripped
                 self.scan = JsonScanner(0)
+                self._open(out, self.call_name)
             end = self.scan.end(buf)
-            if end is None:
-                if final:
-                    self._fail(out)
-                    continue
+            self._args(out, buf[self.sent:self.scan.pos])
+            self.sent = self.scan.pos
+            if end is None and not final:
                 return
-            call = tool_call({"name": self.call_name, "arguments": _decode(buf[:end])}, "arguments")
-            if call is None:
-                tail = buf[end:]
-                self.buf = buf[:end]
-                self._fail(out)
-                self.buf = tail
-                continue
-            self._call(out, call)
-            self.buf = buf[end:]
+            self.cut_off = end is None
+            self._close()
+            self.buf = buf[end:] if end is not None else ""
             self.scan = None
+            self.sent = 0
             self.raw = ""
             self.state = "text"

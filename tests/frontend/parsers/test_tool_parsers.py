@@ -143,3 +143,11 @@ def test_llama3_arguments_stream_as_written() -> None:
     assert not p.finish()
     cut = tool_parser("llama3_json")().parse('{"name": "search", "parameters": {"q": "a')
     assert assemble(cut.calls) == [ToolCall("search", '{"q": "a')] and cut.content == ""
+
+
+def test_mistral_named_form_streams_its_arguments() -> None:
+    p = tool_parser("mistral")()
+    out = p.feed('[TOOL_CALLS]get_weather[ARGS]{"city": "Pa')
+    assert out.calls == [ToolCallDelta(0, "get_weather", '{"city": "Pa')]
+    assert p.feed('ris"}[TOOL_CALLS]get_time[ARGS]{}').calls == [ToolCallDelta(0, None, 'ris"}'),
+                                                                 ToolCallDelta(1, "get_time", "{}")]

@@ -1,8 +1,9 @@
 """Output parsers of chat text: tool calls and reasoning, streamed and not, by format name.
 
 Map:
-- ``base``: result types (``Parsed``, ``ToolCall``), the marker hold-back rule, incremental JSON scanning,
-  the ``ToolParser`` base (feed / finish / parse).
+- ``base``: result types (``Parsed``, ``ToolCall``, ``ToolCallDelta``: a call's name first, then argument
+  fragments), the marker hold-back rule, incremental JSON scanning, the ``ToolParser`` base
+  (feed / finish / parse).
 - ``delimited``: ``hermes`` (Hermes / Qwen ``<tool_call>``) and ``deepseek_v3``.
 - ``jsonish``: ``llama3_json`` and ``mistral``.
 - ``pythonic``: ``pythonic`` (Llama 4 and other ``[f(a=1)]`` models).

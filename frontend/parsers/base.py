@@ -1,7 +1,8 @@
 """What every output parser shares: the result types, the marker hold-back rule and incremental scanners.
 
 A parser is an incremental state machine over the text of one choice: ``feed(delta)`` returns what is now
-certain (content, reasoning, finished tool calls), ``finish()`` flushes what the end of the text decides.
+certain (content, reasoning, tool-call deltas: a call's name once known, then its argument text as it
+comes), ``finish()`` flushes what the end of the text decides.
 The one rule that keeps markers out of ``content`` when a marker is split across stream chunks: text is only
 released when no marker can still start inside it, so a buffer tail that is a prefix of a marker waits for
 the next delta (:func:`releasable`). Non-streamed output is ``feed(text)`` + ``finish()`` on the same

@@ -134,3 +134,37 @@ def test_bad_tool_choice_is_a_400_error_body(stack: Stack) -> None:
     assert r.json() == {"error": {"message": "tool_choice names function 'nope', which is not in tools",
                                   "type": "invalid_request_error", "param": "tool_choice",
                                   "code": "invalid_request"}}
+
+
+THINKING = "<think>The user wants weather.</think>" + TEXT
+
+
+@pytest.fixture(scope="module")
+def reasoning_stack(etcd_server: object, nats_server: object) -> Iterator[Stack]:
+    """A frontend with --reasoning-parser qwen3 (the card names none) over its own mocker worker."""
+    st = Stack(etcd_server.client_url, nats_server.url, "toolsreason")  # type: ignore[attr-defined]
+    st.env[TEST_OUTPUT_ENV] = THINKING
+    st.add_worker("mocker", "agg", "--speedup", "5", "--served-model-name", MODEL)
+    st.start_frontend("--reasoning-parser", "qwen3")
+    try:
+        st.wait_ready(n_instances=1)
+        yield st
+    finally:
+        st.stop()
+
+
+def test_reasoning_and_calls_streamed_and_not(reasoning_stack: Stack) -> None:
+    client = openai.OpenAI(base_url=reasoning_stack.url + "/v1", api_key="none", timeout=60)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=8)
+    msg = r.choices[0].message
+    assert getattr(msg, "reasoning_content", None) == "The user wants weather."
+    assert msg.content == "Let me check." and len(msg.tool_calls or []) == 2
+    reasoning = content = ""
+    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=8,
+                                                stream=True):
+        d = chunk.choices[0].delta
+        reasoning += getattr(d, "reasoning_content", None) or ""
+        piece = d.content or ""
+        assert "<" not in piece  # neither a think nor a tool-call marker, nor the start of one
+        content += piece
+    assert (reasoning, content) == ("The user wants weather.", "Let me check.")

@@ -127,12 +127,15 @@ class DelimitedParser(ToolParser):
                 return self._end_call(j if j >= 0 else len(buf))
             return False
         j = buf.find(self.end, scan.pos)
+        k = buf.find(self.start, scan.pos)
+        if k >= 0 and (j < 0 or k < j):  # the next call began without this one's end marker
+            return self._end_call(k, consume=False)
         if j >= 0 or final:  # what sits between the closing brace and the end marker is the format's
             return self._end_call(j if j >= 0 else len(buf))
         return False
 
-    def _end_call(self, at: int) -> bool:
-        self.buf = self.buf[at + len(self.end):] if at < len(self.buf) else ""
+    def _end_call(self, at: int, consume: bool = True) -> bool:
+        self.buf = self.buf[at + len(self.end) * consume:] if at < len(self.buf) else ""
         self.scan = None
         self.in_call = False
         self._close()

@@ -32,6 +32,9 @@ HERMES: list[Case] = [
     # the end marker inside an argument string is argument text
     ('<tool_call>{"name": "search", "arguments": {"q": "x</tool_call>y", "n": 1}}</tool_call>', "",
      [("search", {"q": "x</tool_call>y", "n": 1})]),
+    # the next call begins before this one's end marker
+    ('<tool_call>{"name": "get_time", "arguments": {}}\n<tool_call>{"name": "get_time", "arguments": {}}'
+     "</tool_call>", "", [T, T]),
     # arguments first: decoded whole at the end marker
     ('<tool_call>{"arguments": {}, "name": "get_time"}</tool_call>', "", [T]),
     ('Sure <tool_call>{"name": "get_time", "parameters": {}}</tool_call> and then more text', "Sure and then more text",

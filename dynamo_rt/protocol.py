@@ -68,6 +68,10 @@ class ModelCard(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int] = msgspec.field(default_factory=list)
     bos_token_id: int | None = None
     created: int = 0
+    # Output parsers the model's chat format needs (frontend/parsers/ names; "" = none); the frontend's
+    # --tool-call-parser / --reasoning-parser override them.
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
 
 
 class NixlRecord(msgspec.Struct, kw_only=True):

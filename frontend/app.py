@@ -28,8 +28,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors
+from frontend import chat_output, tenants
 from frontend import openai_protocol as op
-from frontend import tenants
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.serving import (
@@ -56,6 +56,8 @@ class FrontendConfig:
     keys: tenants.KeyRing | None = None  # API key -> tenant (--api-key / --api-keys-file); None: no auth
     worker_wait_timeout: float = 0.0  # > 0: a request for a model with no ready worker waits this long for one
     response_ttl: float = 24 * 3600.0  # seconds a stored /v1/responses response lives (NATS KV bucket TTL)
+    tool_call_parser: str | None = None  # overrides the model card's (frontend/parsers/ names)
+    reasoning_parser: str | None = None
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -263,6 +265,8 @@ class Frontend:
             b = nvext.backend_instance_id
             pinned = f"{b:016x}" if isinstance(b, int) else str(b)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        output = chat_output.plan(req, sm.card, self.cfg.tool_call_parser, self.cfg.reasoning_parser,
+                                  self.metrics) if kind == "chat" else None
         for pr in prompts:
             self.metrics.input_tokens.labels(sm.name).inc(len(pr))
         self.metrics.model_requests.labels(sm.name).inc()
@@ -271,8 +275,8 @@ class Frontend:
                         logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
                         created=int(time.time()), echo=bool(getattr(req, "echo", False)),
                         prompt_texts=prompt_texts, include_stop_str=req.include_stop_str_in_output,
-                        skip_special_tokens=req.skip_special_tokens,
-                        deadline=time.time() + self.cfg.request_timeout, cache_salt=salt)
+                        skip_special_tokens=req.skip_special_tokens and not (output and output.keep_special_tokens),
+                        deadline=time.time() + self.cfg.request_timeout, cache_salt=salt, output=output)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is known to be over the limit: by its Content-Length

@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
          help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
               "still running then end with an error event and [DONE]")
+    flag(p, "--tool-call-parser", env="DYN_TOOL_CALL_PARSER", default=None,
+         help="parse tool calls out of chat output in this format (overrides the model card's): "
+              "hermes, qwen, llama3_json, mistral, deepseek_v3, pythonic")
+    flag(p, "--reasoning-parser", env="DYN_REASONING_PARSER", default=None,
+         help="split reasoning_content from content (overrides the model card's): deepseek_r1, qwen3")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -101,6 +106,12 @@ def check_args(args: argparse.Namespace) -> None:
         from frontend.tenants import load_keys
 
         load_keys(args.api_key, args.api_keys_file)  # a malformed file stops the process here, naming the flag
+    from frontend.parsers import reasoning_parser, tool_parser
+
+    if args.tool_call_parser:
+        tool_parser(args.tool_call_parser)
+    if args.reasoning_parser:
+        reasoning_parser(args.reasoning_parser)
 
 
 @contextlib.asynccontextmanager
@@ -138,7 +149,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout,
                          keys=load_keys(args.api_key, args.api_keys_file), worker_wait_timeout=args.worker_wait_timeout,
-                         response_ttl=args.response_ttl)
+                         response_ttl=args.response_ttl, tool_call_parser=args.tool_call_parser,
+                         reasoning_parser=args.reasoning_parser)
     if cfg.keys is not None:  # counts only: a key never reaches a log
         log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
     try:

@@ -48,6 +48,11 @@ class FrontendMetrics:
                                   ["model"], registry=r)
         self.disconnects = Counter("dynamo_frontend_client_disconnects", "Clients that left mid-request",
                                    ["model"], registry=r)
+        self.tool_calls = Counter("dynamo_frontend_tool_calls", "Tool calls parsed out of chat output",
+                                  ["model"], registry=r)
+        self.tool_call_failures = Counter("dynamo_frontend_tool_call_parse_failures",
+                                          "Would-be tool calls in chat output that did not decode (sent as content)",
+                                          ["model"], registry=r)
 
     def watch_prompt_caches(self, models: Callable[[], Iterable[tuple[str, Preprocessor]]]) -> None:
         """Report the chat prompt piece caches of the served models' preprocessors, read at scrape time

@@ -125,8 +125,9 @@ class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
     max_completion_tokens: Int32 | None = None  # the newer name of max_tokens; wins when both are set
     logprobs: bool = False
     top_logprobs: Int32 | None = None
-    tools: list[dict[str, Any]] | None = None  # handed to the chat template (no tool-call parsing of output)
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template; calls parsed by chat_output.py
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None  # False: at most one call per choice
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (e.g. enable_thinking)
@@ -295,6 +296,7 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             raise _bad(
                 f"messages[{i}].tool_calls is only allowed on assistant messages", f"messages[{i}].tool_calls"
             )
+    _validate_tools(req)
     if req.top_logprobs is not None:
         if not (0 <= req.top_logprobs <= MAX_TOP_LOGPROBS_CHAT):
             raise _bad(
@@ -308,6 +310,59 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             f"response_format type {req.response_format.get('type')!r} is not supported (only 'text')",
             "response_format",
         )
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _validate_tools(req: ChatCompletionRequest) -> None:
+    """tools, tool_choice and the tool parts of messages, as OpenAI checks them (400 naming the field)."""
+    names: list[str] = []
+    for i, tool in enumerate(req.tools or ()):
+        where = f"tools[{i}]"
+        if tool.get("type") != "function":
+            raise _bad(f"{where}.type must be 'function', got {tool.get('type')!r}", f"{where}.type")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise _bad(f"{where}.function must be an object", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise _bad(f"{where}.function.name must be 1-64 characters of a-z, A-Z, 0-9, '_', '-' or '.', "
+                       f"got {name!r}", f"{where}.function.name")
+        if name in names:
+            raise _bad(f"{where}.function.name {name!r} is declared twice", f"{where}.function.name")
+        names.append(name)
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise _bad(f"{where}.function.description must be a string", f"{where}.function.description")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise _bad(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
+        if "strict" in fn and not isinstance(fn["strict"], bool | None):
+            raise _bad(f"{where}.function.strict must be a boolean", f"{where}.function.strict")
+    choice = req.tool_choice
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise _bad(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a function object, got {choice!r}",
+                       "tool_choice")
+        if choice == "required" and not names:
+            raise _bad("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+    elif choice is not None:
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise _bad('tool_choice must be {"type": "function", "function": {"name": ...}}', "tool_choice")
+        if name not in names:
+            raise _bad(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
+    for i, msg in enumerate(req.messages):
+        if msg.role == "tool" and not msg.tool_call_id:
+            raise _bad(f"messages[{i}].tool_call_id is required for role 'tool'", f"messages[{i}].tool_call_id")
+        for j, call in enumerate(msg.tool_calls or ()):
+            where = f"messages[{i}].tool_calls[{j}]"
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise _bad(f"{where}.function.name is required", f"{where}.function.name")
+            if not isinstance(fn.get("arguments", ""), str | dict):
+                raise _bad(f"{where}.function.arguments must be a JSON string", f"{where}.function.arguments")
 
 
 def _validate_completion(req: CompletionRequest) -> None:

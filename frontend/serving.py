@@ -31,6 +31,7 @@ from dynamo_rt.protocol import (
     encode,
 )
 from dynamo_rt.transport import ResponseStream, Transport
+from frontend.chat_output import OutputPlan
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 
@@ -72,6 +73,7 @@ class Prepared:
     skip_special_tokens: bool = True
     deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
     cache_salt: str = ""  # tenant salt (frontend/tenants.py): seeds every block hash of this request
+    output: OutputPlan | None = None  # tool-call / reasoning parsing of chat output (frontend/chat_output.py)
 
     def remaining(self) -> float:
         """Seconds left before the deadline; DeadlineExceeded once it has passed."""
@@ -452,10 +454,17 @@ async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[byte
             res = ChoiceResult(index=0, prompt_tokens=len(p.prompts[0]))
             if p.kind == "chat":
                 yield t.content(0, "", role=True)
-            async for text, lps in choice_events(engine, p, p.prompts[0], res):
-                yield t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
+            post = p.output.new() if p.output is not None else None  # tool calls / reasoning
+            if post is not None:
+                async for chunk in post.stream(t, 0, choice_events(engine, p, p.prompts[0], res),
+                                               lambda lps: orjson.dumps(logprobs_json(p, pre, lps))):
+                    yield chunk
+            else:
+                async for text, lps in choice_events(engine, p, p.prompts[0], res):
+                    yield t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
             # finish + usage + [DONE] leave in one write (the response sender sees the DONE suffix).
-            tail = t.finish(0, res.finish_reason or "stop")
+            tail = t.finish(0, res.finish_reason or "stop") if post is None else \
+                post.finish_chunk(t, 0, res.finish_reason)
             if p.include_usage:
                 tail += t.usage(usage_dict([res], len(p.prompts[0])))
             yield tail + DONE
@@ -469,6 +478,7 @@ async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[byte
         if p.kind == "chat":
             for i in range(len(tasks)):
                 yield t.content(i, "", role=True)
+        posts = [p.output.new() for _ in tasks] if p.output is not None else None  # tool calls / reasoning
         results: list[ChoiceResult] = []
         getter = asyncio.ensure_future(queue.get())
         finisher = asyncio.ensure_future(done_q.get())
@@ -479,16 +489,20 @@ async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[byte
                     i, text, lps = getter.result()
                     getter = asyncio.ensure_future(queue.get())
                     lp = orjson.dumps(logprobs_json(p, pre, lps)) if lps else None
-                    yield t.content(i, text, lp)
+                    yield t.content(i, text, lp) if posts is None else posts[i].chunk(t, i, text, lp)
                     continue
                 i = finisher.result()
                 finisher = asyncio.ensure_future(done_q.get())
                 while not queue.empty():  # deltas of this choice queued before it ended go first
                     j, text, lps = queue.get_nowait()
-                    yield t.content(j, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)
+                    lp = orjson.dumps(logprobs_json(p, pre, lps)) if lps else None
+                    yield t.content(j, text, lp) if posts is None else posts[j].chunk(t, j, text, lp)
                 r = tasks[i].result()  # raises the choice's error
                 results.append(r)
-                yield t.finish(i, r.finish_reason or "stop")
+                if posts is None:
+                    yield t.finish(i, r.finish_reason or "stop")
+                else:
+                    yield posts[i].flush(t, i) + posts[i].finish_chunk(t, i, r.finish_reason)
         finally:
             getter.cancel()
             finisher.cancel()
@@ -529,8 +543,9 @@ async def complete(engine: Dispatcher, p: Prepared) -> dict[str, Any]:
     for r in results:
         lp = logprobs_json(p, pre, r.logprobs) if p.logprobs is not None and r.logprobs else None
         if p.kind == "chat":
-            choices.append({"index": r.index, "message": {"role": "assistant", "content": r.text},
-                            "logprobs": lp, "finish_reason": r.finish_reason})
+            msg, reason = ({"role": "assistant", "content": r.text}, r.finish_reason) if p.output is None \
+                else p.output.message(r.text, r.finish_reason)  # tool calls / reasoning
+            choices.append({"index": r.index, "message": msg, "logprobs": lp, "finish_reason": reason})
         else:
             text = (p.prompt_texts[r.index // p.n] + r.text) if p.echo and p.prompt_texts else r.text
             choices.append({"index": r.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})

@@ -26,6 +26,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynamo_rt import errors
+from dynamo_rt.chat_formats import parsers_for_model_dir
 from dynamo_rt.discovery import Registry
 from dynamo_rt.protocol import (
     Data,
@@ -176,10 +177,12 @@ class WorkerRuntime:
             kv_block_size=info.block_size, max_context=info.context_length, host=socket.gethostname(),
             pid=os.getpid(), extra=self._instance_extra(),
         )
+        tool_parser, reasoning_parser = parsers_for_model_dir(info.path)  # what its chat template writes
         card = ModelCard(
             name=info.name, context_length=info.context_length, kv_block_size=info.block_size,
             tokenizer_bucket=models_bucket(self.ns), tokenizer_files=files, tokenizer_digest=digest,
             eos_token_ids=list(info.eos_token_ids), bos_token_id=info.bos_token_id, created=int(time.time()),
+            tool_call_parser=tool_parser, reasoning_parser=reasoning_parser,
         )
         # Model card before the instance: a frontend that sees the instance can always find the tokenizer.
         await self.registry.register_model(card)

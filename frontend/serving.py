@@ -71,6 +71,8 @@ class Prepared:
     include_stop_str: bool = False
     skip_special_tokens: bool = True
     deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
+    # The seed of a request that names none: assigned here so every attempt of a choice draws the same stream.
+    assigned_seed: int = field(default_factory=lambda: secrets.randbits(63))
 
     def remaining(self) -> float:
         """Seconds left before the deadline; DeadlineExceeded once it has passed."""
@@ -78,20 +80,6 @@ class Prepared:
         if left <= 0:
             raise errors.DeadlineExceeded("request deadline exceeded")
         return left
-
-    def not_replayable(self) -> str:
-        """Why a migration could not continue this request faithfully ("" when it can).
-
-        Greedy and unseeded sampling continue correctly from prompt + generated tokens. A seeded sampler's
-        random stream cannot be resumed on another worker, and presence / frequency penalties count only
-        the output, which the new worker would see as prompt.
-        """
-        s = self.sampling
-        if s.seed is not None and s.temperature > 0:
-            return "it samples with a seed (its random stream cannot be resumed elsewhere)"
-        if s.presence_penalty or s.frequency_penalty:
-            return "presence/frequency penalties count output tokens only"
-        return ""
 
 
 @dataclass
@@ -125,23 +113,27 @@ class Dispatcher:
         self.migration_limit = migration_limit
         self.test_fault_after_tokens = _test_fault_after_tokens()
 
-    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int, *, generated: int = 0,
+    async def open(self, p: Prepared, prompt: list[int], sub_id: str, index: int, *, generated: int = 0,
                    exclude: set[str] | None = None
                    ) -> tuple[ResponseStream, Callable[[], None], str, Callable[[], None]]:
-        """Start one choice; returns its stream, a callback to run when it ends (router bookkeeping), the
-        worker's id and a callback to run at its first token (the router stops counting its prefill).
-        ``generated`` tokens were produced before (a migration): they are part of ``prompt`` and count
-        against max_tokens / min_tokens; ``exclude`` lists workers that failed this request."""
+        """Start choice ``index``; returns its stream, a callback to run when it ends (router bookkeeping),
+        the worker's id and a callback to run at its first token (the router stops counting its prefill).
+        ``generated`` tokens were produced before (a migration): they are the tail of ``prompt``, sent as
+        ``output_offset``, and count against max_tokens / min_tokens; ``exclude`` lists workers that failed
+        this request."""
         sm = p.model
         sampling = p.sampling
-        if seed_offset and sampling.seed is not None:
-            sampling = SamplingParams(**{**_struct_dict(sampling), "seed": sampling.seed + seed_offset})
+        if sampling.temperature > 0:
+            seed = choice_seed(p.assigned_seed if sampling.seed is None else sampling.seed, index)
+            if seed != sampling.seed:
+                sampling = SamplingParams(**{**_struct_dict(sampling), "seed": seed})
         stop = p.stop
         if generated:
             stop = StopConditions(max_tokens=stop.max_tokens - generated,
                                   min_tokens=max(0, stop.min_tokens - generated),
                                   stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
-        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name)
+        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name,
+                              output_offset=generated)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers and exclude:
@@ -187,7 +179,7 @@ class Dispatcher:
         # The real stop conditions: the prefill worker produces one token either way, and skips the hand-off
         # when that token already ends the request.
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
-                               stop=req.stop, model=req.model, prefill_only=True)
+                               stop=req.stop, model=req.model, prefill_only=True, output_offset=req.output_offset)
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
@@ -205,6 +197,21 @@ class Dispatcher:
             return None
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` (n > 1): the request's own for choice 0, a splitmix64 mix of
+    ``(seed, index)`` for the others, so no choice shares a stream with another request's (``seed + index``
+    would: choice 1 of seed 7 is choice 0 of seed 8)."""
+    if index == 0:
+        return seed
+    x = (seed + 0x9E3779B97F4A7C15 * index) & _MASK64
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: a non-negative int64 on the wire
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:
@@ -412,10 +419,6 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
             except errors.DynamoError as exc:
                 if not _migratable(exc) or attempt >= engine.migration_limit:
                     raise
-                why = p.not_replayable()
-                if why:
-                    raise errors.Unavailable(f"{exc.message}; the request cannot be moved to another worker "
-                                             f"because {why}") from None
                 attempt += 1
                 if worker:
                     excluded.add(worker)

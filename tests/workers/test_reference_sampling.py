@@ -15,7 +15,7 @@ from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import ReferenceEngine
-from workers.reference.sampler import SampleSpec, sample
+from workers.reference.sampler import SampleSpec, sample, stream_uniform
 
 PROMPT = [17, 401, 93, 1200, 55, 760, 31, 1501, 99, 250, 1000, 7, 1777]
 
@@ -148,8 +148,7 @@ def test_sampler_penalties_and_suppression() -> None:
 def test_sampler_top_k_min_p_limits_and_logprobs() -> None:
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.9, 1.8, 1.7, -10.0, 1.6]]).repeat(200, 1)
-    gens = [torch.Generator().manual_seed(i) for i in range(200)]
-    specs = [SampleSpec(temperature=1.0, top_k=2, generator=g) for g in gens]
+    specs = [SampleSpec(temperature=1.0, top_k=2, seed=i) for i in range(200)]
     toks, _ = sample(logits, specs)
     assert set(toks) == {0, 1}
     specs = [SampleSpec(temperature=1.0, min_p=0.95) for _ in range(200)]
@@ -162,3 +161,29 @@ def test_sampler_top_k_min_p_limits_and_logprobs() -> None:
     assert lp is not None and lp.token_id == 0
     assert lp.logprob == pytest.approx(ref[0].item(), abs=1e-6)
     assert [t for t, _ in lp.top] == [0, 1]
+
+
+def test_random_stream_is_splitmix64_and_depends_on_seed_position_only() -> None:
+    # splitmix64 seeded with 0: its first output is 0xE220A8397B1DCDAF (the published test vector).
+    assert stream_uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) / 2.0**53
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    alone = [sample(logits[i:i + 1], [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i)])[0][0]
+             for i in range(6)]
+    batched = sample(logits, [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i) for i in range(6)])[0]
+    assert alone == batched  # the batch around a row does not move its draw
+    mixed = [SampleSpec(temperature=0.0)] + [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i)
+                                            for i in range(1, 6)]
+    assert sample(logits, mixed)[0][1:] == batched[1:]
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_orders_ties_by_token_id() -> None:
+    # Two tied tokens (ids 1 and 3) hold 0.25 each; token 0 holds 0.5. The canonical order is 0, 1, 3, so
+    # u in [0, .5) -> 0, [.5, .75) -> 1, [.75, 1) -> 3.
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.0, 0.25]]))
+    n = 4000
+    toks = sample(logits.repeat(n, 1), [SampleSpec(temperature=1.0, seed=5, position=i) for i in range(n)])[0]
+    for i, tok in enumerate(toks):
+        u = stream_uniform(5, i)
+        assert tok == (0 if u < 0.5 else 1 if u < 0.75 else 3), (u, tok)
+    assert abs(toks.count(0) / n - 0.5) < 0.03 and abs(toks.count(1) / n - 0.25) < 0.03
+    assert 2 not in toks

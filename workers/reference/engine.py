@@ -58,7 +58,6 @@ from workers.reference.kvbm import KvTiers, TierConfig, model_fingerprint, open_
 from workers.reference.model import DecoderModel, ModelConfig, parse_dtype, rope_inv_freq
 from workers.reference.native import NativeDecode, enabled_by_env, load_library
 from workers.reference.requests import Request, eos_ids, first_logprob, new_request
-from workers.reference.sampler import skip_draw
 from workers.reference.scheduler import Scheduler, SeqState
 from workers.reference.stepper import StepThread
 
@@ -338,9 +337,7 @@ class ReferenceEngine:
             if kt is not None and kt.first_token >= 0 and not req.prefill_only:
                 # Decode side of disagg: the first token is known; emit it, then continue from it.
                 first = kt.first_token
-                seq.tokens.append(first)
-                if seq.sampling.generator is not None:
-                    skip_draw(seq.sampling.generator, self.vocab_size, self.device)
+                seq.tokens.append(first)  # the prefill worker drew it at position output_offset
                 reason = seq.finish_reason(first, self.info.context_length)
                 seq.sent_first = True
                 lp = first_logprob(kt) if req.sampling.logprobs is not None else None

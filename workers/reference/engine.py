@@ -60,6 +60,7 @@ from workers.reference.native import NativeDecode, enabled_by_env, load_library
 from workers.reference.requests import Request, eos_ids, first_logprob, new_request
 from workers.reference.scheduler import Scheduler, SeqState
 from workers.reference.stepper import StepThread
+from workers.reference.testfaults import KillSwitch, from_env
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class ReferenceEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: KvEventSink | None = None
         self._steps_before = 0  # forwards of earlier runs (start / stop / start)
+        self.kill_switch: KillSwitch = from_env()  # test-only crash points (testfaults.py); inert when unset
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -183,7 +185,7 @@ class ReferenceEngine:
         self._thread = StepThread(self._sched, self._batch, self.pool.tensor, lock=self._lock, wake=self._wake,
                                   loop=self._loop, flush_events=self._flush_events_locked,
                                   context_length=self.info.context_length, torch_threads=self.torch_threads,
-                                  name=f"ref-engine-{self.info.name}")
+                                  name=f"ref-engine-{self.info.name}", kill_switch=self.kill_switch)
         self._thread.start()
 
     def _load(self) -> None:
@@ -376,6 +378,7 @@ class ReferenceEngine:
         blocks = await seq.load_future
         ok = False
         try:
+            self.kill_switch.kv_load(self._loop)
             await self.kv_loader(kt, list(blocks))
             ok = True
         except Exception as e:  # any loader failure means: compute the prompt here instead

@@ -9,7 +9,7 @@ The draw is counter-based, so any worker can replay it: one uniform ``u`` per ro
 splitmix64 output of the request's ``seed`` at counter ``position`` (output tokens the request produced
 before this one, on whatever worker: the prefill worker draws position 0, its decode worker continues at 1,
 a request migrated after k tokens resumes at k). The token is the inverse CDF of ``u`` over the filtered
-distribution in a canonical order (probability descending, ties by token id), so it depends only on
+distribution in token-id order (top-k / top-p ties broken by token id), so it depends only on
 ``(seed, position, logits)``: not on the batch, the worker or what was drawn before.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the logits before any processing).
@@ -123,7 +123,7 @@ def _draw(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
     dev = logits.device
     temps = torch.tensor([s.temperature for s in specs], dtype=logits.dtype, device=dev)
     x = logits / temps[:, None]
-    # Stable: equal logits keep token-id order, so the canonical order (and the draw) has no ties to break.
+    # Stable: equal logits keep token-id order, so top-k / top-p keep the same tokens on every worker.
     x, idx = x.sort(dim=-1, descending=True, stable=True)
     if any(s.top_k > 0 for s in specs):
         ks = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs], device=dev)
@@ -138,11 +138,13 @@ def _draw(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
         mp = torch.tensor([s.min_p for s in specs], dtype=probs.dtype, device=dev)
         x.masked_fill_(probs < mp[:, None] * probs[:, :1], float("-inf"))
         probs = torch.softmax(x, dim=-1)
-    # Every filter keeps a prefix of the sorted order, so the kept tokens are the first ``kept`` columns.
-    kept = (probs > 0).sum(dim=-1, keepdim=True)
-    cdf = probs.double().cumsum_(dim=-1)
+    # The CDF runs in token-id order, not in the sorted order: a float difference of 1e-6 between two
+    # workers' logits then only nudges interval boundaries, where in sorted order it could swap two near-equal
+    # tokens and hand one's interval to the other (seen: ~1 draw in 2000 changed after a migration).
+    p_id = torch.zeros_like(probs).scatter_(1, idx, probs)
+    cdf = p_id.double().cumsum_(dim=-1)
     u = torch.tensor([stream_uniform(s.seed, s.position) for s in specs], dtype=torch.float64, device=dev)
     choice = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)
-    # u * total can round up to the total itself: that is the last kept token.
-    choice = torch.minimum(choice, kept - 1)
-    return idx.gather(1, choice)[:, 0]
+    # u * total can round up to the total itself: that is the last token with any probability.
+    last = vocab - 1 - (p_id.flip(-1) > 0).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return torch.minimum(choice, last)[:, 0]

@@ -165,8 +165,12 @@ class Dispatcher:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
             stream = await self.transport.call(rec.subject, sub_id, encode(req),
                                                timeout=min(self.request_timeout, p.remaining()))
-        except BaseException:
+        except BaseException as exc:
             done()
+            if exclude is not None and isinstance(exc, errors.DynamoError):
+                # The worker failed before a stream existed (gone, no responder): the caller never learns its
+                # id, so mark it here, or a pinned request would retry the dead worker until its lease ends.
+                exclude.add(decision.worker_id)
             raise
         return stream, done, decision.worker_id, first
 
@@ -389,12 +393,15 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                         else:
                             itl.observe((now - last) / len(ids))
                         last = now
+                        if p.stop_strings and len(ids) > 1:
+                            delta, reason, ids, lps = _process_each(proc, ids, lps)
+                        else:
+                            delta, reason = proc.process(ids)
                         res.token_ids.extend(ids)
                         if fault is not None and len(res.token_ids) >= fault:
                             raise RuntimeError(f"test fault ({TEST_FAULT_ENV}) after {len(res.token_ids)} tokens")
                         if lps and want_lp:
                             res.logprobs.extend(lps)
-                        delta, reason = proc.process(ids)
                         if delta or (lps and want_lp):
                             res.text += delta
                             yield delta, lps if want_lp else None
@@ -433,6 +440,20 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
     finally:
         sm.inflight -= 1
     m.output_tokens.labels(sm.name).inc(res.completion_tokens)
+
+
+def _process_each(proc: Any, ids: list[int], lps: list[TokenLogprob] | None
+                  ) -> tuple[str, str | None, list[int], list[TokenLogprob] | None]:
+    """``proc.process`` one id at a time, so a stop string ends the choice at the token that completes it
+    whatever the frame coalescing (else the tokens, logprobs and usage after it depend on how many frames
+    were pending, and a migrated or a busy stream would differ from a quiet one)."""
+    text = ""
+    for k, t in enumerate(ids):
+        delta, reason = proc.process((t,))
+        text += delta
+        if reason is not None:
+            return text, reason, ids[:k + 1], lps[:k + 1] if lps else lps
+    return text, None, ids, lps
 
 
 def _migratable(exc: errors.DynamoError) -> bool:

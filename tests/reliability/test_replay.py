@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from dynamo_rt.discovery import DiscoveryView, Registry
+from frontend.serving import choice_seed
 from tests.conftest import arun
 from tests.stack import Proc, Stack
 
@@ -324,3 +325,10 @@ def test_disagg_decode_prefill_and_nixl_read_kills_replay_exactly(etcd_server: o
         raise
     finally:
         st.stop()
+
+
+def test_choice_seeds_are_the_request_seed_then_mixed_per_index() -> None:
+    assert choice_seed(7, 0) == 7
+    seeds = {choice_seed(s, i) for s in range(50) for i in range(1, 8)}
+    assert len(seeds) == 350 and all(0 <= x < 2**63 for x in seeds)
+    assert choice_seed(7, 1) != choice_seed(8, 0)  # seed + index made these one stream

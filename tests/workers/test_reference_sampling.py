@@ -186,3 +186,35 @@ def test_inverse_cdf_draw_runs_in_token_id_order_and_follows_the_distribution() 
         assert tok == (0 if u < 0.25 else 1 if u < 0.75 else 3), (u, tok)
     assert abs(toks.count(0) / n - 0.25) < 0.03 and abs(toks.count(1) / n - 0.5) < 0.03
     assert 2 not in toks
+
+
+def test_resume_at_output_offset_equals_the_uninterrupted_run(tiny: Path) -> None:
+    """What a migration sends: prompt + the first k outputs with output_offset=k, to an agg worker or as a
+    prefill-only request plus a decode request that continues from its first token. In float64 (the
+    replayable mode) tokens and logprobs equal the uninterrupted run's bit for bit; the presence / frequency
+    penalties are strong, so counting the tail as prompt would show."""
+    sp: dict[str, Any] = {"temperature": 1.1, "top_p": 0.9, "seed": 4242, "logprobs": 2,
+                          "presence_penalty": 1.5, "frequency_penalty": 1.0}
+
+    async def run(eng: ReferenceEngine, rid: str, toks: list[int], off: int, n: int,
+                  **kw: Any) -> tuple[list[int], list[Any], Any]:
+        req = GenerateRequest(request_id=rid, token_ids=toks, output_offset=off, sampling=SamplingParams(**sp),
+                              stop=StopConditions(max_tokens=n, ignore_eos=True), **kw)
+        outs = [o async for o in eng.generate(req)]
+        kt = next((o.kv_transfer for o in outs if o.kv_transfer is not None), None)
+        return [t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs or []], kt
+
+    async def fn(eng: ReferenceEngine) -> None:
+        n = 40
+        base, base_lp, _ = await run(eng, "base", PROMPT, 0, n)
+        for k in (1, 9, 23):
+            got, lp, _ = await run(eng, f"agg{k}", PROMPT + base[:k], k, n - k)
+            assert got == base[k:] and lp == base_lp[k:], k
+            first, first_lp, kt = await run(eng, f"pre{k}", PROMPT + base[:k], k, n - k, prefill_only=True)
+            assert first == base[k:k + 1] and first_lp == base_lp[k:k + 1] and kt is not None
+            got, _, _ = await run(eng, f"dec{k}", PROMPT + base[:k], k, n - k, kv_transfer=kt)
+            assert got == base[k:], k
+        as_prompt, _, _ = await run(eng, "noff", PROMPT + base[:9], 0, n - 9)
+        assert as_prompt != base[9:]  # the same tokens as prompt: other penalties, other draws
+
+    _with_engine(tiny, fn, dtype="float64")

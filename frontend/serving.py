@@ -123,7 +123,7 @@ class Dispatcher:
         this request."""
         sm = p.model
         sampling = p.sampling
-        if sampling.temperature > 0:
+        if sampling.temperature > 0 and (sampling.seed is not None or replays(sm)):
             seed = choice_seed(p.assigned_seed if sampling.seed is None else sampling.seed, index)
             if seed != sampling.seed:
                 sampling = SamplingParams(**{**_struct_dict(sampling), "seed": seed})
@@ -201,6 +201,29 @@ class Dispatcher:
             return None
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
+
+
+# Engines that resume a request at ``output_offset`` exactly: counter-based random stream, penalties over the
+# offset tail (the reference engine; the mocker's outputs are a function of the position). The others
+# (vLLM, SGLang, TRT-LLM) restart their sampler state on the new worker.
+REPLAY_ENGINES = frozenset({"reference", "mocker"})
+
+
+def replays(sm: ServedModel) -> bool:
+    """Every worker of ``sm`` replays a migrated request exactly (then any request may migrate, and an
+    unseeded sampled one gets a seed so that it replays too)."""
+    return bool(sm.instances) and all(r.engine in REPLAY_ENGINES for r in sm.instances.values())
+
+
+def _not_replayable(p: Prepared) -> str:
+    """On an engine that does not replay: why migrating ``p`` would change its output ("" when it would not:
+    greedy, or unseeded sampling, which continues as a valid sample)."""
+    s = p.sampling
+    if s.seed is not None and s.temperature > 0:
+        return "it samples with a seed and this engine cannot resume its random stream elsewhere"
+    if s.presence_penalty or s.frequency_penalty:
+        return "presence/frequency penalties count output tokens only, and this engine would count them as prompt"
+    return ""
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -426,6 +449,10 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
             except errors.DynamoError as exc:
                 if not _migratable(exc) or attempt >= engine.migration_limit:
                     raise
+                why = "" if replays(sm) else _not_replayable(p)
+                if why:
+                    raise errors.Unavailable(f"{exc.message}; the request cannot be moved to another worker "
+                                             f"because {why}") from None
                 attempt += 1
                 if worker:
                     excluded.add(worker)

@@ -476,7 +476,7 @@ def _process_each(proc: Any, ids: list[int], lps: list[TokenLogprob] | None
     were pending, and a migrated or a busy stream would differ from a quiet one)."""
     text = ""
     for k, t in enumerate(ids):
-        delta, reason = proc.process((t,))
+        delta, reason = proc.process([t])
         text += delta
         if reason is not None:
             return text, reason, ids[:k + 1], lps[:k + 1] if lps else lps

@@ -74,6 +74,8 @@ class Prepared:
     deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
     cache_salt: str = ""  # tenant salt (frontend/tenants.py): seeds every block hash of this request
     output: OutputPlan | None = None  # tool-call / reasoning parsing of chat output (frontend/chat_output.py)
+    # The seed of a request that names none: assigned here so every attempt of a choice draws the same stream.
+    assigned_seed: int = field(default_factory=lambda: secrets.randbits(63))
 
     def remaining(self) -> float:
         """Seconds left before the deadline; DeadlineExceeded once it has passed."""
@@ -81,20 +83,6 @@ class Prepared:
         if left <= 0:
             raise errors.DeadlineExceeded("request deadline exceeded")
         return left
-
-    def not_replayable(self) -> str:
-        """Why a migration could not continue this request faithfully ("" when it can).
-
-        Greedy and unseeded sampling continue correctly from prompt + generated tokens. A seeded sampler's
-        random stream cannot be resumed on another worker, and presence / frequency penalties count only
-        the output, which the new worker would see as prompt.
-        """
-        s = self.sampling
-        if s.seed is not None and s.temperature > 0:
-            return "it samples with a seed (its random stream cannot be resumed elsewhere)"
-        if s.presence_penalty or s.frequency_penalty:
-            return "presence/frequency penalties count output tokens only"
-        return ""
 
 
 @dataclass
@@ -128,24 +116,27 @@ class Dispatcher:
         self.migration_limit = migration_limit
         self.test_fault_after_tokens = _test_fault_after_tokens()
 
-    async def open(self, p: Prepared, prompt: list[int], sub_id: str, seed_offset: int, *, generated: int = 0,
+    async def open(self, p: Prepared, prompt: list[int], sub_id: str, index: int, *, generated: int = 0,
                    exclude: set[str] | None = None
                    ) -> tuple[ResponseStream, Callable[[], None], str, Callable[[], None]]:
-        """Start one choice; returns its stream, a callback to run when it ends (router bookkeeping), the
-        worker's id and a callback to run at its first token (the router stops counting its prefill).
-        ``generated`` tokens were produced before (a migration): they are part of ``prompt`` and count
-        against max_tokens / min_tokens; ``exclude`` lists workers that failed this request."""
+        """Start choice ``index``; returns its stream, a callback to run when it ends (router bookkeeping),
+        the worker's id and a callback to run at its first token (the router stops counting its prefill).
+        ``generated`` tokens were produced before (a migration): they are the tail of ``prompt``, sent as
+        ``output_offset``, and count against max_tokens / min_tokens; ``exclude`` lists workers that failed
+        this request."""
         sm = p.model
         sampling = p.sampling
-        if seed_offset and sampling.seed is not None:
-            sampling = SamplingParams(**{**_struct_dict(sampling), "seed": sampling.seed + seed_offset})
+        if sampling.temperature > 0 and (sampling.seed is not None or replays(sm)):
+            seed = choice_seed(p.assigned_seed if sampling.seed is None else sampling.seed, index)
+            if seed != sampling.seed:
+                sampling = SamplingParams(**{**_struct_dict(sampling), "seed": seed})
         stop = p.stop
         if generated:
             stop = StopConditions(max_tokens=stop.max_tokens - generated,
                                   min_tokens=max(0, stop.min_tokens - generated),
                                   stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
         req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name,
-                              cache_salt=p.cache_salt)
+                              cache_salt=p.cache_salt, output_offset=generated)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers and exclude:
@@ -177,8 +168,12 @@ class Dispatcher:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
             stream = await self.transport.call(rec.subject, sub_id, encode(req),
                                                timeout=min(self.request_timeout, p.remaining()))
-        except BaseException:
+        except BaseException as exc:
             done()
+            if exclude is not None and isinstance(exc, errors.DynamoError):
+                # The worker failed before a stream existed (gone, no responder): the caller never learns its
+                # id, so mark it here, or a pinned request would retry the dead worker until its lease ends.
+                exclude.add(decision.worker_id)
             raise
         return stream, done, decision.worker_id, first
 
@@ -191,7 +186,8 @@ class Dispatcher:
         # The real stop conditions: the prefill worker produces one token either way, and skips the hand-off
         # when that token already ends the request.
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
-                               stop=req.stop, model=req.model, prefill_only=True, cache_salt=req.cache_salt)
+                               stop=req.stop, model=req.model, prefill_only=True, cache_salt=req.cache_salt,
+                               output_offset=req.output_offset)
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
@@ -209,6 +205,44 @@ class Dispatcher:
             return None
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
+
+
+# Engines that resume a request at ``output_offset`` exactly: counter-based random stream, penalties over the
+# offset tail (the reference engine; the mocker's outputs are a function of the position). The others
+# (vLLM, SGLang, TRT-LLM) restart their sampler state on the new worker.
+REPLAY_ENGINES = frozenset({"reference", "mocker"})
+
+
+def replays(sm: ServedModel) -> bool:
+    """Every worker of ``sm`` replays a migrated request exactly (then any request may migrate, and an
+    unseeded sampled one gets a seed so that it replays too)."""
+    return bool(sm.instances) and all(r.engine in REPLAY_ENGINES for r in sm.instances.values())
+
+
+def _not_replayable(p: Prepared) -> str:
+    """On an engine that does not replay: why migrating ``p`` would change its output ("" when it would not:
+    greedy, or unseeded sampling, which continues as a valid sample)."""
+    s = p.sampling
+    if s.seed is not None and s.temperature > 0:
+        return "it samples with a seed and this engine cannot resume its random stream elsewhere"
+    if s.presence_penalty or s.frequency_penalty:
+        return "presence/frequency penalties count output tokens only, and this engine would count them as prompt"
+    return ""
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` (n > 1): the request's own for choice 0, a splitmix64 mix of
+    ``(seed, index)`` for the others, so no choice shares a stream with another request's (``seed + index``
+    would: choice 1 of seed 7 is choice 0 of seed 8)."""
+    if index == 0:
+        return seed
+    x = (seed + 0x9E3779B97F4A7C15 * index) & _MASK64
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return (x ^ (x >> 31)) >> 1  # 63 bits: a non-negative int64 on the wire
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:
@@ -386,12 +420,15 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                         else:
                             itl.observe((now - last) / len(ids))
                         last = now
+                        if p.stop_strings and len(ids) > 1:
+                            delta, reason, ids, lps = _process_each(proc, ids, lps)
+                        else:
+                            delta, reason = proc.process(ids)
                         res.token_ids.extend(ids)
                         if fault is not None and len(res.token_ids) >= fault:
                             raise RuntimeError(f"test fault ({TEST_FAULT_ENV}) after {len(res.token_ids)} tokens")
                         if lps and want_lp:
                             res.logprobs.extend(lps)
-                        delta, reason = proc.process(ids)
                         if delta or (lps and want_lp):
                             res.text += delta
                             yield delta, lps if want_lp else None
@@ -416,7 +453,7 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
             except errors.DynamoError as exc:
                 if not _migratable(exc) or attempt >= engine.migration_limit:
                     raise
-                why = p.not_replayable()
+                why = "" if replays(sm) else _not_replayable(p)
                 if why:
                     raise errors.Unavailable(f"{exc.message}; the request cannot be moved to another worker "
                                              f"because {why}") from None
@@ -434,6 +471,20 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
     finally:
         sm.inflight -= 1
     m.output_tokens.labels(sm.name).inc(res.completion_tokens)
+
+
+def _process_each(proc: Any, ids: list[int], lps: list[TokenLogprob] | None
+                  ) -> tuple[str, str | None, list[int], list[TokenLogprob] | None]:
+    """``proc.process`` one id at a time, so a stop string ends the choice at the token that completes it
+    whatever the frame coalescing (else the tokens, logprobs and usage after it depend on how many frames
+    were pending, and a migrated or a busy stream would differ from a quiet one)."""
+    text = ""
+    for k, t in enumerate(ids):
+        delta, reason = proc.process([t])
+        text += delta
+        if reason is not None:
+            return text, reason, ids[:k + 1], lps[:k + 1] if lps else lps
+    return text, None, ids, lps
 
 
 def _migratable(exc: errors.DynamoError) -> bool:

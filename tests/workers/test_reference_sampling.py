@@ -15,7 +15,7 @@ from dynamo_rt.protocol import GenerateRequest, SamplingParams, StopConditions
 from tests.conftest import arun
 from workers.common.engine import EngineOutput
 from workers.reference.engine import ReferenceEngine
-from workers.reference.sampler import SampleSpec, sample
+from workers.reference.sampler import SampleSpec, sample, stream_uniform
 
 PROMPT = [17, 401, 93, 1200, 55, 760, 31, 1501, 99, 250, 1000, 7, 1777]
 
@@ -148,8 +148,7 @@ def test_sampler_penalties_and_suppression() -> None:
 def test_sampler_top_k_min_p_limits_and_logprobs() -> None:
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.9, 1.8, 1.7, -10.0, 1.6]]).repeat(200, 1)
-    gens = [torch.Generator().manual_seed(i) for i in range(200)]
-    specs = [SampleSpec(temperature=1.0, top_k=2, generator=g) for g in gens]
+    specs = [SampleSpec(temperature=1.0, top_k=2, seed=i) for i in range(200)]
     toks, _ = sample(logits, specs)
     assert set(toks) == {0, 1}
     specs = [SampleSpec(temperature=1.0, min_p=0.95) for _ in range(200)]
@@ -162,3 +161,60 @@ def test_sampler_top_k_min_p_limits_and_logprobs() -> None:
     assert lp is not None and lp.token_id == 0
     assert lp.logprob == pytest.approx(ref[0].item(), abs=1e-6)
     assert [t for t, _ in lp.top] == [0, 1]
+
+
+def test_random_stream_is_splitmix64_and_depends_on_seed_position_only() -> None:
+    # splitmix64 seeded with 0: its first output is 0xE220A8397B1DCDAF (the published test vector).
+    assert stream_uniform(0, 0) == (0xE220A8397B1DCDAF >> 11) / 2.0**53
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    alone = [sample(logits[i:i + 1], [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i)])[0][0]
+             for i in range(6)]
+    batched = sample(logits, [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i) for i in range(6)])[0]
+    assert alone == batched  # the batch around a row does not move its draw
+    mixed = [SampleSpec(temperature=0.0)] + [SampleSpec(temperature=0.9, top_p=0.9, seed=11, position=i)
+                                            for i in range(1, 6)]
+    assert sample(logits, mixed)[0][1:] == batched[1:]
+
+
+def test_inverse_cdf_draw_runs_in_token_id_order_and_follows_the_distribution() -> None:
+    # Token-id order, whatever the probabilities: u in [0, .25) -> 0, [.25, .75) -> 1, [.75, 1) -> 3.
+    logits = torch.log(torch.tensor([[0.25, 0.5, 0.0, 0.25]]))
+    n = 4000
+    toks = sample(logits.repeat(n, 1), [SampleSpec(temperature=1.0, seed=5, position=i) for i in range(n)])[0]
+    for i, tok in enumerate(toks):
+        u = stream_uniform(5, i)
+        assert tok == (0 if u < 0.25 else 1 if u < 0.75 else 3), (u, tok)
+    assert abs(toks.count(0) / n - 0.25) < 0.03 and abs(toks.count(1) / n - 0.5) < 0.03
+    assert 2 not in toks
+
+
+def test_resume_at_output_offset_equals_the_uninterrupted_run(tiny: Path) -> None:
+    """What a migration sends: prompt + the first k outputs with output_offset=k, to an agg worker or as a
+    prefill-only request plus a decode request that continues from its first token. In float64 (the
+    replayable mode) tokens and logprobs equal the uninterrupted run's bit for bit; the presence / frequency
+    penalties are strong, so counting the tail as prompt would show."""
+    sp: dict[str, Any] = {"temperature": 1.1, "top_p": 0.9, "seed": 4242, "logprobs": 2,
+                          "presence_penalty": 1.5, "frequency_penalty": 1.0}
+
+    async def run(eng: ReferenceEngine, rid: str, toks: list[int], off: int, n: int,
+                  **kw: Any) -> tuple[list[int], list[Any], Any]:
+        req = GenerateRequest(request_id=rid, token_ids=toks, output_offset=off, sampling=SamplingParams(**sp),
+                              stop=StopConditions(max_tokens=n, ignore_eos=True), **kw)
+        outs = [o async for o in eng.generate(req)]
+        kt = next((o.kv_transfer for o in outs if o.kv_transfer is not None), None)
+        return [t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs or []], kt
+
+    async def fn(eng: ReferenceEngine) -> None:
+        n = 40
+        base, base_lp, _ = await run(eng, "base", PROMPT, 0, n)
+        for k in (1, 9, 23):
+            got, lp, _ = await run(eng, f"agg{k}", PROMPT + base[:k], k, n - k)
+            assert got == base[k:] and lp == base_lp[k:], k
+            first, first_lp, kt = await run(eng, f"pre{k}", PROMPT + base[:k], k, n - k, prefill_only=True)
+            assert first == base[k:k + 1] and first_lp == base_lp[k:k + 1] and kt is not None
+            got, _, _ = await run(eng, f"dec{k}", PROMPT + base[:k], k, n - k, kv_transfer=kt)
+            assert got == base[k:], k
+        as_prompt, _, _ = await run(eng, "noff", PROMPT + base[:9], 0, n - 9)
+        assert as_prompt != base[9:]  # the same tokens as prompt: other penalties, other draws
+
+    _with_engine(tiny, fn, dtype="float64")

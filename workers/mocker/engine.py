@@ -224,6 +224,9 @@ class MockerEngine:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if st.min_tokens < 0 or st.min_tokens > st.max_tokens:
             raise InvalidRequest("min_tokens must be in [0, max_tokens]", param="min_tokens")
+        off = req.output_offset
+        if not 0 <= off < n:
+            raise InvalidRequest(f"output_offset must be in 0..{n - 1}, got {off}", param="output_offset")
         stops = set(st.stop_token_ids)
         if not st.ignore_eos:
             stops |= self.eos_ids
@@ -231,8 +234,9 @@ class MockerEngine:
             request=req,
             prompt_len=n,
             tokens=list(prompt),
-            digest=self._outputs.digest(prompt),
-            hashes=block_hashes(prompt, self.block_size, cache_salt=req.cache_salt),  # tenant salt
+            digest=self._outputs.digest(prompt[:n - off]),  # a migrated request continues its own outputs
+            offset=off,
+            hashes=block_hashes(prompt, self.block_size, cache_salt=req.cache_salt),
             stops=frozenset(stops),
             arrival_ms=self._sched.sim_ms,
             stats=RequestStats(prompt_tokens=n),

@@ -38,9 +38,10 @@ class OutputModel:
         h.update(array("I", prompt).tobytes())
         return int.from_bytes(h.digest(), "little")
 
-    def token_at(self, digest: int, pos: int, stop: StopConditions) -> int:
-        """The output token at generated position ``pos``."""
-        x = _mix(digest ^ ((pos + 1) * 0x9E3779B97F4A7C15 & _MASK64))
+    def token_at(self, digest: int, pos: int, stop: StopConditions, offset: int = 0) -> int:
+        """The output token at generated position ``offset + pos``: ``offset`` tokens came out before this
+        attempt (a migrated request) and ``stop`` counts from there, as the frontend sends it."""
+        x = _mix(digest ^ ((offset + pos + 1) * 0x9E3779B97F4A7C15 & _MASK64))
         if self.eos_probability > 0 and pos + 1 >= stop.min_tokens and not stop.ignore_eos:
             if (x >> 11) / float(1 << 53) < self.eos_probability:
                 return self._eos_first

@@ -66,6 +66,7 @@ class Seq:
     stats: RequestStats = field(default_factory=lambda: RequestStats(0))
     scheduled: bool = False
     transfer_handle: asyncio.TimerHandle | None = None
+    offset: int = 0  # output produced before a migration: the last ``offset`` of the prompt
 
     @property
     def generated(self) -> int:
@@ -336,14 +337,14 @@ class Scheduler:
             self._emit(seq, self._token_at(seq, seq.generated))
 
     def _token_at(self, seq: Seq, pos: int) -> int:
-        return self.outputs.token_at(seq.digest, pos, seq.request.stop)
+        return self.outputs.token_at(seq.digest, pos, seq.request.stop, seq.offset)
 
     def _emit(self, seq: Seq, tok: int) -> None:
         seq.tokens.append(tok)
         seq.pending.append(tok)
         k = seq.request.sampling.logprobs
         if k is not None:
-            seq.pending_lp.append(self.outputs.logprob(seq.digest, seq.generated - 1, tok, k))
+            seq.pending_lp.append(self.outputs.logprob(seq.digest, seq.offset + seq.generated - 1, tok, k))
         seq.ready.set()
         g = seq.generated
         st = seq.request.stop

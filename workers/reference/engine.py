@@ -58,9 +58,9 @@ from workers.reference.kvbm import KvTiers, TierConfig, model_fingerprint, open_
 from workers.reference.model import DecoderModel, ModelConfig, parse_dtype, rope_inv_freq
 from workers.reference.native import NativeDecode, enabled_by_env, load_library
 from workers.reference.requests import Request, eos_ids, first_logprob, new_request
-from workers.reference.sampler import skip_draw
 from workers.reference.scheduler import Scheduler, SeqState
 from workers.reference.stepper import StepThread
+from workers.reference.testfaults import KillSwitch, from_env
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class ReferenceEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: KvEventSink | None = None
         self._steps_before = 0  # forwards of earlier runs (start / stop / start)
+        self.kill_switch: KillSwitch = from_env()  # test-only crash points (testfaults.py); inert when unset
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -184,7 +185,7 @@ class ReferenceEngine:
         self._thread = StepThread(self._sched, self._batch, self.pool.tensor, lock=self._lock, wake=self._wake,
                                   loop=self._loop, flush_events=self._flush_events_locked,
                                   context_length=self.info.context_length, torch_threads=self.torch_threads,
-                                  name=f"ref-engine-{self.info.name}")
+                                  name=f"ref-engine-{self.info.name}", kill_switch=self.kill_switch)
         self._thread.start()
 
     def _load(self) -> None:
@@ -338,9 +339,7 @@ class ReferenceEngine:
             if kt is not None and kt.first_token >= 0 and not req.prefill_only:
                 # Decode side of disagg: the first token is known; emit it, then continue from it.
                 first = kt.first_token
-                seq.tokens.append(first)
-                if seq.sampling.generator is not None:
-                    skip_draw(seq.sampling.generator, self.vocab_size, self.device)
+                seq.tokens.append(first)  # the prefill worker drew it at position output_offset
                 reason = seq.finish_reason(first, self.info.context_length)
                 seq.sent_first = True
                 lp = first_logprob(kt) if req.sampling.logprobs is not None else None
@@ -379,6 +378,7 @@ class ReferenceEngine:
         blocks = await seq.load_future
         ok = False
         try:
+            self.kill_switch.kv_load(self._loop)
             await self.kv_loader(kt, list(blocks))
             ok = True
         except Exception as e:  # any loader failure means: compute the prompt here instead

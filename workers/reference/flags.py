@@ -24,7 +24,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     flag(parser, "--device", env="DYN_REF_DEVICE", default="cpu",
          help="torch device of the reference engine (cpu, cuda, cuda:1)")
     flag(parser, "--dtype", env="DYN_REF_DTYPE", default="float32",
-         choices=["float32", "bfloat16", "float16"], help="weights / activations / KV dtype")
+         choices=["float32", "bfloat16", "float16", "float64"],
+         help="weights / activations / KV dtype (float64: bit-exact replay after a migration, ~2x the compute)")
     flag(parser, "--block-size", env="DYN_BLOCK_SIZE", type=int, default=16, help="tokens per KV block")
     flag(parser, "--kv-cache-blocks", env="DYN_KV_CACHE_BLOCKS", type=int, default=None,
          help="KV pool size in blocks (default: from --kv-cache-memory, or 0.8 of free GPU memory)")

@@ -34,15 +34,18 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# float64: the replayable mode. Float sums in another order (a prefill over many rows vs. one decode row, another
+# batch) differ by ~1e-16 there, which the fp32 logits round away, so a migrated request's logits and logprobs
+# are bit-identical to the first worker's (in float32 they differ by ~1e-5: tests/reliability/test_replay.py).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise DynamoError(f"unsupported dtype {name!r}; use one of float32, bfloat16, float16") from None
+        raise DynamoError(f"unsupported dtype {name!r}; use one of float32, bfloat16, float16, float64") from None
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,14 +81,19 @@ def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_b
     stop = {t for t in st.stop_token_ids if 0 <= t < vocab_size}
     if not st.ignore_eos:
         stop.update(t for t in info.eos_token_ids if 0 <= t < vocab_size)
-    gen = None
-    if sp.seed is not None and sp.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(sp.seed & 0xFFFF_FFFF_FFFF_FFFF)
+    if not 0 <= req.output_offset < len(prompt):
+        raise InvalidRequest(f"output_offset must be in 0..{len(prompt) - 1}, got {req.output_offset}",
+                             param="output_offset")
+    # Unseeded requests sample from a fresh stream; the frontend gives every request a seed so that a
+    # migrated one replays exactly.
+    seed = sp.seed if sp.seed is not None else secrets.randbits(63)
     spec = SampleSpec(
         temperature=sp.temperature, top_p=sp.top_p, top_k=max(sp.top_k, 0), min_p=sp.min_p,
-        generator=gen, presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-        repetition_penalty=sp.repetition_penalty, logprobs=sp.logprobs, prompt_len=len(prompt),
+        seed=seed & 0xFFFF_FFFF_FFFF_FFFF, position=req.output_offset,
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty, logprobs=sp.logprobs,
+        # The output_offset tail is earlier output: presence / frequency penalties count it as such.
+        prompt_len=len(prompt) - req.output_offset,
     )
     seq = Request(req=req, tokens=prompt, prompt_len=len(prompt), max_tokens=max_tokens,
                   stop_ids=frozenset(stop), sampling=spec)
@@ -107,7 +113,8 @@ def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_b
 
 
 def sample_specs(samplers: list[Request]) -> list[SampleSpec]:
-    """This step's sampling of each row; stop tokens are suppressed until ``min_tokens`` are out."""
+    """This step's sampling of each row; stop tokens are suppressed until ``min_tokens`` are out. The
+    random stream's position counts the ``output_offset`` tokens produced before a migration."""
     specs = []
     for seq in samplers:
         sp = seq.sampling
@@ -115,6 +122,7 @@ def sample_specs(samplers: list[Request]) -> list[SampleSpec]:
             sp.suppress = tuple(seq.stop_ids)
         elif sp.suppress:
             sp.suppress = ()
+        sp.position = seq.req.output_offset + seq.num_output
         specs.append(sp)
     return specs
 

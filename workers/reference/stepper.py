@@ -29,6 +29,7 @@ from workers.reference.batch import BatchBuilder, Plan
 from workers.reference.requests import Request, sample_specs
 from workers.reference.sampler import sample
 from workers.reference.scheduler import Scheduler
+from workers.reference.testfaults import KillSwitch
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class StepThread:
 
     def __init__(self, sched: Scheduler[Request], batch: BatchBuilder, pool: torch.Tensor, *, lock: threading.Lock,
                  wake: threading.Event, loop: asyncio.AbstractEventLoop, flush_events: Callable[[], None],
-                 context_length: int, torch_threads: int | None, name: str) -> None:
+                 context_length: int, torch_threads: int | None, name: str,
+                 kill_switch: KillSwitch | None = None) -> None:
         self.sched = sched
         self.batch = batch
         self.pool = pool
@@ -52,6 +54,7 @@ class StepThread:
         self.context_length = context_length
         self.torch_threads = torch_threads
         self.steps = 0  # forwards run (tests / bench)
+        self.kill_switch = kill_switch
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -98,6 +101,8 @@ class StepThread:
                     out = self._postprocess_locked(plan, tokens, lps)
                     self.flush_events()
                 self._deliver(out)
+                if self.kill_switch is not None:
+                    self.kill_switch.tokens(len(out))
 
     def _resolve_load(self, seq: Request) -> None:
         """``seq``'s local blocks are allocated: its KV load on the loop may start the transfer."""

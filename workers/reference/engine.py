@@ -49,10 +49,11 @@ from pathlib import Path
 import torch
 
 from dynamo_rt.errors import DynamoError, Unavailable
-from dynamo_rt.protocol import GenerateRequest, KvEvent, KvTransferParams
+from dynamo_rt.protocol import FinishReason, GenerateRequest, KvEvent, KvTransferParams
 from workers.common.blocks import BlockManager
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
 from workers.reference.batch import BatchBuilder
+from workers.reference.guided import GrammarCache
 from workers.reference.kv_cache import KvPool
 from workers.reference.kvbm import KvTiers, TierConfig, model_fingerprint, open_tiers
 from workers.reference.model import DecoderModel, ModelConfig, parse_dtype, rope_inv_freq
@@ -154,6 +155,7 @@ class ReferenceEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: KvEventSink | None = None
         self._steps_before = 0  # forwards of earlier runs (start / stop / start)
+        self.grammars: GrammarCache | None = None  # structured outputs: compiled on first use
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -326,8 +328,13 @@ class ReferenceEngine:
             raise Unavailable("engine is not started")
         # Validates now, so bad input raises at the call.
         seq = new_request(request, self.info, vocab_size=self.vocab_size, num_blocks=self.num_blocks,
-                          device=self.device, can_load=self.kv_loader is not None)
+                          device=self.device, can_load=self.kv_loader is not None, grammars=self._grammars())
         return self._generate(seq)
+
+    def _grammars(self) -> GrammarCache:
+        if self.grammars is None:
+            self.grammars = GrammarCache(self.model_path, self.vocab_size, self.info.eos_token_ids)
+        return self.grammars
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -342,6 +349,8 @@ class ReferenceEngine:
                 if seq.sampling.generator is not None:
                     skip_draw(seq.sampling.generator, self.vocab_size, self.device)
                 reason = seq.finish_reason(first, self.info.context_length)
+                if seq.sampling.guide is not None and seq.sampling.guide.step(first) and reason is None:
+                    reason = FinishReason.STOP.value
                 seq.sent_first = True
                 lp = first_logprob(kt) if req.sampling.logprobs is not None else None
                 yield EngineOutput(token_ids=[first], logprobs=[lp] if lp else None, finish_reason=reason,

@@ -20,6 +20,7 @@ import torch
 from dynamo_rt.errors import ErrorCode, InvalidRequest
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineOutput, ModelInfo
+from workers.reference.guided import GrammarCache, bias_tensors
 from workers.reference.model import ModelConfig
 from workers.reference.sampler import SampleSpec
 from workers.reference.scheduler import Seq
@@ -37,9 +38,10 @@ class Request(Seq):
 
 
 def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_blocks: int,
-                device: torch.device, can_load: bool) -> Request:
+                device: torch.device, can_load: bool, grammars: GrammarCache | None = None) -> Request:
     """Validate ``req`` (raise :class:`InvalidRequest` naming the parameter) and build its sequence.
-    ``can_load``: a KV loader is set, so a decode request's prompt KV may come from its prefill worker."""
+    ``can_load``: a KV loader is set, so a decode request's prompt KV may come from its prefill worker.
+    ``grammars`` compiles a structured-output constraint (None: such a request is refused)."""
     prompt = list(req.token_ids)
     ctx = info.context_length
     if not prompt:
@@ -92,6 +94,14 @@ def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_b
     seq = Request(req=req, tokens=prompt, prompt_len=len(prompt), max_tokens=max_tokens,
                   stop_ids=frozenset(stop), sampling=spec)
     spec.tokens = seq.tokens
+    spec.bias = bias_tensors(sp.logit_bias, vocab_size, device)
+    if sp.guided is not None:
+        if grammars is None:
+            raise InvalidRequest("this worker does not support structured outputs", param="response_format")
+        spec.guide = grammars.guide(sp.guided)
+        if 0 < req.output_offset <= len(prompt):
+            # A migration: the output sent so far is the end of the prompt; the grammar resumes after it.
+            spec.guide.replay(prompt[len(prompt) - req.output_offset:])
     kt = req.kv_transfer
     if kt is not None and kt.first_token >= 0 and not req.prefill_only:
         if kt.first_token >= vocab_size:

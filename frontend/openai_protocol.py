@@ -22,6 +22,7 @@ import msgspec
 
 from dynamo_rt.errors import ErrorCode, InvalidRequest
 from dynamo_rt.protocol import SamplingParams, StopConditions
+from frontend import structured
 
 __all__ = [
     "MAX_N",
@@ -88,6 +89,11 @@ class NvExt(msgspec.Struct, kw_only=True, omit_defaults=True):
     repetition_penalty: float | None = None
     greed_sampling: bool | None = None  # force greedy decoding
     annotations: list[str] | None = None
+    # Structured outputs, as the top-level fields of the same names (frontend/structured.py).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -115,6 +121,11 @@ class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     nvext: NvExt | None = None
+    # vLLM's structured-output extension fields (frontend/structured.py)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
@@ -127,6 +138,7 @@ class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
     tools: list[dict[str, Any]] | None = None  # handed to the chat template (no tool-call parsing of output)
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # with tool_choice required / named: one call (false) or more
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (e.g. enable_thinking)
 
@@ -248,8 +260,6 @@ def _validate_common(req: ChatCompletionRequest | CompletionRequest) -> None:
         for t in req.stop_token_ids:
             if t < 0:
                 raise _bad(f"stop_token_ids must be >= 0, got {t}", "stop_token_ids")
-    if req.logit_bias:
-        raise _bad("logit_bias is not supported", "logit_bias")
     ext = req.nvext
     if ext is not None:
         if ext.top_k is not None and ext.top_k < -1:
@@ -302,11 +312,6 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             )
         if not req.logprobs:
             raise _bad("top_logprobs requires logprobs to be true", "top_logprobs")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _bad(
-            f"response_format type {req.response_format.get('type')!r} is not supported (only 'text')",
-            "response_format",
-        )
 
 
 def _validate_completion(req: CompletionRequest) -> None:
@@ -448,6 +453,8 @@ def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> Sampling:
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         logprobs=logprobs,
+        logit_bias=structured.logit_bias(req),
+        guided=structured.constraint(req),
     )
     stop = StopConditions(
         max_tokens=requested_max_tokens(req) or 0,

@@ -141,7 +141,8 @@ class Dispatcher:
             stop = StopConditions(max_tokens=stop.max_tokens - generated,
                                   min_tokens=max(0, stop.min_tokens - generated),
                                   stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
-        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name)
+        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name,
+                              output_offset=generated)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers and exclude:

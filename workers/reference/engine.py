@@ -58,7 +58,7 @@ from workers.reference.kv_cache import KvPool
 from workers.reference.kvbm import KvTiers, TierConfig, model_fingerprint, open_tiers
 from workers.reference.model import DecoderModel, ModelConfig, parse_dtype, rope_inv_freq
 from workers.reference.native import NativeDecode, enabled_by_env, load_library
-from workers.reference.requests import Request, eos_ids, first_logprob, new_request
+from workers.reference.requests import Request, attach_guide, eos_ids, first_logprob, new_request
 from workers.reference.sampler import skip_draw
 from workers.reference.scheduler import Scheduler, SeqState
 from workers.reference.stepper import StepThread
@@ -328,7 +328,7 @@ class ReferenceEngine:
             raise Unavailable("engine is not started")
         # Validates now, so bad input raises at the call.
         seq = new_request(request, self.info, vocab_size=self.vocab_size, num_blocks=self.num_blocks,
-                          device=self.device, can_load=self.kv_loader is not None, grammars=self._grammars())
+                          device=self.device, can_load=self.kv_loader is not None)
         return self._generate(seq)
 
     def _grammars(self) -> GrammarCache:
@@ -342,6 +342,8 @@ class ReferenceEngine:
         req = seq.req
         kt = req.kv_transfer
         try:
+            if req.sampling.guided is not None:
+                await attach_guide(seq, self._grammars())
             if kt is not None and kt.first_token >= 0 and not req.prefill_only:
                 # Decode side of disagg: the first token is known; emit it, then continue from it.
                 first = kt.first_token

@@ -14,8 +14,10 @@ document, so the text the frontend detokenizes (special tokens skipped) is exact
 
 JSON is compiled without free whitespace (``any_whitespace=False``): a random-weight model would otherwise
 pad a document with whitespace until ``max_tokens``. xgrammar 0.2's length-bounded strings (``maxLength``) let
-raw control characters through, which ``json.loads`` rejects, so JSON rows are also masked with the tokens
-free of bytes below 0x20 (JSON without free whitespace never has one outside an escape).
+raw control characters through, which ``json.loads`` rejects, so JSON rows (and tool calls) are also masked
+with the tokens free of bytes below 0x20 but newline (JSON without free whitespace never has one); and its
+character classes admit UTF-8-encoded surrogates, which no strict decoder accepts, so every guided row is kept
+from producing one (:class:`TokenMasks`).
 
 A grammar that has ended allows only the end-of-sequence ids, and accepting one ends the request with ``stop``.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -44,7 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept per engine (a compiled grammar is some KB to a few MB)
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+CLEAN_KINDS = ("json", "json_object", "structural_tag")  # rows masked to tokens without control bytes
 
 
 class GrammarCache:
@@ -59,7 +63,7 @@ class GrammarCache:
         self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], xgrammar.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0  # cache misses (tests)
-        self._clean: torch.Tensor | None = None
+        self._masks: TokenMasks | None = None
 
     def _get_compiler(self) -> xgrammar.GrammarCompiler:
         if self._compiler is None:
@@ -84,8 +88,10 @@ class GrammarCache:
             except InvalidRequest:
                 raise
             except Exception as e:  # xgrammar raises RuntimeError / ValueError with the parser's message
-                raise InvalidRequest(f"the {g.kind} constraint does not compile: {_first_line(e)}",
-                                     param=PARAM_OF_KIND.get(g.kind, "guided")) from None
+                # The message names the parameter: an error frame carries no param field to the frontend.
+                param = PARAM_OF_KIND.get(g.kind, "guided")
+                raise InvalidRequest(f"{param}: the {g.kind} constraint does not compile: {_first_line(e)}",
+                                     param=param) from None
             self.compiles += 1
             self._cache[key] = cg
             if len(self._cache) > CACHE_SIZE:
@@ -94,27 +100,69 @@ class GrammarCache:
 
     def guide(self, g: GuidedDecoding) -> Guide:
         cg = self.compiled(g)
-        return Guide(cg, self.eos_ids, self._clean_mask() if g.kind in ("json", "json_object") else None)
+        return Guide(cg, self.eos_ids, self._token_masks(), json=g.kind in CLEAN_KINDS)
 
-    def _clean_mask(self) -> torch.Tensor:
-        """Bitmask of the tokens without a control byte (JSON rows are ANDed with it)."""
+    def _token_masks(self) -> TokenMasks:
         with self._lock:
-            if self._clean is None:
-                import xgrammar as xgr
-                from tokenizers import Tokenizer
+            if self._masks is None:
+                self._masks = TokenMasks(token_bytes(self.model_dir, self.vocab_size))
+            return self._masks
 
-                tok = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-                bad = [i for i in range(self.vocab_size)
-                       if any(ord(c) < 0x20 for c in tok.decode([i], skip_special_tokens=False))]
-                mask = xgr.allocate_token_bitmask(1, self.vocab_size)  # all ones
-                for i in bad:
-                    mask[0, i // 32] &= ~(1 << (i % 32))
-                self._clean = mask[0]
-            return self._clean
+
+class TokenMasks:
+    """Static token masks that make up for two xgrammar 0.2 gaps (see the module docstring): tokens with a
+    control byte but newline (JSON rows), and UTF-8 surrogates (``ED A0..BF``: every row), which xgrammar's
+    character classes admit and a strict UTF-8 decoder refuses. A surrogate split across two tokens is caught
+    per step: after a token ending in ``ED``, a token starting with ``A0..BF`` is masked."""
+
+    def __init__(self, table: list[bytes]) -> None:
+        import xgrammar as xgr
+
+        n = len(table)
+        self.clean = xgr.allocate_token_bitmask(1, n)[0]  # all ones
+        self.utf8 = xgr.allocate_token_bitmask(1, n)[0]
+        self.after_ed = xgr.allocate_token_bitmask(1, n)[0]
+        self.ends_ed: frozenset[int] = frozenset(i for i, b in enumerate(table) if b.endswith(b"\xed"))
+        for i, b in enumerate(table):
+            if any(c < 0x20 and c != 0x0A for c in b):
+                _clear(self.clean, i)
+            if re.search(rb"\xed[\xa0-\xbf]", b):
+                _clear(self.utf8, i)
+            if b and 0xA0 <= b[0] <= 0xBF:
+                _clear(self.after_ed, i)
+
+
+def _clear(row: torch.Tensor, i: int) -> None:
+    row[i // 32] &= ~(1 << (i % 32))
+
+
+def token_bytes(model_dir: Path, vocab_size: int) -> list[bytes]:
+    """Every id's bytes (byte-level BPE: each vocabulary character stands for one byte); special tokens and
+    ids the tokenizer lacks are empty."""
+    inverse = {ch: b for b, ch in _byte_chars().items()}
+    out: list[bytes] = []
+    for text in token_table(model_dir, vocab_size):
+        try:
+            out.append(bytes(inverse[c] for c in text))
+        except KeyError:  # an added (non-special) token: its text is literal
+            out.append(text.encode())
+    return out
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 PARAM_OF_KIND = {"json": "response_format", "json_object": "response_format", "regex": "guided_regex",
-                 "choice": "guided_choice", "grammar": "guided_grammar"}
+                 "choice": "guided_choice", "grammar": "guided_grammar", "structural_tag": "tool_choice"}
 
 
 def _compile(comp: xgrammar.GrammarCompiler, g: GuidedDecoding) -> xgrammar.CompiledGrammar:
@@ -134,6 +182,8 @@ def _compile(comp: xgrammar.GrammarCompiler, g: GuidedDecoding) -> xgrammar.Comp
         return comp.compile_grammar(choice_grammar(g.choices))
     if g.kind == "grammar":
         return comp.compile_grammar(g.spec)
+    if g.kind == "structural_tag":
+        return comp.compile_structural_tag(g.spec)
     raise InvalidRequest(f"unknown guided decoding kind {g.kind!r} (one of {', '.join(KINDS)})", param="guided")
 
 
@@ -166,15 +216,17 @@ def token_table(model_dir: Path, vocab_size: int) -> list[str]:
 class Guide:
     """One request's grammar state. The step thread fills its mask and accepts its tokens."""
 
-    __slots__ = ("clean", "eos_ids", "matcher", "rejected")
+    __slots__ = ("after_ed", "eos_ids", "json", "masks", "matcher", "rejected")
 
-    def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int],
-                 clean: torch.Tensor | None = None) -> None:
+    def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks, *,
+                 json: bool = False) -> None:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
         self.eos_ids = list(eos_ids)
-        self.clean = clean  # tokens this row may use at all (None: any), a bitmask row
+        self.masks = masks
+        self.json = json  # also masked to tokens without control bytes
+        self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
         self.rejected = False
 
     @property
@@ -187,6 +239,8 @@ class Guide:
         ok = bool(self.matcher.accept_token(token))
         if not ok:
             self.rejected = True
+        else:
+            self.after_ed = token in self.masks.ends_ed
         return ok
 
     def step(self, token: int) -> bool:
@@ -236,8 +290,11 @@ def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor
                 out[i, g.eos_ids] = 0.0
             else:
                 g.matcher.fill_next_token_bitmask(mask, i)
-                if g.clean is not None:
-                    mask[i] &= g.clean
+                mask[i] &= g.masks.utf8
+                if g.json:
+                    mask[i] &= g.masks.clean
+                if g.after_ed:
+                    mask[i] &= g.masks.after_ed
         live = [i for i in guided if not specs[i].guide.done]  # type: ignore[union-attr]
         if live:
             xgr.apply_token_bitmask_inplace(out, mask.to(out.device), indices=live)

@@ -164,6 +164,14 @@ class VllmEngine:
             # An endpoint without "*" makes vLLM's publisher connect (to our bound SUB socket).
             kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                     endpoint=events_endpoint, topic="kv")
+        if "structured_outputs_config" not in kw:
+            with contextlib.suppress(ImportError):  # vLLM >= 0.11
+                from vllm.config import StructuredOutputsConfig
+
+                # xgrammar, and JSON without free whitespace as in the reference engine: vLLM reads this per engine,
+                # not per request, and an undertrained model pads a document with whitespace until max_tokens.
+                kw["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar",
+                                                                          disable_any_whitespace=True)
         self._import_names()
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger_class()])
 

@@ -126,13 +126,16 @@ def test_logit_bias(tiny: Path) -> None:
 
 def test_rows_without_grammar_or_bias_pay_nothing() -> None:
     logits = torch.randn(3, 64)
+    before = logits.clone()
     specs = [SampleSpec(temperature=0.0), SampleSpec(temperature=1.0), SampleSpec(temperature=0.5)]
-    assert constrain(logits, specs) is logits  # no copy, no mask
+    assert constrain(logits, specs) is logits and torch.equal(logits, before)  # untouched
     specs[1].bias = (torch.tensor([3]), torch.tensor([5.0]))
-    out = constrain(logits, specs)
-    assert out is not logits
-    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
-    assert out[1, 3] == logits[1, 3] + 5.0
+    out = constrain(logits, specs)  # in place
+    assert out is logits
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+    assert out[1, 3] == before[1, 3] + 5.0
+    out[1, 3] -= 5.0
+    assert torch.equal(out, before)
 
 
 def test_token_masks() -> None:

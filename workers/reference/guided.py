@@ -216,7 +216,7 @@ def token_table(model_dir: Path, vocab_size: int) -> list[str]:
 class Guide:
     """One request's grammar state. The step thread fills its mask and accepts its tokens."""
 
-    __slots__ = ("after_ed", "eos_ids", "json", "masks", "matcher", "rejected")
+    __slots__ = ("after_ed", "eos_ids", "masks", "matcher", "rejected", "static")
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks, *,
                  json: bool = False) -> None:
@@ -225,7 +225,8 @@ class Guide:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.eos_ids = list(eos_ids)
         self.masks = masks
-        self.json = json  # also masked to tokens without control bytes
+        # The tokens this row may use at all: no UTF-8 surrogate; JSON rows also no control byte.
+        self.static = masks.utf8 & masks.clean if json else masks.utf8
         self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
         self.rejected = False
 
@@ -262,43 +263,42 @@ class Guide:
 
 
 def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
-    """``logits`` with each row's ``logit_bias`` added and each guided row masked to its grammar's tokens;
-    the same tensor (no copy) when no row has either."""
+    """Add each row's ``logit_bias`` and mask each guided row to its grammar's tokens, IN PLACE (the sampler
+    took the raw logprobs first, and nothing reads a step's logits after sampling); returns ``logits``. Rows
+    with neither are not touched, and a batch without any costs one attribute test per row."""
     rows = [i for i, s in enumerate(specs) if s.guide is not None or s.bias is not None]
     if not rows:
         return logits
     import xgrammar as xgr
 
-    out = logits.clone()
-    vocab = out.shape[1]
-    guided: list[int] = []
+    live: list[int] = []
+    statics: list[torch.Tensor] = []
+    mask: torch.Tensor | None = None
     for i in rows:
         s = specs[i]
         if s.bias is not None:
             ids, vals = s.bias
-            out[i, ids] += vals
-        if s.guide is not None:
-            guided.append(i)
-    if guided:
-        mask = xgr.allocate_token_bitmask(len(out), vocab)
-        for i in guided:
-            g = specs[i].guide
-            assert g is not None
-            if g.done:
-                # Ended (ignore_eos kept it going): only end-of-sequence tokens.
-                out[i] = float("-inf")
-                out[i, g.eos_ids] = 0.0
-            else:
-                g.matcher.fill_next_token_bitmask(mask, i)
-                mask[i] &= g.masks.utf8
-                if g.json:
-                    mask[i] &= g.masks.clean
-                if g.after_ed:
-                    mask[i] &= g.masks.after_ed
-        live = [i for i in guided if not specs[i].guide.done]  # type: ignore[union-attr]
-        if live:
-            xgr.apply_token_bitmask_inplace(out, mask.to(out.device), indices=live)
-    return out
+            logits[i, ids] += vals
+        g = s.guide
+        if g is None:
+            continue
+        if g.done:
+            # Ended (ignore_eos kept it going): only end-of-sequence tokens.
+            logits[i] = float("-inf")
+            logits[i, g.eos_ids] = 0.0
+            continue
+        if mask is None:
+            mask = xgr.allocate_token_bitmask(len(logits), logits.shape[1])
+        g.matcher.fill_next_token_bitmask(mask, i)
+        if g.after_ed:
+            mask[i] &= g.masks.after_ed
+        live.append(i)
+        statics.append(g.static)
+    if mask is not None and live:
+        idx = torch.tensor(live)
+        mask[idx] &= torch.stack(statics)  # the byte masks of every live row in one operation
+        xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=live)
+    return logits
 
 
 def bias_tensors(bias: dict[int, float] | None, vocab_size: int, device: torch.device

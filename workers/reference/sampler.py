@@ -61,7 +61,7 @@ def sample(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> tuple[list[int]
     n, vocab = logits.shape
     want_lp = any(s.logprobs is not None for s in specs)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
-    logits = constrain(logits, specs)  # logit_bias and grammar masks (the same tensor when no row has them)
+    logits = constrain(logits, specs)  # logit_bias and grammar masks, in place (rows without them untouched)
     if all(s.greedy and not s.penalized and not s.suppress for s in specs):
         chosen = logits.argmax(dim=-1)
     else:

@@ -29,6 +29,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,7 +217,7 @@ def token_table(model_dir: Path, vocab_size: int) -> list[str]:
 class Guide:
     """One request's grammar state. The step thread fills its mask and accepts its tokens."""
 
-    __slots__ = ("after_ed", "eos_ids", "masks", "matcher", "rejected", "static")
+    __slots__ = ("after_ed", "eos_ids", "masks", "matcher", "pending", "rejected", "static")
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks, *,
                  json: bool = False) -> None:
@@ -228,6 +229,7 @@ class Guide:
         # The tokens this row may use at all: no UTF-8 surrogate; JSON rows also no control byte.
         self.static = masks.utf8 & masks.clean if json else masks.utf8
         self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
+        self.pending: Future[torch.Tensor] | None = None  # this step's mask, being filled (start_masks)
         self.rejected = False
 
     @property
@@ -262,18 +264,46 @@ class Guide:
                                      param="output_offset")
 
 
+_MASKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+
+
+def start_masks(specs: Sequence[SampleSpec]) -> None:
+    """Start filling this step's grammar masks on a helper thread, to overlap the model's forward: a mask depends
+    only on the tokens a row accepted so far, not on this step's logits. :func:`constrain` waits for it. Nothing
+    happens (one attribute test per row) when no row is guided."""
+    live = [(i, s.guide) for i, s in enumerate(specs) if s.guide is not None and not s.guide.done]
+    if not live:
+        return
+    job = _MASKER.submit(_fill, live, len(specs))
+    for _, g in live:
+        g.pending = job
+
+
+def _fill(live: list[tuple[int, Guide]], n: int) -> torch.Tensor:
+    import xgrammar as xgr
+
+    mask = xgr.allocate_token_bitmask(n, live[0][1].static.shape[0] * 32)
+    for i, g in live:
+        g.matcher.fill_next_token_bitmask(mask, i)
+        if g.after_ed:
+            mask[i] &= g.masks.after_ed
+    idx = torch.tensor([i for i, _ in live])
+    mask[idx] &= torch.stack([g.static for _, g in live])  # the byte masks of every live row in one operation
+    return mask
+
+
 def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
     """Add each row's ``logit_bias`` and mask each guided row to its grammar's tokens, IN PLACE (the sampler
     took the raw logprobs first, and nothing reads a step's logits after sampling); returns ``logits``. Rows
-    with neither are not touched, and a batch without any costs one attribute test per row."""
+    with neither are not touched, and a batch without any costs one attribute test per row. The masks are
+    those :func:`start_masks` started (filled here when it was not called)."""
     rows = [i for i, s in enumerate(specs) if s.guide is not None or s.bias is not None]
     if not rows:
         return logits
     import xgrammar as xgr
 
-    live: list[int] = []
-    statics: list[torch.Tensor] = []
-    mask: torch.Tensor | None = None
+    live: list[tuple[int, Guide]] = []
+    job: Future[torch.Tensor] | None = None
     for i in rows:
         s = specs[i]
         if s.bias is not None:
@@ -287,17 +317,12 @@ def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor
             logits[i] = float("-inf")
             logits[i, g.eos_ids] = 0.0
             continue
-        if mask is None:
-            mask = xgr.allocate_token_bitmask(len(logits), logits.shape[1])
-        g.matcher.fill_next_token_bitmask(mask, i)
-        if g.after_ed:
-            mask[i] &= g.masks.after_ed
-        live.append(i)
-        statics.append(g.static)
-    if mask is not None and live:
-        idx = torch.tensor(live)
-        mask[idx] &= torch.stack(statics)  # the byte masks of every live row in one operation
-        xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=live)
+        live.append((i, g))
+        job = job or g.pending
+        g.pending = None
+    if live:
+        mask = job.result() if job is not None else _fill(live, len(logits))
+        xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=[i for i, _ in live])
     return logits
 
 

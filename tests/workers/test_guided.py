@@ -141,11 +141,31 @@ def test_rows_without_grammar_or_bias_pay_nothing() -> None:
 def test_token_masks() -> None:
     table = [b"a", b"\xed\xa0\x80", b"x\xed", b"\xa5b", b"\x01", b"\n", b"\xed\x9f\xbf"]
     m = TokenMasks(table)
-
-    def allowed(row: torch.Tensor) -> list[int]:
-        return [i for i in range(len(table)) if (int(row[i // 32]) >> (i % 32)) & 1]
-
-    assert allowed(m.utf8) == [0, 2, 3, 4, 5, 6]  # ED A0 80 encodes a surrogate; ED 9F BF is U+D7FF
-    assert allowed(m.clean) == [0, 1, 2, 3, 5, 6]  # control bytes but newline
-    assert allowed(m.after_ed) == [0, 1, 2, 4, 5, 6]  # a continuation byte A0..BF after a dangling ED
+    assert m.bad_utf8 == {1}  # ED A0 80 encodes a surrogate; ED 9F BF is U+D7FF
+    assert m.control == {4}  # control bytes but newline
     assert m.ends_ed == {2}
+    allowed_after_ed = [i for i in range(len(table)) if (int(m.after_ed[i // 32]) >> (i % 32)) & 1]
+    assert allowed_after_ed == [0, 1, 2, 4, 5, 6]  # a continuation byte A0..BF cannot follow a dangling ED
+
+
+def test_left_out_tokens_are_never_allowed(tiny: Path) -> None:
+    """Tokens with a control byte are out of the JSON kinds' tables (and in the others'), surrogates out of all."""
+    import xgrammar as xgr
+
+    from workers.reference.guided import GrammarCache
+
+    gc = GrammarCache(tiny, 2048, [2, 0])
+    json_guide = gc.guide(GuidedDecoding(kind="json", spec='{"type": "string"}'))
+    regex_guide = gc.guide(GuidedDecoding(kind="regex", spec="[\\x00-\\x7f]*"))
+    masks = json_guide.masks
+    assert masks.control and masks.ends_ed
+
+    def allowed(g: Any) -> set[int]:
+        mask = xgr.allocate_token_bitmask(1, 2048)
+        g.matcher.fill_next_token_bitmask(mask, 0)
+        return {i for i in range(2048) if (int(mask[0, i // 32]) >> (i % 32)) & 1}
+
+    assert json_guide.accept(8)  # the opening quote
+    inside = allowed(json_guide)
+    assert inside and not inside & (masks.control | masks.bad_utf8)
+    assert allowed(regex_guide) & masks.control  # a regex may want a tab

@@ -14,10 +14,10 @@ document, so the text the frontend detokenizes (special tokens skipped) is exact
 
 JSON is compiled without free whitespace (``any_whitespace=False``): a random-weight model would otherwise
 pad a document with whitespace until ``max_tokens``. xgrammar 0.2's length-bounded strings (``maxLength``) let
-raw control characters through, which ``json.loads`` rejects, so JSON rows (and tool calls) are also masked
-with the tokens free of bytes below 0x20 but newline (JSON without free whitespace never has one); and its
-character classes admit UTF-8-encoded surrogates, which no strict decoder accepts, so every guided row is kept
-from producing one (:class:`TokenMasks`).
+raw control characters through, which ``json.loads`` rejects, so the JSON kinds (and tool calls) compile against
+a token table without the tokens holding a byte below 0x20 but newline (JSON without free whitespace never has
+one); and its character classes admit UTF-8-encoded surrogates, which no strict decoder accepts, so every kind
+is kept from producing one (:class:`TokenMasks`). Leaving tokens out of the table costs nothing per step.
 
 A grammar that has ended allows only the end-of-sequence ids, and accepting one ends the request with ``stop``.
 """
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept per engine (a compiled grammar is some KB to a few MB)
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
-CLEAN_KINDS = ("json", "json_object", "structural_tag")  # rows masked to tokens without control bytes
+CLEAN_KINDS = ("json", "json_object", "structural_tag")  # tokens with a control byte left out (TokenMasks)
 
 
 class GrammarCache:
@@ -60,20 +60,27 @@ class GrammarCache:
         self.model_dir = model_dir
         self.vocab_size = vocab_size
         self.eos_ids = [t for t in eos_ids if 0 <= t < vocab_size]
-        self._compiler: xgrammar.GrammarCompiler | None = None
+        self._compilers: dict[bool, xgrammar.GrammarCompiler] = {}  # by "JSON kind" (see TokenMasks)
         self._cache: OrderedDict[tuple[str, str, tuple[str, ...]], xgrammar.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.compiles = 0  # cache misses (tests)
         self._masks: TokenMasks | None = None
 
-    def _get_compiler(self) -> xgrammar.GrammarCompiler:
-        if self._compiler is None:
+    def _get_compiler(self, json_kind: bool) -> xgrammar.GrammarCompiler:
+        """The compiler whose token table leaves out the tokens no document of this kind may hold (an empty
+        string is a token xgrammar never allows), so those cost nothing per step."""
+        comp = self._compilers.get(json_kind)
+        if comp is None:
             import xgrammar as xgr
 
-            info = xgr.TokenizerInfo(token_table(self.model_dir, self.vocab_size), xgr.VocabType.BYTE_LEVEL,
-                                     vocab_size=self.vocab_size, stop_token_ids=self.eos_ids or None)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        return self._compiler
+            masks = self._token_masks_locked()
+            table = token_table(self.model_dir, self.vocab_size)
+            for i in masks.bad_utf8 | (masks.control if json_kind else frozenset()):
+                table[i] = ""
+            info = xgr.TokenizerInfo(table, xgr.VocabType.BYTE_LEVEL, vocab_size=self.vocab_size,
+                                     stop_token_ids=self.eos_ids or None)
+            comp = self._compilers[json_kind] = xgr.GrammarCompiler(info, max_threads=1)
+        return comp
 
     def compiled(self, g: GuidedDecoding) -> xgrammar.CompiledGrammar:
         """The compiled grammar of ``g``; :class:`InvalidRequest` (param ``guided``) if it does not compile."""
@@ -83,7 +90,7 @@ class GrammarCache:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-            comp = self._get_compiler()
+            comp = self._get_compiler(g.kind in CLEAN_KINDS)
             try:
                 cg = _compile(comp, g)
             except InvalidRequest:
@@ -101,34 +108,31 @@ class GrammarCache:
 
     def guide(self, g: GuidedDecoding) -> Guide:
         cg = self.compiled(g)
-        return Guide(cg, self.eos_ids, self._token_masks(), json=g.kind in CLEAN_KINDS)
-
-    def _token_masks(self) -> TokenMasks:
         with self._lock:
-            if self._masks is None:
-                self._masks = TokenMasks(token_bytes(self.model_dir, self.vocab_size))
-            return self._masks
+            masks = self._token_masks_locked()
+        return Guide(cg, self.eos_ids, masks)
+
+    def _token_masks_locked(self) -> TokenMasks:
+        if self._masks is None:
+            self._masks = TokenMasks(token_bytes(self.model_dir, self.vocab_size))
+        return self._masks
 
 
 class TokenMasks:
-    """Static token masks that make up for two xgrammar 0.2 gaps (see the module docstring): tokens with a
-    control byte but newline (JSON rows), and UTF-8 surrogates (``ED A0..BF``: every row), which xgrammar's
-    character classes admit and a strict UTF-8 decoder refuses. A surrogate split across two tokens is caught
-    per step: after a token ending in ``ED``, a token starting with ``A0..BF`` is masked."""
+    """What makes up for two xgrammar 0.2 gaps (see the module docstring). Tokens with a control byte but
+    newline (``control``: left out of JSON kinds' token table) and tokens holding a UTF-8 surrogate
+    (``ED A0..BF``, ``bad_utf8``: left out of every table), which xgrammar's character classes admit and a
+    strict UTF-8 decoder refuses. A surrogate split across two tokens is caught per step: after a token ending
+    in ``ED`` (``ends_ed``), the tokens starting with ``A0..BF`` are masked (``after_ed``, a bitmask row)."""
 
     def __init__(self, table: list[bytes]) -> None:
         import xgrammar as xgr
 
-        n = len(table)
-        self.clean = xgr.allocate_token_bitmask(1, n)[0]  # all ones
-        self.utf8 = xgr.allocate_token_bitmask(1, n)[0]
-        self.after_ed = xgr.allocate_token_bitmask(1, n)[0]
-        self.ends_ed: frozenset[int] = frozenset(i for i, b in enumerate(table) if b.endswith(b"\xed"))
+        self.control = frozenset(i for i, b in enumerate(table) if any(c < 0x20 and c != 0x0A for c in b))
+        self.bad_utf8 = frozenset(i for i, b in enumerate(table) if re.search(rb"\xed[\xa0-\xbf]", b))
+        self.ends_ed = frozenset(i for i, b in enumerate(table) if b.endswith(b"\xed"))
+        self.after_ed = xgr.allocate_token_bitmask(1, len(table))[0]  # all ones
         for i, b in enumerate(table):
-            if any(c < 0x20 and c != 0x0A for c in b):
-                _clear(self.clean, i)
-            if re.search(rb"\xed[\xa0-\xbf]", b):
-                _clear(self.utf8, i)
             if b and 0xA0 <= b[0] <= 0xBF:
                 _clear(self.after_ed, i)
 
@@ -217,25 +221,22 @@ def token_table(model_dir: Path, vocab_size: int) -> list[str]:
 class Guide:
     """One request's grammar state. The step thread fills its mask and accepts its tokens."""
 
-    __slots__ = ("after_ed", "eos_ids", "masks", "matcher", "pending", "rejected", "static")
+    __slots__ = ("after_ed", "ended", "eos_ids", "masks", "matcher", "pending", "rejected")
 
-    def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks, *,
-                 json: bool = False) -> None:
+    def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks) -> None:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
         self.eos_ids = list(eos_ids)
         self.masks = masks
-        # The tokens this row may use at all: no UTF-8 surrogate; JSON rows also no control byte.
-        self.static = masks.utf8 & masks.clean if json else masks.utf8
+        self.ended = False  # the document is complete and its end-of-sequence token accepted
         self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
         self.pending: Future[torch.Tensor] | None = None  # this step's mask, being filled (start_masks)
         self.rejected = False
 
     @property
     def done(self) -> bool:
-        """The document is complete and its end-of-sequence token accepted."""
-        return bool(self.matcher.is_terminated())
+        return self.ended
 
     def accept(self, token: int) -> bool:
         """Advance over ``token``; False (and stay put) if the grammar does not allow it."""
@@ -244,6 +245,7 @@ class Guide:
             self.rejected = True
         else:
             self.after_ed = token in self.masks.ends_ed
+            self.ended = bool(self.matcher.is_terminated())
         return ok
 
     def step(self, token: int) -> bool:
@@ -279,16 +281,19 @@ def start_masks(specs: Sequence[SampleSpec]) -> None:
         g.pending = job
 
 
-def _fill(live: list[tuple[int, Guide]], n: int) -> torch.Tensor:
-    import xgrammar as xgr
+_BUFFERS = threading.local()  # per thread: a reused bitmask buffer per batch size
 
-    mask = xgr.allocate_token_bitmask(n, live[0][1].static.shape[0] * 32)
+
+def _fill(live: list[tuple[int, Guide]], n: int) -> torch.Tensor:
+    bufs: dict[tuple[int, int], torch.Tensor] = _BUFFERS.__dict__.setdefault("by_shape", {})
+    words = live[0][1].masks.after_ed.shape[0]
+    mask = bufs.get((n, words))
+    if mask is None:
+        mask = bufs[(n, words)] = torch.empty(n, words, dtype=torch.int32)  # rows are filled before use
     for i, g in live:
         g.matcher.fill_next_token_bitmask(mask, i)
         if g.after_ed:
             mask[i] &= g.masks.after_ed
-    idx = torch.tensor([i for i, _ in live])
-    mask[idx] &= torch.stack([g.static for _, g in live])  # the byte masks of every live row in one operation
     return mask
 
 

@@ -260,6 +260,9 @@ def _validate_common(req: ChatCompletionRequest | CompletionRequest) -> None:
         for t in req.stop_token_ids:
             if t < 0:
                 raise _bad(f"stop_token_ids must be >= 0, got {t}", "stop_token_ids")
+    # Structured outputs and logit_bias: checked now (before tokenizing), built again by to_sampling.
+    structured.logit_bias(req)
+    structured.constraint(req)
     ext = req.nvext
     if ext is not None:
         if ext.top_k is not None and ext.top_k < -1:

@@ -25,6 +25,7 @@ worker as ``invalid_request``, a 400 too (its message names the parameter).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -141,16 +142,26 @@ def _json_schema(schema: object, param: str) -> GuidedDecoding:
 
 
 def _check_meta_schema(schema: dict[str, Any] | bool, param: str) -> None:
+    problem = _meta_schema_problem(json.dumps(schema, sort_keys=True))
+    if problem:
+        raise _bad(f"{param} is not a valid JSON schema: {problem}", param)
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_schema_problem(spec: str) -> str:
+    """Why the schema ``spec`` (JSON text) breaks its JSON Schema meta-schema ("" if it does not), by spec: a
+    request is checked at parse time and again when mapped, and clients repeat their schemas."""
     try:
         import jsonschema
     except ImportError:  # a slim frontend image: the engine's compile is the check
-        return
+        return ""
+    schema = json.loads(spec)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.path)
-        raise _bad(f"{param} is not a valid JSON schema: {e.message}" + (f" (at {where})" if where else ""),
-                   param) from None
+        return str(e.message) + (f" (at {where})" if where else "")
+    return ""
 
 
 def _regex(pattern: object, param: str) -> GuidedDecoding:

@@ -16,7 +16,7 @@ Prints a table and a last JSON line ``{"bench": "structured_output", "ours": gui
 "baseline": unconstrained tok/s at batch 8 greedy, "ratio": ..., "goal": 0.9, "unit": "tok_per_s", "mask_us": ...}``
 (``mask_us``: one matcher's mean mask fill per token on this schema, outside the engine).
 
-    .venv/bin/python bench/structured_output.py [--new 64] [--prompt-len 32] [--repeat 3]
+    .venv/bin/python bench/structured_output.py [--new 64] [--prompt-len 32] [--repeat 5]
 
 Plot: bench/out/structured_output.png (with the ``bench`` extra's matplotlib).
 """
@@ -143,5 +143,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     report(asyncio.run(main(ap.parse_args())), native=True)

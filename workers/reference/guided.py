@@ -29,7 +29,6 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -221,7 +220,7 @@ def token_table(model_dir: Path, vocab_size: int) -> list[str]:
 class Guide:
     """One request's grammar state. The step thread fills its mask and accepts its tokens."""
 
-    __slots__ = ("after_ed", "ended", "eos_ids", "masks", "matcher", "pending", "rejected")
+    __slots__ = ("after_ed", "ended", "eos_ids", "masks", "matcher", "rejected")
 
     def __init__(self, compiled: xgrammar.CompiledGrammar, eos_ids: Sequence[int], masks: TokenMasks) -> None:
         import xgrammar as xgr
@@ -231,7 +230,6 @@ class Guide:
         self.masks = masks
         self.ended = False  # the document is complete and its end-of-sequence token accepted
         self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
-        self.pending: Future[torch.Tensor] | None = None  # this step's mask, being filled (start_masks)
         self.rejected = False
 
     @property
@@ -266,22 +264,7 @@ class Guide:
                                      param="output_offset")
 
 
-_MASKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
-
-
-def start_masks(specs: Sequence[SampleSpec]) -> None:
-    """Start filling this step's grammar masks on a helper thread, to overlap the model's forward: a mask depends
-    only on the tokens a row accepted so far, not on this step's logits. :func:`constrain` waits for it. Nothing
-    happens (one attribute test per row) when no row is guided."""
-    live = [(i, s.guide) for i, s in enumerate(specs) if s.guide is not None and not s.guide.done]
-    if not live:
-        return
-    job = _MASKER.submit(_fill, live, len(specs))
-    for _, g in live:
-        g.pending = job
-
-
-_BUFFERS = threading.local()  # per thread: a reused bitmask buffer per batch size
+_BUFFERS = threading.local()  # per thread (engines in one process each have a step thread): a buffer per shape
 
 
 def _fill(live: list[tuple[int, Guide]], n: int) -> torch.Tensor:
@@ -300,15 +283,17 @@ def _fill(live: list[tuple[int, Guide]], n: int) -> torch.Tensor:
 def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
     """Add each row's ``logit_bias`` and mask each guided row to its grammar's tokens, IN PLACE (the sampler
     took the raw logprobs first, and nothing reads a step's logits after sampling); returns ``logits``. Rows
-    with neither are not touched, and a batch without any costs one attribute test per row. The masks are
-    those :func:`start_masks` started (filled here when it was not called)."""
+    with neither are not touched, and a batch without any costs one attribute test per row.
+
+    The masks are filled here, after the forward: filling them on a helper thread during the forward (they
+    depend only on the tokens accepted so far) measured no faster on the 2-core CPU host, where that thread
+    competes with the event loop for the GIL and the second core; on a GPU it would be worth revisiting."""
     rows = [i for i, s in enumerate(specs) if s.guide is not None or s.bias is not None]
     if not rows:
         return logits
     import xgrammar as xgr
 
     live: list[tuple[int, Guide]] = []
-    job: Future[torch.Tensor] | None = None
     for i in rows:
         s = specs[i]
         if s.bias is not None:
@@ -323,10 +308,8 @@ def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor
             logits[i, g.eos_ids] = 0.0
             continue
         live.append((i, g))
-        job = job or g.pending
-        g.pending = None
     if live:
-        mask = job.result() if job is not None else _fill(live, len(logits))
+        mask = _fill(live, len(logits))
         xgr.apply_token_bitmask_inplace(logits, mask.to(logits.device), indices=[i for i, _ in live])
     return logits
 

@@ -26,7 +26,6 @@ from dynamo_rt.errors import DynamoError
 from dynamo_rt.protocol import FinishReason, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineOutput
 from workers.reference.batch import BatchBuilder, Plan
-from workers.reference.guided import start_masks
 from workers.reference.requests import Request, sample_specs
 from workers.reference.sampler import sample
 from workers.reference.scheduler import Scheduler
@@ -88,10 +87,8 @@ class StepThread:
                     self.wake.wait(self._idle_timeout())
                     continue
                 try:
-                    specs = sample_specs(plan.samplers)
-                    start_masks(specs)  # structured outputs: grammar masks fill while the forward runs
                     logits = batch.forward(plan.batch, self.pool)
-                    tokens, lps = sample(logits, specs)
+                    tokens, lps = sample(logits, sample_specs(plan.samplers))
                 except Exception as e:
                     log.exception("reference engine step failed")
                     self._fail_step(plan, e)

@@ -226,7 +226,7 @@ class Guide:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.eos_ids = list(eos_ids)
+        self.eos_ids = frozenset(eos_ids)
         self.masks = masks
         self.ended = False  # the document is complete and its end-of-sequence token accepted
         self.after_ed = False  # the last token ended with byte ED: a surrogate must not follow
@@ -243,7 +243,8 @@ class Guide:
             self.rejected = True
         else:
             self.after_ed = token in self.masks.ends_ed
-            self.ended = bool(self.matcher.is_terminated())
+            # xgrammar ends a document only on a stop token: ask (a few microseconds) only then.
+            self.ended = token in self.eos_ids and bool(self.matcher.is_terminated())
         return ok
 
     def step(self, token: int) -> bool:
@@ -305,7 +306,7 @@ def constrain(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor
         if g.done:
             # Ended (ignore_eos kept it going): only end-of-sequence tokens.
             logits[i] = float("-inf")
-            logits[i, g.eos_ids] = 0.0
+            logits[i, list(g.eos_ids)] = 0.0
             continue
         live.append((i, g))
     if live:

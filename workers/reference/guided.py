@@ -1,10 +1,12 @@
 """Grammar-constrained decoding and ``logit_bias`` for the reference engine (structured outputs).
 
-Place: :func:`workers.reference.requests.new_request` asks the engine's :class:`GrammarCache` for the compiled
-grammar of a request's :class:`~dynamo_rt.protocol.GuidedDecoding` and gives the request a :class:`Guide` (its
-own matcher); :func:`workers.reference.sampler.sample` calls :func:`constrain` on the step thread, which adds
-each row's ``logit_bias`` and masks each guided row to the tokens its grammar allows; the step thread's
-post-processing then :meth:`Guide.accept`\\ s the sampled token. Rows with neither pay one attribute test each.
+Place: before a guided request is queued, :func:`workers.reference.requests.attach_guide` asks the engine's
+:class:`GrammarCache` (off the event loop) for the compiled grammar of its
+:class:`~dynamo_rt.protocol.GuidedDecoding` and gives it a :class:`Guide` (its own matcher, advanced over
+``output_offset`` tokens after a migration); :func:`workers.reference.sampler.sample` calls :func:`constrain` on
+the step thread, which adds each row's ``logit_bias`` and masks each guided row to the tokens its grammar
+allows; the step thread's post-processing then :meth:`Guide.step`\\ s the sampled token (a decode worker its
+first token, sampled under the mask by the prefill worker). Rows with neither pay one attribute test each.
 
 The library is xgrammar: on the tiny model's tokenizer its mask costs about 34 us per token for a bounded
 JSON schema (llguidance: a 137 us median with multi-millisecond spikes while its lexer warms up; see
@@ -52,8 +54,8 @@ CLEAN_KINDS = ("json", "json_object", "structural_tag")  # tokens with a control
 
 
 class GrammarCache:
-    """Compiles and keeps grammars by spec for one model's tokenizer. Thread-safe (the event loop compiles,
-    tests and the bench may too)."""
+    """Compiles and keeps grammars by spec for one model's tokenizer. Thread-safe (requests compile on
+    ``asyncio.to_thread`` workers, one compile at a time)."""
 
     def __init__(self, model_dir: Path, vocab_size: int, eos_ids: Sequence[int]) -> None:
         self.model_dir = model_dir

@@ -94,7 +94,8 @@ class GuidedDecoding(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A constraint on the output, compiled to a token mask per step by the engine.
 
     ``kind`` is one of "json" (``spec`` a JSON schema, as JSON text), "json_object" (any JSON object),
-    "regex", "choice" (``choices``) or "grammar" (``spec`` an EBNF / Lark grammar).
+    "regex", "choice" (``choices``) or "grammar" (``spec`` an EBNF / Lark grammar), or "structural_tag" (``spec``
+    xgrammar's structural-tag JSON: how tool_choice required / named is enforced, frontend/structured.py).
     """
 
     kind: str

@@ -258,6 +258,8 @@ class Frontend:
         ctx = sm.card.context_length
         max_tokens = max(op.resolve_max_tokens(req, len(pr), ctx) for pr in prompts)
         sampling, stop, stop_strings = op.to_sampling(req)
+        if sampling.logit_bias:
+            pre.check_token_ids(list(sampling.logit_bias), param="logit_bias")  # the worker checks too
         stop.max_tokens = max_tokens
         nvext = req.nvext
         pinned = None

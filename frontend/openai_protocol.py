@@ -22,6 +22,7 @@ import msgspec
 
 from dynamo_rt.errors import ErrorCode, InvalidRequest
 from dynamo_rt.protocol import SamplingParams, StopConditions
+from frontend import structured
 
 __all__ = [
     "MAX_N",
@@ -88,6 +89,11 @@ class NvExt(msgspec.Struct, kw_only=True, omit_defaults=True):
     repetition_penalty: float | None = None
     greed_sampling: bool | None = None  # force greedy decoding
     annotations: list[str] | None = None
+    # Structured outputs, as the top-level fields of the same names (frontend/structured.py).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -116,6 +122,11 @@ class _Common(msgspec.Struct, kw_only=True, omit_defaults=True):
     user: str | None = None
     cache_salt: str | None = None  # vLLM's field: mixed into the tenant's prefix-cache salt (frontend/tenants.py)
     nvext: NvExt | None = None
+    # vLLM's structured-output extension fields (frontend/structured.py)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
@@ -127,7 +138,7 @@ class ChatCompletionRequest(_Common, kw_only=True, omit_defaults=True):
     top_logprobs: Int32 | None = None
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template; calls parsed by chat_output.py
     tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
-    parallel_tool_calls: bool | None = None  # False: at most one call per choice
+    parallel_tool_calls: bool | None = None  # False: at most one call per choice (also under a grammar)
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (e.g. enable_thinking)
@@ -250,8 +261,9 @@ def _validate_common(req: ChatCompletionRequest | CompletionRequest) -> None:
         for t in req.stop_token_ids:
             if t < 0:
                 raise _bad(f"stop_token_ids must be >= 0, got {t}", "stop_token_ids")
-    if req.logit_bias:
-        raise _bad("logit_bias is not supported", "logit_bias")
+    # Structured outputs and logit_bias: checked now (before tokenizing), built again by to_sampling.
+    structured.logit_bias(req)
+    structured.constraint(req)
     ext = req.nvext
     if ext is not None:
         if ext.top_k is not None and ext.top_k < -1:
@@ -305,11 +317,6 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             )
         if not req.logprobs:
             raise _bad("top_logprobs requires logprobs to be true", "top_logprobs")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _bad(
-            f"response_format type {req.response_format.get('type')!r} is not supported (only 'text')",
-            "response_format",
-        )
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -504,6 +511,8 @@ def to_sampling(req: ChatCompletionRequest | CompletionRequest) -> Sampling:
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         logprobs=logprobs,
+        logit_bias=structured.logit_bias(req),
+        guided=structured.constraint(req),
     )
     stop = StopConditions(
         max_tokens=requested_max_tokens(req) or 0,

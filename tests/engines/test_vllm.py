@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from tokenizers import Tokenizer
 
 from dynamo_rt import kvhash
 from dynamo_rt.local.services import EtcdServer, NatsServer
@@ -329,6 +331,53 @@ def test_vllm_load_metrics(agg: VllmStack, agg_instance: str) -> None:
     assert lm.mode == "agg"
     assert lm.kv_blocks_total == KVCACHE_GIB * 2**30 // block_bytes
     assert (lm.active_requests, lm.waiting_requests, lm.kv_blocks_used) == (0, 0, 0)
+
+
+def test_vllm_structured_outputs(agg: VllmStack) -> None:
+    """Structured outputs pass through to vLLM's own (StructuredOutputsParams): a JSON schema, a regex, a choice,
+    a forced tool call and logit_bias, all through our frontend. Bounded schemas without free strings: vLLM's
+    xgrammar admits UTF-8 surrogates inside strings, which our reference engine masks out and vLLM does not."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "k": {"enum": ["red", "green"]}, "ok": {"type": "boolean"},
+                                               "xs": {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 3}},
+              "required": ["n", "k", "ok", "xs"], "additionalProperties": False}
+
+    def chat(**body: Any) -> dict[str, Any]:
+        out = _post(agg.url + "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, **body}, timeout=180)
+        choice: dict[str, Any] = out["choices"][0]
+        return choice
+
+    for seed in range(3):
+        ch = chat(seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        assert ch["finish_reason"] == "stop", ch
+        jsonschema.validate(json.loads(ch["message"]["content"]), schema)
+    ch = chat(temperature=0, guided_regex="[a-z]{2,5}-[0-9]{3}")
+    assert re.fullmatch("[a-z]{2,5}-[0-9]{3}", ch["message"]["content"]), ch
+    ch = chat(temperature=0, nvext={"guided_choice": ["alpha", "omega"]})
+    assert ch["message"]["content"] in ("alpha", "omega")
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 1,
+                                                                         "maximum": 9}},
+        "required": ["k", "n"]}}}
+    ch = chat(temperature=0, tools=[tool], tool_choice="required", parallel_tool_calls=False)
+    msg = ch["message"]
+    if msg.get("tool_calls"):
+        call = msg["tool_calls"][0]["function"]
+        name, args = call["name"], json.loads(call["arguments"])
+    else:
+        m = re.fullmatch(r"<tool_call>\n(.*)\n</tool_call>", msg["content"], re.DOTALL)
+        assert m, msg
+        doc = json.loads(m.group(1))
+        name, args = doc["name"], doc["arguments"]
+    assert name == "pick"
+    jsonschema.validate(args, tool["function"]["parameters"])  # type: ignore[index]
+    forced = _post(agg.url + "/v1/completions", {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 5,
+                                                 "temperature": 0, "ignore_eos": True, "logit_bias": {"77": 100}})
+    tok = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
+    assert forced["choices"][0]["text"] == tok.decode([77] * 5)
 
 
 def test_vllm_worker_leaves_discovery(agg: VllmStack, agg_completions: list[dict[str, Any]]) -> None:

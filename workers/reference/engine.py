@@ -49,15 +49,16 @@ from pathlib import Path
 import torch
 
 from dynamo_rt.errors import DynamoError, Unavailable
-from dynamo_rt.protocol import GenerateRequest, KvEvent, KvTransferParams
+from dynamo_rt.protocol import FinishReason, GenerateRequest, KvEvent, KvTransferParams
 from workers.common.blocks import BlockManager
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
 from workers.reference.batch import BatchBuilder
+from workers.reference.guided import GrammarCache
 from workers.reference.kv_cache import KvPool
 from workers.reference.kvbm import KvTiers, TierConfig, model_fingerprint, open_tiers
 from workers.reference.model import DecoderModel, ModelConfig, parse_dtype, rope_inv_freq
 from workers.reference.native import NativeDecode, enabled_by_env, load_library
-from workers.reference.requests import Request, eos_ids, first_logprob, new_request
+from workers.reference.requests import Request, attach_guide, eos_ids, first_logprob, new_request
 from workers.reference.scheduler import Scheduler, SeqState
 from workers.reference.stepper import StepThread
 from workers.reference.testfaults import KillSwitch, from_env
@@ -155,6 +156,7 @@ class ReferenceEngine:
         self._sink: KvEventSink | None = None
         self._steps_before = 0  # forwards of earlier runs (start / stop / start)
         self.kill_switch: KillSwitch = from_env()  # test-only crash points (testfaults.py); inert when unset
+        self.grammars: GrammarCache | None = None  # structured outputs: compiled on first use
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -330,17 +332,26 @@ class ReferenceEngine:
                           device=self.device, can_load=self.kv_loader is not None)
         return self._generate(seq)
 
+    def _grammars(self) -> GrammarCache:
+        if self.grammars is None:
+            self.grammars = GrammarCache(self.model_path, self.vocab_size, self.info.eos_token_ids)
+        return self.grammars
+
     # ----------------------------------------------------------------------------------------- requests
 
     async def _generate(self, seq: Request) -> AsyncIterator[EngineOutput]:
         req = seq.req
         kt = req.kv_transfer
         try:
+            if req.sampling.guided is not None:
+                await attach_guide(seq, self._grammars())
             if kt is not None and kt.first_token >= 0 and not req.prefill_only:
                 # Decode side of disagg: the first token is known; emit it, then continue from it.
                 first = kt.first_token
                 seq.tokens.append(first)  # the prefill worker drew it at position output_offset
                 reason = seq.finish_reason(first, self.info.context_length)
+                if seq.sampling.guide is not None and seq.sampling.guide.step(first) and reason is None:
+                    reason = FinishReason.STOP.value
                 seq.sent_first = True
                 lp = first_logprob(kt) if req.sampling.logprobs is not None else None
                 yield EngineOutput(token_ids=[first], logprobs=[lp] if lp else None, finish_reason=reason,

@@ -21,6 +21,7 @@ import torch
 from dynamo_rt.errors import ErrorCode, InvalidRequest
 from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineOutput, ModelInfo
+from workers.reference.guided import KINDS, GrammarCache, bias_tensors
 from workers.reference.model import ModelConfig
 from workers.reference.sampler import SampleSpec
 from workers.reference.scheduler import Seq
@@ -98,6 +99,9 @@ def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_b
     seq = Request(req=req, tokens=prompt, prompt_len=len(prompt), max_tokens=max_tokens,
                   stop_ids=frozenset(stop), sampling=spec)
     spec.tokens = seq.tokens
+    spec.bias = bias_tensors(sp.logit_bias, vocab_size, device)
+    if sp.guided is not None and sp.guided.kind not in KINDS:
+        raise InvalidRequest(f"unknown guided decoding kind {sp.guided.kind!r}", param="guided")
     kt = req.kv_transfer
     if kt is not None and kt.first_token >= 0 and not req.prefill_only:
         if kt.first_token >= vocab_size:
@@ -110,6 +114,20 @@ def new_request(req: GenerateRequest, info: ModelInfo, *, vocab_size: int, num_b
                         "prompt tokens): prefilling locally", req.request_id, kt.num_tokens,
                         len(kt.block_ids), len(prompt))
     return seq
+
+
+async def attach_guide(seq: Request, grammars: GrammarCache) -> None:
+    """Compile ``seq``'s output constraint (off the event loop: the first one imports xgrammar and builds the
+    token table) and give it its matcher; on a migration, advanced over the output already sent."""
+    g = seq.req.sampling.guided
+    if g is None:
+        return
+    guide = await asyncio.to_thread(grammars.guide, g)
+    off = seq.req.output_offset
+    if 0 < off <= seq.prompt_len:
+        # The output sent so far is the end of the prompt: the grammar resumes after it.
+        guide.replay(seq.tokens[seq.prompt_len - off:seq.prompt_len])
+    seq.sampling.guide = guide
 
 
 def sample_specs(samplers: list[Request]) -> list[SampleSpec]:

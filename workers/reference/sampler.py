@@ -13,6 +13,7 @@ distribution in token-id order (top-k / top-p ties broken by token id), so it de
 ``(seed, position, logits)``: not on the batch, the worker or what was drawn before.
 
 Logprobs are those of the raw model distribution (``log_softmax`` of the logits before any processing).
+``logit_bias`` and a structured-output grammar's mask (:mod:`workers.reference.guided`) come first of all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from dynamo_rt.protocol import TokenLogprob
+from workers.reference.guided import Guide, constrain
 
 
 @dataclass(slots=True)
@@ -40,6 +42,8 @@ class SampleSpec:
     prompt_len: int = 0
     suppress: Sequence[int] = ()  # token ids that may not be produced this step (min_tokens)
     logprobs: int | None = None
+    guide: Guide | None = None  # structured outputs: the request's grammar state (workers.reference.guided)
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, values)
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +75,7 @@ def sample(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> tuple[list[int]
     n, vocab = logits.shape
     want_lp = any(s.logprobs is not None for s in specs)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+    logits = constrain(logits, specs)  # logit_bias and grammar masks, in place (rows without them untouched)
     if all(s.greedy and not s.penalized and not s.suppress for s in specs):
         chosen = logits.argmax(dim=-1)
     else:

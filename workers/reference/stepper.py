@@ -128,6 +128,8 @@ class StepThread:
             tok = tokens[i]
             seq.tokens.append(tok)
             reason = seq.finish_reason(tok, self.context_length)
+            if seq.sampling.guide is not None and seq.sampling.guide.step(tok) and reason is None:
+                reason = FinishReason.STOP.value  # the document is complete (and ignore_eos kept EOS going)
             lp = lps[i]
             o = EngineOutput(token_ids=[tok], logprobs=[lp] if lp is not None else None, finish_reason=reason)
             if not seq.sent_first:

@@ -45,6 +45,7 @@ from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelIn
 from workers.common.kv_events import KvHashMap, ZmqEventSubscriber
 from workers.common.model_info import model_info_from_dir
 from workers.common.net import local_address
+from workers.common.structured import sglang_structured, str_keys
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,10 @@ class SglangEngine:
             params["stop_token_ids"] = list(stop.stop_token_ids)
         if s.seed is not None:
             params["sampling_seed"] = s.seed
+        if s.guided is not None:
+            params.update(sglang_structured(s.guided))
+        if s.logit_bias:
+            params["logit_bias"] = str_keys(s.logit_bias)
         return params
 
     def _call(self, request: GenerateRequest, bootstrap: dict[str, Any] | None) -> Any:

@@ -43,6 +43,7 @@ from dynamo_rt.protocol import GenerateRequest, KvTransferParams, TokenLogprob
 from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelInfo
 from workers.common.kv_events import KvHashMap
 from workers.common.model_info import model_info_from_dir
+from workers.common.structured import trtllm_guided
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,11 @@ _FINISH = {"stop": "stop", "length": "length", "not_finished": "length"}
 def tensorrt_llm_api() -> Any:
     """The TensorRT-LLM names this adapter uses (a stand-in namespace replaces it in the contract tests)."""
     import tensorrt_llm
-    from tensorrt_llm.llmapi import DisaggregatedParams, KvCacheConfig
+    from tensorrt_llm.llmapi import DisaggregatedParams, GuidedDecodingParams, KvCacheConfig
 
     return SimpleNamespace(LLM=tensorrt_llm.LLM, SamplingParams=tensorrt_llm.SamplingParams,
-                           DisaggregatedParams=DisaggregatedParams, KvCacheConfig=KvCacheConfig)
+                           DisaggregatedParams=DisaggregatedParams, KvCacheConfig=KvCacheConfig,
+                           GuidedDecodingParams=GuidedDecodingParams)
 
 
 class TrtllmEngine:
@@ -153,6 +155,10 @@ class TrtllmEngine:
             kw["repetition_penalty"] = s.repetition_penalty
         if s.logprobs is not None:
             kw["logprobs"] = max(1, s.logprobs)  # the sampled token's logprob needs at least 1
+        if s.logit_bias:
+            raise errors.InvalidRequest("logit_bias is not supported on the TensorRT-LLM engine", param="logit_bias")
+        if s.guided is not None:
+            kw["guided_decoding"] = self._api.GuidedDecodingParams(**trtllm_guided(s.guided))
         try:
             return self._api.SamplingParams(**kw)
         except (TypeError, ValueError) as exc:

@@ -55,6 +55,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_config": kv_cache,
         # Iteration stats feed our load metrics (get_stats_async).
         "enable_iter_perf_stats": True,
+        # Structured outputs (GuidedDecodingParams) need a grammar backend chosen up front.
+        "guided_decoding_backend": "xgrammar",
     }
     if args.ep_size > 1:
         kw["moe_expert_parallel_size"] = args.ep_size

@@ -43,6 +43,7 @@ from workers.common.engine import EngineLoad, EngineOutput, KvEventSink, ModelIn
 from workers.common.kv_events import KvHashMap, ZmqEventSubscriber
 from workers.common.model_info import model_info_from_dir
 from workers.common.net import local_address
+from workers.common.structured import vllm_structured
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,27 @@ class VllmEngine:
             # An endpoint without "*" makes vLLM's publisher connect (to our bound SUB socket).
             kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                     endpoint=events_endpoint, topic="kv")
+        if "structured_outputs_config" not in kw:
+            with contextlib.suppress(ImportError):  # vLLM >= 0.11
+                from vllm.config import StructuredOutputsConfig
+
+                # xgrammar, and JSON without free whitespace as in the reference engine: vLLM reads this per engine,
+                # not per request, and an undertrained model pads a document with whitespace until max_tokens.
+                kw["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar",
+                                                                          disable_any_whitespace=True)
         self._import_names()
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=[self._stat_logger_class()])
 
     def _import_names(self) -> None:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        try:  # vLLM >= 0.11; before: GuidedDecodingParams, passed as guided_decoding (same fields)
+            from vllm.sampling_params import StructuredOutputsParams as structured
+            structured_arg = "structured_outputs"
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams as structured
+            structured_arg = "guided_decoding"
         from vllm.v1.engine.exceptions import EngineDeadError
 
         client_errors: tuple[type[BaseException], ...] = (ValueError, TypeError)
@@ -178,7 +194,7 @@ class VllmEngine:
             client_errors = (*client_errors, VLLMClientError)
         self._vllm = {"TokensPrompt": TokensPrompt, "SamplingParams": SamplingParams,
                       "DELTA": RequestOutputKind.DELTA, "EngineDeadError": EngineDeadError,
-                      "client_errors": client_errors}
+                      "client_errors": client_errors, "Structured": structured, "structured_arg": structured_arg}
 
     def _stat_logger_class(self) -> type:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -277,6 +293,13 @@ class VllmEngine:
             # What the vLLM prefill worker returned, as is (another engine's params are ignored: this worker
             # then prefills locally, which is always correct).
             extra["kv_transfer_params"] = dict(request.kv_transfer.opaque)
+        if s.guided is not None:
+            extra_kw: dict[str, Any] = {self._vllm["structured_arg"]: self._vllm["Structured"](
+                **vllm_structured(s.guided))}
+        else:
+            extra_kw = {}
+        if s.logit_bias:
+            extra_kw["logit_bias"] = dict(s.logit_bias)
         try:
             return self._vllm["SamplingParams"](
                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else 0, min_p=s.min_p,
@@ -284,7 +307,7 @@ class VllmEngine:
                 repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
                 max_tokens=max_tokens, min_tokens=min(stop.min_tokens, max_tokens),
                 stop_token_ids=list(stop.stop_token_ids) or None, ignore_eos=stop.ignore_eos,
-                detokenize=False, output_kind=self._vllm["DELTA"], extra_args=extra or None,
+                detokenize=False, output_kind=self._vllm["DELTA"], extra_args=extra or None, **extra_kw,
             )
         except Exception as exc:
             raise errors.InvalidRequest(f"vLLM rejected the sampling parameters: {exc}") from exc

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from frontend import openai_protocol as op
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
@@ -92,6 +92,8 @@ class _Admission:
                 self.queued.labels(model).inc()
             wait = min(self.cfg.queue_timeout, deadline - time.time())
             try:
+                if faults.enabled:
+                    await faults.hit("frontend.queued")
                 await asyncio.wait_for(sem.acquire(), max(0.0, wait))
             except TimeoutError:
                 if time.time() >= deadline:
@@ -291,6 +293,8 @@ class Frontend:
         t0 = time.perf_counter()
         try:
             body = await self.read_body(request)
+            if faults.enabled:
+                await faults.hit("frontend.tokenizing")
             # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
             # loop, so the streams in flight keep flowing (the tokenizer releases the GIL for long texts).
             p = await asyncio.to_thread(self.prepare, kind, body) if len(body) > OFFLOAD_BODY_BYTES else \

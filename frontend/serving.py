@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from dynamo_rt.protocol import (
     Final,
     GenerateRequest,
@@ -33,6 +33,7 @@ from dynamo_rt.protocol import (
 from dynamo_rt.transport import ResponseStream, Transport
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
+from frontend.pins import release_pin, stop_prefill
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class Dispatcher:
             router.on_first_token(decision.worker_id, decision.key)
 
         try:
+            if faults.enabled:
+                await faults.hit("frontend.routed", sub_id)
             if pool == "decode" and sm.pool("prefill"):
                 uncached = len(prompt) - decision.overlap_blocks * sm.card.kv_block_size
                 if uncached >= self.disagg_threshold:
@@ -175,6 +178,8 @@ class Dispatcher:
                                                timeout=min(self.request_timeout, p.remaining()))
         except BaseException:
             done()
+            if req.kv_transfer is not None:  # the prefill worker's pin was never handed to a decode worker
+                release_pin(self.transport, self.manager.view.namespace, req.kv_transfer)
             raise
         return stream, done, decision.worker_id, first
 
@@ -188,10 +193,13 @@ class Dispatcher:
         # when that token already ends the request.
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
                                stop=req.stop, model=req.model, prefill_only=True)
+        stream: ResponseStream | None = None
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
             stream = await self.transport.call(rec.subject, preq.request_id, encode(preq), timeout=timeout)
+            if faults.enabled:
+                await faults.hit("frontend.remote_prefill", preq.request_id)
             async for frame in stream:
                 if isinstance(frame, Final):
                     if frame.kv_transfer is None:
@@ -205,6 +213,8 @@ class Dispatcher:
             return None
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
+            if stream is not None:  # a cancelled wait stops the prefill and frees what it pinned
+                await stop_prefill(stream, self.transport, self.manager.view.namespace)
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:
@@ -420,6 +430,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                 if worker:
                     excluded.add(worker)
                 m.migrations.labels(sm.name).inc()
+                if faults.enabled:
+                    await faults.hit("frontend.migrating", sub_id)
                 log.warning("request %s: worker %s failed after %d tokens (%s); migrating (attempt %d/%d)",
                             sub_id, worker or "?", len(res.token_ids), exc.message, attempt, engine.migration_limit)
             finally:

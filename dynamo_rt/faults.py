@@ -48,7 +48,7 @@ POINTS = (
     "frontend.migrating",  # the worker failed mid-stream; the next one is not chosen yet
     "worker.remote_prefill",  # prefill worker: prompt computed and pinned, its answer not sent
     "worker.nixl_read",  # decode worker: local blocks allocated, the NIXL read not started
-    "worker.decoding",  # after a token went out
+    "worker.decoding",  # after a token the engine decoded went out (the engine goes on meanwhile)
     "worker.kv_events",  # KV event publisher (``drop``)
 )
 ACTIONS = ("pause", "delay", "fail", "drop")

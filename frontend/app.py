@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors, faults
 from frontend import openai_protocol as op
+from frontend.health import HealthMonitor
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.serving import (
@@ -227,6 +228,7 @@ class Frontend:
         self.metrics = metrics
         self.cfg = cfg
         self.admission = _Admission(cfg, metrics.queued)
+        self.health = HealthMonitor(manager, engine, metrics)  # frontend.main configures and starts its canary
 
     # ------------------------------------------------------------------ request preparation
 
@@ -473,6 +475,12 @@ def build_app(fe: Frontend) -> FastAPI:
     async def models() -> Response:
         return json_response({"object": "list", "data": [fe.model_obj(m) for m in fe.manager.ready()]})
 
+    @app.get("/v1/models/{model_id:path}/ready")
+    async def model_ready(model_id: str, canary: bool = False) -> Response:
+        if canary and model_id in fe.manager.models:
+            await fe.health.check(model_id)
+        return json_response(*reversed(fe.health.ready(model_id)))
+
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         for m in fe.manager.ready():
@@ -485,13 +493,10 @@ def build_app(fe: Frontend) -> FastAPI:
         return json_response({"status": "live"})
 
     @app.get("/health")
-    async def health() -> Response:
-        ready = fe.manager.ready()
-        if not ready:
-            return json_response({"status": "unhealthy", "reason": "no model has a ready worker"}, 503)
-        return json_response({"status": "healthy", "models": {m.name: {
-            "instances": len(m.instances),
-            "modes": sorted({r.mode.value for r in m.instances.values()})} for m in ready}})
+    async def health(canary: bool = False) -> Response:
+        if canary:
+            await fe.health.check()
+        return json_response(*reversed(fe.health.health()))
 
     @app.get("/metrics")
     async def metrics() -> Response:

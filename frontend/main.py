@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="seconds a request for a model that has no ready worker (its pool scaled to zero) waits for one "
               "to register before a 503; 0: answer 503 at once")
     flag(p, "--api-key", env="DYN_API_KEY", default=None, help="require this Bearer key on /v1 routes")
+    flag(p, "--canary-interval", env="DYN_CANARY_INTERVAL", type=float, default=5.0,
+         help="seconds between health canaries per model (frontend/health.py; 0: on demand only, /health?canary=1)")
+    flag(p, "--canary-timeout", env="DYN_CANARY_TIMEOUT", type=float, default=10.0,
+         help="seconds a health canary may take before it counts as failed")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -79,10 +83,11 @@ def check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
     for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
-                 "--max-concurrency", "--max-queue", "--worker-wait-timeout"):
+                 "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--canary-interval"):
         at_least(name, 0)
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
+    at_least("--canary-timeout", 0, above=True)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
 
@@ -121,9 +126,13 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     cfg = FrontendConfig(max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                          max_queue=args.max_queue, request_timeout=args.request_timeout, api_key=args.api_key,
                          worker_wait_timeout=args.worker_wait_timeout)
+    fe = Frontend(manager, engine, metrics, cfg)
+    fe.health.interval, fe.health.timeout = args.canary_interval, args.canary_timeout
+    await fe.health.start()
     try:
-        yield Frontend(manager, engine, metrics, cfg)
+        yield fe
     finally:
+        await fe.health.close()
         await manager.close()
         await view.close()
         await registry.close()

@@ -33,7 +33,7 @@ from dynamo_rt.protocol import (
 from dynamo_rt.transport import ResponseStream, Transport
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
-from frontend.pins import release_pin, stop_prefill
+from frontend.pins import call_prefill, release_pin, stop_prefill
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ class Dispatcher:
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
-            stream = await self.transport.call(rec.subject, preq.request_id, encode(preq), timeout=timeout)
+            stream = await call_prefill(self.transport, self.manager.view.namespace, rec.subject, preq.request_id,
+                                        encode(preq), timeout)
             if faults.enabled:
                 await faults.hit("frontend.remote_prefill", preq.request_id)
             async for frame in stream:
@@ -214,7 +215,7 @@ class Dispatcher:
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
             if stream is not None:  # a cancelled wait stops the prefill and frees what it pinned
-                await stop_prefill(stream, self.transport, self.manager.view.namespace)
+                stop_prefill(stream, self.transport, self.manager.view.namespace)
 
 
 def _struct_dict(s: Any) -> dict[str, Any]:

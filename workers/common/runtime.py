@@ -272,7 +272,7 @@ class WorkerRuntime:
                 produced += len(out.token_ids)
                 if out.token_ids:
                     yield Data(seq=0, token_ids=out.token_ids, logprobs=out.logprobs)
-                    if faults.enabled:
+                    if faults.enabled and produced > 1 and not req.prefill_only:  # past the first token
                         await faults.hit("worker.decoding", req.request_id)
                 if out.finish_reason is not None:
                     outcome = "ok"

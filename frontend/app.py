@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI for the surface, raw ASGI responses on the token path).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``.
+``GET /v1/models/{id}``, ``GET /v1/models/{id}/ready`` and ``GET /health`` (frontend/health.py), ``GET /live``,
+``GET /metrics``, ``/openapi.json``, ``/docs``.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` produced by one
 mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming.
 """

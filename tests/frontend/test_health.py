@@ -93,3 +93,23 @@ def test_frozen_prefill_worker_is_transfer_failed_and_no_decode_worker_is_503(st
     status, ready = _get(stack, f"/v1/models/{MODEL}/ready")
     assert status == 503 and ready["ready"] is False and ready["reasons"][0] == "no_decode_worker", ready
     assert ready["error"]["type"] and "no_decode_worker" in ready["error"]["message"]
+
+
+def test_etcd_gone_is_discovery_lost_until_it_is_back(fresh_etcd: Any, nats_server: Any) -> None:
+    """etcd stopped: the frontend still serves from its last view (200), says ``discovery_lost``; etcd back: the
+    reason goes away."""
+    st = Stack(fresh_etcd.client_url, nats_server.url, "health-etcd")
+    st.add_worker("mocker", "agg")
+    st.start_frontend("--canary-interval", "0.5")
+    try:
+        st.wait_ready(1)
+        _until(st, "/health", lambda s, b: s == 200 and b["reasons"] == [] and MODEL in b["models"])
+        fresh_etcd.stop()
+        body = _until(st, "/health", lambda s, b: "discovery_lost" in b["reasons"], timeout=30)
+        assert body["discovery"] == "lost" and body["status"] == "degraded", body
+        assert "discovery_lost" in body["models"][MODEL]["reasons"] and body["models"][MODEL]["ready"] is True
+        fresh_etcd.restart()
+        body = _until(st, "/health", lambda s, b: s == 200 and "discovery_lost" not in b["reasons"], timeout=60)
+        assert body["discovery"] == "ok"
+    finally:
+        st.stop()

@@ -2,17 +2,18 @@
 because a canary request just was.
 
 Every ``--canary-interval`` seconds (``frontend.main``; ``--canary-timeout`` bounds one) and on demand
-(``?canary=1``) a 2-token greedy request runs for each model through the real path, the
+(``?canary=1``) a 2-token greedy request runs for each model and each of its agg / decode workers (pinned
+there; its prefill worker is the router's choice) through the real path, the
 :class:`~frontend.serving.Dispatcher`: tokenized by the model's preprocessor, routed, prefilled on a prefill
 worker and pulled over NIXL when the model has a prefill pool (its prompt starts with a fresh nonce, so no
 cache makes the hand-off unnecessary), decoded. Its id starts with ``canary-``, so the fault
 points pass it and no user metric counts it (``dynamo_frontend_canary_runs`` does).
 
-A model is *ready* when it has a worker that takes requests and its last canary (if one ran since its workers
-last changed) produced tokens. Machine-readable reasons, fatal ones first:
+A model is *ready* when it has a worker that takes requests and, if canaries ran since its workers last
+changed, one of them produced tokens. Machine-readable reasons:
 
-* ``no_decode_worker``: no agg or decode worker is registered (fatal);
-* ``canary_failed``: the last canary ended in an error (fatal);
+* ``no_decode_worker``: no agg or decode worker is registered (not ready);
+* ``canary_failed``: a worker's last canary ended in an error (not ready when every worker's did);
 * ``transfer_failed``: the canary's prefill hand-off failed and the decode worker prefilled locally;
 * ``kv_events_stale``: a worker's KV events do not reach the router (it routes by load meanwhile,
   :mod:`dynamo_rt.router.staleness`);
@@ -47,8 +48,7 @@ from frontend.serving import Dispatcher, Prepared, error_body
 
 log = logging.getLogger(__name__)
 
-FATAL = ("no_decode_worker", "canary_failed")
-REASONS = (*FATAL, "transfer_failed", "kv_events_stale", "discovery_lost")
+REASONS = ("no_decode_worker", "canary_failed", "transfer_failed", "kv_events_stale", "discovery_lost")
 CANARY_TOKENS = 2
 _FILLER = " the quick brown fox jumps over the lazy dog"
 
@@ -85,7 +85,7 @@ class HealthMonitor:
         self.metrics = metrics
         self.interval = interval
         self.timeout = timeout
-        self.results: dict[str, CanaryResult] = {}
+        self.results: dict[str, dict[str, CanaryResult]] = {}  # model -> worker -> its last canary
         self.discovery_ok = True
         self._nonce = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -157,19 +157,32 @@ class HealthMonitor:
             ids = sm.pre.encode_prompt(text)
         return ids[:limit]
 
-    async def canary(self, sm: ServedModel) -> CanaryResult:
-        """Run one canary request for ``sm`` and record its result."""
+    async def canary(self, sm: ServedModel) -> dict[str, CanaryResult]:
+        """Run one canary per worker that takes requests (agg, else decode; the prefill worker is the router's
+        choice) for ``sm``, one after the other, and record the results."""
+        pool = "agg" if sm.pool("agg") else "decode"
+        out = {wid: await self._canary_on(sm, wid) for wid in sm.pool(pool)}
+        prev = self.results.get(sm.name, {})
+        for wid, res in out.items():
+            was = prev.get(wid)
+            if not res.ok and (was is None or was.ok):
+                log.warning("health: model %r canary on worker %s failed: %s", sm.name, wid, res.error)
+            elif res.ok and was is not None and not was.ok:
+                log.info("health: model %r canary on worker %s ok again", sm.name, wid)
+        self.results[sm.name] = out
+        return out
+
+    async def _canary_on(self, sm: ServedModel, worker: str) -> CanaryResult:
         nonce = next(self._nonce)
         t0 = time.perf_counter()
-        instances = frozenset(sm.instances)
         fallbacks = self._fallbacks(sm.name)
-        res = CanaryResult(ok=False, at=time.time(), seconds=0.0, instances=instances)
+        res = CanaryResult(ok=False, at=time.time(), seconds=0.0, worker=worker, instances=frozenset(sm.instances))
         try:
             prompt = await asyncio.to_thread(self._prompt, sm, nonce)
             rid = f"canary-{nonce:x}-{int(time.time() * 1000):x}"
             p = Prepared(kind="completion", model=sm, prompts=[prompt], sampling=SamplingParams(temperature=0.0),
                          stop=StopConditions(max_tokens=CANARY_TOKENS, ignore_eos=True), stop_strings=[], n=1,
-                         stream=True, include_usage=False, logprobs=None, pinned=None, request_id=rid,
+                         stream=True, include_usage=False, logprobs=None, pinned=worker, request_id=rid,
                          created=int(time.time()), deadline=time.time() + self.timeout)
             async with asyncio.timeout(self.timeout):
                 res.tokens, res.worker = await self._run(p, prompt)
@@ -185,12 +198,6 @@ class HealthMonitor:
         res.transfer_failed = bool(sm.pool("prefill")) and self._fallbacks(sm.name) > fallbacks
         outcome = "ok" if res.ok and not res.transfer_failed else ("transfer_failed" if res.ok else "failed")
         self.runs.labels(sm.name, outcome).inc()
-        prev = self.results.get(sm.name)
-        if not res.ok and (prev is None or prev.ok):
-            log.warning("health: model %r canary failed: %s", sm.name, res.error)
-        elif res.ok and prev is not None and not prev.ok:
-            log.info("health: model %r canary ok again", sm.name)
-        self.results[sm.name] = res
         return res
 
     async def _run(self, p: Prepared, prompt: list[int]) -> tuple[int, str]:
@@ -220,14 +227,22 @@ class HealthMonitor:
         detail: dict[str, Any] = {}
         if sm is None or not sm.has_decode_pool:
             reasons.append("no_decode_worker")
-        res = self.results.get(name)
-        if res is not None:
-            detail["canary"] = res.json()
-            current = sm is not None and res.instances == frozenset(sm.instances)
-            if not res.ok and current:  # a failure before the workers changed says nothing about them now
-                reasons.append("canary_failed")
-            if res.ok and res.transfer_failed and current:
-                reasons.append("transfer_failed")
+        ready = not reasons
+        runs = self.results.get(name) or {}
+        if runs:
+            first = next(iter(runs.values()))
+            errs = [r.error for r in runs.values() if not r.ok]
+            detail["canary"] = {"ok": not errs, "tokens": min(r.tokens for r in runs.values()),
+                                "transfer_failed": any(r.transfer_failed for r in runs.values()),
+                                "error": errs[0] if errs else None,
+                                "workers": {w: r.json() for w, r in runs.items()}}
+            # A result from before the workers changed says nothing about them now.
+            if sm is not None and first.instances == frozenset(sm.instances):
+                if errs:
+                    reasons.append("canary_failed")
+                    ready = ready and len(errs) < len(runs)  # a worker that answers keeps the model ready
+                if any(r.ok and r.transfer_failed for r in runs.values()):
+                    reasons.append("transfer_failed")
         if sm is not None:
             stale = sorted({w for r in sm.routers.values() for w in r.stale_workers()})
             if stale:
@@ -237,7 +252,7 @@ class HealthMonitor:
             detail["modes"] = sorted({r.mode.value for r in sm.instances.values()})
         if not self.discovery_ok:
             reasons.append("discovery_lost")
-        return ModelHealth(ready=not any(r in FATAL for r in reasons), reasons=reasons, detail=detail)
+        return ModelHealth(ready=ready, reasons=reasons, detail=detail)
 
     def known_models(self) -> list[str]:
         return sorted(set(self.manager.models) | self.manager.departed)

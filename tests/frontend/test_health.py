@@ -57,6 +57,7 @@ def test_canary_runs_the_disaggregated_path_and_health_reports_it(stack: Stack) 
     assert (body["status"], body["reasons"], body["discovery"]) == ("healthy", [], "ok"), body
     assert m["ready"] is True and m["reasons"] == [] and m["instances"] == 2 and m["modes"] == ["decode", "prefill"]
     assert m["canary"]["tokens"] == 2 and m["canary"]["transfer_failed"] is False and m["canary"]["error"] is None
+    assert len(m["canary"]["workers"]) == 1  # one canary per decode worker
     # Through NIXL: the decode worker pulled KV though no user request was sent; no fallback.
     c = kv_counts(dec_port)
     assert c.pulls >= 1 and c.fallbacks == 0 and c.failures == 0, c

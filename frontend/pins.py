@@ -45,11 +45,12 @@ def release_pin(transport: Transport, namespace: str, params: KvTransferParams) 
     _spawn(send())
 
 
-async def call_prefill(transport: Transport, namespace: str, subject: str, request_id: str, payload: bytes,
-                       timeout: float) -> ResponseStream:
-    """``transport.call`` for a prefill-only request. A caller cancelled while the call is on its way may still
-    have reached the worker, which then pins the prompt for nobody: the call runs to its end regardless and the
-    request is stopped there (:func:`stop_prefill`)."""
+async def call_stoppable(transport: Transport, namespace: str, subject: str, request_id: str, payload: bytes,
+                         timeout: float) -> ResponseStream:
+    """``transport.call`` that a cancellation cannot orphan. A caller cancelled while the call is on its way
+    (waiting for the worker's acknowledgement) may still have reached the worker, which would then generate to
+    the end, or pin a prompt, for nobody: the call runs to its end regardless and the request is stopped there
+    (as by :func:`stop_prefill`)."""
     task = asyncio.ensure_future(transport.call(subject, request_id, payload, timeout=timeout))
     try:
         return await asyncio.shield(task)

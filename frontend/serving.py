@@ -33,7 +33,7 @@ from dynamo_rt.protocol import (
 from dynamo_rt.transport import ResponseStream, Transport
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
-from frontend.pins import call_prefill, release_pin, stop_prefill
+from frontend.pins import call_stoppable, release_pin, stop_prefill
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ class Dispatcher:
             rec = sm.instances.get(decision.worker_id)
             if rec is None:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
-            stream = await self.transport.call(rec.subject, sub_id, encode(req),
-                                               timeout=min(self.request_timeout, p.remaining()))
+            stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, sub_id,
+                                          encode(req), min(self.request_timeout, p.remaining()))
         except BaseException:
             done()
             if req.kv_transfer is not None:  # the prefill worker's pin was never handed to a decode worker
@@ -197,7 +197,7 @@ class Dispatcher:
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
-            stream = await call_prefill(self.transport, self.manager.view.namespace, rec.subject, preq.request_id,
+            stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, preq.request_id,
                                         encode(preq), timeout)
             if faults.enabled:
                 await faults.hit("frontend.remote_prefill", preq.request_id)

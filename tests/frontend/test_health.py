@@ -114,3 +114,30 @@ def test_etcd_gone_is_discovery_lost_until_it_is_back(fresh_etcd: Any, nats_serv
         assert body["discovery"] == "ok"
     finally:
         st.stop()
+
+
+def test_frozen_worker_is_canary_failed_and_503_though_it_is_registered(etcd_server: Any, nats_server: Any) -> None:
+    """The case health checks miss: the worker is registered (discovery lists it) but answers nothing. The
+    canary says so: 503, ``canary_failed``, the worker's error; once it answers again, 200."""
+    st = Stack(etcd_server.client_url, nats_server.url, "health-frozen")
+    worker = st.add_worker("mocker", "agg")
+    st.start_frontend("--canary-timeout", "20")
+    try:
+        st.wait_ready(1)
+        assert _get(st, "/health?canary=1")[0] == 200
+        worker.signal(signal.SIGSTOP)
+        try:
+            status, body = _get(st, "/health?canary=1")  # the acknowledgement times out (3 s), well within the lease
+        finally:
+            worker.signal(signal.SIGCONT)
+        assert status == 503 and body["status"] == "unhealthy", body
+        entry = body["not_ready"][MODEL]
+        assert entry["reasons"] == ["canary_failed"] and entry["instances"] == 1, entry
+        (only,) = entry["canary"]["workers"].values()
+        assert only["ok"] is False and "did not acknowledge" in only["error"], only
+        assert_openai_error({"error": body["error"]})
+        assert _get(st, f"/v1/models/{MODEL}/ready")[0] == 503
+        status, body = _get(st, "/health?canary=1")
+        assert status == 200 and body["models"][MODEL]["reasons"] == [], body
+    finally:
+        st.stop()

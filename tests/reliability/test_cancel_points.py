@@ -254,6 +254,10 @@ def test_hang_up_in_the_admission_queue(env: Env) -> None:
         n_dec = _hits(env.decode, "worker.decoding")
         a = _send(env.queued, _prompt(100, 11))
         _wait_hit(env.decode, "worker.decoding", n_dec)
+        deadline = time.monotonic() + DEADLINE
+        while env.snapshot()["fe-queued:dynamo_frontend_router_pending_prefill_blocks"] != 0:
+            assert time.monotonic() < deadline, "A's first token never reached its frontend"
+            time.sleep(0.01)  # A's first token reached the frontend: its router book entry is steady now
         with_a = env.snapshot()  # B's frontend's state with A alone (the engine runs on ahead with A)
         n_q = _hits(fe, "frontend.queued")
         b = _send(env.queued, _prompt(100, 12))

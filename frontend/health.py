@@ -14,7 +14,8 @@ changed, one of them produced tokens. Machine-readable reasons:
 
 * ``no_decode_worker``: no agg or decode worker is registered (not ready);
 * ``canary_failed``: a worker's last canary ended in an error (not ready when every worker's did);
-* ``transfer_failed``: the canary's prefill hand-off failed and the decode worker prefilled locally;
+* ``transfer_failed``: the canary's prefill hand-off failed (the prefill worker did not answer, or the decode
+  worker's NIXL pull failed: our decode workers tell a canary how its pull went) and it was prefilled locally;
 * ``kv_events_stale``: a worker's KV events do not reach the router (it routes by load meanwhile,
   :mod:`dynamo_rt.router.staleness`);
 * ``discovery_lost``: etcd did not answer the last probe (the frontend serves from its last view of it).
@@ -36,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -61,12 +63,14 @@ class CanaryResult:
     tokens: int = 0
     worker: str = ""  # the agg / decode worker that answered
     transfer_failed: bool = False
+    kv_pull: str = ""  # the decode worker's NIXL pull: pulled / failed / cancelled / not_tried ("": none sent)
     error: str = ""
     instances: frozenset[str] = frozenset()  # the model's workers when it ran
 
     def json(self) -> dict[str, Any]:
         return {"ok": self.ok, "age_s": round(time.time() - self.at, 3), "latency_ms": round(self.seconds * 1e3, 2),
                 "tokens": self.tokens, "worker": self.worker, "transfer_failed": self.transfer_failed,
+                "kv_pull": self.kv_pull or None,
                 "error": self.error or None}
 
 
@@ -185,7 +189,7 @@ class HealthMonitor:
                          stream=True, include_usage=False, logprobs=None, pinned=worker, request_id=rid,
                          created=int(time.time()), deadline=time.time() + self.timeout)
             async with asyncio.timeout(self.timeout):
-                res.tokens, res.worker = await self._run(p, prompt)
+                await self._run(p, prompt, res)
             res.ok = res.tokens > 0
             if not res.ok:
                 res.error = "the worker answered without a token"
@@ -195,21 +199,23 @@ class HealthMonitor:
             res.error = exc.message
         res.seconds = time.perf_counter() - t0
         res.at = time.time()
-        res.transfer_failed = bool(sm.pool("prefill")) and self._fallbacks(sm.name) > fallbacks
+        res.transfer_failed = res.kv_pull == "failed" or (bool(sm.pool("prefill"))
+                                                          and self._fallbacks(sm.name) > fallbacks)
         outcome = "ok" if res.ok and not res.transfer_failed else ("transfer_failed" if res.ok else "failed")
         self.runs.labels(sm.name, outcome).inc()
         return res
 
-    async def _run(self, p: Prepared, prompt: list[int]) -> tuple[int, str]:
-        stream, done, worker, first = await self.dispatcher.open(p, prompt, p.request_id + "-0", 0)
-        tokens = 0
+    async def _run(self, p: Prepared, prompt: list[int], res: CanaryResult) -> None:
+        stream, done, res.worker, first = await self.dispatcher.open(p, prompt, p.request_id + "-0", 0)
         try:
             async for frame in stream:
                 if isinstance(frame, Final):
-                    return tokens, worker
-                if frame.token_ids and not tokens:
+                    return
+                if frame.payload:  # our decode workers say how the NIXL pull of a canary's prompt went
+                    res.kv_pull = str(msgspec.msgpack.decode(frame.payload).get("kv_pull", ""))
+                if frame.token_ids and not res.tokens:
                     first()
-                tokens += len(frame.token_ids)
+                res.tokens += len(frame.token_ids)
             raise errors.Unavailable("the worker's stream ended without a final frame")
         finally:
             done()

@@ -57,7 +57,8 @@ def test_canary_runs_the_disaggregated_path_and_health_reports_it(stack: Stack) 
     assert (body["status"], body["reasons"], body["discovery"]) == ("healthy", [], "ok"), body
     assert m["ready"] is True and m["reasons"] == [] and m["instances"] == 2 and m["modes"] == ["decode", "prefill"]
     assert m["canary"]["tokens"] == 2 and m["canary"]["transfer_failed"] is False and m["canary"]["error"] is None
-    assert len(m["canary"]["workers"]) == 1  # one canary per decode worker
+    (on_decode,) = m["canary"]["workers"].values()  # one canary per decode worker
+    assert on_decode["kv_pull"] == "pulled", on_decode  # the decode worker says its NIXL read worked
     # Through NIXL: the decode worker pulled KV though no user request was sent; no fallback.
     c = kv_counts(dec_port)
     assert c.pulls >= 1 and c.fallbacks == 0 and c.failures == 0, c
@@ -139,5 +140,24 @@ def test_frozen_worker_is_canary_failed_and_503_though_it_is_registered(etcd_ser
         assert _get(st, f"/v1/models/{MODEL}/ready")[0] == 503
         status, body = _get(st, "/health?canary=1")
         assert status == 200 and body["models"][MODEL]["reasons"] == [], body
+    finally:
+        st.stop()
+
+
+def test_failed_nixl_pull_is_transfer_failed(etcd_server: Any, nats_server: Any) -> None:
+    """The decode worker's NIXL read goes wrong (every pulled block corrupted, caught by the CRC-32 check): the
+    canary still gets its tokens (prefilled locally), and the health says ``transfer_failed``."""
+    st = Stack(etcd_server.client_url, nats_server.url, "health-pull")
+    st.add_worker("reference", "prefill", "--kv-cache-blocks", "256")
+    st.add_worker("reference", "decode", "--kv-cache-blocks", "256", "--test-fault-kv-corrupt", "1000")
+    st.start_frontend("--router-mode", "kv", "--canary-timeout", "30")
+    try:
+        st.wait_ready(2)
+        status, body = _get(st, "/health?canary=1")
+        assert status == 200 and body["status"] == "degraded", body
+        m = body["models"][MODEL]
+        assert m["ready"] is True and m["reasons"] == ["transfer_failed"], m
+        (on_decode,) = m["canary"]["workers"].values()
+        assert (on_decode["ok"], on_decode["tokens"], on_decode["kv_pull"]) == (True, 2, "failed"), on_decode
     finally:
         st.stop()

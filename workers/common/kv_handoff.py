@@ -179,6 +179,10 @@ class KvHandoff:
                 if self.release is not None:
                     self.release(params.instance_id, params.pin_id)  # the read is over either way
 
+    def outcome(self, pin_id: str) -> PullOutcome | None:
+        """How the pull for ``pin_id`` ended, if it did (kept for :meth:`take_outcome`)."""
+        return self._outcomes.get(pin_id)
+
     def take_outcome(self, pin_id: str) -> PullOutcome | None:
         """How the pull for ``pin_id`` ended (None: the engine never called the loader for it); forgets it."""
         return self._outcomes.pop(pin_id, None)

@@ -62,6 +62,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 COMPONENT = "backend"
+CANARY = faults.EXEMPT_PREFIX  # the frontend's health canary (frontend/health.py) is told how its KV hand-off went
 LOAD_INTERVAL = 1.0
 
 
@@ -283,6 +284,9 @@ class WorkerRuntime:
                     pinned = out.kv_transfer.pin_id if out.kv_transfer is not None else ""
                     if faults.enabled and pinned:
                         await faults.hit("worker.remote_prefill", req.request_id)
+                    if pulls and kv is not None and self.kv is not None and req.request_id.startswith(CANARY):
+                        yield Data(seq=0, token_ids=[], payload=msgspec.msgpack.encode(  # how the hand-off went
+                            {"kv_pull": self.kv.outcome(kv.pin_id) or "not_tried"}))
                     yield Final(seq=0, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
                                 completion_tokens=produced, cached_tokens=cached, kv_transfer=out.kv_transfer)
                     pinned = ""

@@ -303,6 +303,11 @@ class ResponseStream:
     def pending_frames(self) -> int:
         return len(self._items)
 
+    @property
+    def done(self) -> bool:
+        """The final frame (or an error) was read, or the stream was cancelled."""
+        return self._done
+
     async def _close_sub(self) -> None:
         if self._inbox is not None:
             self.transport._streams.pop(self._inbox, None)

@@ -9,4 +9,6 @@
   and the streamed / whole responses.
 - :mod:`frontend.detok`: token ids -> text (incremental detokenization, stop strings).
 - :mod:`frontend.metrics`: ``dynamo_frontend_*`` Prometheus metrics.
+- :mod:`frontend.health`: the canary behind ``/health`` and ``/v1/models/{model}/ready`` (reasons when not ready).
+- :mod:`frontend.pins`: stops orphaned worker calls and frees prefill pins no decode worker will take.
 """

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI for the surface, raw ASGI responses on the token path).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /live``, ``GET /health``, ``GET /metrics``, ``/openapi.json``, ``/docs``;
-``/v1/responses`` (:mod:`frontend.responses`) and ``/v1/messages`` (:mod:`frontend.messages`) translate onto chat.
+``GET /v1/models/{id}``, ``GET /v1/models/{id}/ready`` and ``GET /health`` (frontend/health.py), ``GET /live``,
+``GET /metrics``, ``/openapi.json``, ``/docs``; ``/v1/responses`` (:mod:`frontend.responses`) and ``/v1/messages``
+(:mod:`frontend.messages`) translate onto chat.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` produced by one
 mapper (:func:`error_response`), the same words in streaming (an SSE error event) and non-streaming
 (``/v1/messages`` answers in Anthropic's shape instead).
@@ -27,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from frontend import chat_output, tenants
 from frontend import openai_protocol as op
+from frontend.health import HealthMonitor
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.serving import (
@@ -97,6 +99,8 @@ class _Admission:
                 self.queued.labels(model).inc()
             wait = min(self.cfg.queue_timeout, deadline - time.time())
             try:
+                if faults.enabled:
+                    await faults.hit("frontend.queued")
                 await asyncio.wait_for(sem.acquire(), max(0.0, wait))
             except TimeoutError:
                 if time.time() >= deadline:
@@ -230,6 +234,7 @@ class Frontend:
         self.metrics = metrics
         self.cfg = cfg
         self.admission = _Admission(cfg, metrics.queued)
+        self.health = HealthMonitor(manager, engine, metrics)  # frontend.main configures and starts its canary
 
     # ------------------------------------------------------------------ request preparation
 
@@ -301,6 +306,8 @@ class Frontend:
         t0 = time.perf_counter()
         try:
             body = await self.read_body(request)
+            if faults.enabled:
+                await faults.hit("frontend.tokenizing")
             # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
             # loop, so the streams in flight keep flowing (the tokenizer releases the GIL for long texts).
             tenant = request.scope.get(tenants.TENANT_SCOPE_KEY)
@@ -488,6 +495,12 @@ def build_app(fe: Frontend) -> FastAPI:
     async def models() -> Response:
         return json_response({"object": "list", "data": [fe.model_obj(m) for m in fe.manager.ready()]})
 
+    @app.get("/v1/models/{model_id:path}/ready")
+    async def model_ready(model_id: str, canary: bool = False) -> Response:
+        if canary and model_id in fe.manager.models:
+            await fe.health.check(model_id)
+        return json_response(*reversed(fe.health.ready(model_id)))
+
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         for m in fe.manager.ready():
@@ -500,13 +513,10 @@ def build_app(fe: Frontend) -> FastAPI:
         return json_response({"status": "live"})
 
     @app.get("/health")
-    async def health() -> Response:
-        ready = fe.manager.ready()
-        if not ready:
-            return json_response({"status": "unhealthy", "reason": "no model has a ready worker"}, 503)
-        return json_response({"status": "healthy", "models": {m.name: {
-            "instances": len(m.instances),
-            "modes": sorted({r.mode.value for r in m.instances.values()})} for m in ready}})
+    async def health(canary: bool = False) -> Response:
+        if canary:
+            await fe.health.check()
+        return json_response(*reversed(fe.health.health()))
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               "hermes, qwen, llama3_json, mistral, deepseek_v3, pythonic")
     flag(p, "--reasoning-parser", env="DYN_REASONING_PARSER", default=None,
          help="split reasoning_content from content (overrides the model card's): deepseek_r1, qwen3")
+    flag(p, "--canary-interval", env="DYN_CANARY_INTERVAL", type=float, default=5.0,
+         help="seconds between health canaries per model (frontend/health.py; 0: on demand only, /health?canary=1)")
+    flag(p, "--canary-timeout", env="DYN_CANARY_TIMEOUT", type=float, default=10.0,
+         help="seconds a health canary may take before it counts as failed")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -95,11 +99,13 @@ def check_args(args: argparse.Namespace) -> None:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
     for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
-                 "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--drain-timeout"):
+                 "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--drain-timeout",
+                 "--canary-interval"):
         at_least(name, 0)
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
     at_least("--response-ttl", 0, above=True)
+    at_least("--canary-timeout", 0, above=True)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key", "is empty (leave it unset to serve without a key)")
     if args.api_keys_file is not None:
@@ -153,9 +159,13 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                          reasoning_parser=args.reasoning_parser)
     if cfg.keys is not None:  # counts only: a key never reaches a log
         log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
+    fe = Frontend(manager, engine, metrics, cfg)
+    fe.health.interval, fe.health.timeout = args.canary_interval, args.canary_timeout
+    await fe.health.start()
     try:
-        yield Frontend(manager, engine, metrics, cfg)
+        yield fe
     finally:
+        await fe.health.close()
         await manager.close()
         await view.close()
         await registry.close()

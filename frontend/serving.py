@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from dynamo_rt.protocol import (
     Final,
     GenerateRequest,
@@ -34,6 +34,7 @@ from dynamo_rt.transport import ResponseStream, Transport
 from frontend.chat_output import OutputPlan
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
+from frontend.pins import call_stoppable, release_pin, stop_prefill
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class Dispatcher:
             router.on_first_token(decision.worker_id, decision.key)
 
         try:
+            if faults.enabled:
+                await faults.hit("frontend.routed", sub_id)
             if pool == "decode" and sm.pool("prefill"):
                 uncached = len(prompt) - decision.overlap_blocks * sm.card.kv_block_size
                 if uncached >= self.disagg_threshold:
@@ -166,10 +169,12 @@ class Dispatcher:
             rec = sm.instances.get(decision.worker_id)
             if rec is None:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
-            stream = await self.transport.call(rec.subject, sub_id, encode(req),
-                                               timeout=min(self.request_timeout, p.remaining()))
+            stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, sub_id,
+                                          encode(req), min(self.request_timeout, p.remaining()))
         except BaseException as exc:
             done()
+            if req.kv_transfer is not None:  # the prefill worker's pin was never handed to a decode worker
+                release_pin(self.transport, self.manager.view.namespace, req.kv_transfer)
             if exclude is not None and isinstance(exc, errors.DynamoError):
                 # The worker failed before a stream existed (gone, no responder): the caller never learns its
                 # id, so mark it here, or a pinned request would retry the dead worker until its lease ends.
@@ -188,10 +193,14 @@ class Dispatcher:
         preq = GenerateRequest(request_id=req.request_id + "-p", token_ids=req.token_ids, sampling=req.sampling,
                                stop=req.stop, model=req.model, prefill_only=True, cache_salt=req.cache_salt,
                                output_offset=req.output_offset)
+        stream: ResponseStream | None = None
         try:
             if rec is None:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
-            stream = await self.transport.call(rec.subject, preq.request_id, encode(preq), timeout=timeout)
+            stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, preq.request_id,
+                                        encode(preq), timeout)
+            if faults.enabled:
+                await faults.hit("frontend.remote_prefill", preq.request_id)
             async for frame in stream:
                 if isinstance(frame, Final):
                     if frame.kv_transfer is None:
@@ -205,6 +214,8 @@ class Dispatcher:
             return None
         finally:
             router.on_request_finished(d.worker_id, d.request_blocks, d.key)
+            if stream is not None:  # a cancelled wait stops the prefill and frees what it pinned
+                stop_prefill(stream, self.transport, self.manager.view.namespace)
 
 
 # Engines that resume a request at ``output_offset`` exactly: counter-based random stream, penalties over the
@@ -461,6 +472,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                 if worker:
                     excluded.add(worker)
                 m.migrations.labels(sm.name).inc()
+                if faults.enabled:
+                    await faults.hit("frontend.migrating", sub_id)
                 log.warning("request %s: worker %s failed after %d tokens (%s); migrating (attempt %d/%d)",
                             sub_id, worker or "?", len(res.token_ids), exc.message, attempt, engine.migration_limit)
             finally:

@@ -68,7 +68,8 @@ class Stack:
         self.env = dict(os.environ)
         self.env.update({"DYN_ETCD_ENDPOINTS": etcd_url, "DYN_NATS_ENDPOINTS": nats_url, "DYN_NAMESPACE": ns,
                          "DYN_LOG": "info", "PYTHONUNBUFFERED": "1", "DYN_METRICS_PORT": "-1",
-                         "DYN_KV_VERIFY_CHECKSUM": "1"})  # every block a test's decode worker pulls is checked
+                         "DYN_KV_VERIFY_CHECKSUM": "1",  # every block a test's decode worker pulls is checked
+                         "DYN_CANARY_INTERVAL": "0"})  # no health canary adds to the counters tests read exactly
         self.model = model
         self.workers: list[Proc] = []
         self.frontend: Proc | None = None

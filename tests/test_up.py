@@ -194,7 +194,7 @@ def test_up_disagg_reference_hands_the_kv_over_nixl(tmp_path: Path) -> None:
     port = free_port()
     state = tmp_path / "state-up-disagg"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
-    env.update(PYTHONUNBUFFERED="1", DYN_KV_VERIFY_CHECKSUM="1")
+    env.update(PYTHONUNBUFFERED="1", DYN_KV_VERIFY_CHECKSUM="1", DYN_CANARY_INTERVAL="0")  # counts exactly
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynamo_rt", "up", "--disagg", "--http-port", str(port), "--state-dir", str(state)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -130,6 +130,10 @@ class ActiveRequests:
 
     # ------------------------------------------------------------------------------------ queries
 
+    def workers(self) -> list[str]:
+        """Workers with a booked request or a record of one."""
+        return list(self._workers)
+
     def requests(self, worker: str) -> int:
         w = self._workers.get(worker)
         return len(w.keys) if w is not None else 0

@@ -61,6 +61,7 @@ class KvIndexer:
         self.events_applied = 0
         self.gaps = 0
         self.stale = 0
+        self._heard: dict[str, int] = {}  # worker -> batches applied + resyncs (what the router hears of it)
 
     # ------------------------------------------------------------------------------------ workers
 
@@ -121,6 +122,7 @@ class KvIndexer:
         elif events.seq != last + 1:
             self._mark(w, f"seq gap {last} -> {events.seq}")
         self._seq[w] = events.seq
+        self._heard[w] = self._heard.get(w, 0) + 1
         bit = self._bit_of(w)
         for ev in events.events:
             self._apply_one(w, bit, ev)
@@ -175,6 +177,10 @@ class KvIndexer:
 
     # ------------------------------------------------------------------------------------ resync
 
+    def heard(self, worker_id: str) -> int:
+        """Event batches and resyncs applied from ``worker_id`` so far (it stays across a worker's removal)."""
+        return self._heard.get(worker_id, 0)
+
     def needs_resync(self, worker_id: str) -> bool:
         return worker_id in self._resync
 
@@ -199,6 +205,7 @@ class KvIndexer:
         are dropped as stale. Without it, the next batch is accepted whatever its seq.
         """
         bit = self._bit_of(worker_id)
+        self._heard[worker_id] = self._heard.get(worker_id, 0) + 1
         self._clear(worker_id, bit)
         self._store(worker_id, bit, hashes, PRIMARY)
         for tier, hs in (other_tiers or {}).items():

@@ -43,6 +43,11 @@ see each other's requests; each balances its own.
 
 A request pinned to an instance (``nvext.backend_instance_id``) goes there.
 
+KV events that never arrive: a worker that finishes prefills of prompts it did not hold but whose events do not
+reach the index (:mod:`.staleness`) makes the ``kv`` mode choose as ``least-loaded`` does while it is among the
+candidates (decision reason ``kv-events-stale``, counted in ``dynamo_router_kv_stale_fallbacks``), instead of
+sending every cached prefix to the workers that publish.
+
 The transport (NATS subscriptions, discovery) is wired by the frontend; this module is pure logic.
 """
 
@@ -55,13 +60,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynamo_rt.errors import InvalidRequest, NotFound, Unavailable
 from dynamo_rt.kvhash import block_hashes as compute_block_hashes
 from dynamo_rt.protocol import LoadMetrics
 from dynamo_rt.router.active import ActiveRequests
 from dynamo_rt.router.indexer import PRIMARY, KvIndexer, PrefixIndex
+from dynamo_rt.router.staleness import EventWatch
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
 ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
@@ -89,12 +95,21 @@ class RouterMetrics:
             f"{prefix}_overhead_seconds", "Time spent choosing a worker (hashing included)", ("pool",),
             buckets=_OVERHEAD_BUCKETS, registry=registry,
         )
+        self.kv_events_stale = Gauge(
+            f"{prefix}_kv_events_stale", "1 while a worker serves requests but its KV events do not arrive",
+            ("pool", "worker"), registry=registry,
+        )
+        self.kv_stale_fallbacks = Counter(
+            f"{prefix}_kv_stale_fallbacks", "kv-mode decisions made by load because a candidate's KV events are "
+            "stale", ("pool",), registry=registry,
+        )
 
     def forget_worker(self, pool: str, worker_id: str) -> None:
-        try:
-            self.decisions.remove(pool, worker_id)
-        except KeyError:
-            pass
+        for metric in (self.decisions, self.kv_events_stale):
+            try:
+                metric.remove(pool, worker_id)
+            except KeyError:
+                pass
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,6 +162,25 @@ class Router:
         self.active = ActiveRequests()
         # An event-fed index tells when a prompt's last block is stored, i.e. its prefill is over.
         self._holds = self.indexer.holds if isinstance(self.indexer, KvIndexer) else None
+        # Workers whose events do not arrive (kv mode with an event-fed index only).
+        self.events: EventWatch | None = None
+        if mode == "kv" and isinstance(self.indexer, KvIndexer):
+            self.events = EventWatch(self.indexer.heard, on_change=self._stale_changed, pool=pool)
+
+    def _stale_changed(self, worker_id: str, stale: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.kv_events_stale.labels(self.pool, worker_id).set(1 if stale else 0)
+
+    def _any_stale(self, workers: Sequence[str]) -> bool:
+        ev = self.events
+        if ev is None:
+            return False
+        now = time.monotonic()
+        return any(ev.stale(w, now) for w in workers)
+
+    def stale_workers(self) -> list[str]:
+        """Workers whose KV events are stale now (see :mod:`.staleness`)."""
+        return self.events.stale_workers(time.monotonic()) if self.events is not None else []
 
     # --------------------------------------------------------------------------------- in-flight
 
@@ -158,6 +192,8 @@ class Router:
     def on_first_token(self, worker_id: str, key: int) -> None:
         """The request's first token came: its prompt no longer counts as pending prefill."""
         self.active.first_token(key)
+        if self.events is not None:
+            self.events.prefilled(worker_id, key, time.monotonic())
 
     def on_request_finished(self, worker_id: str, blocks: int, key: int | None = None) -> None:
         """The request ended. Without its ``key``, the oldest request of ``blocks`` blocks on the worker
@@ -167,6 +203,8 @@ class Router:
             key = self.active.oldest(worker_id, blocks)
         if key is not None:
             self.active.finish(key)
+            if self.events is not None:
+                self.events.prefilled(worker_id, key, time.monotonic())
 
     def in_flight(self, worker_id: str) -> tuple[int, int]:
         """(requests, blocks) this router has routed to ``worker_id`` and not yet seen finish; blocks counted
@@ -176,6 +214,8 @@ class Router:
     def remove_worker(self, worker_id: str) -> None:
         self.active.remove_worker(worker_id)
         self.indexer.remove_worker(worker_id)
+        if self.events is not None:
+            self.events.forget(worker_id)
         if self.metrics is not None:
             self.metrics.forget_worker(self.pool, worker_id)
 
@@ -214,6 +254,13 @@ class Router:
                 cached, overlap = self.overlaps(hashes).get(pinned, (0.0, 0)) if hashes else (0.0, 0)
                 prefill = request_blocks - math.floor(cached)
             d = RouteDecision(pinned, overlap, 0.0, "pinned", request_blocks)
+        elif self.mode == "kv" and self._any_stale(workers):
+            # The index cannot be trusted for every candidate: choose by load, visibly.
+            hashes = self._hashes(token_ids, block_hashes)
+            ll = self._select_least_loaded(workers, loads, request_blocks)
+            d, prefill = RouteDecision(ll.worker_id, 0, ll.cost, "kv-events-stale", request_blocks), request_blocks
+            if self.metrics is not None:
+                self.metrics.kv_stale_fallbacks.labels(self.pool).inc()
         elif self.mode == "kv":
             hashes = self._hashes(token_ids, block_hashes)
             d, prefill = self._select_kv(workers, hashes, loads, request_blocks)
@@ -228,6 +275,8 @@ class Router:
         if track:
             key = self.active.add(d.worker_id, hashes, request_blocks, prefill)
             d = RouteDecision(d.worker_id, d.overlap_blocks, d.cost, d.reason, request_blocks, key)
+            if self.events is not None and len(hashes) > d.overlap_blocks:  # it must store (and tell of) blocks
+                self.events.routed(d.worker_id, key)
         if self.metrics is not None:
             self.metrics.decisions.labels(self.pool, d.worker_id).inc()
             self.metrics.overlap_blocks.labels(self.pool).observe(d.overlap_blocks)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import msgspec
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from dynamo_rt.discovery import Registry, nixl_key
 from dynamo_rt.protocol import KvTransferParams, NixlRecord
 from workers.common.engine import Engine, KvPoolMemory, OwnsKvPool
@@ -146,6 +146,8 @@ class KvHandoff:
         m = self.metrics
         try:
             await self._remote(params.instance_id)
+            if faults.enabled:
+                await faults.hit("worker.nixl_read", params.pin_id)
             n = min(len(params.block_ids), len(local_block_ids))
             local = local_block_ids[:n]
             stats = await self.kt.read_blocks(params.instance_id, params.block_ids[:n], local,
@@ -176,6 +178,10 @@ class KvHandoff:
                 self._outcomes[params.pin_id] = outcome
                 if self.release is not None:
                     self.release(params.instance_id, params.pin_id)  # the read is over either way
+
+    def outcome(self, pin_id: str) -> PullOutcome | None:
+        """How the pull for ``pin_id`` ended, if it did (kept for :meth:`take_outcome`)."""
+        return self._outcomes.get(pin_id)
 
     def take_outcome(self, pin_id: str) -> PullOutcome | None:
         """How the pull for ``pin_id`` ended (None: the engine never called the loader for it); forgets it."""

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from dynamo_rt import errors
+from dynamo_rt import errors, faults
 from dynamo_rt.chat_formats import parsers_for_model_dir
 from dynamo_rt.discovery import Registry
 from dynamo_rt.protocol import (
@@ -51,6 +51,7 @@ from dynamo_rt.transport import (
 from workers.common.engine import AdvertisesInstance, CountsPins, Engine, NamedInstance, OwnsKvPool, TieredCache
 from workers.common.kv_events import KvEventFaults
 from workers.common.kv_handoff import KvHandoff
+from workers.common.live_gauges import watch_engine
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 COMPONENT = "backend"
+CANARY = faults.EXEMPT_PREFIX  # the frontend's health canary (frontend/health.py) is told how its KV hand-off went
 LOAD_INTERVAL = 1.0
 KV_TAIL_BATCHES = 3  # empty KV event batches after a burst: a trailing loss shows as a seq gap within seconds
 
@@ -188,6 +190,7 @@ class WorkerRuntime:
         await self.registry.register_model(card)
         await self.registry.register_instance(rec)
         self._tasks.append(asyncio.create_task(self._publish_load_loop(), name="load-publisher"))
+        watch_engine(self.metrics, self.engine)
         log.info("worker %s serving model %r (%s, mode %s) on %s", self.instance_id, info.name,
                  self.engine_name, self.mode.value, self.subject)
 
@@ -261,6 +264,7 @@ class WorkerRuntime:
         # (Our engines always set a pin id: it is how the loader's outcome is found again.)
         pulls = (kv is not None and bool(kv.pin_id) and kv.first_token >= 0 and not req.prefill_only
                  and self.mode is Mode.DECODE and isinstance(self.engine, OwnsKvPool))
+        pinned = ""  # a prefill-only request's pin, until its final frame is out: freed here if it never is
         try:
             async for out in outs:
                 if first:
@@ -276,14 +280,23 @@ class WorkerRuntime:
                 produced += len(out.token_ids)
                 if out.token_ids:
                     yield Data(seq=0, token_ids=out.token_ids, logprobs=out.logprobs)
+                    if faults.enabled and produced > 1 and not req.prefill_only:  # past the first token
+                        await faults.hit("worker.decoding", req.request_id)
                 if out.finish_reason is not None:
                     outcome = "ok"
                     if out.kv_transfer is not None and not out.kv_transfer.instance_id:
                         out.kv_transfer.instance_id = self.instance_id  # where decode pulls from
                     if out.kv_transfer is not None and self.kv is not None:
                         self.kv.add_checksums(out.kv_transfer)
+                    pinned = out.kv_transfer.pin_id if out.kv_transfer is not None else ""
+                    if faults.enabled and pinned:
+                        await faults.hit("worker.remote_prefill", req.request_id)
+                    if pulls and kv is not None and self.kv is not None and req.request_id.startswith(CANARY):
+                        yield Data(seq=0, token_ids=[], payload=msgspec.msgpack.encode(  # how the hand-off went
+                            {"kv_pull": self.kv.outcome(kv.pin_id) or "not_tried"}))
                     yield Final(seq=0, finish_reason=out.finish_reason, prompt_tokens=prompt_tokens,
                                 completion_tokens=produced, cached_tokens=cached, kv_transfer=out.kv_transfer)
+                    pinned = ""
                     return
             outcome = "ok"
             yield Final(seq=0, finish_reason="length", prompt_tokens=prompt_tokens,
@@ -294,6 +307,8 @@ class WorkerRuntime:
         finally:
             if isinstance(outs, AsyncGenerator):  # run its finally blocks now, not at GC
                 await outs.aclose()
+            if pinned:  # no decode worker will ever hear of this pin
+                await self.engine.release_pin(pinned)
             tried = self.kv.take_outcome(kv.pin_id) if pulls and kv is not None and self.kv is not None else None
             if kv is not None and kv.pin_id and tried is None:
                 self._release_remote(kv.instance_id, kv.pin_id)
@@ -343,6 +358,8 @@ class WorkerRuntime:
     # ------------------------------------------------------------------ events
 
     def _on_kv_events(self, events: list[KvEvent]) -> None:
+        if faults.enabled and faults.dropped("worker.kv_events"):
+            return
         # Coalesce every event of one loop iteration into one message.
         self._kv_pending.extend(events)
         if not self._kv_flush_scheduled:

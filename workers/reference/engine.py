@@ -174,6 +174,11 @@ class ReferenceEngine:
         return self._sched.bm.pins_expired if self._sched is not None else 0
 
     @property
+    def pins_held(self) -> int:
+        """Pins not yet released or expired (``workers.common.live_gauges.HoldsPins``); read unlocked."""
+        return len(self._sched.bm.pins) if self._sched is not None else 0
+
+    @property
     def steps(self) -> int:
         """Forwards run (tests / bench)."""
         return self._steps_before + (self._thread.steps if self._thread is not None else 0)

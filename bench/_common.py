@@ -367,12 +367,14 @@ def start_stack(
     frontend_args: Sequence[str] = (),
     namespace: str = "bench",
     instances: int = 0,
+    frontend_root: Path | None = None,
 ) -> Stack:
     """Fresh etcd + NATS, a mocker worker process and a frontend, ours (``kind="ours"``) or NVIDIA Dynamo's
     (``"dynamo"``: its venv, etcd discovery, NATS request and event planes), serving ``model_dir`` as
     ``model``. ``worker_args`` / ``frontend_args`` are added to the mocker's / frontend's command line;
     logs go to ``OUT_DIR/logs/{tag}-worker.log`` and ``{tag}-frontend.log``. Returns once the model is
-    listed and, with ``instances``, that many workers are ready; on failure everything is stopped."""
+    listed and, with ``instances``, that many workers are ready; on failure everything is stopped.
+    ``frontend_root``: run our frontend from this source tree instead (an A/B against another commit)."""
     dyn = kind == "dynamo"
     s = Services().__enter__()
     port = free_port()
@@ -391,7 +393,11 @@ def start_stack(
     procs: list[Proc] = []
     try:
         procs.append(Proc(f"{tag}-worker", worker, env))
-        procs.append(Proc(f"{tag}-frontend", front, env))
+        if frontend_root is not None:
+            fenv = {**env, "PYTHONPATH": str(frontend_root)}
+            procs.append(Proc(f"{tag}-frontend", front, fenv, cwd=frontend_root))
+        else:
+            procs.append(Proc(f"{tag}-frontend", front, env))
         wait_instances(url, model, instances, dyn, procs)
     except BaseException:
         stop_all(procs)

@@ -367,12 +367,14 @@ def start_stack(
     frontend_args: Sequence[str] = (),
     namespace: str = "bench",
     instances: int = 0,
+    frontend_root: Path | None = None,
 ) -> Stack:
     """Fresh etcd + NATS, a mocker worker process and a frontend, ours (``kind="ours"``) or NVIDIA Dynamo's
     (``"dynamo"``: its venv, etcd discovery, NATS request and event planes), serving ``model_dir`` as
     ``model``. ``worker_args`` / ``frontend_args`` are added to the mocker's / frontend's command line;
     logs go to ``OUT_DIR/logs/{tag}-worker.log`` and ``{tag}-frontend.log``. Returns once the model is
-    listed and, with ``instances``, that many workers are ready; on failure everything is stopped."""
+    listed and, with ``instances``, that many workers are ready; on failure everything is stopped.
+    ``frontend_root``: run our frontend from this source tree instead (an A/B against another commit)."""
     dyn = kind == "dynamo"
     s = Services().__enter__()
     port = free_port()
@@ -391,7 +393,11 @@ def start_stack(
     procs: list[Proc] = []
     try:
         procs.append(Proc(f"{tag}-worker", worker, env))
-        procs.append(Proc(f"{tag}-frontend", front, env))
+        if frontend_root is not None:
+            fenv = {**env, "PYTHONPATH": str(frontend_root)}
+            procs.append(Proc(f"{tag}-frontend", front, fenv, cwd=frontend_root))
+        else:
+            procs.append(Proc(f"{tag}-frontend", front, env))
         wait_instances(url, model, instances, dyn, procs)
     except BaseException:
         stop_all(procs)
@@ -531,6 +537,8 @@ class LoadResult:
             "ttft_p50": pct(ttft, 0.5),
             "ttft_p99": pct(ttft, 0.99),
             "lat_p50": pct([r["latency_ms"] for r in ok], 0.5),
+            "itl_p50": pct([g for r in ok for g in r.get("gaps_ms", ())], 0.5),
+            "itl_p99": pct([g for r in ok for g in r.get("gaps_ms", ())], 0.99),
             "hit_rate": cached / prompt if prompt else 0.0,
             "prompt_tokens": prompt,
             "cached_tokens": cached,
@@ -601,8 +609,9 @@ async def _request(host: str, port: int, path: str, body: bytes, timeout: float)
         "events": 0,
         "text_events": 0,  # events whose delta carries text: tokens / text_events = tokens per event
         "finish_reason": None,
+        "gaps_ms": [],  # time between the socket reads that brought data after the first text (inter-token)
     }
-    t0 = time.perf_counter()
+    t0 = last_read = time.perf_counter()
     writer = None
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -651,8 +660,14 @@ async def _request(host: str, port: int, path: str, body: bytes, timeout: float)
                 data += piece
                 if length is not None and len(data) >= length:
                     finished = True
-            if rec["ttft_ms"] is None and _DELTA.search(data, max(0, scanned - 16)):
-                rec["ttft_ms"] = (time.perf_counter() - t0) * 1000
+            now = time.perf_counter()
+            if rec["ttft_ms"] is None:
+                if _DELTA.search(data, max(0, scanned - 16)):
+                    rec["ttft_ms"] = (now - t0) * 1000
+                    last_read = now
+            elif not finished:
+                rec["gaps_ms"].append(round((now - last_read) * 1000, 3))
+                last_read = now
             scanned = len(data)
         rec["latency_ms"] = (time.perf_counter() - t0) * 1000
         _parse_body(bytes(data), rec)

@@ -60,6 +60,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (
     OUT_DIR,
     PY,
+    ROOT,
     Stack,
     cpu_seconds,
     descendants,
@@ -86,14 +88,16 @@ from _common import (
     start_stack,
     table,
 )
+from _long_prompt import print_long, run_long
 
 MODEL = "tiny"
 OURS, DYNAMO = "ours", "Dynamo 1.6.1"
-PHASES = ("paced", "full", "cpu-only")
+PHASES = ("paced", "full", "cpu-only", "long")
 PHASE_TITLE = {
     "paced": "paced mockers, one SSE event per token on both stacks (the headline)",
     "full": "mockers at full speed (ours coalesces ready tokens into fewer events)",
     "cpu-only": "NVIDIA's CPU-only method: infinitely fast mockers, frontend pinned to one core, req/s",
+    "long": "long prompts (~32k tokens): frontend time on the critical path, other streams' ITL p99",
 }
 ONE_EVENT_TOLERANCE = 0.03  # loaded text events may fall this far below the one-at-a-time reference
 
@@ -146,10 +150,25 @@ def bodies(n: int, max_tokens: int, offset: int = 0) -> list[list[bytes]]:
     return out
 
 
-def start_ours(model_dir: str, speedup: float, tag: str, workers: int = 1) -> Stack:
+def start_ours(model_dir: str, speedup: float, tag: str, workers: int = 1, *, name: str = OURS,
+               root: Path | None = None, frontend_args: Sequence[str] = ()) -> Stack:
     args = ["--speedup", f"{speedup:g}", "--num-workers", str(workers)]
-    return start_stack("ours", model_dir, MODEL, tag=f"fe-ours-{tag}", name=OURS, worker_args=args,
-                       namespace="benchfe", instances=workers)  # fmt: skip
+    return start_stack("ours", model_dir, MODEL, tag=f"fe-{name.replace(' ', '_').replace('@', '-')}-{tag}",
+                       name=name, worker_args=args, frontend_args=frontend_args, namespace="benchfe",
+                       instances=workers, frontend_root=root)  # fmt: skip
+
+
+def ab_tree(ref: str) -> tuple[str, Path]:
+    """Our source tree at git ``ref`` (``git archive`` into bench/out/ab/<sha>): its frontend runs beside the
+    working tree's, same worker, same load, interleaved rounds. Returns (stack name, folder)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    dest = OUT_DIR / "ab" / sha
+    if not (dest / "frontend").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return f"ours@{sha}", dest
 
 
 def start_dynamo(model_dir: str, speedup: float, tag: str, workers: int = 1) -> Stack:
@@ -254,39 +273,33 @@ def run_phase(phase: str, starters: list[Starter], args: argparse.Namespace,
 
 
 def profile_ours(stack: Stack, n: int, concurrency: int, max_tokens: int) -> None:
-    """py-spy (if installed in .venv) records our frontend under the same load -> bench/out/."""
-    spy = Path(PY).parent / "py-spy"
-    if not spy.exists():
-        say("--profile: py-spy is not installed in .venv (pip install py-spy); skipped")
+    """py-spy (from .venv, else from PATH) records our frontend under the same load -> bench/out/
+    frontend_profile.txt (collapsed stacks); prints the top frames and the per-hop table (:func:`hop_table`),
+    scaled by the frontend CPU measured during the recording."""
+    found = Path(PY).parent / "py-spy"
+    spy = str(found) if found.exists() else shutil.which("py-spy")
+    if spy is None:
+        say("--profile: py-spy is not installed in .venv or on PATH (pip install py-spy); skipped")
         return
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    outs = []
-    for fmt, ext in (("flamegraph", "svg"), ("raw", "txt")):
-        out = OUT_DIR / f"frontend_profile.{ext}"
-        rec = subprocess.Popen(
-            [
-                str(spy),
-                "record",
-                "--pid",
-                str(stack.frontend.pid),
-                "--rate",
-                "200",
-                "--format",
-                fmt,
-                "--output",
-                str(out),
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-        run_load(stack.url, bodies(n, max_tokens, 10_000_000), concurrency)
-        rec.send_signal(2)  # SIGINT: py-spy writes its output and exits
-        rec.wait(30)
-        outs.append(out)
-    say(f"profile written: {', '.join(map(str, outs))}")
-    top_frames(OUT_DIR / "frontend_profile.txt")
+    out = OUT_DIR / "frontend_profile.txt"
+    rec = subprocess.Popen([spy, "record", "--pid", str(stack.frontend.pid), "--rate", "500", "--format", "raw",
+                            "--output", str(out), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)
+    s = measure(stack, n, concurrency, max_tokens, 10_000_000)
+    rec.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    rec.wait(30)
+    say(f"profile written: {out} (frontend {s['fe_cpu_ms']:.3f} CPU ms/req while recording)")
+    top_frames(out)
+    hop_table(out, s["fe_cpu_ms"], s["events_per_req"])
+
+
+def _samples(raw: Path) -> Iterator[tuple[list[str], int]]:
+    for line in raw.read_text().splitlines():
+        stack, _, cnt = line.rpartition(" ")
+        if cnt.isdigit():
+            yield stack.split(";"), int(cnt)
 
 
 def top_frames(raw: Path, n: int = 25) -> None:
@@ -296,13 +309,8 @@ def top_frames(raw: Path, n: int = 25) -> None:
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, cnt = line.rpartition(" ")
-        if not cnt.isdigit():
-            continue
-        c = int(cnt)
+    for frames, c in _samples(raw):
         total += c
-        frames = stack.split(";")
         self_t[frames[-1]] = self_t.get(frames[-1], 0) + c
         for fr in set(frames):
             incl[fr] = incl.get(fr, 0) + c
@@ -312,6 +320,61 @@ def top_frames(raw: Path, n: int = 25) -> None:
     print("top inclusive time")
     for fr, c in sorted(incl.items(), key=lambda kv: -kv[1])[:n]:
         print(f"  {100 * c / total:5.1f}%  {fr}")
+
+
+# The hops of a token's path ("token") and of a request's ("request"): a sample belongs to the first rule that
+# matches one of its frames, innermost frame first. Substrings of py-spy's "function (file:line)" frames.
+HOPS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("token", "SSE write: ASGI send + socket write", ("RequestResponseCycle.send", "granian", "_SseSender")),
+    ("token", "NATS frame receipt: socket read, nats-py parser, subscription", (
+        "nats/protocol/parser.py", "Client._read_loop", "Client._process_msg", "Subscription._wait_for_msgs",
+        "_on_mux_msg", "ResponseStream._push", "_MuxQueue")),
+    ("token", "frame decode (msgpack)", ("decode_frame", "dynamo_rt/protocol.py")),
+    ("token", "detokenization + stop checks", ("frontend/detok.py",)),
+    ("token", "SSE encoding (byte templates)", ("ChunkTemplates", "_js (")),
+    ("request", "NATS request (publish, ack, flush)", (
+        "Client._flusher", "Client.request", "_request_new_style", "Transport.call", "ResponseStream._open",
+        "nats/nuid.py", "Client.publish", "_send_cancel", "ResponseStream._finish")),
+    ("request", "chat template", ("apply_chat_template", "jinja2", "<template>")),
+    ("request", "tokenization", ("frontend/preprocess.py",)),
+    ("request", "validation", ("frontend/openai_protocol.py",)),
+    ("request", "routing", ("dynamo_rt/router/", "Dispatcher.open")),
+    ("request", "metrics", ("prometheus_client", "frontend/metrics.py")),
+    ("request", "read body", ("read_body",)),
+    ("token", "stream loop (generators, frame queue)", (
+        "choice_events", "stream_response", "_send_stream", "ResponseStream.__anext__", "ResponseStream._get")),
+    ("request", "response setup, admission, request id", ("frontend/app.py", "frontend/serving.py", "contextlib")),
+    ("request", "HTTP accept + parse (server)", ("uvicorn/", "starlette/", "httptools")),
+    ("token", "event loop in C (epoll, socket reads, task switches)", ("Runner.run",)),
+]
+
+
+def hop_table(raw: Path, cpu_ms_per_req: float, events_per_req: float) -> None:
+    """CPU per request (and per SSE event for the token hops) of each hop: its share of the samples times the
+    frontend CPU per request measured during the recording."""
+    if not raw.exists():
+        return
+    counts: dict[tuple[str, str], int] = {}
+    total = 0
+    for frames, c in _samples(raw):
+        total += c
+        hop = ("other", "other")
+        for fr in reversed(frames):
+            rule = next(((path, name) for path, name, keys in HOPS if any(k in fr for k in keys)), None)
+            if rule is not None:
+                hop = rule
+                break
+        counts[hop] = counts.get(hop, 0) + c
+    if not total:
+        return
+    rows: list[list[object]] = []
+    for path in ("token", "request", "other"):
+        for (p, name), c in sorted(counts.items(), key=lambda kv: -kv[1]):
+            if p == path:
+                us = 1000 * cpu_ms_per_req * c / total
+                rows.append([name, path, 100 * c / total, us, us / events_per_req if path == "token" else ""])
+    print(f"\nper-hop frontend CPU ({total} samples, {cpu_ms_per_req:.3f} ms/req, {events_per_req:.1f} SSE events/req)")
+    print(table(["hop", "path", "% samples", "us/req", "us/event"], rows, 62))
 
 
 def mean_of(results: dict[str, list[dict[str, Any]]], name: str, key: str) -> float:
@@ -348,6 +411,14 @@ def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], refs: dict
                   for nm in (OURS, DYNAMO)]  # fmt: skip
         srows.append(["one event per token?", *checks, ""])
     print(table(["metric (mean of rounds)", "ours", "Dynamo", "ours/Dynamo"], srows, 28))
+    for other in [nm for nm in results if nm not in (OURS, DYNAMO)]:  # --ab-ref: the working tree vs a commit
+        arows = [[label, mean_of(results, OURS, key), mean_of(results, other, key),
+                  ratio(mean_of(results, OURS, key), mean_of(results, other, key))]
+                 for key, label in (("fe_cpu_ms", "frontend CPU ms/req"), ("req_s", "req/s"),
+                                    ("ttft_p50", "TTFT p50 ms"), ("ttft_p99", "TTFT p99 ms"), ("itl_ms", "ITL ms"),
+                                    ("events_per_req", "SSE events/req"))]  # fmt: skip
+        print()
+        print(table(["metric (mean of rounds)", "ours", other, f"ours/{other}"], arows, 28))
     if phase == "cpu-only":
         util = min((mean_of(results, nm, "fe_cpu_util") for nm in results), default=float("nan"))
         if util < 0.9:
@@ -438,10 +509,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 requests per round, 1 round")
     ap.add_argument("--ours-only", action="store_true", help="skip NVIDIA Dynamo")
     ap.add_argument("--profile", action="store_true", help="also py-spy our frontend under the paced load")
+    ap.add_argument("--long-tokens", type=int, default=32000, help="long phase: prompt tokens of a long request")
+    ap.add_argument("--long-concurrent", type=int, default=100, help="long phase: long requests arriving at once")
+    ap.add_argument("--long-requests", type=int, default=20, help="long phase: requests per one-at-a-time probe")
+    ap.add_argument("--long-short-requests", type=int, default=600,
+                    help="long phase: short paced requests per interference run")
+    ap.add_argument("--ab-ref", default=None, metavar="GITREF",
+                    help="also run our frontend as of this commit (same worker and load, interleaved rounds)")
+    ap.add_argument("--ours-args", default="", help="extra frontend flags for our stack (one string)")
     args = ap.parse_args()
     exit_on_sigterm()
     if args.quick:
         args.requests, args.cpu_only_requests, args.warmup, args.rounds = 300, 300, 64, 1
+        args.long_requests, args.long_short_requests = 10, 300
 
     from dynamo_rt.local.tinymodel import ensure_tiny_model
 
@@ -450,16 +530,26 @@ def main() -> int:
         ensure_dynamo_venv()
     allowed = sorted(os.sched_getaffinity(0))
     fe_core, rest = {allowed[-1]}, set(allowed[:-1]) or set(allowed)
+    ab = ab_tree(args.ab_ref) if args.ab_ref else None
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     refs: dict[str, float] = {}
+    long_result: dict[str, Any] | None = None
     for phase in args.phases:
+        if phase == "long":
+            say(f"phase long: {PHASE_TITLE['long']}")
+            long_result = run_long(model_dir, args, lambda: start_ours(model_dir, args.paced_speedup, "long",
+                                                                        frontend_args=args.ours_args.split()), bodies)
+            continue
         speed = args.paced_speedup if phase == "paced" else 0.0
         dyn_speed = args.paced_speedup_ratio if phase == "paced" else 0.0
         workers = args.cpu_only_workers if phase == "cpu-only" else 1
         tag = phase.replace("-", "")
 
         def ours(speed: float = speed, workers: int = workers, tag: str = tag) -> Stack:
-            return start_ours(model_dir, speed, tag, workers)
+            return start_ours(model_dir, speed, tag, workers, frontend_args=args.ours_args.split())
+
+        def ref(speed: float = speed, workers: int = workers, tag: str = tag) -> Stack:
+            return start_ours(model_dir, speed, tag, workers, name=ab[0], root=ab[1])
 
         def dyn(speed: float = dyn_speed, workers: int = workers, tag: str = tag) -> Stack:
             return start_dynamo(model_dir, speed, tag, workers)
@@ -467,11 +557,17 @@ def main() -> int:
         say(f"phase {phase}: {PHASE_TITLE[phase]}; ours --speedup {speed:g}, Dynamo --speedup-ratio {dyn_speed:g}, "
             f"{workers} engine(s) per stack")  # fmt: skip
         starters: list[Starter] = [ours] if args.ours_only else [ours, dyn]
+        if ab is not None:
+            starters.append(ref)
         res, rf = run_phase(phase, starters, args, (fe_core, rest) if phase == "cpu-only" else None)
         results[phase] = res
         refs.update(rf)
 
     for phase in args.phases:
+        if phase == "long":
+            if long_result is not None:
+                print_long(long_result, PHASE_TITLE["long"])
+            continue
         print_phase(phase, results[phase], refs if phase == "paced" else {}, args)
     total_err = sum(s["errors"] for ph in results.values() for rs in ph.values() for s in rs)
     print()
@@ -482,6 +578,8 @@ def main() -> int:
         print("WARNING: a paced stack coalesced tokens (fewer text events than one at a time): the headline is not "
               "like for like; rerun on a quieter machine, or pace both slower (--paced-speedup 0.5 "
               "--paced-speedup-ratio 0.2)")
+    if long_result is not None:
+        line["long_prompt"] = long_result
     plot(results)
     report(line)
     return 1 if total_err else 0

@@ -364,6 +364,8 @@ class Transport:
         self._mux_prefix: str | None = None
         self._mux_sub: Subscription | None = None
         self._mux_seq = 0
+        self.mux_frames_direct = 0  # response frames handed to their stream by the parser's call
+        self.mux_frames_queued = 0  # ... by nats-py's subscription task (the fallback)
         self.disconnects = 0
         self._closing = False
         self._obj_lock = asyncio.Lock()
@@ -477,15 +479,48 @@ class Transport:
             self._mux_sub = await self.nc.subscribe(prefix + "*", cb=self._on_mux_msg, pending_msgs_limit=-1,
                                                     pending_bytes_limit=-1)
             self._mux_prefix = prefix
+            self._direct_mux_delivery(self._mux_sub)
         self._mux_seq += 1
         inbox = f"{self._mux_prefix}{self._mux_seq:x}"
         self._streams[inbox] = stream
         return inbox
 
     async def _on_mux_msg(self, msg: Msg) -> None:
+        self.mux_frames_queued += 1
         stream = self._streams.get(msg.subject)
         if stream is not None:
             stream._push(msg.data)
+
+    def _direct_mux_delivery(self, sub: Subscription) -> None:
+        """Hand response frames to their stream straight from the protocol parser.
+
+        nats-py delivers a message by building a ``Msg``, queueing it on the subscription and waking the
+        subscription's task, which awaits the callback: per frame (per token) that is a second task switch and
+        a few objects. For the inbox subscription the parser's call is answered here instead, with the frame's
+        bytes pushed to its stream in the same step; anything else (other subscriptions, messages with
+        headers) takes nats-py's own path, and so does everything if this nats-py has no ``_process_msg`` to
+        wrap (the callback above then still delivers). ``mux_frames_direct`` / ``mux_frames_queued`` count
+        which path frames took.
+        """
+        nc = self.nc
+        original = getattr(nc, "_process_msg", None)
+        sid = getattr(sub, "_id", None)
+        if original is None or not isinstance(sid, int) or getattr(original, "_dynamo_direct", False):
+            return
+        streams = self._streams
+
+        async def process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None,
+                              ) -> None:  # fmt: skip
+            if msg_sid != sid or headers:
+                await original(msg_sid, subject, reply, data, headers)
+                return
+            self.mux_frames_direct += 1
+            stream = streams.get(subject.decode())
+            if stream is not None:
+                stream._push(data)
+
+        process_msg._dynamo_direct = True  # type: ignore[attr-defined]
+        nc._process_msg = process_msg  # type: ignore[method-assign,assignment]
 
     async def call(self, subject: str, request_id: str, payload: bytes, *, timeout: float = 600.0,
                    ack_timeout: float = ACK_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> ResponseStream:

@@ -274,9 +274,10 @@ class Frontend:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         output = chat_output.plan(req, sm.card, self.cfg.tool_call_parser, self.cfg.reasoning_parser,
                                   self.metrics) if kind == "chat" else None
+        mm = self.metrics.model(sm.name)
         for pr in prompts:
-            self.metrics.input_tokens.labels(sm.name).inc(len(pr))
-        self.metrics.model_requests.labels(sm.name).inc()
+            mm.input_tokens.inc(len(pr))
+        mm.model_requests.inc()
         return Prepared(kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
                         stop_strings=stop_strings, n=req.n, stream=req.stream, include_usage=include_usage,
                         logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
@@ -317,7 +318,8 @@ class Frontend:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)
         name = p.model.name
-        gauge = self.metrics.inflight.labels(name)
+        mm = self.metrics.model(name)
+        gauge = mm.inflight
 
         def disconnected() -> None:
             self.metrics.disconnects.labels(name).inc()
@@ -326,9 +328,9 @@ class Frontend:
         if p.stream:
             def stream_end(ok: bool) -> None:
                 if ok:
-                    self.metrics.requests.labels(endpoint, "200").inc()
+                    self.metrics.request_done(endpoint, "200")
                 gauge.dec()
-                self.metrics.duration.labels(name).observe(time.perf_counter() - t0)
+                mm.duration.observe(time.perf_counter() - t0)
 
             # No wrapping generator: each SSE chunk crosses one async-generator frame less.
             return OpenAIResponse(stream=lambda: stream_response(self.engine, p), on_disconnect=disconnected,

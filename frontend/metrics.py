@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,12 +54,69 @@ class FrontendMetrics:
         self.tool_call_failures = Counter("dynamo_frontend_tool_call_parse_failures",
                                           "Would-be tool calls in chat output that did not decode (sent as content)",
                                           ["model"], registry=r)
+        self._models: dict[str, ModelMetrics] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The per-model children, resolved once per model (``labels()`` takes a lock and builds tuples: a few
+        microseconds per call, several calls per request)."""
+        mm = self._models.get(name)
+        if mm is None:
+            mm = self._models[name] = ModelMetrics(self, name)
+        return mm
+
+    def request_done(self, endpoint: str, status: str) -> None:
+        """``requests.labels(endpoint, status).inc()`` with the child looked up once."""
+        c = self._requests.get((endpoint, status))
+        if c is None:
+            c = self._requests[endpoint, status] = self.requests.labels(endpoint, status)
+        c.inc()
 
     def watch_prompt_caches(self, models: Callable[[], Iterable[tuple[str, Preprocessor]]]) -> None:
         """Report the chat prompt piece caches of the served models' preprocessors, read at scrape time
         (nothing on the request path). A preprocessor shared by models (same tokenizer files) shows under
         each of them."""
         self.registry.register(_PromptCacheCollector(models))
+
+
+class ModelMetrics:
+    """One model's label children of the per-request and per-token metrics."""
+
+    __slots__ = ("duration", "inflight", "input_tokens", "itl", "model_requests", "output_tokens", "ttft")
+
+    def __init__(self, m: FrontendMetrics, name: str) -> None:
+        self.ttft = m.ttft.labels(name)
+        self.itl = m.itl.labels(name)
+        self.duration = m.duration.labels(name)
+        self.inflight = m.inflight.labels(name)
+        self.input_tokens = m.input_tokens.labels(name)
+        self.output_tokens = m.output_tokens.labels(name)
+        self.model_requests = m.model_requests.labels(name)
+
+
+def observe_many(hist: Histogram, values: Sequence[float]) -> None:
+    """``hist.observe(v)`` for each of ``values``, one lock round per touched bucket instead of two per value:
+    the token loop collects a choice's inter-token gaps and hands them over in one go. Uses the histogram's
+    bucket bounds and values (prometheus_client's ``_upper_bounds`` / ``_buckets`` / ``_sum``); observes
+    one by one where those are missing."""
+    if not values:
+        return
+    h: Any = hist
+    bounds = getattr(h, "_upper_bounds", None)
+    buckets = getattr(h, "_buckets", None)
+    total = getattr(h, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            hist.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)  # the first bound >= v, as observe() picks it
+        counts[i] = counts.get(i, 0) + 1
+    total.inc(sum(values))
+    for i, c in counts.items():
+        if i < len(buckets):
+            buckets[i].inc(c)
 
 
 class _PromptCacheCollector(Collector):

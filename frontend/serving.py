@@ -32,7 +32,7 @@ from dynamo_rt.protocol import (
 )
 from dynamo_rt.transport import ResponseStream, Transport
 from frontend.chat_output import OutputPlan
-from frontend.metrics import FrontendMetrics
+from frontend.metrics import FrontendMetrics, observe_many
 from frontend.models import ModelManager, ServedModel
 from frontend.pins import call_stoppable, release_pin, stop_prefill
 
@@ -387,7 +387,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
     want_lp = p.logprobs is not None
     fault = engine.test_fault_after_tokens
     m = engine.metrics
-    itl = m.itl.labels(sm.name)  # looked up once, observed per frame
+    mm = m.model(sm.name)
+    gaps: list[float] = []  # inter-token latencies, handed to the histogram in batches (observe_many)
     t_start = last = time.perf_counter()
     attempt = 0
     excluded: set[str] = set()
@@ -427,9 +428,12 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                             first = None
                         now = time.perf_counter()
                         if not res.token_ids:
-                            m.ttft.labels(sm.name).observe(now - t_start)
+                            mm.ttft.observe(now - t_start)
                         else:
-                            itl.observe((now - last) / len(ids))
+                            gaps.append((now - last) / len(ids))
+                            if len(gaps) >= 64:
+                                observe_many(mm.itl, gaps)
+                                gaps.clear()
                         last = now
                         if p.stop_strings and len(ids) > 1:
                             delta, reason, ids, lps = _process_each(proc, ids, lps)
@@ -483,7 +487,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                     await stream.cancel()
     finally:
         sm.inflight -= 1
-    m.output_tokens.labels(sm.name).inc(res.completion_tokens)
+        observe_many(mm.itl, gaps)
+    mm.output_tokens.inc(res.completion_tokens)
 
 
 def _process_each(proc: Any, ids: list[int], lps: list[TokenLogprob] | None

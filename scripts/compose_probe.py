@@ -114,6 +114,18 @@ def main() -> int:
         print("FAIL: the request did not go prefill -> decode with a NIXL pull", file=sys.stderr)
         return 1
 
+    # Structured outputs in the image (xgrammar, installed without the GPU-only triton): a grammar-bound
+    # answer through the disaggregated path (the prefill worker samples the first token under the mask too).
+    for seed in range(3):
+        r = disagg.chat.completions.create(model=disagg.models.list().data[0].id, seed=seed, max_tokens=8,
+                                           messages=[{"role": "user", "content": "yes or no?"}],
+                                           extra_body={"guided_choice": ["yes", "no"]})
+        got = r.choices[0].message.content
+        if got not in ("yes", "no") or r.choices[0].finish_reason != "stop":
+            print(f"FAIL: guided_choice answered {got!r} ({r.choices[0].finish_reason})", file=sys.stderr)
+            return 1
+    print("structured outputs: guided_choice answered within its choices 3/3")
+
     # 2. The hand-off: added TTFT (same prompt length, fresh prompts) and the NIXL pull rate.
     t_disagg, t_local = [], []
     for _ in range(ROUNDS):

@@ -51,8 +51,12 @@ def _until(st: Stack, path: str, cond: Any, timeout: float = 60.0) -> dict[str, 
 
 def test_canary_runs_the_disaggregated_path_and_health_reports_it(stack: Stack) -> None:
     dec_port = metrics_port(stack.workers[1].output)
-    body = _until(stack, "/health", lambda s, b: s == 200 and MODEL in b["models"]
-                  and (b["models"][MODEL].get("canary") or {}).get("ok"))
+    # A canary that ran before the prefill worker registered prefilled locally (no pull): wait for one that
+    # ran with both workers up (?canary=1 runs one now).
+    body = _until(stack, "/health?canary=1", lambda s, b: s == 200 and MODEL in b["models"]
+                  and (b["models"][MODEL].get("canary") or {}).get("ok")
+                  and b["models"][MODEL]["instances"] == 2
+                  and all(w.get("kv_pull") == "pulled" for w in b["models"][MODEL]["canary"]["workers"].values()))
     m = body["models"][MODEL]
     assert (body["status"], body["reasons"], body["discovery"]) == ("healthy", [], "ok"), body
     assert m["ready"] is True and m["reasons"] == [] and m["instances"] == 2 and m["modes"] == ["decode", "prefill"]

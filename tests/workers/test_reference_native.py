@@ -54,9 +54,15 @@ async def _run(native: bool, prompts: list[list[int]], threads: int | None = Non
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_and_torch_paths_agree_on_logprobs_and_pool_contents(threads: int) -> None:
     prompts = _prompts()
-    nat, nat_pool, nat_steps = arun(_run(True, prompts, threads), timeout=120)
-    ref, ref_pool, ref_steps = arun(_run(False, prompts, 1), timeout=120)
-    assert nat_steps == ref_steps  # same schedule, so the same blocks hold the same positions
+    # The pools compare only under the same schedule (the same blocks hold the same positions). The step
+    # thread may start on the first request before the others are queued, so a busy host can schedule a run
+    # differently: take the first pair of runs whose step counts agree (three tries).
+    for _ in range(3):
+        nat, nat_pool, nat_steps = arun(_run(True, prompts, threads), timeout=120)
+        ref, ref_pool, ref_steps = arun(_run(False, prompts, 1), timeout=120)
+        if nat_steps == ref_steps:
+            break
+    assert nat_steps == ref_steps
     for p, a, b in zip(prompts, nat, ref, strict=True):
         ta = [t for o in a for t in o.token_ids]
         tb = [t for o in b for t in o.token_ids]

@@ -119,6 +119,23 @@ class _Admission:
             sem.release()
 
 
+def cancel_on_disconnect(receive: Receive, gone: Callable[[], None]) -> asyncio.Future[None]:
+    """Watch ``receive`` for the client's disconnect; then call ``gone`` and cancel the calling task (the
+    response in progress). Cancel the returned future when the response ends."""
+    task = asyncio.current_task()
+
+    async def watch() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone()
+                if task is not None:
+                    task.cancel()
+                return
+
+    return asyncio.ensure_future(watch())
+
+
 class OpenAIResponse(Response):
     """Runs a request inside the ASGI call, so a client disconnect cancels it (and the worker's request).
 
@@ -140,19 +157,11 @@ class OpenAIResponse(Response):
         self._admission = admission
         self._disconnected = False  # the client went away (its disconnect cancelled this response)
 
+    def _gone(self) -> None:
+        self._disconnected = True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-
-        async def watch() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    self._disconnected = True
-                    if task is not None:
-                        task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = cancel_on_disconnect(receive, self._gone)
         try:
             try:
                 adm = self._admission() if self._admission else contextlib.nullcontext()

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors
 from frontend import tenants
-from frontend.app import OFFLOAD_BODY_BYTES, Frontend, json_response
+from frontend.app import OFFLOAD_BODY_BYTES, Frontend, cancel_on_disconnect, json_response
 from frontend.serving import Prepared, complete, stream_response
 
 log = logging.getLogger(__name__)
@@ -120,19 +120,11 @@ class EndpointResponse(Response):
     def _count(self, status: int | str) -> None:
         self.fe.metrics.requests.labels(self.endpoint, str(status)).inc()
 
+    def _gone(self) -> None:
+        self._disconnected = True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-
-        async def watch() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    self._disconnected = True
-                    if task is not None:
-                        task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = cancel_on_disconnect(receive, self._gone)
         name = self.p.model.name
         gauge = self.fe.metrics.inflight.labels(name)
         t0 = time.perf_counter()

@@ -157,7 +157,40 @@ class JsonScanner:
         return None
 
 
-class ToolParser:
+class Incremental:
+    """The driver every parser shares: text goes into ``buf``; ``_step`` moves what is certain into a
+    :class:`Parsed` and keeps the rest (a possible marker's prefix) for the next chunk; ``finish`` flushes."""
+
+    buf: str
+    done: bool
+
+    def feed(self, text: str) -> Parsed:
+        self.buf += text
+        out = Parsed()
+        self._step(out, final=False)
+        return out
+
+    def finish(self) -> Parsed:
+        out = Parsed()
+        if not self.done:
+            self.done = True
+            self._step(out, final=True)
+        return out
+
+    def parse(self, text: str) -> Parsed:
+        """The whole text at once (non-streamed): the same machine, fed once."""
+        out = self.feed(text)
+        end = self.finish()
+        out.content += end.content
+        out.reasoning += end.reasoning
+        out.calls += end.calls
+        return out
+
+    def _step(self, out: Parsed, *, final: bool) -> None:
+        raise NotImplementedError
+
+
+class ToolParser(Incremental):
     """Base of the tool-call parsers: a text buffer and a ``_step`` that consumes what is certain.
 
     ``keep_special_tokens``: the format's markers are special tokens in some of its models' tokenizers
@@ -178,30 +211,6 @@ class ToolParser:
         self._strip_lead = False  # just after a call: whitespace before the next text is dropped
         self.failed = 0  # would-be calls (a marker, an opening) that did not decode: sent as content
         self.cut_off = False  # the text ended inside a call's arguments (the call is incomplete)
-
-    def feed(self, text: str) -> Parsed:
-        self.buf += text
-        out = Parsed()
-        self._step(out, final=False)
-        return out
-
-    def finish(self) -> Parsed:
-        out = Parsed()
-        if not self.done:
-            self.done = True
-            self._step(out, final=True)
-        return out
-
-    def parse(self, text: str) -> Parsed:
-        """The whole text at once (non-streamed): the same machine, fed once."""
-        out = self.feed(text)
-        end = self.finish()
-        out.content += end.content
-        out.calls += end.calls
-        return out
-
-    def _step(self, out: Parsed, *, final: bool) -> None:
-        raise NotImplementedError
 
     # Whitespace that only separates content from calls ("text\n\n<tool_call>", newlines between calls) is
     # not content: trailing whitespace is held until non-space text follows it and dropped when the text ends

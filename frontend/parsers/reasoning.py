@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from frontend.parsers.base import Parsed, releasable
+from frontend.parsers.base import Incremental, Parsed, releasable
 
 __all__ = ["DeepSeekR1ReasoningParser", "Qwen3ReasoningParser", "ReasoningParser"]
 
 
-class ReasoningParser:
+class ReasoningParser(Incremental):
     name: ClassVar[str] = ""
     open_tag: ClassVar[str] = "<think>"
     close_tag: ClassVar[str] = "</think>"
@@ -30,26 +30,6 @@ class ReasoningParser:
         self.buf = ""
         self.state = "start"  # start -> reasoning -> content
         self.done = False
-
-    def feed(self, text: str) -> Parsed:
-        self.buf += text
-        out = Parsed()
-        self._step(out, final=False)
-        return out
-
-    def finish(self) -> Parsed:
-        out = Parsed()
-        if not self.done:
-            self.done = True
-            self._step(out, final=True)
-        return out
-
-    def parse(self, text: str) -> Parsed:
-        out = self.feed(text)
-        end = self.finish()
-        out.content += end.content
-        out.reasoning += end.reasoning
-        return out
 
     def _step(self, out: Parsed, *, final: bool) -> None:
         while True:

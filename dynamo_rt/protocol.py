@@ -164,6 +164,10 @@ class RequestEnvelope(msgspec.Struct, kw_only=True):
     deadline: float  # unix seconds; the worker abandons the request past it
     payload: bytes  # msgpack of the endpoint's request struct (GenerateRequest for "generate")
     version: int = PROTOCOL_VERSION
+    # Where the worker may send this caller's frames in batches (:class:`FrameBatch`): frames of several
+    # requests to one caller that are ready in the same event-loop turn (one engine step) travel as one NATS
+    # message. Empty: one message per frame to ``reply_to`` (what a caller that predates batches gets).
+    frames_to: str = ""
 
 
 class CancelRequest(msgspec.Struct, kw_only=True):
@@ -218,6 +222,10 @@ class Heartbeat(msgspec.Struct, tag="h", array_like=True):
 
 StreamFrame = Data | Final | Error | Heartbeat
 
+# Frames for several requests of one caller, each with its request's ``reply_to``, in send order; sent to the
+# envelope's ``frames_to``.
+FrameBatch = list[tuple[str, StreamFrame]]
+
 
 # --------------------------------------------------------------------------------------------- events
 
@@ -255,6 +263,7 @@ class LoadMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
 _enc = msgspec.msgpack.Encoder()
 encode = _enc.encode
 _frame_dec = msgspec.msgpack.Decoder(StreamFrame)  # type: ignore[arg-type]
+_batch_dec = msgspec.msgpack.Decoder(FrameBatch)
 _env_dec = msgspec.msgpack.Decoder(RequestEnvelope)
 _gen_dec = msgspec.msgpack.Decoder(GenerateRequest)
 _cancel_dec = msgspec.msgpack.Decoder(CancelRequest)
@@ -264,6 +273,10 @@ _load_dec = msgspec.msgpack.Decoder(LoadMetrics)
 
 def decode_frame(data: bytes) -> StreamFrame:
     return _frame_dec.decode(data)  # type: ignore[no-any-return]
+
+
+def decode_frame_batch(data: bytes) -> FrameBatch:
+    return _batch_dec.decode(data)
 
 
 def decode_envelope(data: bytes) -> RequestEnvelope:

@@ -5,14 +5,18 @@ The ONLY module that imports ``nats``. Wire shapes live in :mod:`dynamo_rt.proto
 Call flow (one request)::
 
     caller                                   worker (serves ``{ns}.{component}.{endpoint}.{iid}``)
-    SUB inbox ─────────────────────────────▶
-    REQ subject  RequestEnvelope ───────────▶ ack (empty reply)      no subscriber -> 503 at once
+    PUB subject RequestEnvelope, reply=inbox ▶ no subscriber: the server's 503 status message to ``inbox``
                                               handler task streams Data* Final | Error to ``inbox``,
                                               a Heartbeat when it has been quiet for a while
     PUB subject.cancel CancelRequest ───────▶ handler task cancelled (caller went away)
 
-A killed worker is noticed by the caller when neither frames nor heartbeats arrive for ``idle_timeout``
-seconds; a request past its deadline ends with :class:`~dynamo_rt.errors.DeadlineExceeded`. Frames carry a
+There is no separate acknowledgement round trip: the request is published with the stream's own inbox as its
+reply subject, so "nobody serves this subject" comes back as NATS's no-responders status on that inbox, and
+"the worker has it" is its first frame or heartbeat (``first_timeout``, 3 s; the worker heartbeats a request
+that has been quiet for 1 s, prefill or queueing included). A worker that still acknowledges (an older
+caller's ``nc.request`` reply subject) is answered as before. A killed worker is noticed by the caller when
+neither frames nor heartbeats arrive for ``idle_timeout`` seconds; a request past its deadline ends with
+:class:`~dynamo_rt.errors.DeadlineExceeded`. Frames carry a
 sequence number, so a gap (frames lost across a NATS reconnect) ends the stream with an error instead of
 silently dropping tokens.
 """
@@ -25,8 +29,8 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,15 +52,15 @@ from dynamo_rt.protocol import (
     RequestEnvelope,
     decode_cancel,
     decode_envelope,
-    decode_frame,
+    decode_frame_batch,
     encode,
 )
+from dynamo_rt.stream import ACK_TIMEOUT, IDLE_TIMEOUT, ResponseStream
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0  # seconds of quiet after which a worker sends a Heartbeat
-IDLE_TIMEOUT = 5.0  # seconds without any frame after which the caller gives up on a worker
-ACK_TIMEOUT = 3.0  # seconds for a worker to acknowledge a request
+BATCH_FRAMES_MAX = 128  # frames per FrameBatch message (a few KB: well under NATS's max payload)
 
 
 @dataclass(slots=True)
@@ -79,6 +83,7 @@ class _Active:
     last_sent: float
     seq: int = 0
     task: asyncio.Task[None] | None = None  # set right after the entry is booked
+    frames_to: str = ""  # the caller's batch subject (RequestEnvelope.frames_to); "" = a message per frame
 
 
 class Endpoint:
@@ -89,6 +94,11 @@ class Endpoint:
         self.subject = subject
         self.handler = handler
         self.active: dict[str, _Active] = {}
+        # Frames waiting for the end of this event-loop turn, per caller batch subject (see _send).
+        self._batches: dict[str, list[tuple[str, Data | Final | Error | Heartbeat]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.frames_batched = 0  # frames sent inside a FrameBatch message
+        self.batches_sent = 0  # FrameBatch messages (each holds 2 or more frames)
         self._subs: list[Subscription] = []
         self._hb_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -107,7 +117,7 @@ class Endpoint:
         except Exception as exc:  # a malformed request must not kill the endpoint
             log.warning("dropping malformed request on %s: %s", self.subject, exc)
             return
-        if msg.reply:
+        if msg.reply and msg.reply != env.reply_to:  # an older caller's request() waits for an acknowledgement
             await self.transport.nc.publish(msg.reply, b"")
         if env.request_id in self.active:
             # Two callers reusing one request id would share one cancel subject and one book entry: refuse the
@@ -117,9 +127,23 @@ class Endpoint:
                 message=f"request id {env.request_id!r} is already in flight on this worker")))
             return
         ctx = RequestContext(request_id=env.request_id, deadline=env.deadline, subject=self.subject)
-        act = _Active(reply_to=env.reply_to, last_sent=time.monotonic())
+        act = _Active(reply_to=env.reply_to, last_sent=time.monotonic(), frames_to=env.frames_to)
         self.active[env.request_id] = act
         act.task = asyncio.create_task(self._run(env, ctx, act), name=f"req:{env.request_id}")
+
+    async def _publish_batch(self, nc: NatsClient, subject: str,
+                             frames: list[tuple[str, Data | Final | Error | Heartbeat]]) -> None:
+        try:
+            data = encode(frames) if len(frames) > 1 else b""
+            if len(frames) == 1 or len(data) > nc.max_payload:  # alone (or too big): to each own inbox
+                for reply_to, frame in frames:
+                    await nc.publish(reply_to, encode(frame))
+                return
+            await nc.publish(subject, data)
+            self.batches_sent += 1
+            self.frames_batched += len(frames)
+        except Exception as exc:  # the callers see the gap (sequence numbers) or the silence
+            log.warning("sending %d response frames to %s failed: %s", len(frames), subject, exc)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -135,7 +159,29 @@ class Endpoint:
         frame.seq = act.seq
         act.seq += 1
         act.last_sent = time.monotonic()
-        await self.transport.nc.publish(act.reply_to, encode(frame))
+        if not act.frames_to:
+            await self.transport.nc.publish(act.reply_to, encode(frame))
+            return
+        # An engine step wakes every request's handler in one event-loop turn: their frames to one caller
+        # leave together at the start of the next turn, one NATS message (no timer, no added wait).
+        batch = self._batches.get(act.frames_to)
+        if batch is None:
+            batch = self._batches[act.frames_to] = []
+        batch.append((act.reply_to, frame))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        nc = self.transport.nc
+        try:
+            # One flusher at a time, until nothing is left: a frame queued while a publish waited goes after it.
+            while self._batches:
+                batches, self._batches = self._batches, {}
+                for subject, frames in batches.items():
+                    for i in range(0, len(frames), BATCH_FRAMES_MAX):
+                        await self._publish_batch(nc, subject, frames[i:i + BATCH_FRAMES_MAX])
+        finally:
+            self._flusher = None
 
     async def _run(self, env: RequestEnvelope, ctx: RequestContext, act: _Active) -> None:
         try:
@@ -190,150 +236,8 @@ class Endpoint:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-
-
-_END = object()
-
-
-class ResponseStream:
-    """The caller's side of one request: an async iterator of :class:`Data` then one :class:`Final`.
-
-    Raises a typed :class:`~dynamo_rt.errors.DynamoError` on an error frame, on a worker that went quiet
-    (``idle_timeout``), on a sequence gap, and past the deadline. ``cancel()`` tells the worker to stop.
-    """
-
-    def __init__(self, transport: Transport, subject: str, request_id: str, deadline: float,
-                 idle_timeout: float) -> None:
-        self.transport = transport
-        self.subject = subject
-        self.request_id = request_id
-        self.deadline = deadline
-        self.idle_timeout = idle_timeout
-        # Frames (bytes) or an error: a deque and one waiter future rather than an asyncio.Queue, so a frame
-        # costs an append and, only when the reader sleeps, one set_result.
-        self._items: deque[Any] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._inbox: str | None = None
-        self._expected = 0
-        self._done = False
-        self._last_rx = time.monotonic()
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    async def _open(self, payload: bytes, ack_timeout: float) -> None:
-        nc = self.transport.nc
-        inbox = self._inbox = await self.transport._register_stream(self)
-        env = RequestEnvelope(request_id=self.request_id, reply_to=inbox, deadline=self.deadline,
-                              payload=payload)
-        try:
-            await nc.request(self.subject, encode(env), timeout=ack_timeout)
-        except nats.errors.NoRespondersError:
-            await self._close_sub()
-            raise errors.Unavailable(f"no worker is serving {self.subject}") from None
-        except nats.errors.TimeoutError:
-            await self._close_sub()
-            raise errors.Unavailable(f"worker on {self.subject} did not acknowledge within {ack_timeout}s") \
-                from None
-        except (nats.errors.Error, OSError) as exc:
-            await self._close_sub()
-            raise _nats_error(exc, f"sending request to {self.subject}") from None
-        self._last_rx = time.monotonic()
-        self._arm()
-
-    def _push(self, item: Any) -> None:
-        self._last_rx = time.monotonic()
-        self._items.append(item)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def _get(self) -> Any:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
-
-    def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(min(self.idle_timeout / 2, 1.0), self._check)
-
-    def _check(self) -> None:
-        if self._done:
-            return
-        now = time.monotonic()
-        if now - self._last_rx > self.idle_timeout:
-            self._push(errors.Unavailable(
-                f"worker on {self.subject} stopped responding (no frame for {self.idle_timeout:.1f}s)"))
-            return
-        if time.time() > self.deadline:
-            self._push(errors.DeadlineExceeded("request deadline exceeded"))
-            return
-        self._arm()
-
-    def __aiter__(self) -> ResponseStream:
-        return self
-
-    async def __anext__(self) -> Data | Final:
-        while True:
-            if self._done:
-                raise StopAsyncIteration
-            item = self._items.popleft() if self._items else await self._get()
-            if isinstance(item, errors.DynamoError):
-                await self._finish(cancel=True)
-                raise item
-            frame = decode_frame(item)
-            if frame.seq != self._expected:
-                await self._finish(cancel=True)
-                raise errors.Unavailable(
-                    f"response stream from {self.subject} lost frames (expected #{self._expected}, "
-                    f"got #{frame.seq})")
-            self._expected += 1
-            if isinstance(frame, Data):
-                return frame
-            if isinstance(frame, Final):
-                await self._finish(cancel=False)
-                return frame
-            if isinstance(frame, Error):
-                await self._finish(cancel=False)
-                raise errors.from_wire(frame.code, frame.message)
-            # Heartbeat: keep waiting
-
-    def pending_frames(self) -> int:
-        return len(self._items)
-
-    @property
-    def done(self) -> bool:
-        """The final frame (or an error) was read, or the stream was cancelled."""
-        return self._done
-
-    async def _close_sub(self) -> None:
-        if self._inbox is not None:
-            self.transport._streams.pop(self._inbox, None)
-            self._inbox = None
-
-    async def _finish(self, *, cancel: bool) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        await self._close_sub()
-        if cancel:
-            await self._send_cancel()
-
-    async def _send_cancel(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.transport.nc.publish(self.subject + ".cancel",
-                                            encode(CancelRequest(request_id=self.request_id)))
-
-    async def cancel(self) -> None:
-        """Stop the request on the worker (client disconnect); idempotent."""
-        await self._finish(cancel=True)
-
-    async def aclose(self) -> None:
-        await self.cancel()
+        if self._flusher is not None:  # frames already produced still go out
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 @dataclass
@@ -364,8 +268,13 @@ class Transport:
         self._mux_prefix: str | None = None
         self._mux_sub: Subscription | None = None
         self._mux_seq = 0
-        self.mux_frames_direct = 0  # response frames handed to their stream by the parser's call
+        self.mux_frames_direct = 0  # response messages handed to their stream by the parser's call
         self.mux_frames_queued = 0  # ... by nats-py's subscription task (the fallback)
+        self.mux_batched_frames = 0  # frames that came inside FrameBatch messages
+        # Workers may batch this process's response frames (RequestEnvelope.frames_to); DYN_NATS_BATCH_FRAMES=0
+        # asks them for one message per frame.
+        self.batch_frames = os.environ.get("DYN_NATS_BATCH_FRAMES", "1") != "0"
+        self._frames_subject = ""
         self.disconnects = 0
         self._closing = False
         self._obj_lock = asyncio.Lock()
@@ -473,23 +382,43 @@ class Transport:
         self._endpoints.append(ep)
         return ep
 
-    async def _register_stream(self, stream: ResponseStream) -> str:
-        if self._mux_sub is None:
-            prefix = self.nc.new_inbox() + "."
-            self._mux_sub = await self.nc.subscribe(prefix + "*", cb=self._on_mux_msg, pending_msgs_limit=-1,
-                                                    pending_bytes_limit=-1)
-            self._mux_prefix = prefix
-            self._direct_mux_delivery(self._mux_sub)
-        self._mux_seq += 1
-        inbox = f"{self._mux_prefix}{self._mux_seq:x}"
-        self._streams[inbox] = stream
-        return inbox
+    async def _mux_subscribe(self) -> None:
+        prefix = self.nc.new_inbox() + "."
+        sub = await self.nc.subscribe(prefix + "*", cb=self._on_mux_msg, pending_msgs_limit=-1,
+                                      pending_bytes_limit=-1)
+        if self._mux_sub is not None:  # two first calls raced: keep one
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            return
+        self._mux_sub, self._mux_prefix = sub, prefix
+        if self.batch_frames:
+            self._frames_subject = prefix + _FRAMES_TOKEN
+        self._direct_mux_delivery(sub)
 
     async def _on_mux_msg(self, msg: Msg) -> None:
         self.mux_frames_queued += 1
+        if msg.subject == self._frames_subject:
+            self._on_batch(msg.data)
+            return
         stream = self._streams.get(msg.subject)
         if stream is not None:
-            stream._push(msg.data)
+            if msg.headers and msg.headers.get("Status") == "503":
+                stream._no_responders()
+            else:
+                stream._push(msg.data)
+
+    def _on_batch(self, data: bytes) -> None:
+        try:
+            batch = decode_frame_batch(data)
+        except Exception as exc:  # the streams it was for see a sequence gap or go quiet
+            log.warning("dropping an undecodable batch of response frames: %s", exc)
+            return
+        self.mux_batched_frames += len(batch)
+        streams = self._streams
+        for inbox, frame in batch:
+            stream = streams.get(inbox)
+            if stream is not None:
+                stream._deliver(frame)
 
     def _direct_mux_delivery(self, sub: Subscription) -> None:
         """Hand response frames to their stream straight from the protocol parser.
@@ -508,37 +437,62 @@ class Transport:
         if original is None or not isinstance(sid, int) or getattr(original, "_dynamo_direct", False):
             return
         streams = self._streams
+        frames_subject = self._frames_subject.encode()
 
         async def process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None,
                               ) -> None:  # fmt: skip
-            if msg_sid != sid or headers:
+            if msg_sid != sid or (headers and not headers.startswith(_NO_RESPONDERS)):
                 await original(msg_sid, subject, reply, data, headers)
                 return
             self.mux_frames_direct += 1
+            if subject == frames_subject:
+                self._on_batch(data)
+                return
             stream = streams.get(subject.decode())
             if stream is not None:
-                stream._push(data)
+                if headers:
+                    stream._no_responders()
+                else:
+                    stream._push(data)
 
         process_msg._dynamo_direct = True  # type: ignore[attr-defined]
         nc._process_msg = process_msg  # type: ignore[method-assign,assignment]
+
+    async def open_stream(self, subject: str, request_id: str, *, timeout: float = 600.0,
+                          first_timeout: float = ACK_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> ResponseStream:
+        """A response stream for a request to ``subject``, registered on the shared inbox, not yet sent
+        (:meth:`ResponseStream.send`): a caller cancelled while sending still holds the stream to stop."""
+        if not self.connected:
+            raise errors.TransportError("NATS is not connected")
+        if self._mux_sub is None:
+            try:
+                await self._mux_subscribe()
+            except (nats.errors.Error, OSError) as exc:
+                raise _nats_error(exc, "subscribing to the response inbox") from None
+        stream = ResponseStream(self, subject, request_id, time.time() + timeout, idle_timeout, first_timeout)
+        self._mux_seq += 1
+        inbox = stream._inbox = f"{self._mux_prefix}{self._mux_seq:x}"
+        self._streams[inbox] = stream
+        return stream
 
     async def call(self, subject: str, request_id: str, payload: bytes, *, timeout: float = 600.0,
                    ack_timeout: float = ACK_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> ResponseStream:
         """Send ``payload`` to the instance serving ``subject``; returns the response stream.
 
-        Raises :class:`~dynamo_rt.errors.Unavailable` at once when NATS is down or nobody serves the subject.
+        Raises :class:`~dynamo_rt.errors.Unavailable` at once when NATS is down; nobody serving the subject
+        is the stream's first error (NATS's no-responders answer, a round trip later), a worker that takes the
+        request but never answers its ``ack_timeout`` later.
         """
-        if not self.connected:
-            raise errors.TransportError("NATS is not connected")
-        stream = ResponseStream(self, subject, request_id, time.time() + timeout, idle_timeout)
-        await stream._open(payload, ack_timeout)
+        stream = await self.open_stream(subject, request_id, timeout=timeout, first_timeout=ack_timeout,
+                                        idle_timeout=idle_timeout)
+        await stream.send(payload)
         return stream
 
     # ------------------------------------------------------------------ events
 
-    async def publish(self, subject: str, data: bytes) -> None:
+    async def publish(self, subject: str, data: bytes, *, reply: str = "") -> None:
         try:
-            await self.nc.publish(subject, data)
+            await self.nc.publish(subject, data, reply=reply)
         except (nats.errors.Error, OSError) as exc:
             raise _nats_error(exc, f"publishing to {subject}") from None
 
@@ -598,6 +552,10 @@ class Transport:
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             raise _nats_error(exc, f"fetching {bucket}/{name}") from None
         return bytes(res.data or b"")
+
+
+_NO_RESPONDERS = b"NATS/1.0 503"  # the status line of NATS's no-responders answer
+_FRAMES_TOKEN = "frames"  # the batch subject's last token under the response inbox (per-stream tokens are hex)
 
 
 def check_creds_file(path: str) -> None:

@@ -18,7 +18,8 @@ import msgspec
 
 from dynamo_rt import errors
 from dynamo_rt.protocol import CancelRequest, Final, KvTransferParams, encode
-from dynamo_rt.transport import ResponseStream, Transport, instance_subject
+from dynamo_rt.stream import ResponseStream
+from dynamo_rt.transport import Transport, instance_subject
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,17 @@ def release_pin(transport: Transport, namespace: str, params: KvTransferParams) 
 
 async def call_stoppable(transport: Transport, namespace: str, subject: str, request_id: str, payload: bytes,
                          timeout: float) -> ResponseStream:
-    """``transport.call`` that a cancellation cannot orphan. A caller cancelled while the call is on its way
-    (waiting for the worker's acknowledgement) may still have reached the worker, which would then generate to
-    the end, or pin a prompt, for nobody: the call runs to its end regardless and the request is stopped there
-    (as by :func:`stop_prefill`)."""
-    task = asyncio.ensure_future(transport.call(subject, request_id, payload, timeout=timeout))
+    """``transport.call`` that a cancellation cannot orphan. A caller cancelled while the request is on its way
+    may still have reached the worker, which would then generate to the end, or pin a prompt, for nobody: the
+    stream exists before the request is sent, so such a request is stopped there (as by :func:`stop_prefill`).
+    Publishing only buffers the request (no acknowledgement is awaited), so this is rare."""
+    stream = await transport.open_stream(subject, request_id, timeout=timeout)
     try:
-        return await asyncio.shield(task)
+        await stream.send(payload)
     except asyncio.CancelledError:
-        def stop(t: asyncio.Future[ResponseStream]) -> None:
-            if not t.cancelled() and t.exception() is None:
-                _spawn(_drain(t.result(), transport, namespace))
-
-        task.add_done_callback(stop)
+        _spawn(_drain(stream, transport, namespace))
         raise
+    return stream
 
 
 def stop_prefill(stream: ResponseStream, transport: Transport, namespace: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from dynamo_rt import errors
 from dynamo_rt.protocol import Data, Final
-from dynamo_rt.transport import RequestContext, Transport
+from dynamo_rt.transport import BATCH_FRAMES_MAX, RequestContext, Transport
 from tests.conftest import arun
 
 
@@ -48,8 +48,11 @@ def test_long_stream_complete_and_in_order(nats_server: object) -> None:
                     final = frame
             assert got == list(range(n))
             assert final is not None and final.completion_tokens == n and final.finish_reason == "length"
-            # Every frame went from the parser straight to its stream, none through nats-py's queue and task.
-            assert client.mux_frames_direct == n + 1 and client.mux_frames_queued == 0
+            # Every message went from the parser straight to its stream, none through nats-py's queue and task
+            # (the handler never waits, so the worker sent its frames in batches of BATCH_FRAMES_MAX).
+            assert client.mux_frames_queued == 0
+            assert client.mux_batched_frames == n + 1
+            assert client.mux_frames_direct == -(-(n + 1) // BATCH_FRAMES_MAX)
         finally:
             await client.close()
             await server.close()
@@ -165,9 +168,11 @@ def test_no_worker_fails_fast(nats_server: object) -> None:
         await client.connect()
         try:
             t0 = time.monotonic()
+            stream = await client.call("t.nobody.gen.1", "r4", b"")  # published, not acknowledged
             with pytest.raises(errors.Unavailable, match="no worker is serving"):
-                await client.call("t.nobody.gen.1", "r4", b"")
+                await stream.__anext__()
             assert time.monotonic() - t0 < 2.0  # no-responders answer, not the ack timeout
+            assert stream.undelivered and stream.done and not stream.answered
         finally:
             await client.close()
 
@@ -319,9 +324,74 @@ def test_frames_still_arrive_through_nats_py_when_direct_delivery_is_off(nats_se
             stream = await client.call("t.stream.queued.1", "r1", b"", timeout=30)
             got = [t async for frame in stream if isinstance(frame, Data) for t in frame.token_ids]
             assert got == list(range(50))
-            assert client.mux_frames_queued == 51 and client.mux_frames_direct == 0
+            # (the handler never waits: its 51 frames went as one batch)
+            assert client.mux_frames_queued == 1 and client.mux_batched_frames == 51
+            assert client.mux_frames_direct == 0
         finally:
             await client.close()
             await server.close()
 
     arun(main(), 30)
+
+
+def test_frames_of_requests_stepped_together_travel_in_batches(nats_server: object) -> None:
+    """Requests whose handlers wake in one event-loop turn (as one engine step wakes every running request):
+    their frames to one caller leave as FrameBatch messages, every stream still complete and in order. A
+    caller that asks for no batches (``DYN_NATS_BATCH_FRAMES=0``, or one that predates them) gets a message
+    per frame from the same worker."""
+    n_req, n_tok = 8, 20
+    waiters: list[asyncio.Future[None]] = []
+
+    async def tick() -> None:
+        f = asyncio.get_running_loop().create_future()
+        waiters.append(f)
+        await f
+
+    async def engine() -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            ready, waiters[:] = list(waiters), []
+            for f in ready:
+                f.set_result(None)
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+        for i in range(n_tok):
+            await tick()
+            yield Data(seq=0, token_ids=[i])
+        yield Final(seq=0, finish_reason="length", completion_tokens=n_tok)
+
+    async def run_all(client: Transport, tag: str) -> None:
+        async def one(k: int) -> None:
+            stream = await client.call("t.batch.gen.1", f"{tag}{k}", b"", timeout=30)
+            got, final = [], None
+            async for frame in stream:
+                if isinstance(frame, Data):
+                    got.extend(frame.token_ids)
+                else:
+                    final = frame
+            assert got == list(range(n_tok)) and final is not None and final.completion_tokens == n_tok
+
+        await asyncio.gather(*(one(k) for k in range(n_req)))
+
+    async def main() -> None:
+        server, client = await _pair(nats_server.url)  # type: ignore[attr-defined]
+        old = Transport(nats_server.url)  # type: ignore[attr-defined]
+        old.batch_frames = False
+        await old.connect()
+        ticker = asyncio.ensure_future(engine())
+        try:
+            ep = await server.serve("t.batch.gen.1", handler)
+            await run_all(client, "b")
+            assert ep.batches_sent > 0 and client.mux_batched_frames == ep.frames_batched
+            assert client.mux_batched_frames >= n_req * n_tok // 2  # most frames shared a message
+            sent = ep.batches_sent
+            await run_all(old, "o")
+            assert old.mux_batched_frames == 0 and ep.batches_sent == sent
+            assert old.mux_frames_direct == n_req * (n_tok + 1)  # one message per frame
+        finally:
+            ticker.cancel()
+            await old.close()
+            await client.close()
+            await server.close()
+
+    arun(main(), 60)

@@ -24,7 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH
 
 from dynamo_rt.local.tinymodel import ensure_tiny_model
 from dynamo_rt.protocol import Data, Final, SamplingParams, StopConditions, encode
-from dynamo_rt.transport import ResponseStream
+from dynamo_rt.stream import ResponseStream
 from frontend import serving
 from frontend.app import OpenAIResponse
 from frontend.metrics import FrontendMetrics
@@ -88,7 +88,8 @@ async def _one(engine: serving.Dispatcher, sm: ServedModel, k: int) -> int:
         if msg["type"] == "http.response.body":
             chunks.append(msg["body"])
 
-    await OpenAIResponse(stream=lambda: serving.stream_response(engine, p))({"type": "http"}, receive, send)  # type: ignore[arg-type]
+    resp = OpenAIResponse(stream=lambda direct: serving.stream_response(engine, p, direct))
+    await resp({"type": "http"}, receive, send)  # type: ignore[arg-type]
     if not chunks[-1].endswith(serving.DONE):
         raise RuntimeError(f"stream did not end with [DONE]: {chunks[-1][:200]!r}")
     return len(chunks)

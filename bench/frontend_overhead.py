@@ -328,13 +328,17 @@ HOPS: list[tuple[str, str, tuple[str, ...]]] = [
     ("token", "SSE write: ASGI send + socket write", ("RequestResponseCycle.send", "granian", "_SseSender")),
     ("token", "NATS frame receipt: socket read, nats-py parser, subscription", (
         "nats/protocol/parser.py", "Client._read_loop", "Client._process_msg", "Subscription._wait_for_msgs",
-        "_on_mux_msg", "ResponseStream._push", "_MuxQueue")),
+        "_on_mux_msg", "ResponseStream._push", "_MuxQueue", "_on_batch", "ResponseStream._deliver",
+        "_direct_mux_delivery")),
     ("token", "frame decode (msgpack)", ("decode_frame", "dynamo_rt/protocol.py")),
     ("token", "detokenization + stop checks", ("frontend/detok.py",)),
     ("token", "SSE encoding (byte templates)", ("ChunkTemplates", "_js (")),
+    ("token", "token step in the frame callback (metrics, bookkeeping, direct writer)", (
+        "choice_events.<locals>", "stream_response.<locals>.emit", "DirectWriter")),
     ("request", "NATS request (publish, ack, flush)", (
         "Client._flusher", "Client.request", "_request_new_style", "Transport.call", "ResponseStream._open",
-        "nats/nuid.py", "Client.publish", "_send_cancel", "ResponseStream._finish")),
+        "nats/nuid.py", "Client.publish", "_send_cancel", "ResponseStream._finish", "ResponseStream.send",
+        "Transport.open_stream", "call_stoppable")),
     ("request", "chat template", ("apply_chat_template", "jinja2", "<template>")),
     ("request", "tokenization", ("frontend/preprocess.py",)),
     ("request", "validation", ("frontend/openai_protocol.py",)),

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors, faults
-from frontend import chat_output, tenants
+from frontend import chat_output, sse, tenants
 from frontend import openai_protocol as op
 from frontend.health import HealthMonitor
 from frontend.metrics import FrontendMetrics
@@ -143,7 +143,7 @@ class OpenAIResponse(Response):
     """
 
     def __init__(self, run: Callable[[], Awaitable[Any]] | None = None,
-                 stream: Callable[[], AsyncIterator[bytes]] | None = None,
+                 stream: Callable[[sse.DirectWriter | None], AsyncIterator[bytes]] | None = None,
                  on_disconnect: Callable[[], None] | None = None,
                  admission: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = None,
                  on_stream_start: Callable[[], None] | None = None,
@@ -167,7 +167,7 @@ class OpenAIResponse(Response):
                 adm = self._admission() if self._admission else contextlib.nullcontext()
                 async with adm:
                     if self._stream is not None:
-                        await self._send_stream(send, self._stream())
+                        await self._send_stream(send, self._stream)
                     else:
                         assert self._run is not None
                         try:
@@ -189,13 +189,18 @@ class OpenAIResponse(Response):
         finally:
             watcher.cancel()
 
-    async def _send_stream(self, send: Send, body: AsyncIterator[bytes]) -> None:
+    async def _send_stream(self, send: Send,
+                           make_body: Callable[[sse.DirectWriter | None], AsyncIterator[bytes]]) -> None:
         """Send the SSE body. Once the headers are out, every stream ends with a finish_reason or an error
         event, then ``[DONE]``: the body generator maps the errors it knows; what escapes it (a bug, a
-        cancellation by the server rather than the client) is turned into an error event here."""
+        cancellation by the server rather than the client) is turned into an error event here. The body may
+        also write chunks through a :class:`frontend.sse.DirectWriter` (the token path); what it yields
+        goes out after those."""
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})
+        direct = sse.writer_for(send)
+        body = make_body(direct)
         if self._on_stream_start is not None:
             self._on_stream_start()
         ended = ok = False
@@ -206,6 +211,8 @@ class OpenAIResponse(Response):
                 async for chunk in body:
                     # The chunk ending in [DONE] is the last one: it goes out with the end of the body, one write.
                     ended = chunk.endswith(DONE)
+                    if direct is not None and direct.busy:
+                        await direct.drain()
                     await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
                     if ended:
                         break
@@ -225,10 +232,14 @@ class OpenAIResponse(Response):
                 # Before the body's clean-up below, which may wait on NATS while the server stops.
                 tail = error_event(failure) + DONE if failure is not None else DONE
                 with contextlib.suppress(Exception):
+                    if direct is not None and direct.busy:
+                        await direct.drain()
                     await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             with contextlib.suppress(Exception):
                 await body.aclose()  # type: ignore[attr-defined]
+            if direct is not None:
+                direct.close()
             if self._on_stream_end is not None:
                 self._on_stream_end(ok)
         if cancelled is not None:
@@ -342,7 +353,8 @@ class Frontend:
                 mm.duration.observe(time.perf_counter() - t0)
 
             # No wrapping generator: each SSE chunk crosses one async-generator frame less.
-            return OpenAIResponse(stream=lambda: stream_response(self.engine, p), on_disconnect=disconnected,
+            return OpenAIResponse(stream=lambda direct: stream_response(self.engine, p, direct),
+                                  on_disconnect=disconnected,
                                   admission=lambda: self.admit(endpoint, p), on_stream_start=gauge.inc,
                                   on_stream_end=stream_end)
 

@@ -148,6 +148,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     metrics = FrontendMetrics()
     manager = ModelManager(view, transport, router_mode=args.router_mode, router_kwargs=kwargs,
                            router_metrics=RouterMetrics(metrics.registry))
+    metrics.watch_sse_writes(transport)
     metrics.watch_prompt_caches(lambda: [(sm.name, sm.pre) for sm in list(manager.models.values())])
     await manager.start()
     engine = Dispatcher(manager, transport, metrics, request_timeout=args.request_timeout,

@@ -72,6 +72,11 @@ class FrontendMetrics:
             c = self._requests[endpoint, status] = self.requests.labels(endpoint, status)
         c.inc()
 
+    def watch_sse_writes(self, transport: Any = None) -> None:
+        """Report how streamed chunks were written (:mod:`frontend.sse`) and how response frames came in over
+        NATS (``transport``'s counters), read at scrape time."""
+        self.registry.register(_SseWritesCollector(transport))
+
     def watch_prompt_caches(self, models: Callable[[], Iterable[tuple[str, Preprocessor]]]) -> None:
         """Report the chat prompt piece caches of the served models' preprocessors, read at scrape time
         (nothing on the request path). A preprocessor shared by models (same tokenizer files) shows under
@@ -141,3 +146,31 @@ class _PromptCacheCollector(Collector):
         yield hits
         yield misses
         yield chars
+
+
+class _SseWritesCollector(Collector):
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def collect(self) -> Iterator[Metric]:
+        from frontend import sse
+
+        t = self.transport
+        if t is not None:
+            msgs = CounterMetricFamily("dynamo_frontend_response_messages",
+                                       "NATS messages of response frames: handed to their streams by the parser's "
+                                       "call (direct) or by nats-py's subscription task (queued)", labels=["path"])
+            msgs.add_metric(["direct"], t.mux_frames_direct)
+            msgs.add_metric(["queued"], t.mux_frames_queued)
+            yield msgs
+            yield CounterMetricFamily("dynamo_frontend_response_frames_batched",
+                                      "Response frames that came several to a NATS message (a worker's batch of "
+                                      "one engine step's frames to this frontend)", value=t.mux_batched_frames)
+
+        c = CounterMetricFamily("dynamo_frontend_sse_writes",
+                                "Streamed text chunks written from the NATS frame callback: at once (direct) or "
+                                "queued behind a send waiting for the client's socket (deferred); chunks the "
+                                "response task writes itself are not counted", labels=["path"])
+        c.add_metric(["direct"], sse.stats["direct"])
+        c.add_metric(["deferred"], sse.stats["deferred"])
+        yield c

@@ -16,12 +16,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from dynamo_rt import errors, faults
 from dynamo_rt.protocol import (
+    Data,
     Final,
     GenerateRequest,
     KvTransferParams,
@@ -30,7 +31,8 @@ from dynamo_rt.protocol import (
     TokenLogprob,
     encode,
 )
-from dynamo_rt.transport import ResponseStream, Transport
+from dynamo_rt.stream import ResponseStream
+from dynamo_rt.transport import Transport
 from frontend.chat_output import OutputPlan
 from frontend.metrics import FrontendMetrics, observe_many
 from frontend.models import ModelManager, ServedModel
@@ -153,8 +155,13 @@ class Dispatcher:
         decision = router.select(workers, prompt, sm.loads, pinned, block_hashes=hashes)
         self.metrics.router_overhead.observe(time.perf_counter() - t0)
 
+        stream: ResponseStream | None = None
+
         def done() -> None:
             router.on_request_finished(decision.worker_id, decision.request_blocks, decision.key)
+            if stream is not None and stream.undelivered and req.kv_transfer is not None:
+                # The decode worker was gone before the request reached it: nobody will take the pin over.
+                release_pin(self.transport, self.manager.view.namespace, req.kv_transfer)
 
         def first() -> None:
             router.on_first_token(decision.worker_id, decision.key)
@@ -356,6 +363,12 @@ def logprobs_json(p: Prepared, pre: Any, lps: list[TokenLogprob]) -> Any:
 Sink = asyncio.Queue[tuple[int, str, list[TokenLogprob] | None]]
 
 
+class Writer(Protocol):
+    """Writes a chunk of the response body now, from plain (non-async) code."""
+
+    def write(self, body: bytes) -> None: ...
+
+
 def _final_reason(frame: Final) -> str:
     reason = frame.finish_reason or "length"
     return reason if reason in ("stop", "length") else "stop"
@@ -373,9 +386,17 @@ async def run_choice(engine: Dispatcher, p: Prepared, prompt: list[int], index: 
 def _choice_done(q: asyncio.Queue[int], index: int, _task: asyncio.Future[Any]) -> None:
     q.put_nowait(index)  # the choice's task ended: the stream loop picks its index up
 
+Emit = Callable[[str, "list[TokenLogprob] | None"], None]
+
+
 async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res: ChoiceResult,
-                        ) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
-    """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends."""
+                        emit: Emit | None = None) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
+    """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends.
+
+    With ``emit`` (a plain function that writes a delta out at once), the deltas go to it instead and the
+    iterator yields nothing: the data frames are then taken straight from the NATS parser's call
+    (:meth:`ResponseStream.set_consumer`), detokenized and emitted there, so a token never wakes this task.
+    This task still opens the stream, migrates, and handles the final frame and errors."""
     from frontend.detok import OutputProcessor
 
     sm = p.model
@@ -392,18 +413,66 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
     t_start = last = time.perf_counter()
     attempt = 0
     excluded: set[str] = set()
+    stream: ResponseStream | None = None
+    first: Callable[[], None] | None = None
+    stopped = False  # a stop string ended the choice
+
+    def on_tokens(ids: list[int], lps: list[TokenLogprob] | None) -> tuple[str, list[TokenLogprob] | None]:
+        """One step of the choice: the text delta (and logprobs) of ``ids``; sets ``stopped``."""
+        nonlocal first, last, stopped
+        if first is not None:
+            first()
+            first = None
+        now = time.perf_counter()
+        if not res.token_ids:
+            mm.ttft.observe(now - t_start)
+        else:
+            gaps.append((now - last) / len(ids))
+            if len(gaps) >= 64:
+                observe_many(mm.itl, gaps)
+                gaps.clear()
+        last = now
+        if p.stop_strings and len(ids) > 1:
+            delta, reason, ids, lps = _process_each(proc, ids, lps)
+        else:
+            delta, reason = proc.process(ids)
+        res.token_ids.extend(ids)
+        if fault is not None and len(res.token_ids) >= fault:
+            raise RuntimeError(f"test fault ({TEST_FAULT_ENV}) after {len(res.token_ids)} tokens")
+        if lps and want_lp:
+            res.logprobs.extend(lps)
+        else:
+            lps = None
+        if delta:
+            res.text += delta
+        if reason is not None and isinstance(proc.stop_reason, str):
+            # A stop string matched: the worker keeps generating unless told to stop.
+            res.finish_reason = reason
+            res.completion_tokens = proc.num_tokens
+            stopped = True
+        return delta, lps
+
+    def consume(frame: Data) -> None:  # called by the NATS parser (emit mode)
+        delta, lps = on_tokens(frame.token_ids, frame.logprobs)
+        if delta or lps:
+            emit(delta, lps)  # type: ignore[misc]
+        if stopped and stream is not None:
+            stream.interrupt()
+
     sm.inflight += 1
     try:
         while True:
             base = len(res.token_ids)  # tokens produced by earlier attempts (migration)
             sub_id = f"{p.request_id}-{index}" + (f"-m{attempt}" if attempt else "")
             worker = ""
-            stream: ResponseStream | None = None
+            stream = None
             done: Callable[[], None] | None = None
-            first: Callable[[], None] | None = None
+            first = None
             try:
                 stream, done, worker, first = await engine.open(p, prompt + res.token_ids if base else prompt,
                                                                 sub_id, index, generated=base, exclude=excluded)
+                if emit is not None:
+                    stream.set_consumer(consume)
                 async for frame in stream:
                     final: Final | None = None
                     ids: list[int] = []
@@ -423,34 +492,13 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                             if nxt.logprobs:
                                 lps = (lps or []) + nxt.logprobs
                     if ids:
-                        if first is not None:
-                            first()
-                            first = None
-                        now = time.perf_counter()
-                        if not res.token_ids:
-                            mm.ttft.observe(now - t_start)
-                        else:
-                            gaps.append((now - last) / len(ids))
-                            if len(gaps) >= 64:
-                                observe_many(mm.itl, gaps)
-                                gaps.clear()
-                        last = now
-                        if p.stop_strings and len(ids) > 1:
-                            delta, reason, ids, lps = _process_each(proc, ids, lps)
-                        else:
-                            delta, reason = proc.process(ids)
-                        res.token_ids.extend(ids)
-                        if fault is not None and len(res.token_ids) >= fault:
-                            raise RuntimeError(f"test fault ({TEST_FAULT_ENV}) after {len(res.token_ids)} tokens")
-                        if lps and want_lp:
-                            res.logprobs.extend(lps)
-                        if delta or (lps and want_lp):
-                            res.text += delta
-                            yield delta, lps if want_lp else None
-                        if reason is not None and isinstance(proc.stop_reason, str):
-                            # A stop string matched: the worker keeps generating unless told to stop.
-                            res.finish_reason = reason
-                            res.completion_tokens = proc.num_tokens
+                        delta, lps = on_tokens(ids, lps)
+                        if delta or lps:
+                            if emit is not None:
+                                emit(delta, lps)
+                            else:
+                                yield delta, lps
+                        if stopped:
                             break
                     if final is not None:
                         res.completion_tokens = base + (final.completion_tokens or len(res.token_ids) - base)
@@ -460,10 +508,14 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                         tail = proc.finish(res.finish_reason)
                         if tail:
                             res.text += tail
-                            yield tail, None
+                            if emit is not None:
+                                emit(tail, None)
+                            else:
+                                yield tail, None
                         break
                 else:
-                    raise errors.Unavailable("worker stream ended without a final frame")
+                    if not stopped:  # (the consumer interrupts the iteration at a stop string)
+                        raise errors.Unavailable("worker stream ended without a final frame")
                 break
             except errors.DynamoError as exc:
                 if not _migratable(exc) or attempt >= engine.migration_limit:
@@ -511,8 +563,13 @@ def _migratable(exc: errors.DynamoError) -> bool:
     return exc.code in (errors.ErrorCode.UNAVAILABLE, errors.ErrorCode.INTERNAL)
 
 
-async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[bytes]:
-    """The SSE body of a streaming request: it ends with a finish_reason or an error event, then [DONE]."""
+async def stream_response(engine: Dispatcher, p: Prepared, direct: Writer | None = None) -> AsyncIterator[bytes]:
+    """The SSE body of a streaming request: it ends with a finish_reason or an error event, then [DONE].
+
+    With ``direct`` (a writer the caller provides once the response has started, see
+    :class:`frontend.app.DirectWriter`), a single plain choice's text chunks are written through it from the
+    NATS frame callback instead of being yielded; what is yielded (role, finish, usage, [DONE], errors) goes
+    out after them."""
     t = ChunkTemplates(p)
     pre = p.model.pre
     queue: Sink = asyncio.Queue()
@@ -528,6 +585,14 @@ async def stream_response(engine: Dispatcher, p: Prepared) -> AsyncIterator[byte
                 async for chunk in post.stream(t, 0, choice_events(engine, p, p.prompts[0], res),
                                                lambda lps: orjson.dumps(logprobs_json(p, pre, lps))):
                     yield chunk
+            elif direct is not None:
+                write = direct.write
+
+                def emit(text: str, lps: list[TokenLogprob] | None) -> None:
+                    write(t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None))
+
+                async for _ in choice_events(engine, p, p.prompts[0], res, emit):
+                    pass  # (nothing is yielded in emit mode)
             else:
                 async for text, lps in choice_events(engine, p, p.prompts[0], res):
                     yield t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None)

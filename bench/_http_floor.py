@@ -3,11 +3,13 @@ not a bench of its own): CPU per request of a bare ASGI app under uvicorn (httpt
 tokenizer, streaming the same SSE chunks as our frontend (role, N text events 18 ms apart, finish + usage +
 [DONE]) to the same load generator (64 clients, ``Connection: close``).
 
-Two ways to pace the events: ``task`` (the response's task sleeps between events and awaits ``send``, the
-shape of a frontend whose task wakes per token) and ``direct`` (a timer callback writes each event through
-:class:`frontend.sse.DirectWriter`, the shape of ours since issue #22). Each runs at N = 2 and N = 64; the
-difference gives the CPU per SSE event and the intercept the CPU per request (accept, parse, 3 writes, close).
-Run: ``PYTHONPATH=. .venv/bin/python bench/_http_floor.py [REQUESTS]``.
+Three servers: ``task`` (uvicorn; the response's task sleeps between events and awaits ``send``, the shape
+of a frontend whose task wakes per token), ``direct`` (uvicorn; a timer callback writes each event through
+:class:`frontend.sse.DirectWriter`) and ``raw`` (no ASGI: an ``asyncio.Protocol`` with httptools writes the
+chunk framing straight to the transport, the floor that frontend/http1.py, our builtin server, aims at).
+Each runs at N = 2 and N = 64; the difference gives the CPU per SSE event and the intercept the CPU per
+request (accept, parse, 3 writes, close).
+Run: ``PYTHONPATH=. [FLOOR_MODES=raw,direct] .venv/bin/python bench/_http_floor.py [REQUESTS]``.
 """
 
 from __future__ import annotations
@@ -73,8 +75,56 @@ def serve(port: int, n: int, mode: str) -> None:
         final = HEAD + b'""},"logprobs":null,"finish_reason":"length"}]}\n\n' + usage + b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": final, "more_body": False})
 
+    if mode == "raw":
+        uvloop.install()
+        asyncio.run(_raw_server(port, n))
+        return
     uvloop.install()
     uvicorn.run(app, host="127.0.0.1", port=port, http="httptools", log_level="warning", access_log=False)
+
+
+async def _raw_server(port: int, n: int) -> None:
+    """asyncio.Protocol + httptools, chunked framing written straight to the transport (no ASGI)."""
+    import httptools
+    import orjson
+
+    loop = asyncio.get_running_loop()
+    usage = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"tiny","choices":[],'
+             b'"usage":{"prompt_tokens":36,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (n, n + 36))
+    final = HEAD + b'""},"logprobs":null,"finish_reason":"length"}]}\n\n' + usage + b"data: [DONE]\n\n"
+
+    def chunk(b: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(b), b)
+
+    class P(asyncio.Protocol):
+        def connection_made(self, t: Any) -> None:
+            self.t = t
+            self.p = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.p.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            t = self.t
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                    + chunk(HEAD + b'""' + TAIL))
+            i = 0
+
+            def tick() -> None:
+                nonlocal i
+                t.write(chunk(HEAD + orjson.dumps(f"tok{i} ") + TAIL))
+                i += 1
+                if i < n:
+                    loop.call_later(ITL, tick)
+                else:
+                    t.write(chunk(final) + b"0\r\n\r\n")
+                    t.close()
+
+            loop.call_later(ITL, tick)
+
+    srv = await loop.create_server(P, "127.0.0.1", port, backlog=2048)
+    await srv.serve_forever()
 
 
 def main() -> None:
@@ -84,7 +134,7 @@ def main() -> None:
 
     requests = int(sys.argv[1]) if len(sys.argv) > 1 else 800
     res: dict[tuple[str, int], float] = {}
-    for mode in ("task", "direct"):
+    for mode in (os.environ.get("FLOOR_MODES") or "task,direct,raw").split(","):
         for n in (2, 64):
             port = free_port()
             p = subprocess.Popen([sys.executable, __file__, "serve", str(port), str(n), mode],

@@ -119,21 +119,36 @@ class _Admission:
             sem.release()
 
 
-def cancel_on_disconnect(receive: Receive, gone: Callable[[], None]) -> asyncio.Future[None]:
-    """Watch ``receive`` for the client's disconnect; then call ``gone`` and cancel the calling task (the
-    response in progress). Cancel the returned future when the response ends."""
+def cancel_on_disconnect(receive: Receive, gone: Callable[[], None]) -> Any:
+    """Watch for the client's disconnect; then call ``gone`` and cancel the calling task (the response in
+    progress). Call ``.cancel()`` on the returned object when the response ends. Our own server
+    (:mod:`frontend.http1`) calls back on disconnect; under another server a task waits on ``receive``."""
     task = asyncio.current_task()
+
+    def lost() -> None:
+        gone()
+        if task is not None:
+            task.cancel()
+
+    register = getattr(getattr(receive, "__self__", None), "on_disconnect", None)
+    if register is not None:
+        return _Unregister(register(lost))
 
     async def watch() -> None:
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                gone()
-                if task is not None:
-                    task.cancel()
+                lost()
                 return
 
     return asyncio.ensure_future(watch())
+
+
+class _Unregister:
+    __slots__ = ("cancel",)
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self.cancel = cancel
 
 
 class OpenAIResponse(Response):

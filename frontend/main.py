@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynamo_rt.config import Parser, add_runtime_flags, flag
 from dynamo_rt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from frontend.drain import Drain
 
 log = logging.getLogger("frontend")
 
@@ -63,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--drain-timeout", env="DYN_DRAIN_TIMEOUT", type=float, default=10.0,
          help="on SIGTERM / SIGINT: seconds the requests in flight get to finish (new ones get 503); the streams "
               "still running then end with an error event and [DONE]")
+    flag(p, "--http-server", env="DYN_HTTP_SERVER", default="builtin", choices=("builtin", "uvicorn"),
+         help="the HTTP/1.1 server: builtin (frontend/http1.py, the lean one: SSE chunks go straight to the "
+              "socket) or uvicorn (httptools); both serve the same app")
     flag(p, "--tool-call-parser", env="DYN_TOOL_CALL_PARSER", default=None,
          help="parse tool calls out of chat output in this format (overrides the model card's): "
               "hermes, qwen, llama3_json, mistral, deepseek_v3, pythonic")
@@ -174,8 +181,6 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from frontend.app import build_asgi
     from frontend.drain import Drain
 
@@ -189,41 +194,80 @@ async def serve(args: argparse.Namespace) -> None:
         sock = socket.socket(socket.AF_INET6 if ":" in args.http_host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.http_host, args.http_port))
+        sock.listen(4096)  # connections queue from here on, while the server below starts
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, loop="none", http="httptools", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10, backlog=4096,
-                                proxy_headers=False, server_header=False)
-        server = uvicorn.Server(config)
-        loop = asyncio.get_running_loop()
-        stopping: list[asyncio.Task[None]] = []
-
-        async def drain_then_exit() -> None:
-            left = await app.drain(args.drain_timeout)
-            log.info("drained: %d request(s) still running are ended now", left)
-            config.timeout_graceful_shutdown = 1  # then the server cancels them: an error event + [DONE] each
-            server.should_exit = True
-
-        def on_signal() -> None:
-            if stopping:  # a second signal: stop at once
-                config.timeout_graceful_shutdown = 1
-                server.should_exit = True
-            else:
-                stopping.append(loop.create_task(drain_then_exit()))
-
-        # uvicorn installs its own handlers while it serves (signal.signal, calling server.handle_exit): ours
-        # replaces that method, so a signal starts the drain instead of closing the listening socket at once.
-        def handle_exit(_sig: int, _frame: object) -> None:
-            loop.call_soon_threadsafe(on_signal)
-
-        server.handle_exit = handle_exit  # type: ignore[method-assign,assignment]
+        if args.http_server == "uvicorn":
+            serving = _uvicorn_server(app, sock, args.drain_timeout)
+        else:
+            serving = _builtin_server(app, sock, args.drain_timeout)
         from dynamo_rt.heap import freeze_startup_heap
         from dynamo_rt.transport import redact_servers
 
         freeze_startup_heap()
-        log.info("frontend listening on http://%s:%d (etcd %s, nats %s, namespace %s, router %s)",
+        log.info("frontend listening on http://%s:%d (etcd %s, nats %s, namespace %s, router %s, %s HTTP server)",
                  args.http_host, port, redact_servers(args.etcd_endpoints), redact_servers(args.nats_endpoints),
-                 args.namespace, args.router_mode)
-        await server.serve(sockets=[sock])
+                 args.namespace, args.router_mode, args.http_server)
+        await serving
+
+
+async def _builtin_server(app: Drain, sock: socket.socket, drain_timeout: float) -> None:
+    """frontend/http1.py until SIGTERM / SIGINT: then drain (new requests get 503 while the socket stays open),
+    and stop: what still runs gets 1 s, then is cancelled (an error event + [DONE] on each stream). A second
+    signal stops at once."""
+    from frontend.http1 import Server
+
+    loop = asyncio.get_running_loop()
+    server = Server(app, backlog=4096)
+    await server.start(sock)
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_then_exit(timeout: float) -> None:
+        left = await app.drain(timeout)
+        log.info("drained: %d request(s) still running are ended now", left)
+        await server.shutdown(grace=1.0)
+
+    def on_signal() -> None:
+        stopping.append(loop.create_task(drain_then_exit(0.0 if stopping else drain_timeout)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await server.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _uvicorn_server(app: Drain, sock: socket.socket, drain_timeout: float) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, loop="none", http="httptools", log_config=None, access_log=False,
+                            timeout_graceful_shutdown=10, backlog=4096,
+                            proxy_headers=False, server_header=False)
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_then_exit() -> None:
+        left = await app.drain(drain_timeout)
+        log.info("drained: %d request(s) still running are ended now", left)
+        config.timeout_graceful_shutdown = 1  # then the server cancels them: an error event + [DONE] each
+        server.should_exit = True
+
+    def on_signal() -> None:
+        if stopping:  # a second signal: stop at once
+            config.timeout_graceful_shutdown = 1
+            server.should_exit = True
+        else:
+            stopping.append(loop.create_task(drain_then_exit()))
+
+    # uvicorn installs its own handlers while it serves (signal.signal, calling server.handle_exit): ours
+    # replaces that method, so a signal starts the drain instead of closing the listening socket at once.
+    def handle_exit(_sig: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(on_signal)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign,assignment]
+    await server.serve(sockets=[sock])
 
 
 def run(args: argparse.Namespace) -> int:

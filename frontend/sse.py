@@ -29,9 +29,16 @@ stats = {"direct": 0, "deferred": 0}
 
 
 def writer_for(send: Callable[[Any], Awaitable[None]]) -> DirectWriter | None:
-    """A :class:`DirectWriter` over ``send`` when the server's ``send`` is known to finish without a task
-    (uvicorn's); None otherwise (then the response's task writes every chunk)."""
-    if not ENABLED or getattr(send, "__module__", None) not in _SYNC_SEND_MODULES:
+    """A writer for plain calls over a started response's ``send``: our own server's
+    (:meth:`frontend.http1.Request.writer`, straight to the transport), a :class:`DirectWriter` when the
+    server's ``send`` is known to finish without a task (uvicorn's); None otherwise (then the response's task
+    writes every chunk)."""
+    if not ENABLED:
+        return None
+    module = getattr(send, "__module__", None)
+    if module == "frontend.http1":
+        return send.__self__.writer()  # type: ignore[attr-defined,no-any-return]
+    if module not in _SYNC_SEND_MODULES:
         return None
     return DirectWriter(send)
 

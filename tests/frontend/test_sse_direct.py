@@ -2,7 +2,11 @@
 same bytes, in the same order, as the response task writes with it off (``DYN_SSE_DIRECT=0``). (A client
 that stops reading: tests/frontend/test_sse_writer.py.)
 
-Real etcd, NATS, one mocker worker, two frontend processes in one namespace: one direct, one not."""
+Also the same bytes whichever HTTP server carries them (frontend/http1.py, the builtin one, writes chunks
+straight to the transport; under uvicorn frontend.sse.DirectWriter steps its ``send``).
+
+Real etcd, NATS, one mocker worker, three frontend processes in one namespace: builtin server direct, builtin
+server through the task, uvicorn direct."""
 
 from __future__ import annotations
 
@@ -19,20 +23,23 @@ MODEL = "dynamo-tiny"
 
 
 @pytest.fixture(scope="module")
-def pair(etcd_server: Any, nats_server: Any) -> Iterator[tuple[Stack, Stack]]:
+def trio(etcd_server: Any, nats_server: Any) -> Iterator[tuple[Stack, Stack, Stack]]:
     direct = Stack(etcd_server.client_url, nats_server.url, "sse-direct")
     direct.add_worker("mocker", "agg", "--served-model-name", MODEL)
     direct.start_frontend()
     task = Stack(etcd_server.client_url, nats_server.url, "sse-direct")  # same namespace: the same worker
     task.env["DYN_SSE_DIRECT"] = "0"
     task.start_frontend()
+    uvi = Stack(etcd_server.client_url, nats_server.url, "sse-direct")
+    uvi.env["DYN_HTTP_SERVER"] = "uvicorn"
+    uvi.start_frontend()
     try:
-        direct.wait_ready(1)
-        task.wait_ready(1)
-        yield direct, task
+        for st in (direct, task, uvi):
+            st.wait_ready(1)
+        yield direct, task, uvi
     finally:
-        task.stop()
-        direct.stop()
+        for st in (uvi, task, direct):
+            st.stop()
 
 
 def events(text: str) -> list[Any]:
@@ -72,26 +79,32 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize("path,body", REQUESTS, ids=["chat-usage", "completion", "chat-logprobs", "seeded"])
-def test_direct_chunks_are_the_task_paths_bytes(pair: tuple[Stack, Stack], path: str, body: dict[str, Any]) -> None:
-    direct, task = pair
-    before = writes(direct, "direct")
+def test_direct_chunks_are_the_task_paths_bytes(trio: tuple[Stack, Stack, Stack], path: str,
+                                                 body: dict[str, Any]) -> None:
+    direct, task, uvi = trio
+    before, before_uvi = writes(direct, "direct"), writes(uvi, "direct")
     req = {"model": MODEL, "stream": True, **body}
     a = httpx.post(direct.url + path, json=req, timeout=60)
     b = httpx.post(task.url + path, json=req, timeout=60)
-    assert a.status_code == b.status_code == 200
+    c = httpx.post(uvi.url + path, json=req, timeout=60)
+    assert a.status_code == b.status_code == c.status_code == 200
+    for r in (a, b, c):
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert r.headers["transfer-encoding"] == "chunked"
     ea, eb = events(a.text), events(b.text)
-    assert ea == eb
+    assert ea == eb == events(c.text)
     assert ea[-1] == "[DONE]"
     text_chunks = sum(1 for e in ea[:-1] if e["choices"] and (
         e["choices"][0].get("text") or (e["choices"][0].get("delta") or {}).get("content")
         or e["choices"][0].get("logprobs")))
     # Every text chunk of the direct frontend's stream left from the frame callback; none of the other's.
     assert writes(direct, "direct") - before == text_chunks > 0
+    assert writes(uvi, "direct") - before_uvi == text_chunks
     assert writes(task, "direct") == 0
 
 
-def test_a_stop_string_ends_the_direct_stream_where_the_task_path_does(pair: tuple[Stack, Stack]) -> None:
-    direct, task = pair
+def test_a_stop_string_ends_the_direct_stream_where_the_task_path_does(trio: tuple[Stack, Stack, Stack]) -> None:
+    direct, task, uvi = trio
     req: dict[str, Any] = {"model": MODEL, "stream": True, "prompt": "stop test", "max_tokens": 60,
                            "ignore_eos": True}
     full = events(httpx.post(direct.url + "/v1/completions", json=req, timeout=60).text)
@@ -100,7 +113,8 @@ def test_a_stop_string_ends_the_direct_stream_where_the_task_path_does(pair: tup
     assert stop and text.index(stop) > 0
     a = events(httpx.post(direct.url + "/v1/completions", json={**req, "stop": [stop]}, timeout=60).text)
     b = events(httpx.post(task.url + "/v1/completions", json={**req, "stop": [stop]}, timeout=60).text)
-    assert a == b
+    c = events(httpx.post(uvi.url + "/v1/completions", json={**req, "stop": [stop]}, timeout=60).text)
+    assert a == b == c
     got = "".join(e["choices"][0]["text"] for e in a[:-1] if e["choices"])
     assert got == text[:text.index(stop)]
     assert a[-2]["choices"][0]["finish_reason"] == "stop" and a[-1] == "[DONE]"

@@ -301,6 +301,16 @@ class Preprocessor:
         ) - 1
         self.context_length: int = self._context_length(config, model_config)  # 0: unknown
 
+        # Each token id's bytes, for streaming detokenization by table lookup (frontend/detok.py); None when
+        # the tokenizer's decoder is not plain byte-level BPE (then tokenizers' DecodeStream streams).
+        self.token_bytes: list[bytes] | None = byte_level_tokens(self.tokenizer)
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+        # ... with the special ids' bytes empty: for skip_special_tokens
+        self.token_bytes_skipping: list[bytes] | None = None if self.token_bytes is None else [
+            b"" if i in self.special_ids else b for i, b in enumerate(self.token_bytes)]
+        # tokenizers >= 0.21: the same ids without offsets (~10 us less for a 40-token chat prompt, 2-core box).
+        self._encode_fast: Any = getattr(self.tokenizer, "encode_batch_fast", None)
         self._pieces = _PieceCache(SEGMENT_CACHE_CHARS)
         self._splitter: re.Pattern[str] | None = None
         self._split_ids: dict[str, int] = {}
@@ -491,7 +501,8 @@ class Preprocessor:
                 if got is None:
                     todo.append(i)
         if todo:
-            encs = self.tokenizer.encode_batch([parts[i] for i in todo], add_special_tokens=False)
+            batch = self._encode_fast or self.tokenizer.encode_batch
+            encs = batch([parts[i] for i in todo], add_special_tokens=False)
             for i, enc in zip(todo, encs, strict=True):
                 ids = enc.ids
                 ids_of[i] = ids
@@ -507,9 +518,14 @@ class Preprocessor:
         # encode_batch releases the GIL while the Rust side works (encode holds it): for a long text, other
         # threads (the event loop, when this runs in a worker thread) keep running. Same ids either way.
         if len(text) >= LONG_TEXT_CHARS:
-            long_ids: list[int] = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+            batch = self._encode_fast or self.tokenizer.encode_batch
+            long_ids: list[int] = batch([text], add_special_tokens=add_special_tokens)[0].ids
             return long_ids
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        fast = self._encode_fast
+        if fast is not None:
+            ids: list[int] = fast([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
     # ------------------------------------------------------------------------------------------ text
@@ -524,7 +540,7 @@ class Preprocessor:
 
     def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode_prompt` for several prompts in one call (the Rust side runs them in parallel)."""
-        out = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        out = [e.ids for e in (self._encode_fast or self.tokenizer.encode_batch)(list(texts), add_special_tokens=True)]
         if any(not ids for ids in out):
             raise InvalidRequest("prompt is empty", param="prompt")
         return out
@@ -541,3 +557,47 @@ class Preprocessor:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text: str = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    out = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def byte_level_tokens(tok: Tokenizer, check: int = 2048) -> list[bytes] | None:
+    """The bytes of every token id (``b""`` for ids with no token), as tokenizers' ``ByteLevel`` decoder
+    produces them: each character of the token mapped back to its byte, or, when one of its characters is
+    not a byte character (an added token such as ``<|im_end|>``), the token's own UTF-8. Then the text of
+    any ids is the UTF-8 decode of their bytes joined, which streams without re-decoding a window.
+
+    None unless the decoder is exactly ``ByteLevel``; also None (with a warning) if a spot check of
+    ``check`` ids against ``tok.decode`` disagrees, so a tokenizer this misreads keeps the slow path."""
+    if type(tok.decoder).__name__ != "ByteLevel":
+        return None
+    chars = _byte_chars()
+    to_latin1 = str.maketrans({c: chr(b) for b, c in chars.items()})
+    drop_mapped = str.maketrans(dict.fromkeys(chars.values()))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values(), default=-1) + 1)
+    for token, i in vocab.items():
+        if token.translate(drop_mapped):  # a character outside the byte map: the token's own text
+            table[i] = token.encode("utf-8")
+        else:
+            table[i] = token.translate(to_latin1).encode("latin-1")
+    step = max(1, len(table) // check)
+    probe = {*range(0, len(table), step), *tok.get_added_tokens_decoder()}
+    for i in sorted(probe):
+        want = tok.decode([i], skip_special_tokens=False)
+        if table[i].decode("utf-8", "replace") != want:
+            log.warning("byte-level token table disagrees with the tokenizer at id %d (%r vs %r): streaming "
+                        "detokenization stays on DecodeStream", i, table[i], want)
+            return None
+    return table

@@ -17,10 +17,11 @@ from frontend.openai_protocol import parse_chat, resolve_max_tokens, to_sampling
 from frontend.preprocess import Preprocessor
 from tests.frontend import build_chatml, build_llama3, tokenizer_dir
 
-# Both implementations: tokenizers' DecodeStream (Rust) and the Python window, which is the fallback.
-PATHS = [pytest.param(True, id="decodestream"), pytest.param(False, id="python")]
+# The three implementations: the byte table (byte-level tokenizers, what the frontend uses for them),
+# tokenizers' DecodeStream (Rust; other tokenizers) and the Python window, which is the last fallback.
+PATHS = ["table", "decodestream", "python"]
 if not HAVE_DECODE_STREAM:
-    PATHS = PATHS[1:]
+    PATHS.remove("decodestream")
 
 TEXTS = [
     "Café naïve crème brûlée, Zürich and smörgåsbord: déjà vu!",
@@ -44,6 +45,20 @@ def pre(kind: str) -> Preprocessor:
 
 
 KINDS = ["tiny", "chatml", "llama3"]
+
+
+def make(p: Preprocessor, path: str, prompt: Sequence[int] = (), skip_special_tokens: bool = True
+         ) -> IncrementalDetokenizer:
+    if path == "table":
+        table = p.token_bytes_skipping if skip_special_tokens else p.token_bytes
+        assert table is not None  # every fixture tokenizer is byte-level
+        return IncrementalDetokenizer(p.tokenizer, prompt, skip_special_tokens, table=table)
+    return IncrementalDetokenizer(p.tokenizer, prompt, skip_special_tokens, use_decode_stream=path == "decodestream")
+
+
+def processor_path(path: str) -> bool | None:
+    """OutputProcessor's use_decode_stream for a path: None picks the table for a byte-level tokenizer."""
+    return None if path == "table" else path == "decodestream"
 
 
 def stream(
@@ -84,37 +99,37 @@ def test_fixtures_split_characters_over_tokens(kind: str) -> None:
     assert sum("\ufffd" in p.decode([i]) for i in ids) >= 3
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("text", TEXTS)
-def test_stream_one_token_at_a_time(kind: str, text: str, use_ds: bool) -> None:
+def test_stream_one_token_at_a_time(kind: str, text: str, path: str) -> None:
     p = pre(kind)
     ids = p.tokenizer.encode(text, add_special_tokens=False).ids
-    pieces = stream(IncrementalDetokenizer(p.tokenizer, use_decode_stream=use_ds), ids)
+    pieces = stream(make(p, path), ids)
     assert "".join(pieces) == p.decode(ids) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert pieces[-1] == ""  # nothing left for flush: the text ends on a whole character
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_stream_random_chunks(kind: str, use_ds: bool) -> None:
+def test_stream_random_chunks(kind: str, path: str) -> None:
     p = pre(kind)
     rng = random.Random(1)
     for text in TEXTS:
         ids = p.tokenizer.encode(text, add_special_tokens=False).ids
         for _ in range(10):
-            detok = IncrementalDetokenizer(p.tokenizer, use_decode_stream=use_ds)
+            detok = make(p, path)
             pieces = stream(detok, ids, random_chunks(rng, len(ids)))
             assert "".join(pieces) == text
             assert not any("\ufffd" in piece for piece in pieces)
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
-def test_character_is_held_until_complete(use_ds: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_character_is_held_until_complete(path: str) -> None:
     p = pre("chatml")
     ids = p.tokenizer.encode(" 😀👍🏽", add_special_tokens=False).ids
-    detok = IncrementalDetokenizer(p.tokenizer, use_decode_stream=use_ds)
+    detok = make(p, path)
     out = []
     for k, i in enumerate(ids):
         piece = detok.push([i])
@@ -125,65 +140,86 @@ def test_character_is_held_until_complete(use_ds: bool) -> None:
     assert "".join(out) + detok.flush() == " 😀👍🏽"
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
-def test_flush_of_an_unfinished_character(use_ds: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_flush_of_an_unfinished_character(path: str) -> None:
     p = pre("chatml")
     ids, cut = cut_inside_char(p)
-    detok = IncrementalDetokenizer(p.tokenizer, use_decode_stream=use_ds)
+    detok = make(p, path)
     pieces = [detok.push(ids[:cut]), detok.flush()]
     assert "".join(pieces) == p.decode(ids[:cut])  # the full decode shows U+FFFD too
     assert pieces[-1].endswith("\ufffd")
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_prompt_tail_context(kind: str, use_ds: bool) -> None:
+def test_prompt_tail_context(kind: str, path: str) -> None:
     p = pre(kind)
     prompt = p.encode_chat([{"role": "user", "content": "Hi 日本"}])
     for text in TEXTS:
         ids = p.tokenizer.encode(text, add_special_tokens=False).ids
-        pieces = stream(IncrementalDetokenizer(p.tokenizer, prompt, use_decode_stream=use_ds), ids)
+        pieces = stream(make(p, path, prompt), ids)
         assert "".join(pieces) == text
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
-def test_prompt_tail_ending_inside_a_character(use_ds: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_prompt_tail_ending_inside_a_character(path: str) -> None:
     # A raw token-id prompt can stop in the middle of a character; its bytes must not glue onto the output.
     p = pre("chatml")
     ids, cut = cut_inside_char(p)
     gen = p.tokenizer.encode("boats 日本", add_special_tokens=False).ids
-    pieces = stream(IncrementalDetokenizer(p.tokenizer, ids[:cut], use_decode_stream=use_ds), gen)
+    pieces = stream(make(p, path, ids[:cut]), gen)
     assert "".join(pieces) == p.decode(gen)
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
-def test_special_tokens(use_ds: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_special_tokens(path: str) -> None:
     p = pre("tiny")
     ids = p.tokenizer.encode("<|im_start|>assistant\nhi <think>x</think> there<|im_end|>",
                              add_special_tokens=False).ids
-    skip = "".join(stream(IncrementalDetokenizer(p.tokenizer, use_decode_stream=use_ds), ids))
-    keep = "".join(stream(IncrementalDetokenizer(p.tokenizer, skip_special_tokens=False,
-                                                 use_decode_stream=use_ds), ids))
+    skip = "".join(stream(make(p, path), ids))
+    keep = "".join(stream(make(p, path, skip_special_tokens=False), ids))
     assert skip == p.decode(ids) == "assistant\nhi <think>x</think> there"
     assert keep == p.decode(ids, skip_special_tokens=False)
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_random_ids_stream_equals_decode(use_ds: bool, data: st.DataObject) -> None:
+def test_random_ids_stream_equals_decode(path: str, data: st.DataObject) -> None:
     # Random ids (what a random-weight model emits) make invalid UTF-8 and special tokens in any order.
     kind = data.draw(st.sampled_from(KINDS))
     p = pre(kind)
     ids = data.draw(st.lists(st.integers(0, p.vocab_size - 1), max_size=40))
     chunks = data.draw(st.lists(st.integers(1, 6), max_size=40))
     skip = data.draw(st.booleans())
-    detok = IncrementalDetokenizer(p.tokenizer, skip_special_tokens=skip, use_decode_stream=use_ds)
+    detok = make(p, path, skip_special_tokens=skip)
     pieces = stream(detok, ids, chunks)
     full = p.decode(ids, skip_special_tokens=skip)
     assert "".join(pieces) == full
     if "\ufffd" not in full:
         assert not any("\ufffd" in piece for piece in pieces)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_table_emits_what_decodestream_emits_push_by_push(data: st.DataObject) -> None:
+    """The byte table is a faster DecodeStream for byte-level tokenizers: the same text out of every push."""
+    if not HAVE_DECODE_STREAM:
+        pytest.skip("tokenizers has no DecodeStream")
+    p = pre(data.draw(st.sampled_from(KINDS)))
+    ids = data.draw(st.lists(st.integers(0, p.vocab_size - 1), max_size=40))
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=40))
+    skip = data.draw(st.booleans())
+    assert stream(make(p, "table", skip_special_tokens=skip), ids, chunks) == stream(
+        make(p, "decodestream", skip_special_tokens=skip), ids, chunks)
+
+
+def test_the_frontend_streams_byte_level_tokenizers_by_table() -> None:
+    for kind in KINDS:
+        p = pre(kind)
+        proc = OutputProcessor(p)
+        assert proc._detok._table is p.token_bytes_skipping is not None
+        assert OutputProcessor(p, skip_special_tokens=False)._detok._table is p.token_bytes
 
 
 # --------------------------------------------------------------------------------------------- stop strings
@@ -313,13 +349,13 @@ def encode(p: Preprocessor, text: str) -> list[int]:
     return list(p.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
-def test_processor_stop_string_over_tokens(use_ds: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_processor_stop_string_over_tokens(path: str) -> None:
     p = pre("chatml")
     ids = encode(p, "The boats 日本 came back. STOP here and more")
     rng = random.Random(3)
     for chunks in [[], *[random_chunks(rng, len(ids)) for _ in range(10)]]:
-        proc = OutputProcessor(p, ["STOP"], use_decode_stream=use_ds)
+        proc = OutputProcessor(p, ["STOP"], use_decode_stream=processor_path(path))
         assert run_processor(proc, ids, chunks) == ("The boats 日本 came back. ", "stop")
         assert proc.stop_reason == "STOP"
         assert proc.process(ids[:2]) == ("", None)  # reported once
@@ -402,10 +438,10 @@ def test_processor_for_request() -> None:
     assert run_processor(proc, ids, [3, 3, 3, 3, 3]) == ("The fishing ", "stop")
 
 
-@pytest.mark.parametrize("use_ds", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_processor_matches_reference(use_ds: bool, data: st.DataObject) -> None:
+def test_processor_matches_reference(path: str, data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(KINDS))
     p = pre(kind)
     words = ["the", " boats", " 日本", " 😀", "é", " END", "EN", "D", " café", "\n\n", " 👍🏽", "##"]
@@ -414,7 +450,7 @@ def test_processor_matches_reference(use_ds: bool, data: st.DataObject) -> None:
     include = data.draw(st.booleans())
     ids = encode(p, text)
     chunks = data.draw(st.lists(st.integers(1, 5), max_size=30))
-    proc = OutputProcessor(p, stops, include_stop_str_in_output=include, use_decode_stream=use_ds)
+    proc = OutputProcessor(p, stops, include_stop_str_in_output=include, use_decode_stream=processor_path(path))
     got, reason = run_processor(proc, ids, chunks)
     want, stop = stop_reference(p.decode(ids), stops, include)
     assert got == want

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -325,17 +326,38 @@ class Frontend:
         """The request body, refused (413) as soon as it is known to be over the limit: by its Content-Length
         before a byte is read, else while reading, so an oversized body is never buffered whole."""
         limit = self.cfg.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise errors.DynamoError(f"request body of {int(declared)} bytes is over the limit of {limit}",
-                                     code=errors.ErrorCode.TOO_LARGE)
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise errors.DynamoError(f"request body of more than {limit} bytes is over the limit of {limit}",
-                                         code=errors.ErrorCode.TOO_LARGE)
-        return bytes(buf)
+        for name, value in request.scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    raise errors.DynamoError(f"request body of {int(value)} bytes is over the limit of {limit}",
+                                             code=errors.ErrorCode.TOO_LARGE)
+                break
+        cached = getattr(request, "_body", None)  # read already (starlette caches it)
+        if cached is not None:
+            return bytes(cached)
+        # ASGI receive() directly: the body is usually one message (no async generator, no Headers object).
+        receive = request.receive
+        body = b""
+        parts: list[bytes] | None = None
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise errors.DynamoError(f"request body of more than {limit} bytes is over the limit of "
+                                             f"{limit}", code=errors.ErrorCode.TOO_LARGE)
+                if not body:
+                    body = chunk
+                else:
+                    if parts is None:
+                        parts = [body]
+                    parts.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(parts) if parts is not None else bytes(body)
 
     async def handle(self, kind: str, request: Request) -> Response:
         endpoint = "chat" if kind == "chat" else "completions"
@@ -464,6 +486,9 @@ class FastPath:
             return
         try:
             resp = await self.fe.handle(kind, Request(scope, receive))
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            self.fe.metrics.requests.labels(kind if kind == "chat" else "completions", "499").inc()
+            return
         except Exception as exc:  # the same mapping as the app's catch-all handler
             log.exception("unhandled error")
             resp = error_response(errors.internal(exc))

@@ -255,6 +255,7 @@ class OutputProcessor:
         "_eos",
         "_max_tokens",
         "_min_tokens",
+        "_plain",
         "_stop_ids",
         "_stops",
         "finish_reason",
@@ -294,6 +295,7 @@ class OutputProcessor:
             tok, prompt_ids[-PROMPT_TAIL:], skip_special_tokens, use_decode_stream=use_decode_stream, table=table
         )
         self._stops = StopChecker(stop_strings, include_stop_str_in_output)
+        self._plain = not self._stops.active  # no stop strings to look for
         self._min_tokens = min_tokens
         self._max_tokens = max_tokens if max_tokens and max_tokens > 0 else None
         self.num_tokens = 0
@@ -332,6 +334,11 @@ class OutputProcessor:
         if self.finish_reason is not None or not token_ids:
             return "", None
         n0 = self.num_tokens
+        # The common step: under max_tokens, no stop id, no stop strings: the text of the ids, as below.
+        if self._plain and (self._max_tokens is None or n0 + len(token_ids) < self._max_tokens) \
+                and self._any_stop.isdisjoint(token_ids):
+            self.num_tokens = n0 + len(token_ids)
+            return self._detok.push(token_ids), None
         ids = token_ids
         reason: str | None = None
         # Ids past max_tokens are not looked at (the worker stops there too).

@@ -267,6 +267,18 @@ class Writer:
         else:
             self.direct += 1
 
+    def write3(self, a: bytes, b: bytes, c: bytes) -> None:
+        """``write(a + b + c)``, framed in one step."""
+        req = self._req
+        conn = req._conn
+        if conn.closed or req.complete:
+            return
+        req._write(b"%x\r\n%b%b%b\r\n" % (len(a) + len(b) + len(c), a, b, c))
+        if conn.write_paused:
+            self.deferred += 1
+        else:
+            self.direct += 1
+
     async def drain(self) -> None:
         conn = self._req._conn
         if conn.write_paused and not conn.closed:

@@ -298,6 +298,13 @@ class ChunkTemplates:
         self.usage_head = head.split(b',"choices":[')[0] + b',"choices":[],"usage":'
         self.chat = p.kind == "chat"
 
+    def text_parts(self, index: int) -> tuple[bytes, bytes]:
+        """What goes before and after the JSON string of a text delta without logprobs (the token path)."""
+        head = self.head + str(index).encode()
+        if self.chat:
+            return head + b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        return head + b',"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
+
     def content(self, index: int, text: str, logprobs: bytes | None = None, role: bool = False) -> bytes:
         lp = b"null" if logprobs is None else logprobs
         if self.chat:
@@ -368,6 +375,8 @@ class Writer(Protocol):
 
     def write(self, body: bytes) -> None: ...
 
+    def write3(self, a: bytes, b: bytes, c: bytes) -> None: ...  # write(a + b + c), maybe framed in one step
+
 
 def _final_reason(frame: Final) -> str:
     reason = frame.finish_reason or "length"
@@ -406,6 +415,7 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                            skip_special_tokens=p.skip_special_tokens,
                            include_stop_str_in_output=p.include_stop_str)
     want_lp = p.logprobs is not None
+    keep_text = not p.stream  # a streamed choice's text goes out chunk by chunk; only complete() reads it whole
     fault = engine.test_fault_after_tokens
     m = engine.metrics
     mm = m.model(sm.name)
@@ -443,7 +453,7 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
             res.logprobs.extend(lps)
         else:
             lps = None
-        if delta:
+        if delta and keep_text:
             res.text += delta
         if reason is not None and isinstance(proc.stop_reason, str):
             # A stop string matched: the worker keeps generating unless told to stop.
@@ -507,7 +517,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
                         res.finish_reason = _final_reason(final)
                         tail = proc.finish(res.finish_reason)
                         if tail:
-                            res.text += tail
+                            if keep_text:
+                                res.text += tail
                             if emit is not None:
                                 emit(tail, None)
                             else:
@@ -586,10 +597,14 @@ async def stream_response(engine: Dispatcher, p: Prepared, direct: Writer | None
                                                lambda lps: orjson.dumps(logprobs_json(p, pre, lps))):
                     yield chunk
             elif direct is not None:
-                write = direct.write
+                write, write3 = direct.write, direct.write3
+                before, after = t.text_parts(0)
 
                 def emit(text: str, lps: list[TokenLogprob] | None) -> None:
-                    write(t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps)) if lps else None))
+                    if lps:
+                        write(t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps))))
+                    else:
+                        write3(before, _js(text), after)
 
                 async for _ in choice_events(engine, p, p.prompts[0], res, emit):
                     pass  # (nothing is yielded in emit mode)

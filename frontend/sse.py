@@ -74,6 +74,10 @@ class DirectWriter:
         self.deferred += 1
         self._task = asyncio.ensure_future(self._finish(coro, waiting))
 
+    def write3(self, a: bytes, b: bytes, c: bytes) -> None:
+        """``write(a + b + c)``."""
+        self.write(a + b + c)
+
     async def _finish(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
         try:
             await _Resume(coro, waiting)

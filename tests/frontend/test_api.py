@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import httpx
@@ -208,6 +209,27 @@ def test_unknown_route_and_body_too_large(stack: Stack) -> None:
     assert_error(httpx.get(stack.url + "/v1/nothing"), 404)
     big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]})
     assert_error(post(stack, "/v1/chat/completions", big), 413)
+
+
+def test_a_client_gone_while_sending_its_body_is_counted_not_logged_as_a_bug(stack: Stack) -> None:
+    """Half a body, then the connection closes: no answer is owed; the frontend counts a 499 and logs no
+    traceback (it used to map the disconnect to an internal error)."""
+    import socket
+
+    before = stack.metric("dynamo_frontend_requests_total")
+    s = socket.create_connection(("127.0.0.1", stack.port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: 1000\r\n\r\n{\"model\": ")
+    time.sleep(0.2)
+    s.close()
+    deadline = time.monotonic() + 5
+    while stack.metric("dynamo_frontend_requests_total") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with urllib.request.urlopen(stack.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'dynamo_frontend_requests_total{endpoint="chat",status="499"}' in text
+    assert stack.metric("dynamo_frontend_requests_total") == before + 1
+    assert stack.frontend is not None and "Traceback" not in stack.frontend.output()
 
 
 def test_client_disconnect_cancels_worker_request(stack: Stack, nats_server: object) -> None:

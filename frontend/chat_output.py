@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from dynamo_rt.protocol import ModelCard, TokenLogprob
     from frontend.metrics import FrontendMetrics
     from frontend.openai_protocol import ChatCompletionRequest
-    from frontend.serving import ChunkTemplates
+    from frontend.sse import ChunkTemplates
 
 __all__ = ["ChoiceOutput", "OutputPlan", "plan"]
 
@@ -141,7 +141,7 @@ def new_call_id() -> str:
 
 def _dumps(obj: Any) -> bytes:
     out = orjson.dumps(obj)
-    # As serving._js: U+0085 / U+2028 / U+2029 escaped, for clients that split lines on them.
+    # As sse.js: U+0085 / U+2028 / U+2029 escaped, for clients that split lines on them.
     if b"\xc2\x85" in out or b"\xe2\x80" in out:
         out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
             b"\xe2\x80\xa9", b"\\u2029")

@@ -327,7 +327,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # an Upgrade (h2c, websocket) is ignored: the request is answered over HTTP/1.1
         except httptools.HttpParserError as exc:  # our callbacks' exceptions come wrapped in it
-            if isinstance(exc.__context__, _TooLarge) or self._header_bytes > MAX_HEADER_BYTES:
+            if isinstance(exc.__context__, _UpgradeWithBody):
+                self._reject(400, "protocol upgrade is not supported on a request with a body")
+            elif isinstance(exc.__context__, _TooLarge) or self._header_bytes > MAX_HEADER_BYTES:
                 self._reject(431, f"the request's header block is over the limit of {MAX_HEADER_BYTES} bytes")
             else:
                 self._reject(400, f"invalid HTTP request: {exc}")
@@ -397,7 +399,16 @@ class _Connection(asyncio.Protocol):
                  "path": unquote(raw_path.decode("ascii")) if b"%" in raw_path else raw_path.decode("ascii"),
                  "raw_path": raw_path, "query_string": url.query or b"", "headers": self._headers, "state": {},
                  "extensions": {}}
-        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in self._headers)
+        expect = False
+        for n, v in self._headers:
+            if n == b"expect":
+                expect = v.lower() == b"100-continue"
+            elif n == b"upgrade" and parser.should_upgrade() and any(
+                    (h == b"content-length" and x.strip() != b"0") or h == b"transfer-encoding"
+                    for h, x in self._headers):
+                # The parser hands what follows an Upgrade request's head over as upgrade data: its body
+                # would never reach the app.
+                raise _UpgradeWithBody
         req = Request(self, scope, parser.should_keep_alive() and not self.server.stopping, expect)
         self._parsing = req
         if self.current is None:
@@ -496,6 +507,10 @@ class _Connection(asyncio.Protocol):
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _UpgradeWithBody(Exception):
     pass
 
 

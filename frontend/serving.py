@@ -37,6 +37,7 @@ from frontend.chat_output import OutputPlan
 from frontend.metrics import FrontendMetrics, observe_many
 from frontend.models import ModelManager, ServedModel
 from frontend.pins import call_stoppable, release_pin, stop_prefill
+from frontend.sse import ChunkTemplates, js
 
 log = logging.getLogger(__name__)
 
@@ -272,57 +273,6 @@ def new_request_id(kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- SSE
-
-
-def _js(text: str) -> bytes:
-    """JSON string of ``text`` safe for line-splitting SSE clients: U+0085, U+2028 and U+2029 are escaped
-    (valid raw in JSON, but some clients split lines on them)."""
-    out = orjson.dumps(text)
-    if b"\xc2\x85" in out or b"\xe2\x80" in out:
-        out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
-            b"\xe2\x80\xa9", b"\\u2029")
-    return out
-
-
-class ChunkTemplates:
-    """Byte templates of one request's SSE chunks: only the text delta is serialized per chunk."""
-
-    def __init__(self, p: Prepared) -> None:
-        head = (
-            b'data: {"id":"' + p.request_id.encode() + b'","object":"'
-            + (b"chat.completion.chunk" if p.kind == "chat" else b"text_completion")
-            + b'","created":' + str(p.created).encode() + b',"model":' + orjson.dumps(p.model.name)
-            + b',"choices":[{"index":'
-        )
-        self.head = head
-        self.usage_head = head.split(b',"choices":[')[0] + b',"choices":[],"usage":'
-        self.chat = p.kind == "chat"
-
-    def text_parts(self, index: int) -> tuple[bytes, bytes]:
-        """What goes before and after the JSON string of a text delta without logprobs (the token path)."""
-        head = self.head + str(index).encode()
-        if self.chat:
-            return head + b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        return head + b',"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
-
-    def content(self, index: int, text: str, logprobs: bytes | None = None, role: bool = False) -> bytes:
-        lp = b"null" if logprobs is None else logprobs
-        if self.chat:
-            delta = b'{"role":"assistant","content":' if role else b'{"content":'
-            return (self.head + str(index).encode() + b',"delta":' + delta + _js(text)
-                    + b'},"logprobs":' + lp + b',"finish_reason":null}]}\n\n')
-        return (self.head + str(index).encode() + b',"text":' + _js(text) + b',"logprobs":' + lp
-                + b',"finish_reason":null}]}\n\n')
-
-    def finish(self, index: int, reason: str) -> bytes:
-        if self.chat:
-            return (self.head + str(index).encode() + b',"delta":{},"logprobs":null,"finish_reason":"'
-                    + reason.encode() + b'"}]}\n\n')
-        return (self.head + str(index).encode() + b',"text":"","logprobs":null,"finish_reason":"'
-                + reason.encode() + b'"}]}\n\n')
-
-    def usage(self, usage: dict[str, Any]) -> bytes:
-        return self.usage_head + orjson.dumps(usage) + b"}\n\n"
 
 
 def error_event(exc: errors.DynamoError) -> bytes:
@@ -604,7 +554,7 @@ async def stream_response(engine: Dispatcher, p: Prepared, direct: Writer | None
                     if lps:
                         write(t.content(0, text, orjson.dumps(logprobs_json(p, pre, lps))))
                     else:
-                        write3(before, _js(text), after)
+                        write3(before, js(text), after)
 
                 async for _ in choice_events(engine, p, p.prompts[0], res, emit):
                     pass  # (nothing is yielded in emit mode)

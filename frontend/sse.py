@@ -1,4 +1,5 @@
-"""SSE chunks written from plain function calls: the token path without a task wake-up per token.
+"""SSE chunks: their byte templates (:class:`ChunkTemplates`, only the text delta serialized per chunk), and
+writing them from plain function calls, the token path without a task wake-up per token.
 
 A streamed token reaches the frontend as one NATS message. Handed to the response's task, it costs a task
 wake-up and a walk back through the response's generators before ``await send(...)`` writes it. Instead, the
@@ -17,7 +18,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from frontend.serving import Prepared
 
 # DYN_SSE_DIRECT=0 turns it off (every chunk then goes through the response's task: the slower path, kept as
 # the fallback for other servers; the tests compare the two byte for byte).
@@ -135,3 +141,57 @@ class _Resume:
                     waiting = coro.send(sent)
                 except StopIteration:
                     return
+
+
+# ---------------------------------------------------------------------------------------------- chunks
+
+
+def js(text: str) -> bytes:
+    """JSON string of ``text`` safe for line-splitting SSE clients: U+0085, U+2028 and U+2029 are escaped
+    (valid raw in JSON, but some clients split lines on them)."""
+    out = orjson.dumps(text)
+    if b"\xc2\x85" in out or b"\xe2\x80" in out:
+        out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
+            b"\xe2\x80\xa9", b"\\u2029")
+    return out
+
+
+class ChunkTemplates:
+    """Byte templates of one request's SSE chunks: only the text delta is serialized per chunk."""
+
+    def __init__(self, p: Prepared) -> None:
+        head = (
+            b'data: {"id":"' + p.request_id.encode() + b'","object":"'
+            + (b"chat.completion.chunk" if p.kind == "chat" else b"text_completion")
+            + b'","created":' + str(p.created).encode() + b',"model":' + orjson.dumps(p.model.name)
+            + b',"choices":[{"index":'
+        )
+        self.head = head
+        self.usage_head = head.split(b',"choices":[')[0] + b',"choices":[],"usage":'
+        self.chat = p.kind == "chat"
+
+    def text_parts(self, index: int) -> tuple[bytes, bytes]:
+        """What goes before and after the JSON string of a text delta without logprobs (the token path)."""
+        head = self.head + str(index).encode()
+        if self.chat:
+            return head + b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        return head + b',"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def content(self, index: int, text: str, logprobs: bytes | None = None, role: bool = False) -> bytes:
+        lp = b"null" if logprobs is None else logprobs
+        if self.chat:
+            delta = b'{"role":"assistant","content":' if role else b'{"content":'
+            return (self.head + str(index).encode() + b',"delta":' + delta + js(text)
+                    + b'},"logprobs":' + lp + b',"finish_reason":null}]}\n\n')
+        return (self.head + str(index).encode() + b',"text":' + js(text) + b',"logprobs":' + lp
+                + b',"finish_reason":null}]}\n\n')
+
+    def finish(self, index: int, reason: str) -> bytes:
+        if self.chat:
+            return (self.head + str(index).encode() + b',"delta":{},"logprobs":null,"finish_reason":"'
+                    + reason.encode() + b'"}]}\n\n')
+        return (self.head + str(index).encode() + b',"text":"","logprobs":null,"finish_reason":"'
+                + reason.encode() + b'"}]}\n\n')
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return self.usage_head + orjson.dumps(usage) + b"}\n\n"

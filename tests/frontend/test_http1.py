@@ -283,3 +283,20 @@ async def _shutdown_cancels_a_stream_in_flight_which_still_ends_with_its_tail() 
                    + chunked(b"data: first\n\n", b"data: error\n\ndata: [DONE]\n\n"))
     with pytest.raises(OSError):  # the listening socket is closed
         await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+
+
+def test_an_upgrade_request_is_answered_over_http11_unless_it_has_a_body() -> None:
+    arun(_an_upgrade_request_is_answered_over_http11(), 30)
+
+
+async def _an_upgrade_request_is_answered_over_http11() -> None:
+    async with serving(echo) as (_, port):
+        got = await exchange(port, b"GET /u HTTP/1.1\r\nhost: h\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+                                   b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+                             then=b"GET /after HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
+        assert got == (OK + b"\r\n" + chunked(b"GET /u? ") + OK + b"connection: close\r\n\r\n"
+                       + chunked(b"GET /after? "))
+        # The parser would hand an Upgrade request's body over as upgrade data: refused, not answered bodiless
+        got = await exchange(port, b"POST /u HTTP/1.1\r\nhost: h\r\nconnection: Upgrade\r\nupgrade: h2c\r\n"
+                                   b"content-length: 3\r\n\r\nabc")
+        assert got == error(400, b"Bad Request", "protocol upgrade is not supported on a request with a body")

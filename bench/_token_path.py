@@ -4,7 +4,9 @@
 One streamed chat request = ``OpenAIResponse`` -> ``stream_response`` -> ``choice_events`` ->
 ``ResponseStream`` -> detokenizer -> SSE templates -> the ASGI ``send``, with the worker's frames pushed into
 the response stream one at a time, each when the reader waits for it (one event-loop wake-up per token, as
-over NATS). Prints the process CPU per request (32 tokens), min and median of 5 repeats.
+over NATS); then the same with a direct writer, the frames going to the consumer from the "NATS parser's" call
+(the frontend's path since issue #22). Prints the process CPU per request (32 tokens), min and median of 5
+repeats.
 Run: ``PYTHONPATH=. .venv/bin/python bench/_token_path.py [REQUESTS]``; point ``PYTHONPATH`` at another
 source tree (``bench/out/ab/<sha>`` from ``--ab-ref``) to compare commits.
 """
@@ -55,8 +57,37 @@ class _Stream(ResponseStream):
     frames: _Frames
 
     async def _get(self) -> Any:
-        asyncio.get_running_loop().call_soon(self.frames.push_next, self)  # the next token arrives while we wait
+        loop = asyncio.get_running_loop()
+        if self._consumer is not None:  # direct: every frame comes from "the NATS parser", no reader wake-up
+            loop.call_soon(self._push_all)
+        else:
+            loop.call_soon(self.frames.push_next, self)  # the next token arrives while we wait
         return await super()._get()
+
+    def _push_all(self) -> None:
+        while self.frames.next <= TOKENS:
+            self.frames.push_next(self)
+
+
+class _Writer:
+    """The direct writer's interface, keeping the chunks (no socket)."""
+
+    busy = False
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def write(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def write3(self, a: bytes, b: bytes, c: bytes) -> None:
+        self.chunks.append(b"%x\r\n%b%b%b\r\n" % (len(a) + len(b) + len(c), a, b, c))
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _NoTransport:
@@ -74,7 +105,7 @@ class _Dispatcher(serving.Dispatcher):
         return st, lambda: None, "worker", lambda: None
 
 
-async def _one(engine: serving.Dispatcher, sm: ServedModel, k: int) -> int:
+async def _one(engine: serving.Dispatcher, sm: ServedModel, k: int, direct: bool) -> int:
     p = serving.Prepared(kind="chat", model=sm, prompts=[[1, 2, 3, 4, 5]], sampling=SamplingParams(),
                          stop=StopConditions(max_tokens=TOKENS, ignore_eos=True), stop_strings=[], n=1, stream=True,
                          include_usage=True, logprobs=None, pinned=None, request_id=f"chatcmpl-{k:024x}", created=1)
@@ -88,7 +119,8 @@ async def _one(engine: serving.Dispatcher, sm: ServedModel, k: int) -> int:
         if msg["type"] == "http.response.body":
             chunks.append(msg["body"])
 
-    resp = OpenAIResponse(stream=lambda direct: serving.stream_response(engine, p, direct))
+    writer = _Writer(chunks) if direct else None
+    resp = OpenAIResponse(stream=lambda _: serving.stream_response(engine, p, writer))  # type: ignore[arg-type]
     await resp({"type": "http"}, receive, send)  # type: ignore[arg-type]
     if not chunks[-1].endswith(serving.DONE):
         raise RuntimeError(f"stream did not end with [DONE]: {chunks[-1][:200]!r}")
@@ -99,15 +131,17 @@ async def main(n: int) -> None:
     pre = Preprocessor.from_dir(ensure_tiny_model())
     sm = ServedModel(name="tiny", card=None, pre=pre, created=0)  # type: ignore[arg-type]
     engine = _Dispatcher(None, None, FrontendMetrics(), migration_limit=0)  # type: ignore[arg-type]
-    await _one(engine, sm, 0)
-    per_req = []
-    for _ in range(5):
-        t0 = time.process_time()
-        for k in range(n):
-            events = await _one(engine, sm, k)
-        per_req.append((time.process_time() - t0) / n * 1e6)
-    print(f"token path: {min(per_req):.0f} us CPU per request (median {statistics.median(per_req):.0f}), "
-          f"{TOKENS} tokens, {events} SSE chunks")
+    for direct in (False, True):
+        await _one(engine, sm, 0, direct)
+        per_req = []
+        for _ in range(5):
+            t0 = time.process_time()
+            for k in range(n):
+                events = await _one(engine, sm, k, direct)
+            per_req.append((time.process_time() - t0) / n * 1e6)
+        print(f"token path ({'direct, from the frame callback' if direct else 'task wake-up per token'}): "
+              f"{min(per_req):.0f} us CPU per request (median {statistics.median(per_req):.0f}), "
+              f"{TOKENS} tokens, {events} SSE chunks", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class Request:
     """One request/response cycle on a connection: its ASGI ``receive`` and ``send``."""
 
     __slots__ = ("_body", "_body_done", "_chunked", "_conn", "_continue", "_head", "_head_out", "_listeners",
-                 "_reported", "_started", "_waiters", "complete", "keep_alive", "scope", "task")
+                 "_reported", "_started", "_unsent", "_waiters", "complete", "keep_alive", "scope", "task")
 
     def __init__(self, conn: _Connection, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self._conn = conn
@@ -82,6 +82,7 @@ class Request:
         self._started = False
         self._head_out: bytes | None = None  # the response's status line and headers, not written yet
         self._chunked = False
+        self._unsent = 0  # bytes of a declared Content-Length not written yet
         self.complete = False  # the response's last byte is written
         self._listeners: list[Callable[[], None]] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -161,8 +162,11 @@ class Request:
                     self._write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n")
             elif body or not more:
                 self._write(body)
+                self._unsent -= len(body)
             if not more:
                 self.complete = True
+                if self._unsent and not self._head:  # not the Content-Length it declared: the framing is lost
+                    self.keep_alive = False
                 conn.response_done(self)
             elif conn.write_paused:
                 await conn.drain()
@@ -177,6 +181,7 @@ class Request:
                 lname = name.lower()
                 if lname == b"content-length":
                     length = True
+                    self._unsent = int(value) if value.isdigit() else -1
                 elif lname == b"connection" and value.lower() == b"close":
                     self.keep_alive = False
                     continue
@@ -501,7 +506,8 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and not self.closed:
+        # Not while requests wait behind the current one: the next is read when they are answered.
+        if self._reading_paused and not self.closed and not self._pipeline:
             self._reading_paused = False
             self.transport.resume_reading()
 

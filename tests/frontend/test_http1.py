@@ -134,6 +134,22 @@ def error(status: int, reason: bytes, message: str) -> bytes:
             % (status, reason, len(body), body))
 
 
+def test_a_body_shorter_than_its_content_length_closes_the_connection() -> None:
+    arun(_a_body_shorter_than_its_content_length_closes_the_connection(), 30)
+
+
+async def _a_body_shorter_than_its_content_length_closes_the_connection() -> None:
+    async def short(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
+        await send({"type": "http.response.body", "body": b"abc"})
+
+    async with serving(short) as (_, port):
+        # keep-alive asked for, and a second request behind it: the framing is broken, so neither happens
+        got = await exchange(port, b"GET /a HTTP/1.1\r\nhost: h\r\n\r\nGET /b HTTP/1.1\r\nhost: h\r\n\r\n")
+    assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"  # then closed: /b is not answered
+
+
 def test_malformed_and_oversized_requests_get_json_errors_and_a_close() -> None:
     arun(_malformed_and_oversized_requests_get_json_errors_and_a_close(), 90)
 

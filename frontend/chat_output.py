@@ -28,10 +28,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from frontend.parsers import REASONING_PARSERS, TOOL_PARSERS, Parsed, ReasoningParser, ToolParser
 from frontend.parsers.base import assemble
+from frontend.sse import js
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -139,15 +138,6 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def _dumps(obj: Any) -> bytes:
-    out = orjson.dumps(obj)
-    # As sse.js: U+0085 / U+2028 / U+2029 escaped, for clients that split lines on them.
-    if b"\xc2\x85" in out or b"\xe2\x80" in out:
-        out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
-            b"\xe2\x80\xa9", b"\\u2029")
-    return out
-
-
 class ChoiceOutput:
     """One choice's parsers: reasoning first, then tool calls over the content that remains."""
 
@@ -214,7 +204,7 @@ class ChoiceOutput:
 
         def event(delta: dict[str, Any]) -> None:
             nonlocal lp
-            events.append(head + _dumps(delta) + b',"logprobs":' + (lp or b"null") + b',"finish_reason":null}]}\n\n')
+            events.append(head + js(delta) + b',"logprobs":' + (lp or b"null") + b',"finish_reason":null}]}\n\n')
             lp = None  # a delta's logprobs go with its first event
 
         if out.reasoning:

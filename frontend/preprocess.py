@@ -32,6 +32,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from dynamo_rt.bytelevel import token_text_bytes
 from dynamo_rt.errors import DynamoError, InvalidRequest
 
 __all__ = ["TOKENIZER_FILES", "Preprocessor"]
@@ -559,39 +560,19 @@ class Preprocessor:
         return text
 
 
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    out = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
-
 def byte_level_tokens(tok: Tokenizer, check: int = 2048) -> list[bytes] | None:
     """The bytes of every token id (``b""`` for ids with no token), as tokenizers' ``ByteLevel`` decoder
-    produces them: each character of the token mapped back to its byte, or, when one of its characters is
-    not a byte character (an added token such as ``<|im_end|>``), the token's own UTF-8. Then the text of
-    any ids is the UTF-8 decode of their bytes joined, which streams without re-decoding a window.
+    produces them (:func:`dynamo_rt.bytelevel.token_text_bytes`). Then the text of any ids is the UTF-8
+    decode of their bytes joined, which streams without re-decoding a window.
 
     None unless the decoder is exactly ``ByteLevel``; also None (with a warning) if a spot check of
     ``check`` ids against ``tok.decode`` disagrees, so a tokenizer this misreads keeps the slow path."""
     if type(tok.decoder).__name__ != "ByteLevel":
         return None
-    chars = _byte_chars()
-    to_latin1 = str.maketrans({c: chr(b) for b, c in chars.items()})
-    drop_mapped = str.maketrans(dict.fromkeys(chars.values()))
     vocab = tok.get_vocab(with_added_tokens=True)
     table = [b""] * (max(vocab.values(), default=-1) + 1)
     for token, i in vocab.items():
-        if token.translate(drop_mapped):  # a character outside the byte map: the token's own text
-            table[i] = token.encode("utf-8")
-        else:
-            table[i] = token.translate(to_latin1).encode("latin-1")
+        table[i] = token_text_bytes(token)
     step = max(1, len(table) // check)
     probe = {*range(0, len(table), step), *tok.get_added_tokens_decoder()}
     for i in sorted(probe):

@@ -146,10 +146,10 @@ class _Resume:
 # ---------------------------------------------------------------------------------------------- chunks
 
 
-def js(text: str) -> bytes:
-    """JSON string of ``text`` safe for line-splitting SSE clients: U+0085, U+2028 and U+2029 are escaped
-    (valid raw in JSON, but some clients split lines on them)."""
-    out = orjson.dumps(text)
+def js(value: Any) -> bytes:
+    """JSON of ``value`` (a text delta, or any object) safe for line-splitting SSE clients: U+0085, U+2028 and
+    U+2029 are escaped (valid raw in JSON, but some clients split lines on them)."""
+    out = orjson.dumps(value)
     if b"\xc2\x85" in out or b"\xe2\x80" in out:
         out = out.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028").replace(
             b"\xe2\x80\xa9", b"\\u2029")

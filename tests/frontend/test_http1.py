@@ -284,21 +284,17 @@ async def _shutdown_cancels_a_stream_in_flight_which_still_ends_with_its_tail() 
             await send({"type": "http.response.body", "body": b"data: error\n\ndata: [DONE]\n\n"})
             raise
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = http1.Server(app)
-    await server.start(sock)
-    r, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
-    w.write(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
-    await asyncio.wait_for(started.wait(), 5)
-    await asyncio.wait_for(server.shutdown(grace=0.1), 10)
-    got = DATE.sub(b"", await asyncio.wait_for(r.read(), 5))
-    w.close()
-    assert got == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                   + chunked(b"data: first\n\n", b"data: error\n\ndata: [DONE]\n\n"))
-    with pytest.raises(OSError):  # the listening socket is closed
-        await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+    async with serving(app) as (server, port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n")
+        await asyncio.wait_for(started.wait(), 5)
+        await asyncio.wait_for(server.shutdown(grace=0.1), 10)
+        got = DATE.sub(b"", await asyncio.wait_for(r.read(), 5))
+        w.close()
+        assert got == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                       + chunked(b"data: first\n\n", b"data: error\n\ndata: [DONE]\n\n"))
+        with pytest.raises(OSError):  # the listening socket is closed
+            await asyncio.open_connection("127.0.0.1", port)
 
 
 def test_an_upgrade_request_is_answered_over_http11_unless_it_has_a_body() -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dynamo_rt.bytelevel import token_text_bytes
 from dynamo_rt.errors import InvalidRequest
 from dynamo_rt.protocol import GuidedDecoding
 
@@ -145,26 +146,7 @@ def _clear(row: torch.Tensor, i: int) -> None:
 def token_bytes(model_dir: Path, vocab_size: int) -> list[bytes]:
     """Every id's bytes (byte-level BPE: each vocabulary character stands for one byte); special tokens and
     ids the tokenizer lacks are empty."""
-    inverse = {ch: b for b, ch in _byte_chars().items()}
-    out: list[bytes] = []
-    for text in token_table(model_dir, vocab_size):
-        try:
-            out.append(bytes(inverse[c] for c in text))
-        except KeyError:  # an added (non-special) token: its text is literal
-            out.append(text.encode())
-    return out
-
-
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    return [token_text_bytes(text) for text in token_table(model_dir, vocab_size)]
 
 
 PARAM_OF_KIND = {"json": "response_format", "json_object": "response_format", "regex": "guided_regex",

@@ -1,7 +1,9 @@
 """The frontend role: the OpenAI-compatible HTTP API in front of the workers (CPU only).
 
 - :mod:`frontend.main`: the process (``dynamo-rt frontend`` / ``python -m frontend``) and its flags.
+- :mod:`frontend.http1`: the HTTP/1.1 server (lean, our own; ``--http-server uvicorn`` for uvicorn).
 - :mod:`frontend.app`: the HTTP routes and error mapping (FastAPI surface, raw ASGI on the token path).
+- :mod:`frontend.sse`: SSE chunk templates and the writer the token path writes them through.
 - :mod:`frontend.openai_protocol`: request bodies decoded, validated, mapped to sampling structs.
 - :mod:`frontend.models`: discovery records -> served models, each with its preprocessor and routers.
 - :mod:`frontend.preprocess`: chat template and tokenizer (no ``transformers``).

@@ -84,21 +84,28 @@ class _Active:
     seq: int = 0
     task: asyncio.Task[None] | None = None  # set right after the entry is booked
     frames_to: str = ""  # the caller's batch subject (RequestEnvelope.frames_to); "" = a message per frame
+    payload: bytes = b""  # the request, for ``on_dropped`` should it be cancelled before its handler ran
+    started: bool = False  # the handler task has begun (a task cancelled before that never runs a line)
 
 
 class Endpoint:
     """A served endpoint (one subject). Tracks the handler task of every in-flight request."""
 
-    def __init__(self, transport: Transport, subject: str, handler: Handler) -> None:
+    def __init__(self, transport: Transport, subject: str, handler: Handler,
+                 on_dropped: Callable[[bytes], None] | None = None) -> None:
         self.transport = transport
         self.subject = subject
         self.handler = handler
+        # Called with a request's payload when it is cancelled before its handler started: the handler's own
+        # clean-up (its finally blocks) never runs then, so what the request holds elsewhere is freed here.
+        self.on_dropped = on_dropped
         self.active: dict[str, _Active] = {}
         # Frames waiting for the end of this event-loop turn, per caller batch subject (see _send).
         self._batches: dict[str, list[tuple[str, Data | Final | Error | Heartbeat]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.frames_batched = 0  # frames sent inside a FrameBatch message
         self.batches_sent = 0  # FrameBatch messages (each holds 2 or more frames)
+        self.dropped_unstarted = 0  # requests cancelled before their handler began (on_dropped called)
         self._subs: list[Subscription] = []
         self._hb_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -127,7 +134,8 @@ class Endpoint:
                 message=f"request id {env.request_id!r} is already in flight on this worker")))
             return
         ctx = RequestContext(request_id=env.request_id, deadline=env.deadline, subject=self.subject)
-        act = _Active(reply_to=env.reply_to, last_sent=time.monotonic(), frames_to=env.frames_to)
+        act = _Active(reply_to=env.reply_to, last_sent=time.monotonic(), frames_to=env.frames_to,
+                      payload=env.payload)
         self.active[env.request_id] = act
         act.task = asyncio.create_task(self._run(env, ctx, act), name=f"req:{env.request_id}")
 
@@ -154,6 +162,14 @@ class Endpoint:
         if act is not None and act.task is not None:
             log.debug("cancel %s", req.request_id)
             act.task.cancel()
+            if not act.started:  # the request and its cancel came together: the handler will never run
+                del self.active[req.request_id]
+                self.dropped_unstarted += 1
+                if self.on_dropped is not None:
+                    try:
+                        self.on_dropped(act.payload)
+                    except Exception:
+                        log.exception("on_dropped failed for %s", req.request_id)
 
     async def _send(self, act: _Active, frame: Data | Final | Error | Heartbeat) -> None:
         frame.seq = act.seq
@@ -184,6 +200,7 @@ class Endpoint:
             self._flusher = None
 
     async def _run(self, env: RequestEnvelope, ctx: RequestContext, act: _Active) -> None:
+        act.started = True
         try:
             remaining = env.deadline - time.time()
             if remaining <= 0:
@@ -373,8 +390,9 @@ class Transport:
 
     # ------------------------------------------------------------------ request plane
 
-    async def serve(self, subject: str, handler: Handler) -> Endpoint:
-        ep = Endpoint(self, subject, handler)
+    async def serve(self, subject: str, handler: Handler,
+                    on_dropped: Callable[[bytes], None] | None = None) -> Endpoint:
+        ep = Endpoint(self, subject, handler, on_dropped)
         try:
             await ep.start()
         except (nats.errors.Error, OSError) as exc:

@@ -98,6 +98,49 @@ def test_cancel_reaches_handler(nats_server: object) -> None:
     arun(main(), 30)
 
 
+def test_a_request_cancelled_before_its_handler_ran_is_handed_to_on_dropped(nats_server: object) -> None:
+    """A request and its cancel that reach the worker together: the handler task is cancelled before its first
+    step, so the handler's clean-up never runs; on_dropped gets the payload (a worker frees the prefill pin
+    it names there) and the request leaves the books."""
+
+    async def main() -> None:
+        from nats.aio.msg import Msg
+
+        from dynamo_rt.protocol import CancelRequest, RequestEnvelope, encode
+
+        ran: list[bytes] = []
+        dropped: list[bytes] = []
+
+        async def handler(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
+            ran.append(payload)
+            yield Final(seq=0, finish_reason="stop")
+
+        server = Transport(nats_server.url)  # type: ignore[attr-defined]
+        await server.connect()
+        try:
+            ep = await server.serve("t.dropped.gen.1", handler, on_dropped=dropped.append)
+            env = RequestEnvelope(request_id="r-early", reply_to="_INBOX.nobody", deadline=time.time() + 30,
+                                  payload=b"holds-a-pin")
+            # As the NATS client delivers them when both are in one read: no event-loop turn in between.
+            await ep._on_request(Msg(server.nc, subject=ep.subject, data=encode(env)))
+            await ep._on_cancel(Msg(server.nc, subject=ep.subject + ".cancel",
+                                    data=encode(CancelRequest(request_id="r-early"))))
+            assert dropped == [b"holds-a-pin"] and ep.active == {} and ep.dropped_unstarted == 1
+            await asyncio.sleep(0.05)
+            assert ran == []  # the handler never ran: only on_dropped could free what the request holds
+            # A request whose handler did start is cancelled the normal way (its own finally blocks).
+            env.request_id = "r-late"
+            await ep._on_request(Msg(server.nc, subject=ep.subject, data=encode(env)))
+            await asyncio.sleep(0.05)
+            await ep._on_cancel(Msg(server.nc, subject=ep.subject + ".cancel",
+                                    data=encode(CancelRequest(request_id="r-late"))))
+            assert dropped == [b"holds-a-pin"] and ran == [b"holds-a-pin"]
+        finally:
+            await server.close()
+
+    arun(main(), 30)
+
+
 def test_handler_errors_arrive_typed(nats_server: object) -> None:
     async def bad_input(payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         yield Data(seq=0, token_ids=[1])

@@ -157,7 +157,7 @@ class WorkerRuntime:
             self.engine.instance_id = self.instance_id  # engines that fill KvTransferParams.instance_id
         files = await self._publish_tokenizer()
         digest = hashlib.sha256(b"".join(k.encode() + v.encode() for k, v in sorted(files.items()))).hexdigest()
-        self._endpoints.append(await self.transport.serve(self.subject, self._generate))
+        self._endpoints.append(await self.transport.serve(self.subject, self._generate, self._dropped))
         self._endpoints.append(await self.transport.serve(
             instance_subject(self.ns, COMPONENT, "release", self.instance_id), self._release))
         self._endpoints.append(await self.transport.serve(
@@ -243,6 +243,14 @@ class WorkerRuntime:
         return out
 
     # ------------------------------------------------------------------ endpoints
+
+    def _dropped(self, payload: bytes) -> None:
+        """A request cancelled before its handler ran (it and its cancel arrived together): a decode request
+        still names the prefill worker's pin, which no pull will release now."""
+        with contextlib.suppress(Exception):
+            kv = decode_generate(payload).kv_transfer
+            if kv is not None and kv.pin_id and kv.instance_id:
+                self._release_remote(kv.instance_id, kv.pin_id)
 
     async def _generate(self, payload: bytes, ctx: RequestContext) -> AsyncGenerator[Data | Final, None]:
         if self._draining:

@@ -262,15 +262,8 @@ class Writer:
         self.deferred = 0
 
     def write(self, body: bytes) -> None:
-        req = self._req
-        conn = req._conn
-        if conn.closed or req.complete or not body:
-            return
-        req._write(b"%x\r\n%b\r\n" % (len(body), body))
-        if conn.write_paused:
-            self.deferred += 1
-        else:
-            self.direct += 1
+        if body:  # an empty chunk would end a chunked body
+            self.write3(body, b"", b"")
 
     def write3(self, a: bytes, b: bytes, c: bytes) -> None:
         """``write(a + b + c)``, framed in one step."""

@@ -13,6 +13,7 @@ Tagged unions are dispatched by ``type`` (``tag=True``).
 
 from __future__ import annotations
 
+from array import array
 from enum import StrEnum
 from typing import Any
 
@@ -260,7 +261,15 @@ class LoadMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 # --------------------------------------------------------------------------------------------- codecs
 
-_enc = msgspec.msgpack.Encoder()
+def _enc_hook(obj: object) -> object:
+    # Token ids held as array("i") (the frontend keeps prompts so: no list of int objects per request for the
+    # garbage collector to walk) go on the wire as the msgpack array of ints a list[int] field reads.
+    if isinstance(obj, array):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_enc = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 encode = _enc.encode
 _frame_dec = msgspec.msgpack.Decoder(StreamFrame)  # type: ignore[arg-type]
 _batch_dec = msgspec.msgpack.Decoder(FrameBatch)

@@ -7,6 +7,7 @@
 - :mod:`frontend.openai_protocol`: request bodies decoded, validated, mapped to sampling structs.
 - :mod:`frontend.models`: discovery records -> served models, each with its preprocessor and routers.
 - :mod:`frontend.preprocess`: chat template and tokenizer (no ``transformers``).
+- :mod:`frontend.offload`: long prompts rendered and tokenized on a few niced threads, off the event loop.
 - :mod:`frontend.serving`: the :class:`~frontend.serving.Dispatcher` (route, remote prefill, call, migrate)
   and the streamed / whole responses.
 - :mod:`frontend.detok`: token ids -> text (incremental detokenization, stop strings).

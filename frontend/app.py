@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dynamo_rt import errors, faults
-from frontend import chat_output, sse, tenants
+from frontend import chat_output, offload, sse, tenants
 from frontend import openai_protocol as op
 from frontend.health import HealthMonitor
 from frontend.metrics import FrontendMetrics
@@ -61,6 +62,8 @@ class FrontendConfig:
     response_ttl: float = 24 * 3600.0  # seconds a stored /v1/responses response lives (NATS KV bucket TTL)
     tool_call_parser: str | None = None  # overrides the model card's (frontend/parsers/ names)
     reasoning_parser: str | None = None
+    prepare_threads: int = 0  # threads preparing long requests (frontend/offload.py); 0: cpu_count - 1, 1..4
+    prepare_nice: int = offload.DEFAULT_NICE  # added to those threads' nice value
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -271,6 +274,7 @@ class Frontend:
         self.cfg = cfg
         self.admission = _Admission(cfg, metrics.queued)
         self.health = HealthMonitor(manager, engine, metrics)  # frontend.main configures and starts its canary
+        self.offload = offload.Offload(cfg.prepare_threads, cfg.prepare_nice)
 
     # ------------------------------------------------------------------ request preparation
 
@@ -284,18 +288,19 @@ class Frontend:
         salt = tenants.cache_salt(tenant, tenants.check_client_salt(req.cache_salt))
         prompt_texts: list[str] = []
         if kind == "chat":
-            prompts = [pre.encode_chat(op.template_messages(req), req.add_generation_prompt, req.tools,
-                                       req.chat_template_kwargs, cache_salt=salt)]
+            prompts: list[Sequence[int]] = [pre.encode_chat_ids(
+                op.template_messages(req), req.add_generation_prompt, req.tools, req.chat_template_kwargs,
+                cache_salt=salt)]
         else:
             prompts = []
             for item in op.prompts(req):
                 if isinstance(item, str):
                     prompt_texts.append(item)
-                    prompts.append(pre.encode_prompt(item))
+                    prompts.append(array("i", pre.encode_prompt(item)))
                 else:
                     pre.check_token_ids(item)
                     prompt_texts.append(pre.decode(item, skip_special_tokens=False))
-                    prompts.append(list(item))
+                    prompts.append(array("i", item))
         ctx = sm.card.context_length
         max_tokens = max(op.resolve_max_tokens(req, len(pr), ctx) for pr in prompts)
         sampling, stop, stop_strings = op.to_sampling(req)
@@ -367,9 +372,9 @@ class Frontend:
             if faults.enabled:
                 await faults.hit("frontend.tokenizing")
             # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
-            # loop, so the streams in flight keep flowing (the tokenizer releases the GIL for long texts).
+            # loop, on a few niced threads (frontend/offload.py), so the streams in flight keep flowing.
             tenant = request.scope.get(tenants.TENANT_SCOPE_KEY)
-            p = await asyncio.to_thread(self.prepare, kind, body, tenant) if len(body) > OFFLOAD_BODY_BYTES else \
+            p = await self.offload.run(self.prepare, kind, body, tenant) if len(body) > OFFLOAD_BODY_BYTES else \
                 self.prepare(kind, body, tenant)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--http-server", env="DYN_HTTP_SERVER", default="builtin", choices=("builtin", "uvicorn"),
          help="the HTTP/1.1 server: builtin (frontend/http1.py, the lean one: SSE chunks go straight to the "
               "socket) or uvicorn (httptools); both serve the same app")
+    flag(p, "--prepare-threads", env="DYN_PREPARE_THREADS", type=int, default=0,
+         help="threads that render and tokenize long prompts off the event loop (0: one less than the CPUs, "
+              "1 to 4)")
+    flag(p, "--prepare-nice", env="DYN_PREPARE_NICE", type=int, default=10,
+         help="nice value added to those threads, so the event loop's token path wins the CPU (0: none)")
     flag(p, "--tool-call-parser", env="DYN_TOOL_CALL_PARSER", default=None,
          help="parse tool calls out of chat output in this format (overrides the model card's): "
               "hermes, qwen, llama3_json, mistral, deepseek_v3, pythonic")
@@ -164,7 +169,8 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                          max_queue=args.max_queue, request_timeout=args.request_timeout,
                          keys=load_keys(args.api_key, args.api_keys_file), worker_wait_timeout=args.worker_wait_timeout,
                          response_ttl=args.response_ttl, tool_call_parser=args.tool_call_parser,
-                         reasoning_parser=args.reasoning_parser)
+                         reasoning_parser=args.reasoning_parser, prepare_threads=args.prepare_threads,
+                         prepare_nice=args.prepare_nice)
     if cfg.keys is not None:  # counts only: a key never reaches a log
         log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
     fe = Frontend(manager, engine, metrics, cfg)
@@ -174,6 +180,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
         yield fe
     finally:
         await fe.health.close()
+        fe.offload.close()
         await manager.close()
         await view.close()
         await registry.close()

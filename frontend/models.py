@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ class ServedModel:
     def pool(self, mode: str) -> list[str]:
         return [iid for iid, r in self.instances.items() if r.mode == mode]
 
-    def hashes(self, prompt: list[int], cache_salt: str = "") -> list[int]:
+    def hashes(self, prompt: Sequence[int], cache_salt: str = "") -> list[int]:
         """The router's block hashes of ``prompt``: the workers' own, tenant salt included."""
         return block_hashes(prompt, self.card.kv_block_size, cache_salt=cache_salt)
 

@@ -434,10 +434,25 @@ class Preprocessor:
         """Token ids of the rendered chat: ``apply_chat_template(..., tokenize=True)``. The template writes
         its own BOS when the model wants one, so no special tokens are added here. ``cache_salt`` (the
         tenant's) keys the piece cache."""
+        return list(self.encode_chat_ids(messages, add_generation_prompt, tools, template_kwargs,
+                                         cache_salt=cache_salt))
+
+    def encode_chat_ids(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        cache_salt: str = "",
+    ) -> array[int]:
+        """:meth:`encode_chat` as an ``array("i")``, which is what a request keeps: through a list of 32k token
+        ids every garbage collection pass visits 32k Python ints (16 ms per pass with 100 such prompts in
+        flight, measured); through an array it visits nothing."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
         if self._splitter is not None and len(text) >= SEGMENT_MIN_CHARS:
             return self._encode_pieces(text, cache_salt)
-        return self._encode(text, add_special_tokens=False)
+        return array("i", self._encode(text, add_special_tokens=False))
 
     def _init_splitter(self) -> None:
         """Set up piecewise chat tokenization when it provably gives the same ids as one ``encode``.
@@ -472,7 +487,7 @@ class Preprocessor:
         probe = "".join(f"{m} Hello wörld\n  x{i}  日本 {m}{m}\t" for i, m in enumerate(marks)) + " tail"
         probe = probe * (SEGMENT_CACHE_MIN_PIECE // len(probe) + 2)
         whole = self.tokenizer.encode(probe, add_special_tokens=False).ids
-        if self._encode_pieces(probe) != whole or self._encode_pieces(probe) != whole:
+        if list(self._encode_pieces(probe)) != whole or list(self._encode_pieces(probe)) != whole:
             log.warning("piecewise tokenization disagrees with the tokenizer on a probe: cache off")
             self._splitter, self._split_ids = None, {}
             self._pieces.clear()
@@ -484,9 +499,10 @@ class Preprocessor:
         c = self._pieces
         return c.hits, c.misses, c.chars
 
-    def _encode_pieces(self, text: str, salt: str = "") -> list[int]:
+    def _encode_pieces(self, text: str, salt: str = "") -> array[int]:
         """``encode(text, add_special_tokens=False).ids``, piece by piece between raw added tokens, long
-        pieces from the cache; the pieces the cache lacks are encoded in one GIL-releasing batch."""
+        pieces from the cache; the pieces the cache lacks are encoded in one GIL-releasing batch. As an
+        ``array("i")``: a cached piece joins by one copy, not one Python int per token."""
         assert self._splitter is not None
         parts = self._splitter.split(text)  # odd indices: the added tokens
         ids_of: list[Sequence[int] | None] = []
@@ -509,10 +525,10 @@ class Preprocessor:
                 ids_of[i] = ids
                 if len(parts[i]) >= SEGMENT_CACHE_MIN_PIECE:
                     self._pieces.put(parts[i], array("i", ids), salt)
-        out: list[int] = []
+        out = array("i")
         for piece_ids in ids_of:
             assert piece_ids is not None  # every slot is filled above
-            out += piece_ids
+            out.extend(piece_ids)
         return out
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:

@@ -14,9 +14,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -60,7 +60,8 @@ class Prepared:
 
     kind: str  # "chat" | "completion"
     model: ServedModel
-    prompts: list[list[int]]  # one per prompt (completions accept a batch)
+    # One per prompt (completions accept a batch); an array("i") from Frontend.prepare (no ints for the GC to walk).
+    prompts: list[Sequence[int]]
     sampling: SamplingParams
     stop: StopConditions
     stop_strings: list[str]
@@ -120,7 +121,7 @@ class Dispatcher:
         self.migration_limit = migration_limit
         self.test_fault_after_tokens = _test_fault_after_tokens()
 
-    async def open(self, p: Prepared, prompt: list[int], sub_id: str, index: int, *, generated: int = 0,
+    async def open(self, p: Prepared, prompt: Sequence[int], sub_id: str, index: int, *, generated: int = 0,
                    exclude: set[str] | None = None
                    ) -> tuple[ResponseStream, Callable[[], None], str, Callable[[], None]]:
         """Start choice ``index``; returns its stream, a callback to run when it ends (router bookkeeping),
@@ -139,8 +140,9 @@ class Dispatcher:
             stop = StopConditions(max_tokens=stop.max_tokens - generated,
                                   min_tokens=max(0, stop.min_tokens - generated),
                                   stop_token_ids=stop.stop_token_ids, ignore_eos=stop.ignore_eos)
-        req = GenerateRequest(request_id=sub_id, token_ids=prompt, sampling=sampling, stop=stop, model=sm.name,
-                              cache_salt=p.cache_salt, output_offset=generated)
+        # An array("i") prompt is written as the list it holds (protocol's encoder), without a list made here.
+        req = GenerateRequest(request_id=sub_id, token_ids=cast(list[int], prompt), sampling=sampling, stop=stop,
+                              model=sm.name, cache_salt=p.cache_salt, output_offset=generated)
         pool = "agg" if sm.pool("agg") else "decode"
         workers = [w for w in sm.pool(pool) if not exclude or w not in exclude]
         if not workers and exclude:
@@ -333,7 +335,8 @@ def _final_reason(frame: Final) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
-async def run_choice(engine: Dispatcher, p: Prepared, prompt: list[int], index: int, sink: Sink | None) -> ChoiceResult:
+async def run_choice(engine: Dispatcher, p: Prepared, prompt: Sequence[int], index: int,
+                     sink: Sink | None) -> ChoiceResult:
     """Run one choice to the end. With ``sink``, text deltas are pushed as they come (streaming)."""
     res = ChoiceResult(index=index, prompt_tokens=len(prompt))
     async for text, lps in choice_events(engine, p, prompt, res):
@@ -348,7 +351,7 @@ def _choice_done(q: asyncio.Queue[int], index: int, _task: asyncio.Future[Any]) 
 Emit = Callable[[str, "list[TokenLogprob] | None"], None]
 
 
-async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res: ChoiceResult,
+async def choice_events(engine: Dispatcher, p: Prepared, prompt: Sequence[int], res: ChoiceResult,
                         emit: Emit | None = None) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
     """Text deltas of one choice as they come; ``res`` holds the totals when the iterator ends.
 
@@ -429,7 +432,7 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: list[int], res:
             done: Callable[[], None] | None = None
             first = None
             try:
-                stream, done, worker, first = await engine.open(p, prompt + res.token_ids if base else prompt,
+                stream, done, worker, first = await engine.open(p, [*prompt, *res.token_ids] if base else prompt,
                                                                 sub_id, index, generated=base, exclude=excluded)
                 if emit is not None:
                     stream.set_consumer(consume)

@@ -43,7 +43,7 @@ async def prepare_chat(fe: Frontend, chat: dict[str, Any], tenant: str | None = 
     path's: a bad field is an InvalidRequest naming the chat field). ``tenant`` salts its block hashes."""
     body = orjson.dumps(chat)
     if len(body) > OFFLOAD_BODY_BYTES:
-        return await asyncio.to_thread(fe.prepare, "chat", body, tenant)
+        return await fe.offload.run(fe.prepare, "chat", body, tenant)
     return fe.prepare("chat", body, tenant)
 
 

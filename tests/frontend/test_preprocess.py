@@ -390,6 +390,28 @@ def test_long_chats_tokenize_piecewise_like_transformers(
     assert len(p._pieces) > 0 and p._pieces.chars > 0
 
 
+@pytest.mark.parametrize("kind", ["tiny", "llama3"])
+def test_chat_ids_are_an_array_the_garbage_collector_does_not_walk(
+    kind: str, model_dirs: dict[str, Path], hf: dict[str, Any]
+) -> None:
+    """What a request keeps (encode_chat_ids): transformers' ids in an ``array("i")``, through which the cyclic
+    collector visits no object, for a short chat, a long one tokenized piecewise, and the same long one again
+    from the piece cache; through a list of 32k ids every collection would visit 32k ints while it lives."""
+    import gc
+    from array import array
+
+    p = Preprocessor.from_dir(model_dirs[kind])
+    tok = hf[kind]
+    for conv in (CONVERSATIONS["multi-turn"], _long_chat(3, seed=5)[2], _long_chat(3, seed=5)[2]):
+        ids = p.encode_chat_ids(conv)
+        assert isinstance(ids, array) and ids.typecode == "i"
+        assert gc.get_referents(ids) in ([], [array])  # its type at most (a heap type since 3.11)
+        assert len(gc.get_referents(list(ids))) == len(ids) > 0
+        assert list(ids) == hf_chat_ids(tok, for_hf(p, conv), add_generation_prompt=True) == p.encode_chat(conv)
+    hits, _, _ = p.piece_cache_stats() or (0, 0, 0)
+    assert hits > 0  # the third conversation came from the cache
+
+
 def test_piecewise_off_when_position_matters(model_dirs: dict[str, Path], hf: dict[str, Any]) -> None:
     """A tokenizer whose pieces would not encode the same on their own (a pre-tokenizer that prefixes a
     space; a special token that strips the whitespace beside it) keeps whole-text encoding, and so still

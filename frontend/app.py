@@ -278,7 +278,10 @@ class Frontend:
 
     # ------------------------------------------------------------------ request preparation
 
-    def prepare(self, kind: str, body: bytes, tenant: str | None = None) -> Prepared:
+    def prepare(self, kind: str, body: bytes, tenant: str | None = None, arrived: float = 0.0) -> Prepared:
+        """A request body -> :class:`Prepared` (errors are DynamoErrors with their status). ``arrived``:
+        ``time.perf_counter()`` when the request arrived (default: now)."""
+        arrived = arrived or time.perf_counter()
         if len(body) > self.cfg.max_body_bytes:
             raise errors.DynamoError(f"request body of {len(body)} bytes is over the limit of "
                                      f"{self.cfg.max_body_bytes}", code=errors.ErrorCode.TOO_LARGE)
@@ -319,7 +322,7 @@ class Frontend:
         for pr in prompts:
             mm.input_tokens.inc(len(pr))
         mm.model_requests.inc()
-        return Prepared(kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
+        return Prepared(arrived=arrived, kind=kind, model=sm, prompts=prompts, sampling=sampling, stop=stop,
                         stop_strings=stop_strings, n=req.n, stream=req.stream, include_usage=include_usage,
                         logprobs=sampling.logprobs, pinned=pinned, request_id=new_request_id(kind),
                         created=int(time.time()), echo=bool(getattr(req, "echo", False)),
@@ -374,8 +377,8 @@ class Frontend:
             # A long prompt takes milliseconds to render and tokenize (3.7 ms for 3.2k tokens): off the event
             # loop, on a few niced threads (frontend/offload.py), so the streams in flight keep flowing.
             tenant = request.scope.get(tenants.TENANT_SCOPE_KEY)
-            p = await self.offload.run(self.prepare, kind, body, tenant) if len(body) > OFFLOAD_BODY_BYTES else \
-                self.prepare(kind, body, tenant)
+            p = await self.offload.run(self.prepare, kind, body, tenant, t0) if len(body) > OFFLOAD_BODY_BYTES \
+                else self.prepare(kind, body, tenant, t0)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(endpoint, str(exc.status)).inc()
             return error_response(exc)

@@ -39,6 +39,11 @@ class FrontendMetrics:
         self.input_tokens = Counter("dynamo_frontend_input_tokens", "Prompt tokens", ["model"], registry=r)
         self.output_tokens = Counter("dynamo_frontend_output_tokens", "Generated tokens", ["model"],
                                      registry=r)
+        self.dispatch = Histogram("dynamo_frontend_request_dispatch_seconds",
+                                  "From a request's arrival to its publication to a worker: body, validation, chat "
+                                  "template, tokenization, routing (the frontend's part of TTFT before the worker)",
+                                  ["model"], buckets=(5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
+                                                      0.5, 1.0, 2.5), registry=r)
         self.router_overhead = Histogram("dynamo_frontend_router_overhead_seconds", "Time spent routing",
                                          buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
                                          registry=r)
@@ -87,10 +92,11 @@ class FrontendMetrics:
 class ModelMetrics:
     """One model's label children of the per-request and per-token metrics."""
 
-    __slots__ = ("duration", "inflight", "input_tokens", "itl", "model_requests", "output_tokens", "ttft")
+    __slots__ = ("dispatch", "duration", "inflight", "input_tokens", "itl", "model_requests", "output_tokens", "ttft")
 
     def __init__(self, m: FrontendMetrics, name: str) -> None:
         self.ttft = m.ttft.labels(name)
+        self.dispatch = m.dispatch.labels(name)
         self.itl = m.itl.labels(name)
         self.duration = m.duration.labels(name)
         self.inflight = m.inflight.labels(name)

@@ -79,6 +79,7 @@ class Prepared:
     deadline: float = float("inf")  # time.time() by which the whole request (queue, migrations) must end
     cache_salt: str = ""  # tenant salt (frontend/tenants.py): seeds every block hash of this request
     output: OutputPlan | None = None  # tool-call / reasoning parsing of chat output (frontend/chat_output.py)
+    arrived: float = 0.0  # time.perf_counter() when the request arrived (TTFT and dispatch time count from it)
     # The seed of a request that names none: assigned here so every attempt of a choice draws the same stream.
     assigned_seed: int = field(default_factory=lambda: secrets.randbits(63))
 
@@ -169,18 +170,30 @@ class Dispatcher:
         def first() -> None:
             router.on_first_token(decision.worker_id, decision.key)
 
+        # The first attempt's first publication (to the prefill worker when disaggregated) ends the frontend's
+        # part of the request's TTFT before a worker has it.
+        sent: Callable[[], None] | None = None
+        if not generated and index == 0 and p.arrived:
+            hist = self.metrics.model(sm.name).dispatch
+
+            def sent() -> None:
+                hist.observe(time.perf_counter() - p.arrived)
+
         try:
             if faults.enabled:
                 await faults.hit("frontend.routed", sub_id)
             if pool == "decode" and sm.pool("prefill"):
                 uncached = len(prompt) - decision.overlap_blocks * sm.card.kv_block_size
                 if uncached >= self.disagg_threshold:
-                    req.kv_transfer = await self._remote_prefill(sm, req, hashes, p.remaining())
+                    req.kv_transfer = await self._remote_prefill(sm, req, hashes, p.remaining(), sent)
+                    sent = None
             rec = sm.instances.get(decision.worker_id)
             if rec is None:
                 raise errors.Unavailable(f"worker {decision.worker_id} left")
             stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, sub_id,
                                           encode(req), min(self.request_timeout, p.remaining()))
+            if sent is not None:
+                sent()
         except BaseException as exc:
             done()
             if req.kv_transfer is not None:  # the prefill worker's pin was never handed to a decode worker
@@ -192,8 +205,8 @@ class Dispatcher:
             raise
         return stream, done, decision.worker_id, first
 
-    async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest,
-                              hashes: list[int] | None, timeout: float) -> KvTransferParams | None:
+    async def _remote_prefill(self, sm: ServedModel, req: GenerateRequest, hashes: list[int] | None, timeout: float,
+                              sent: Callable[[], None] | None = None) -> KvTransferParams | None:
         prefill_workers = sm.pool("prefill")
         router = sm.routers["prefill"]
         d = router.select(prefill_workers, req.token_ids, sm.loads, block_hashes=hashes)
@@ -209,6 +222,8 @@ class Dispatcher:
                 raise errors.Unavailable(f"prefill worker {d.worker_id} left")
             stream = await call_stoppable(self.transport, self.manager.view.namespace, rec.subject, preq.request_id,
                                         encode(preq), timeout)
+            if sent is not None:
+                sent()
             if faults.enabled:
                 await faults.hit("frontend.remote_prefill", preq.request_id)
             async for frame in stream:
@@ -373,7 +388,8 @@ async def choice_events(engine: Dispatcher, p: Prepared, prompt: Sequence[int], 
     m = engine.metrics
     mm = m.model(sm.name)
     gaps: list[float] = []  # inter-token latencies, handed to the histogram in batches (observe_many)
-    t_start = last = time.perf_counter()
+    last = time.perf_counter()
+    t_start = p.arrived or last
     attempt = 0
     excluded: set[str] = set()
     stream: ResponseStream | None = None

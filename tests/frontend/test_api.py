@@ -318,3 +318,26 @@ def test_long_chat_turns_reuse_tokenized_pieces(stack: Stack) -> None:
         msgs.append({"role": "assistant", "content": "Noted."})
     hits, misses = counts()
     assert (hits - hits0, misses - misses0) == (5, 4)
+
+
+def test_dispatch_time_counts_each_request_once_and_is_part_of_its_ttft(stack: Stack) -> None:
+    """dynamo_frontend_request_dispatch_seconds (arrival -> publication to the worker) gets one observation per
+    request: a short chat, a long one prepared off the loop (frontend/offload.py), and an n=2 request (its second
+    choice is not a second arrival); the frontend's TTFT, counted from the same arrival, is never below it."""
+    from frontend.app import OFFLOAD_BODY_BYTES
+
+    post(stack, "/v1/chat/completions", CHAT)  # the model is loaded
+    names = ("dynamo_frontend_request_dispatch_seconds_count", "dynamo_frontend_request_dispatch_seconds_sum",
+             "dynamo_frontend_time_to_first_token_seconds_count", "dynamo_frontend_time_to_first_token_seconds_sum")
+    long_text = "The harbour master counted the boats again. " * (OFFLOAD_BODY_BYTES // 40)
+    bodies = [{**CHAT, "stream": True},
+              {"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 2},
+              {**CHAT, "n": 2, "temperature": 1.0}]
+    for body in bodies:
+        n0, s0, tn0, ts0 = (stack.metric(n) for n in names)
+        r = post(stack, "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        n1, s1, tn1, ts1 = (stack.metric(n) for n in names)
+        assert n1 - n0 == 1, body.keys()
+        assert tn1 - tn0 == body.get("n", 1)
+        assert 0 < s1 - s0 <= ts1 - ts0

@@ -138,6 +138,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
     from dynamo_rt.discovery import DiscoveryView, Registry
     from dynamo_rt.router import RouterMetrics
     from dynamo_rt.transport import NatsOptions, Transport
+    from frontend import offload
     from frontend.app import Frontend, FrontendConfig
     from frontend.metrics import FrontendMetrics
     from frontend.models import ModelManager
@@ -173,6 +174,7 @@ async def frontend_services(args: argparse.Namespace) -> AsyncIterator[object]:
                          prepare_nice=args.prepare_nice)
     if cfg.keys is not None:  # counts only: a key never reaches a log
         log.info("API keys required: %d keys of %d tenants", len(cfg.keys), len(cfg.keys.tenants))
+    offload.set_tokenizer_nice(args.prepare_nice)
     fe = Frontend(manager, engine, metrics, cfg)
     fe.health.interval, fe.health.timeout = args.canary_interval, args.canary_timeout
     await fe.health.start()

@@ -142,7 +142,11 @@ class _PromptCacheCollector(Collector):
                                      "Chat prompt pieces the frontend had to tokenize", labels=["model"])
         chars = GaugeMetricFamily("dynamo_frontend_prompt_piece_cache_chars",
                                   "Characters of prompt text the piece cache keeps", labels=["model"])
+        parallel = CounterMetricFamily("dynamo_frontend_prompt_parallel_pieces",
+                                       "New chat prompt pieces long enough to be tokenized in chunks side by side",
+                                       labels=["model"])
         for name, pre in self.models():
+            parallel.add_metric([name], pre.parallel_pieces)
             stats = pre.piece_cache_stats()
             if stats is None:
                 continue
@@ -152,6 +156,7 @@ class _PromptCacheCollector(Collector):
         yield hits
         yield misses
         yield chars
+        yield parallel
 
 
 class _SseWritesCollector(Collector):

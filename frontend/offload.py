@@ -20,16 +20,18 @@ Loop lag measured (max per run, same load): 143 ms with the default executor, 55
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 DEFAULT_NICE = 10
 
@@ -62,3 +64,47 @@ class Offload:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# The process's tokenizer threads: one long new prompt piece is tokenized in chunks side by side (the tokenizer
+# releases the GIL), ~Nx faster on N cores; niced like the preparation threads, created on first use.
+_tok_pool: ThreadPoolExecutor | None = None
+_tok_lock = threading.Lock()
+_tok_nice = DEFAULT_NICE
+
+
+def set_tokenizer_nice(nice: int) -> None:
+    """The nice value added to the tokenizer threads (``--prepare-nice``); before their first use."""
+    global _tok_nice
+    _tok_nice = nice
+
+
+def _nice_me() -> None:
+    if _tok_nice > 0:
+        tid = threading.get_native_id()
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + _tok_nice)
+
+
+def tokenizer_threads() -> int:
+    """Threads beside the caller that :func:`parallel_map` uses: one less than the CPUs."""
+    return max(0, (os.cpu_count() or 1) - 1)
+
+
+def parallel_map(fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
+    """``[fn(x) for x in items]``, the first item in the calling thread and the others on the tokenizer threads
+    at the same time (``fn`` should release the GIL); in the caller alone on a 1-CPU machine. The caller must
+    not be a tokenizer thread itself."""
+    global _tok_pool
+    if len(items) < 2 or tokenizer_threads() == 0:
+        return [fn(x) for x in items]
+    with _tok_lock:
+        if _tok_pool is None:
+            _tok_pool = ThreadPoolExecutor(tokenizer_threads(), "tokenize", initializer=_nice_me)
+    futs = [_tok_pool.submit(fn, x) for x in items[1:]]
+    try:
+        first = fn(items[0])
+        return [first, *(f.result() for f in futs)]
+    finally:
+        for f in futs:
+            f.cancel()

@@ -34,6 +34,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from dynamo_rt.bytelevel import token_text_bytes
 from dynamo_rt.errors import DynamoError, InvalidRequest
+from frontend import offload
 
 __all__ = ["TOKENIZER_FILES", "Preprocessor"]
 
@@ -61,6 +62,11 @@ LONG_TEXT_CHARS = 8192
 SEGMENT_MIN_CHARS = 2048
 # Pieces shorter than this are tokenized every time (cheap; keeps the cache for what is worth keeping).
 SEGMENT_CACHE_MIN_PIECE = 64
+# A new chat prompt piece from this long on (~4k tokens, ~3 ms of tokenizer) is tokenized in chunks of at
+# least PARALLEL_CHUNK_CHARS side by side, one per CPU (frontend/offload.py), where the pre-tokenizer makes
+# that exact (Preprocessor._init_chunker).
+PARALLEL_MIN_CHARS = 16384
+PARALLEL_CHUNK_CHARS = 8192
 # Text the piece cache keeps, in characters (LRU; ids kept as 4-byte ints: ~6 bytes of memory per character
 # of English text measured, key included, so ~100 MB when full).
 SEGMENT_CACHE_CHARS = 16 * 2**20
@@ -161,6 +167,48 @@ def _ids(value: Any) -> list[int]:
     if isinstance(value, list):
         return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
+
+
+def _chunk_safe(pre: Any) -> bool | None:
+    """Whether cutting a text before a space that follows a letter or digit and precedes a letter leaves every
+    pre-token whole, so the chunks encode to the text's ids: True for a pre-tokenizer that splits by a
+    GPT-2-style regex (ByteLevel with its regex, or a Split regex without lookbehind that isolates its matches:
+    no such pattern matches a letter or digit followed by a space, and a scan from " x" does not look back),
+    None for a step that only maps what it is given (ByteLevel without its regex, Digits), False otherwise."""
+    if pre is None:
+        return None
+    kind = pre.get("type")
+    if kind == "Sequence":
+        steps = [_chunk_safe(p) for p in pre.get("pretokenizers") or []]
+        return False if False in steps else (True if True in steps else None)
+    if kind == "ByteLevel":
+        return True if pre.get("use_regex", True) and not pre.get("add_prefix_space", True) else (
+            None if not pre.get("use_regex", True) else False)
+    if kind == "Digits":
+        return None
+    if kind == "Split":
+        regex = (pre.get("pattern") or {}).get("Regex")
+        return (isinstance(regex, str) and bool(regex) and "(?<" not in regex and pre.get("behavior") == "Isolated"
+                and not pre.get("invert"))
+    return False
+
+
+def chunk_points(text: str, n: int, reach: int = 4096) -> list[str]:
+    """``text`` in up to ``n`` chunks of about equal length, each cut just before a space that follows a letter or
+    digit and precedes a letter (within ``reach`` characters after the even cut; else no cut there)."""
+    size = len(text)
+    out: list[str] = []
+    start = 0
+    for k in range(1, n):
+        target = max(start + 1, k * size // n)
+        i = text.find(" ", target, target + reach)
+        while i != -1 and not (text[i - 1].isalnum() and i + 1 < size and text[i + 1].isalpha()):
+            i = text.find(" ", i + 1, target + reach)
+        if i > start:
+            out.append(text[start:i])
+            start = i
+    out.append(text[start:])
+    return out
 
 
 def _position_free(pre: Any) -> bool:
@@ -315,7 +363,10 @@ class Preprocessor:
         self._pieces = _PieceCache(SEGMENT_CACHE_CHARS)
         self._splitter: re.Pattern[str] | None = None
         self._split_ids: dict[str, int] = {}
+        self.parallel_pieces = 0  # new pieces tokenized in chunks side by side (tests and /metrics read it)
+        self._chunkable = False
         self._init_splitter()
+        self._init_chunker()
 
         self.chat_templates: dict[str, str] = self._templates(files, config)
         for t in self.chat_templates.values():
@@ -492,6 +543,58 @@ class Preprocessor:
             self._splitter, self._split_ids = None, {}
             self._pieces.clear()
 
+    def _init_chunker(self) -> None:
+        """Tokenize long new pieces in chunks side by side when :func:`_chunk_safe` says the pre-tokenizer allows
+        it and the chat pieces are cached (the same conditions on normalizer and added tokens), and a probe cut
+        at every such point encodes to the same ids as the whole."""
+        if self._splitter is None:
+            return
+        try:
+            pre_spec = json.loads(self.tokenizer.pre_tokenizer.__getstate__())
+        except (ValueError, TypeError, AttributeError):
+            return
+        if not _chunk_safe(pre_spec):
+            return
+        probe = ("It's the keeper's log: 12 boats, 3.5 tons; naïve café Ünïcode 日本語 text!  Two  spaces\n"
+                 "new line\tTab x1 y22 z333 'quoted' don't (paren) [br] a-b a_b a.b \u00e9t\u00e9 ok ") * 8
+        cut = re.split(r"(?<=[^\W_]) (?=[^\W\d_])", probe)  # every point chunk_points may cut at
+        pieces = [cut[0]] + [" " + c for c in cut[1:]]
+        assert "".join(pieces) == probe
+        enc = self._encode_fast or self.tokenizer.encode_batch
+        whole = enc([probe], add_special_tokens=False)[0].ids
+        if [i for e in enc(pieces, add_special_tokens=False) for i in e.ids] != whole:
+            log.warning("chunked tokenization disagrees with the tokenizer on a probe: long prompts stay whole")
+            return
+        self._chunkable = True
+
+    def _encode_new(self, texts: list[str]) -> list[Sequence[int]]:
+        """Token ids of each of ``texts`` (no special tokens added); a text of PARALLEL_MIN_CHARS and up is cut
+        into chunks that the CPUs tokenize side by side (the tokenizer releases the GIL), when exact."""
+        batch = self._encode_fast or self.tokenizer.encode_batch
+        if not self._chunkable or max(map(len, texts)) < PARALLEL_MIN_CHARS or offload.tokenizer_threads() == 0:
+            return [e.ids for e in batch(texts, add_special_tokens=False)]
+        cpus = offload.tokenizer_threads() + 1
+        flat: list[str] = []
+        spans: list[tuple[int, int]] = []
+        for t in texts:
+            n = min(cpus, len(t) // PARALLEL_CHUNK_CHARS) if len(t) >= PARALLEL_MIN_CHARS else 1
+            chunks = chunk_points(t, n) if n > 1 else [t]
+            if len(chunks) > 1:
+                self.parallel_pieces += 1
+            spans.append((len(flat), len(flat) + len(chunks)))
+            flat += chunks
+        ids = offload.parallel_map(lambda c: batch([c], add_special_tokens=False)[0].ids, flat)
+        out: list[Sequence[int]] = []
+        for a, b in spans:
+            if b - a == 1:
+                out.append(ids[a])
+            else:
+                joined = array("i")
+                for part in ids[a:b]:
+                    joined.extend(part)
+                out.append(joined)
+        return out
+
     def piece_cache_stats(self) -> tuple[int, int, int] | None:
         """(hits, misses, characters kept) of the chat prompt piece cache; None when it is off."""
         if self._splitter is None:
@@ -518,13 +621,10 @@ class Preprocessor:
                 if got is None:
                     todo.append(i)
         if todo:
-            batch = self._encode_fast or self.tokenizer.encode_batch
-            encs = batch([parts[i] for i in todo], add_special_tokens=False)
-            for i, enc in zip(todo, encs, strict=True):
-                ids = enc.ids
+            for i, ids in zip(todo, self._encode_new([parts[i] for i in todo]), strict=True):
                 ids_of[i] = ids
                 if len(parts[i]) >= SEGMENT_CACHE_MIN_PIECE:
-                    self._pieces.put(parts[i], array("i", ids), salt)
+                    self._pieces.put(parts[i], ids if isinstance(ids, array) else array("i", ids), salt)
         out = array("i")
         for piece_ids in ids_of:
             assert piece_ids is not None  # every slot is filled above

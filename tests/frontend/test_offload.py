@@ -78,3 +78,35 @@ def test_array_prompt_ids_go_on_the_wire_exactly_as_a_list() -> None:
     assert decode_generate(as_array).token_ids == ids
     with pytest.raises(NotImplementedError):  # anything else unknown is still refused, not written somehow
         encode({"x": object()})
+
+
+def test_parallel_map_keeps_order_runs_side_by_side_on_niced_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """parallel_map: the results in the items' order, the first item in the caller's thread, the others on
+    the tokenizer threads, niced (--prepare-nice); an error in any item reaches the caller."""
+    from frontend import offload
+
+    monkeypatch.setattr(offload, "tokenizer_threads", lambda: 2)
+    monkeypatch.setattr(offload, "_tok_pool", None)
+    offload.set_tokenizer_nice(3)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    try:
+        got = offload.parallel_map(lambda i: (i, *_me()), list(range(5)))
+        assert [i for i, _, _ in got] == list(range(5))
+        me = threading.get_native_id()
+        assert got[0][1] == me and got[0][2] == base
+        others = {(tid, prio) for _, tid, prio in got[1:]}
+        assert {tid for tid, _ in others} - {me} and len(others) <= 2
+        assert {prio for _, prio in others} == {min(19, base + 3)}
+
+        def boom(i: int) -> int:
+            if i == 3:
+                raise ValueError("chunk 3")
+            return i
+
+        with pytest.raises(ValueError, match="chunk 3"):
+            offload.parallel_map(boom, list(range(5)))
+        assert offload.parallel_map(lambda i: i * 2, [4]) == [8]
+    finally:
+        offload.set_tokenizer_nice(offload.DEFAULT_NICE)
+        if offload._tok_pool is not None:
+            offload._tok_pool.shutdown(wait=True)

@@ -454,3 +454,94 @@ def test_piece_cache_is_bounded() -> None:
     assert (c.hits, c.misses) == (3, 1)
     c.put("x" * 11, ids(4))  # larger than the whole cache: not kept
     assert len(c) == 2 and c.chars == 8
+
+
+# --------------------------------------------------------------------------- long new pieces in chunks
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_THEN_BYTES = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def _random_prose(rng: Any, n: int) -> str:
+    """Text that exercises the pre-tokenizer regexes: words, digits, contractions, punctuation runs, repeated
+    spaces and newlines, accents and CJK."""
+    words = ["harbour", "Keeper's", "don't", "x1", "22", "4096", "naïve", "café", "日本語", "(paren)", "a.b", "a_b",
+             "--", "...", "'quoted'", "I'm", "ÜBER", "tab\there", "line\nbreak", "two  spaces", "\n\n", "é", "ok!"]
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+@pytest.mark.parametrize("pre_tokenizer", ["byte-level regex", "split then bytes"])
+def test_chunk_points_cut_where_the_ids_do_not_change(
+    pre_tokenizer: str, model_dirs: dict[str, Path]
+) -> None:
+    """Cutting a text at chunk_points (before a space between a letter or digit and a letter) and encoding the
+    chunks gives the whole text's ids, for GPT-2's ByteLevel regex and a Llama-3-style Split regex, at every
+    chunk count, on random prose."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from frontend.preprocess import _chunk_safe, chunk_points
+
+    spec = json.loads((model_dirs["tiny"] / "tokenizer.json").read_text())
+    if pre_tokenizer == "split then bytes":
+        spec["pre_tokenizer"] = SPLIT_THEN_BYTES
+    assert _chunk_safe(spec["pre_tokenizer"]) is True
+    tok = Tokenizer.from_str(json.dumps(spec))
+    rng = random.Random(11)
+    cuts = 0
+    for _ in range(30):
+        text = _random_prose(rng, rng.randint(20, 400))
+        whole = tok.encode(text, add_special_tokens=False).ids
+        for n in (2, 3, 7, 50):
+            chunks = chunk_points(text, n, reach=64)
+            assert "".join(chunks) == text and len(chunks) <= n
+            for c in chunks[1:]:
+                assert c[0] == " " and c[1].isalpha()
+            cuts += len(chunks) - 1
+            ids = [i for c in chunks for i in tok.encode(c, add_special_tokens=False).ids]
+            assert ids == whole, (n, chunks)
+    assert cuts > 500
+
+
+def test_chunk_safe_accepts_only_pre_tokenizers_it_can_reason_about() -> None:
+    from frontend.preprocess import _chunk_safe
+
+    assert _chunk_safe({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) is True
+    assert _chunk_safe(SPLIT_THEN_BYTES) is True
+    assert _chunk_safe(None) is None  # no pre-tokenizer: the whole text is one word to the model
+    assert not _chunk_safe({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True})
+    assert not _chunk_safe({"type": "ByteLevel", "add_prefix_space": False, "use_regex": False})
+    assert _chunk_safe({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}) is False
+    lookbehind = {"type": "Split", "pattern": {"Regex": r"(?<=\w) "}, "behavior": "Isolated", "invert": False}
+    assert _chunk_safe(lookbehind) is False
+    assert _chunk_safe({**SPLIT_THEN_BYTES["pretokenizers"][0], "behavior": "MergedWithPrevious"}) is False
+    assert _chunk_safe({"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated"}) is False
+    assert _chunk_safe({"type": "Sequence", "pretokenizers": [lookbehind, SPLIT_THEN_BYTES]}) is False
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_new_pieces_tokenize_in_chunks_like_transformers(
+    kind: str, model_dirs: dict[str, Path], hf: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new chat piece over PARALLEL_MIN_CHARS is tokenized in chunks on the tokenizer threads (counted in
+    parallel_pieces; three chunks here, even on a 1-CPU machine) and the prompt is exactly transformers'
+    ids; once cached it is not tokenized again."""
+    import random
+
+    from frontend import offload
+    from frontend.preprocess import PARALLEL_MIN_CHARS
+
+    monkeypatch.setattr(offload, "tokenizer_threads", lambda: 2)
+    p = Preprocessor.from_dir(model_dirs[kind])
+    assert p._chunkable
+    rng = random.Random(kind)
+    system = _random_prose(rng, 6000)
+    assert len(system) > PARALLEL_MIN_CHARS
+    conv = msgs({"role": "system", "content": system}, {"role": "user", "content": "Summarise the log."})
+    want = hf_chat_ids(hf[kind], for_hf(p, conv), add_generation_prompt=True)
+    assert p.encode_chat(conv) == want and p.parallel_pieces == 1
+    assert p.encode_chat(conv) == want and p.parallel_pieces == 1  # the piece came from the cache

@@ -237,6 +237,18 @@ def host_cpu() -> tuple[int, int]:
     return total - v[3] - v[4], total
 
 
+def cpus_jiffies() -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies per core (``/proc/stat``'s ``cpuN`` lines)."""
+    out: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *vals = line.split()
+            v = [int(x) for x in vals]
+            total = sum(v[:8])
+            out[int(name[3:])] = (total - v[3] - v[4], total)
+    return out
+
+
 def host_busy(before: tuple[int, int], after: tuple[int, int]) -> float:
     """Fraction of all cores busy between two :func:`host_cpu` readings (other tenants included)."""
     return (after[0] - before[0]) / max(1, after[1] - before[1])

@@ -32,7 +32,12 @@ Three phases (``--phases``, all by default), each on its own fresh pair of stack
    and its children) pinned to one core with ``os.sched_setaffinity`` for both stacks alike, everything else
    (worker, etcd, NATS, the load generator) on the other cores, and a closed loop of
    ``--cpu-only-concurrency`` clients: req/s at saturation, the frontend's core near 100% busy (printed as
-   ``fe CPU util``; below ~0.9 the frontend was not the bottleneck). The JSON line's ``cpu_only_req_s``.
+   ``fe CPU util``; below ~0.9 the frontend was not the bottleneck). The JSON line's ``cpu_only_req_s``. Then
+   the goal's pairing: our stack open loop (seeded Poisson arrivals) at ``OPEN_LOOP_LOAD`` (1.5) x Dynamo's
+   saturation req/s, its TTFT p50/p99 against Dynamo's at its saturation (``cpu_only_req_s.open_loop``).
+   Closed-loop TTFTs at two different saturation rates compare queues, not frontends: with our stack the
+   one core left to the load generator, mockers and NATS is ~99% busy (``busiest non-frontend core``), so
+   the client's clock counts its own wait there.
 
 Measured per round: req/s, TTFT p50/p99 (first SSE event with non-empty text), ITL (p50 latency minus p50
 TTFT over 31 tokens), the frontend process's CPU time (user+sys of all its threads and descendants,
@@ -78,9 +83,11 @@ from _common import (
     ROOT,
     Stack,
     cpu_seconds,
+    cpus_jiffies,
     descendants,
     ensure_dynamo_venv,
     exit_on_sigterm,
+    host_busy,
     report,
     run_load,
     save_plot,
@@ -239,18 +246,40 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
     return float("nan")
 
 
-def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int) -> dict[str, Any]:
+# cpu-only phase: the load ours carries open loop, as a multiple of Dynamo's saturation req/s (the goal's 1.5x).
+OPEN_LOOP_LOAD = 1.5
+
+
+def poisson_arrivals(n: int, rate: float, seed: int = 22) -> list[float]:
+    """Start times (s) of ``n`` requests arriving as a seeded Poisson process of ``rate`` per second."""
+    import random
+
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int,
+            arrivals: list[float] | None = None) -> dict[str, Any]:
     sessions = bodies(n, max_tokens, offset)
     h0 = ttft_buckets(stack.url)
-    fe0, w0 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid)
-    res = run_load(stack.url, sessions, concurrency)
-    fe1, w1 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid)
+    fe0, w0, c0 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid), cpus_jiffies()
+    res = run_load(stack.url, sessions, concurrency, arrivals=arrivals)
+    fe1, w1, c1 = cpu_seconds(stack.frontend.pid), cpu_seconds(stack.worker.pid), cpus_jiffies()
     h1 = ttft_buckets(stack.url)
+    # The busiest core the frontend may not run on (the load generator's, mocker's, NATS's): near 1, the client's
+    # clock (its TTFT) counts its own wait for that core.
+    fe_cores = os.sched_getaffinity(stack.frontend.pid)
+    s_rest = [host_busy(c0[c], c1[c]) for c in c1 if c in c0 and c not in fe_cores]
     s: dict[str, Any] = dict(res.summary(max_tokens))
     # TTFT as each frontend measures it (request in -> first token back from the worker): on 2 cores the
     # load generator can lag behind a fast stack, and then the client's TTFT counts its own queue.
     s["fe_ttft_p50"], s["fe_ttft_p99"] = histogram_quantile(h0, h1, 0.5), histogram_quantile(h0, h1, 0.99)
     s["client_cpu_util"] = s["client_cpu_ms_per_req"] * s["req_s"] / 1000
+    s["other_core_busy"] = max(s_rest, default=float("nan"))
     s["fe_cpu_ms"] = 1000 * (fe1 - fe0) / n
     s["worker_cpu_ms"] = 1000 * (w1 - w0) / n
     s["fe_cpu_util"] = (fe1 - fe0) / res.wall_s
@@ -311,6 +340,17 @@ def run_phase(phase: str, starters: list[Starter], args: argparse.Namespace,
                         f"{s['tokens_per_event']:.2f} tokens/text event, errors {s['errors']}")  # fmt: skip
             if args.profile and phase == "paced":
                 profile_ours(by_name[OURS], n, conc, args.max_tokens)
+            if cpu_only and OURS in by_name and DYNAMO in by_name:
+                # The goal's pairing: ours carrying OPEN_LOOP_LOAD x Dynamo's saturation req/s, its TTFT against
+                # Dynamo's at its saturation (closed loop: its own TTFT at the load it can carry).
+                rate = OPEN_LOOP_LOAD * statistics.mean(s["req_s"] for s in results[DYNAMO])
+                name = f"{OURS} open loop at {OPEN_LOOP_LOAD:g}x Dynamo's req/s"
+                say(f"[{phase}] {name}: {n} requests, Poisson arrivals at {rate:.0f}/s")
+                s = measure(by_name[OURS], n, conc, args.max_tokens, args.rounds * n, poisson_arrivals(n, rate))
+                s["offered_req_s"] = rate
+                results[name] = [s]
+                say(f"  {s['req_s']:.0f} req/s, TTFT p50/p99 {s['ttft_p50']:.1f}/{s['ttft_p99']:.1f} ms, frontend "
+                    f"{s['fe_cpu_util']:.2f} core, errors {s['errors']}")
     finally:
         for st in stacks:
             st.stop()
@@ -452,6 +492,7 @@ def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], refs: dict
                        ("ttft_p99", "TTFT p99 ms"), ("fe_ttft_p50", "TTFT p50 ms at the frontend"),
                        ("fe_ttft_p99", "TTFT p99 ms at the frontend"), ("itl_ms", "ITL ms (p50 lat - TTFT)"),
                        ("fe_cpu_util", "frontend CPU util (cores)"), ("client_cpu_util", "load generator CPU util"),
+                       ("other_core_busy", "busiest non-frontend core"),
                        ("worker_cpu_ms", "mocker CPU ms/req"),
                        ("events_per_req", "SSE events/req"), ("text_events_per_req", "text events/req"),
                        ("tokens_per_event", "tokens/text event"), ("errors", "errors")):  # fmt: skip
@@ -464,7 +505,7 @@ def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], refs: dict
                   for nm in (OURS, DYNAMO)]  # fmt: skip
         srows.append(["one event per token?", *checks, ""])
     print(table(["metric (mean of rounds)", "ours", "Dynamo", "ours/Dynamo"], srows, 28))
-    for other in [nm for nm in results if nm not in (OURS, DYNAMO)]:  # --ab-ref: the working tree vs a commit
+    for other in [nm for nm in results if nm not in (OURS, DYNAMO) and " open loop " not in nm]:  # --ab-ref
         arows = [[label, mean_of(results, OURS, key), mean_of(results, other, key),
                   ratio(mean_of(results, OURS, key), mean_of(results, other, key))]
                  for key, label in (("fe_cpu_ms", "frontend CPU ms/req"), ("req_s", "req/s"),
@@ -472,8 +513,16 @@ def print_phase(phase: str, results: dict[str, list[dict[str, Any]]], refs: dict
                                     ("events_per_req", "SSE events/req"))]  # fmt: skip
         print()
         print(table(["metric (mean of rounds)", "ours", other, f"ours/{other}"], arows, 28))
+    for nm in [nm for nm in results if " open loop " in nm and DYNAMO in results]:
+        s = results[nm][0]
+        print(f"\n{nm} ({s['offered_req_s']:.0f} offered, {s['req_s']:.0f} req/s carried, frontend "
+              f"{s['fe_cpu_util']:.2f} core): TTFT p50/p99 {s['ttft_p50']:.1f}/{s['ttft_p99']:.1f} ms vs Dynamo's "
+              f"{mean_of(results, DYNAMO, 'ttft_p50'):.1f}/{mean_of(results, DYNAMO, 'ttft_p99'):.1f} at its "
+              f"saturation (ratio {ratio(s['ttft_p50'], mean_of(results, DYNAMO, 'ttft_p50')):.2f} / "
+              f"{ratio(s['ttft_p99'], mean_of(results, DYNAMO, 'ttft_p99')):.2f}); errors {s['errors']}")
     if phase == "cpu-only":
-        util = min((mean_of(results, nm, "fe_cpu_util") for nm in results), default=float("nan"))
+        util = min((mean_of(results, nm, "fe_cpu_util") for nm in (OURS, DYNAMO) if nm in results),
+                   default=float("nan"))
         if util < 0.9:
             print(f"NOTE: a frontend used {util:.2f} of its core: it was not the only bottleneck (load generator or "
                   f"mocker starved on {os.cpu_count()} CPUs?); raise --cpu-only-concurrency or use a bigger machine")
@@ -540,6 +589,9 @@ def headline(results: dict[str, dict[str, list[dict[str, Any]]]], refs: dict[str
                                   "ttft_ms": {nm: {k: r4(mean_of(cpu, nm, k)) for k in
                                                    ("ttft_p50", "ttft_p99", "fe_ttft_p50", "fe_ttft_p99")}
                                               for nm in cpu},
+                                  "open_loop": {nm: {k: r4(cpu[nm][0][k]) for k in (
+                                      "offered_req_s", "req_s", "ttft_p50", "ttft_p99", "fe_ttft_p50", "fe_ttft_p99",
+                                      "fe_cpu_util", "errors")} for nm in cpu if " open loop " in nm},
                                   "workers": args.cpu_only_workers, "concurrency": args.cpu_only_concurrency,
                                   "fe_core_util": {nm: r4(mean_of(results["cpu-only"], nm, "fe_cpu_util"))
                                                    for nm in results["cpu-only"]}}  # fmt: skip

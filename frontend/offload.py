@@ -93,8 +93,8 @@ def tokenizer_threads() -> int:
 
 def parallel_map(fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
     """``[fn(x) for x in items]``, the first item in the calling thread and the others on the tokenizer threads
-    at the same time (``fn`` should release the GIL); in the caller alone on a 1-CPU machine. The caller must
-    not be a tokenizer thread itself."""
+    at the same time (``fn`` should release the GIL); the caller then takes over the items no thread has
+    started yet. In the caller alone on a 1-CPU machine. The caller must not be a tokenizer thread itself."""
     global _tok_pool
     if len(items) < 2 or tokenizer_threads() == 0:
         return [fn(x) for x in items]
@@ -103,8 +103,10 @@ def parallel_map(fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
             _tok_pool = ThreadPoolExecutor(tokenizer_threads(), "tokenize", initializer=_nice_me)
     futs = [_tok_pool.submit(fn, x) for x in items[1:]]
     try:
-        first = fn(items[0])
-        return [first, *(f.result() for f in futs)]
+        out = [fn(items[0])]
+        for x, f in zip(items[1:], futs, strict=True):
+            out.append(fn(x) if f.cancel() else f.result())  # not started: the caller does it
+        return out
     finally:
         for f in futs:
             f.cancel()

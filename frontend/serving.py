@@ -552,8 +552,6 @@ async def stream_response(engine: Dispatcher, p: Prepared, direct: Writer | None
     out after them."""
     t = ChunkTemplates(p)
     pre = p.model.pre
-    queue: Sink = asyncio.Queue()
-    done_q: asyncio.Queue[int] = asyncio.Queue()
     tasks: list[asyncio.Task[ChoiceResult]] = []
     try:
         if len(p.prompts) * p.n == 1:  # the common case: no fan-in machinery on the token path
@@ -587,6 +585,8 @@ async def stream_response(engine: Dispatcher, p: Prepared, direct: Writer | None
                 tail += t.usage(usage_dict([res], len(p.prompts[0])))
             yield tail + DONE
             return
+        queue: Sink = asyncio.Queue()  # several choices: their deltas and ends fan in here
+        done_q: asyncio.Queue[int] = asyncio.Queue()
         for prompt in p.prompts:
             for _ in range(p.n):
                 i = len(tasks)

@@ -58,7 +58,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -103,8 +103,24 @@ class RouterMetrics:
             f"{prefix}_kv_stale_fallbacks", "kv-mode decisions made by load because a candidate's KV events are "
             "stale", ("pool",), registry=registry,
         )
+        # Label children resolved once (``labels()`` takes a lock and builds a tuple: three per decision).
+        self._decided: dict[tuple[str, str], Any] = {}
+        self._per_pool: dict[str, tuple[Any, Any]] = {}
+
+    def decided(self, pool: str, worker_id: str, overlap_blocks: int, seconds: float) -> None:
+        """One routing decision: counted for its worker, its overlap and its time observed for its pool."""
+        c = self._decided.get((pool, worker_id))
+        if c is None:
+            c = self._decided[pool, worker_id] = self.decisions.labels(pool, worker_id)
+        c.inc()
+        hists = self._per_pool.get(pool)
+        if hists is None:
+            hists = self._per_pool[pool] = (self.overlap_blocks.labels(pool), self.overhead.labels(pool))
+        hists[0].observe(overlap_blocks)
+        hists[1].observe(seconds)
 
     def forget_worker(self, pool: str, worker_id: str) -> None:
+        self._decided.pop((pool, worker_id), None)
         for metric in (self.decisions, self.kv_events_stale):
             try:
                 metric.remove(pool, worker_id)
@@ -278,9 +294,7 @@ class Router:
             if self.events is not None and len(hashes) > d.overlap_blocks:  # it must store (and tell of) blocks
                 self.events.routed(d.worker_id, key)
         if self.metrics is not None:
-            self.metrics.decisions.labels(self.pool, d.worker_id).inc()
-            self.metrics.overlap_blocks.labels(self.pool).observe(d.overlap_blocks)
-            self.metrics.overhead.labels(self.pool).observe(time.perf_counter() - t0)
+            self.metrics.decided(self.pool, d.worker_id, d.overlap_blocks, time.perf_counter() - t0)
         return d
 
     def _hashes(self, token_ids: Sequence[int], given: Sequence[int] | None) -> Sequence[int]:

@@ -48,6 +48,7 @@ def test_offload_without_nice_and_the_default_size() -> None:
     try:
         assert off.threads == default_threads() == max(1, min(4, (os.cpu_count() or 2) - 1))
         tid, prio = arun(off.run(_me))
+        assert tid != threading.get_native_id()
         assert prio == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) and off.niced == []
     finally:
         off.close()

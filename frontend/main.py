@@ -112,8 +112,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(name, f"must be in [0, 1] (the fraction of a device-memory hit), got {v:g}")
     for name in ("--kv-overlap-weight", "--router-temperature", "--disagg-threshold", "--migration-limit",
                  "--max-concurrency", "--max-queue", "--worker-wait-timeout", "--drain-timeout",
-                 "--canary-interval"):
+                 "--canary-interval", "--prepare-threads"):
         at_least(name, 0)
+    if not 0 <= args.prepare_nice <= 19:
+        raise ConfigError("--prepare-nice", f"must be in 0..19 (added to the threads' nice value), got "
+                                            f"{args.prepare_nice}")
     at_least("--max-body-bytes", 0, above=True)
     at_least("--request-timeout", 0, above=True)
     at_least("--response-ttl", 0, above=True)

@@ -8,6 +8,6 @@
     kv, kvhash   KV block regions and NIXL hand-off; block hashes
     router/      worker selection (round-robin ... KV-aware)
     faults       named fault-injection points for tests (a bool check when off)
-    logs, metrics, heap, cli
+    logs, metrics, heap, cpus, cli
     local/       local dev tooling: `dynamo-rt up`, embedded etcd / nats-server, the tiny model
 """

@@ -8,8 +8,8 @@ once on a 2-core box (bench/frontend_overhead.py's long phase):
 
 - **few threads**: asyncio's default executor has ``cpu_count + 4`` threads. Six threads holding the GIL in
   turn (the cached-pieces path is Python) make the loop wait for it; six tokenizing without it take six CFS
-  shares of the CPU against the loop's one. The pool here has ``cpu_count - 1`` threads (at least 1, at most
-  4) unless ``--prepare-threads`` says otherwise: the loop keeps a core's worth of CPU.
+  shares of the CPU against the loop's one. The pool here has one thread less than the CPUs the process may
+  use (at least 1, at most 4) unless ``--prepare-threads`` says otherwise: the loop keeps a core's worth.
 - **niced threads** (``--prepare-nice``, default 10): Linux gives each thread its own nice value, so the loop
   thread (nice 0) wins the CPU whenever it has a token to send; preparation gets what is left, which on an
   idle frontend is all of it (a lone long prompt is not slowed down).
@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from dynamo_rt.cpus import usable_cpus
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -37,7 +39,7 @@ DEFAULT_NICE = 10
 
 
 def default_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    return max(1, min(4, usable_cpus() - 1))
 
 
 class Offload:
@@ -87,8 +89,9 @@ def _nice_me() -> None:
 
 
 def tokenizer_threads() -> int:
-    """Threads beside the caller that :func:`parallel_map` uses: one less than the CPUs."""
-    return max(0, (os.cpu_count() or 1) - 1)
+    """Threads beside the caller that :func:`parallel_map` uses: one less than the CPUs this process may use
+    (affinity and cgroup quota, :func:`dynamo_rt.cpus.usable_cpus`)."""
+    return usable_cpus() - 1
 
 
 def parallel_map(fn: Callable[[T], U], items: Sequence[T]) -> list[U]:

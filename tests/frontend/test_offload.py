@@ -46,7 +46,7 @@ def test_offload_runs_on_its_own_niced_threads_and_leaves_the_loop_thread_alone(
 def test_offload_without_nice_and_the_default_size() -> None:
     off = Offload(threads=0, nice=0)
     try:
-        assert off.threads == default_threads() == max(1, min(4, (os.cpu_count() or 2) - 1))
+        assert off.threads == default_threads() == max(1, min(4, len(os.sched_getaffinity(0)) - 1))
         tid, prio = arun(off.run(_me))
         assert tid != threading.get_native_id()
         assert prio == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) and off.niced == []
@@ -113,3 +113,23 @@ def test_parallel_map_keeps_order_runs_side_by_side_on_niced_threads(monkeypatch
         offload.set_tokenizer_nice(offload.DEFAULT_NICE)
         if offload._tok_pool is not None:
             offload._tok_pool.shutdown(wait=True)
+
+
+def test_usable_cpus_is_the_affinity_bounded_by_the_cgroup_quota(tmp_path: object) -> None:
+    """A container limited to 1.5 CPUs (cgroup v2 cpu.max "150000 100000") sizes its pools for 2, not for the
+    host's CPUs; "max" (no quota), a missing or unreadable file leave the affinity mask's count."""
+    from pathlib import Path
+
+    from dynamo_rt.cpus import usable_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    f = Path(str(tmp_path)) / "cpu.max"
+    f.write_text("150000 100000\n")
+    assert usable_cpus(f) == min(mask, 2)
+    f.write_text("50000 100000\n")
+    assert usable_cpus(f) == 1
+    f.write_text("max 100000\n")
+    assert usable_cpus(f) == mask
+    f.write_text("garbage\n")
+    assert usable_cpus(f) == mask
+    assert usable_cpus(Path(str(tmp_path)) / "absent") == mask

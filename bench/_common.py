@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -565,6 +566,17 @@ class LoadResult:
         return [
             f"status={r['status']} done={r['done']} tokens={r['completion_tokens']} error={r['error']}" for r in bad[:n]
         ]
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Start times (s) of ``n`` sessions arriving as a Poisson process of ``rate`` sessions/s; the first at 0.
+    Seeded apart from the workload, so every router and both stacks get the same schedule."""
+    rng = random.Random(f"arrivals-{seed}")
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
 
 
 def run_load(

@@ -88,6 +88,7 @@ from _common import (
     ensure_dynamo_venv,
     exit_on_sigterm,
     host_busy,
+    poisson_arrivals,
     report,
     run_load,
     save_plot,
@@ -250,18 +251,6 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
 OPEN_LOOP_LOAD = 1.5
 
 
-def poisson_arrivals(n: int, rate: float, seed: int = 22) -> list[float]:
-    """Start times (s) of ``n`` requests arriving as a seeded Poisson process of ``rate`` per second."""
-    import random
-
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
 def measure(stack: Stack, n: int, concurrency: int, max_tokens: int, offset: int,
             arrivals: list[float] | None = None) -> dict[str, Any]:
     sessions = bodies(n, max_tokens, offset)
@@ -346,7 +335,7 @@ def run_phase(phase: str, starters: list[Starter], args: argparse.Namespace,
                 rate = OPEN_LOOP_LOAD * statistics.mean(s["req_s"] for s in results[DYNAMO])
                 name = f"{OURS} open loop at {OPEN_LOOP_LOAD:g}x Dynamo's req/s"
                 say(f"[{phase}] {name}: {n} requests, Poisson arrivals at {rate:.0f}/s")
-                s = measure(by_name[OURS], n, conc, args.max_tokens, args.rounds * n, poisson_arrivals(n, rate))
+                s = measure(by_name[OURS], n, conc, args.max_tokens, args.rounds * n, poisson_arrivals(n, rate, 22))
                 s["offered_req_s"] = rate
                 results[name] = [s]
                 say(f"  {s['req_s']:.0f} req/s, TTFT p50/p99 {s['ttft_p50']:.1f}/{s['ttft_p99']:.1f} ms, frontend "

@@ -103,6 +103,7 @@ from _common import (
     host_busy,
     host_cpu,
     pct,
+    poisson_arrivals,
     report,
     run_load,
     save_plot,
@@ -164,17 +165,6 @@ def build_workload(gen: TextGen, args: argparse.Namespace) -> list[list[bytes]]:
             msgs.append({"role": "assistant", "content": gen.text(rng, args.max_tokens)})
         sessions.append(reqs)
     return sessions
-
-
-def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
-    """Start times (s) of ``n`` sessions arriving as a Poisson process of ``rate`` sessions/s; the first at 0.
-    Seeded apart from the workload, so every router and both stacks get the same schedule."""
-    rng = random.Random(f"arrivals-{seed}")
-    out, t = [], 0.0
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
 
 
 def request_work_ms(prompt_tokens: int, cached_tokens: int, max_tokens: int) -> float:

@@ -20,7 +20,7 @@ Loop lag measured (max per run, same load): 143 ms with the default executor, 55
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import threading
@@ -38,6 +38,20 @@ U = TypeVar("U")
 DEFAULT_NICE = 10
 
 
+def _nice_this_thread(nice: int) -> int | None:
+    """Add ``nice`` to the calling thread's nice value (Linux: PRIO_PROCESS with a thread id sets that thread's
+    only); its native id, or None when ``nice`` is 0 or the system refuses (not Linux, a seccomp profile)."""
+    if nice <= 0:
+        return None
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except (OSError, AttributeError) as exc:
+        log.warning("thread %d keeps its priority: %s", tid, exc)
+        return None
+    return tid
+
+
 def default_threads() -> int:
     return max(1, min(4, usable_cpus() - 1))
 
@@ -52,14 +66,9 @@ class Offload:
         self._pool = ThreadPoolExecutor(self.threads, "prepare", initializer=self._init_thread)
 
     def _init_thread(self) -> None:
-        if self.nice <= 0:
-            return
-        tid = threading.get_native_id()
-        try:  # Linux: PRIO_PROCESS with a thread id sets that thread's nice value only
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+        tid = _nice_this_thread(self.nice)
+        if tid is not None:
             self.niced.append(tid)
-        except (OSError, AttributeError) as exc:  # not Linux, or a seccomp profile that forbids it
-            log.warning("prepare thread %d keeps its priority: %s", tid, exc)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -82,15 +91,13 @@ def set_tokenizer_nice(nice: int) -> None:
 
 
 def _nice_me() -> None:
-    if _tok_nice > 0:
-        tid = threading.get_native_id()
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + _tok_nice)
+    _nice_this_thread(_tok_nice)
 
 
+@functools.cache
 def tokenizer_threads() -> int:
     """Threads beside the caller that :func:`parallel_map` uses: one less than the CPUs this process may use
-    (affinity and cgroup quota, :func:`dynamo_rt.cpus.usable_cpus`)."""
+    (affinity and cgroup quota, :func:`dynamo_rt.cpus.usable_cpus`; read once, not per long prompt)."""
     return usable_cpus() - 1
 
 
